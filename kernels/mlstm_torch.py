@@ -1,0 +1,265 @@
+"""mLSTM sequence ops in plain PyTorch: the parallel oracle, the recurrent loop,
+one step, and the chunkwise form. Math and conventions: shared/DESIGN.md.
+
+All three sequence forms use the same stabilizer convention (zero initial state
+has m0 = 0, and the initial state enters the running max as F_t + m0), so they
+agree to rounding on any length, chunk size and reset pattern. Inputs in
+bf16/fp16/fp32 compute in float32; float64 inputs compute in float64.
+Gradients come from autograd, which makes them exact (the denominator path
+included).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import MLSTMState, compute_dtype
+
+NEG_INF = float("-inf")
+
+
+def _zero_state(B: int, NH: int, DQK: int, DV: int, dtype: torch.dtype, device: torch.device) -> MLSTMState:
+    return (
+        torch.zeros(B, NH, DQK, DV, dtype=dtype, device=device),
+        torch.zeros(B, NH, DQK, dtype=dtype, device=device),
+        torch.zeros(B, NH, dtype=dtype, device=device),
+    )
+
+
+def _cast_state(state: MLSTMState, dtype: torch.dtype) -> MLSTMState:
+    return tuple(t.to(dtype) for t in state)  # type: ignore[return-value]
+
+
+def _normalize(num: torch.Tensor, den: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
+    """h = num / (max(|den|, exp(-m)) + eps); num (..., DV), den and m (...)."""
+    return num / (torch.maximum(den.abs(), torch.exp(-m)) + eps).unsqueeze(-1)
+
+
+def mlstm_step_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState | None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """One token. q, k: (B, NH, DQK); v: (B, NH, DV); i, f: (B, NH).
+
+    Returns h (B, NH, DV) and the new state (C, n, m), all in the compute dtype
+    (float32, or float64 for float64 inputs).
+    """
+    cd = compute_dtype(q, k, v, i, f)
+    B, NH, DQK = q.shape
+    DV = v.shape[-1]
+    if state is None:
+        state = _zero_state(B, NH, DQK, DV, cd, q.device)
+    C, n, m = _cast_state(state, cd)
+    q, k, v, i, f = (t.to(cd) for t in (q, k, v, i, f))
+    logf = F.logsigmoid(f)
+    m_new = torch.maximum(logf + m, i)
+    fp = torch.exp(logf + m - m_new)
+    ip = torch.exp(i - m_new)
+    C = fp[..., None, None] * C + ip[..., None, None] * (k.unsqueeze(-1) * v.unsqueeze(-2))
+    n = fp[..., None] * n + ip[..., None] * k
+    qs = q * DQK**-0.5
+    num = torch.einsum("bhd,bhde->bhe", qs, C)
+    den = (qs * n).sum(-1)
+    h = _normalize(num, den, m_new, eps)
+    return h, (C, n, m_new)
+
+
+def mlstm_recurrent_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    initial_state: MLSTMState | None = None,
+    reset: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """Step loop over the sequence (shapes as `mlstm_chunkwise`)."""
+    cd = compute_dtype(q, k, v, i, f)
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    state = _cast_state(initial_state, cd) if initial_state is not None else _zero_state(
+        B, NH, DQK, DV, cd, q.device
+    )
+    hs = []
+    for t in range(S):
+        if reset is not None:
+            keep = (~reset[:, t]).to(cd)[:, None]
+            state = (state[0] * keep[..., None, None], state[1] * keep[..., None], state[2] * keep)
+        h, state = mlstm_step_torch(
+            q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], state, eps
+        )
+        hs.append(h)
+    h = torch.stack(hs, dim=2) if hs else v.new_zeros(B, NH, 0, DV, dtype=cd)
+    return h, state
+
+
+def _doc_start(reset: torch.Tensor) -> torch.Tensor:
+    """Index of the last reset at or before each position along the last dim, -1 if none."""
+    L = reset.shape[-1]
+    idx = torch.arange(L, device=reset.device).expand_as(reset)
+    return torch.where(reset, idx, torch.full_like(idx, -1)).cummax(dim=-1).values
+
+
+def mlstm_parallel_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    initial_state: MLSTMState | None = None,
+    reset: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """Quadratic form, the oracle: materializes the (S, S) decay matrix per head."""
+    cd = compute_dtype(q, k, v, i, f)
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    q, k, v, i, f = (t.to(cd) for t in (q, k, v, i, f))
+    C0, n0, m0 = _cast_state(initial_state, cd) if initial_state is not None else _zero_state(
+        B, NH, DQK, DV, cd, q.device
+    )
+    logf = F.logsigmoid(f)
+    Fc = torch.cumsum(logf, dim=-1)  # (B, NH, S)
+    Fexcl = Fc - logf
+    tt = torch.arange(S, device=q.device)
+    causal = tt[:, None] >= tt[None, :]  # (S, S)
+    if reset is None:
+        same_doc = causal.expand(B, 1, S, S)
+        carry = torch.ones(B, 1, S, dtype=torch.bool, device=q.device)
+        base = torch.zeros_like(Fc)
+    else:
+        start = _doc_start(reset)  # (B, S)
+        same_doc = causal & (tt[None, None, :] >= start[:, :, None])  # s >= doc start of t
+        same_doc = same_doc[:, None]
+        carry = (start < 0)[:, None]  # (B, 1, S)
+        base = torch.gather(Fexcl, -1, start.clamp(min=0)[:, None].expand(B, NH, S))
+        base = torch.where(carry, torch.zeros_like(base), base)
+    # initial-state (or zero-state at a document start, m0 = 0) candidate for the max
+    a = Fc - base + torch.where(carry, m0[..., None], torch.zeros_like(Fc))
+    logD = Fc[..., :, None] - Fc[..., None, :] + i[..., None, :]
+    logD = torch.where(same_doc, logD, torch.full_like(logD, NEG_INF))
+    m = torch.maximum(a, logD.max(dim=-1).values)  # (B, NH, S)
+    w0 = torch.where(carry, torch.exp(a - m), torch.zeros_like(a))  # weight of initial state
+    qs = q * DQK**-0.5
+    P = (qs @ k.transpose(-1, -2)) * torch.exp(logD - m[..., None])
+    num = P @ v + w0[..., None] * (qs @ C0)
+    den = P.sum(-1) + w0 * (qs @ n0[..., None]).squeeze(-1)
+    h = _normalize(num, den, m, eps)
+    # last state: weights of every key at the final position
+    wl = torch.exp(logD[:, :, -1, :] - m[:, :, -1:])  # (B, NH, S)
+    C = w0[:, :, -1, None, None] * C0 + (k * wl[..., None]).transpose(-1, -2) @ v
+    n = w0[:, :, -1, None] * n0 + (k * wl[..., None]).sum(-2)
+    return h, (C, n, m[:, :, -1])
+
+
+def mlstm_chunkwise_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    chunk_size: int = 64,
+    initial_state: MLSTMState | None = None,
+    reset: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """Chunkwise form: a sequential scan over chunk-boundary states, then every
+    chunk's outputs in parallel (carried state + causal in-chunk term under one
+    stabilizer per position). Memory O(S * L + S / L * DQK * DV) per head.
+    """
+    cd = compute_dtype(q, k, v, i, f)
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    dev = q.device
+    C, n, m = _cast_state(initial_state, cd) if initial_state is not None else _zero_state(
+        B, NH, DQK, DV, cd, dev
+    )
+    if S == 0:
+        return v.new_zeros(B, NH, 0, DV, dtype=cd), (C, n, m)
+    L = max(1, min(chunk_size, S))
+    NC = -(-S // L)
+    pad = NC * L - S
+    q, k, v, i, f = (t.to(cd) for t in (q, k, v, i, f))
+    logf = F.logsigmoid(f)
+    if pad:
+        # padded tail tokens are no-ops: no input (i = -inf), no decay (log f = 0)
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        i = F.pad(i, (0, pad), value=NEG_INF)
+        logf = F.pad(logf, (0, pad), value=0.0)
+        if reset is not None:
+            reset = F.pad(reset, (0, pad), value=False)
+    qc = q.view(B, NH, NC, L, DQK) * DQK**-0.5
+    kc = k.view(B, NH, NC, L, DQK)
+    vc = v.view(B, NH, NC, L, DV)
+    ic = i.view(B, NH, NC, L)
+    b = torch.cumsum(logf.view(B, NH, NC, L), dim=-1)  # decay from chunk start, inclusive
+
+    tt = torch.arange(L, device=dev)
+    causal = tt[:, None] >= tt[None, :]
+    if reset is None:
+        carry = None  # the carried state reaches every position
+        base = None
+        start = None
+    else:
+        start = _doc_start(reset.view(B, NC, L))[:, None]  # (B, 1, NC, L) local doc start or -1
+        carry = start < 0
+        bexcl = b - logf.view(B, NH, NC, L)
+        base = torch.gather(bexcl, -1, start.clamp(min=0).expand(B, NH, NC, L))
+        base = torch.where(carry, torch.zeros_like(base), base)
+
+    # --- chunk-boundary states: each chunk's own contribution, stabilized locally
+    g = b[..., -1:] - b + ic  # (B, NH, NC, L) log weight of key s at the chunk end
+    if start is not None:
+        g = torch.where(tt >= start[..., -1:], g, torch.full_like(g, NEG_INF))
+    g_max = g.max(dim=-1).values  # (B, NH, NC)
+    wg = torch.exp(g - g_max[..., None])
+    kw = kc * wg[..., None]
+    C_loc = kw.transpose(-1, -2) @ vc  # (B, NH, NC, DQK, DV)
+    n_loc = kw.sum(-2)  # (B, NH, NC, DQK)
+    b_end = b[..., -1]
+    C_starts, n_starts, m_starts = [], [], []
+    for c in range(NC):
+        C_starts.append(C)
+        n_starts.append(n)
+        m_starts.append(m)
+        if carry is None:
+            a_end = b_end[..., c] + m
+            m_new = torch.maximum(a_end, g_max[..., c])
+            w_old = torch.exp(a_end - m_new)
+        else:
+            keep = carry[..., c, -1]  # (B, 1): no reset in this chunk
+            a_end = b_end[..., c] - base[..., c, -1] + torch.where(keep, m, torch.zeros_like(m))
+            m_new = torch.maximum(a_end, g_max[..., c])
+            w_old = torch.where(keep, torch.exp(a_end - m_new), torch.zeros_like(m_new))
+        w_new = torch.exp(g_max[..., c] - m_new)
+        C = w_old[..., None, None] * C + w_new[..., None, None] * C_loc[:, :, c]
+        n = w_old[..., None] * n + w_new[..., None] * n_loc[:, :, c]
+        m = m_new
+    C_prev = torch.stack(C_starts, dim=2)  # (B, NH, NC, DQK, DV)
+    n_prev = torch.stack(n_starts, dim=2)  # (B, NH, NC, DQK)
+    m_prev = torch.stack(m_starts, dim=2)  # (B, NH, NC)
+
+    # --- outputs of all chunks at once
+    logD = b[..., :, None] - b[..., None, :] + ic[..., None, :]  # (B, NH, NC, L, L)
+    mask = causal if start is None else causal & (tt[None, None, None, None, :] >= start[..., None])
+    logD = torch.where(mask, logD, torch.full_like(logD, NEG_INF))
+    if carry is None:
+        a = b + m_prev[..., None]
+    else:
+        a = b - base + torch.where(carry, m_prev[..., None], torch.zeros_like(b))
+    mt = torch.maximum(a, logD.max(dim=-1).values)  # (B, NH, NC, L)
+    w_inter = torch.exp(a - mt)
+    if carry is not None:
+        w_inter = torch.where(carry, w_inter, torch.zeros_like(w_inter))
+    P = (qc @ kc.transpose(-1, -2)) * torch.exp(logD - mt[..., None])
+    num = P @ vc + w_inter[..., None] * (qc @ C_prev)
+    den = P.sum(-1) + w_inter * (qc @ n_prev[..., None]).squeeze(-1)
+    h = _normalize(num, den, mt, eps).reshape(B, NH, NC * L, DV)[:, :, :S]
+    return h, (C, n, m)
