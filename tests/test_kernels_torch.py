@@ -1,0 +1,301 @@
+"""The torch mLSTM/sLSTM ops: agreement of the three forms, exact gradients,
+state passing, resets, stability, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+F64 = torch.float64
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def make_inputs(B=2, NH=2, S=33, DQK=8, DV=12, dtype=F64, seed=0, gate_scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, NH, S, DQK, generator=g, dtype=F64)
+    k = torch.randn(B, NH, S, DQK, generator=g, dtype=F64)
+    v = torch.randn(B, NH, S, DV, generator=g, dtype=F64)
+    i = torch.randn(B, NH, S, generator=g, dtype=F64) * gate_scale
+    f = torch.randn(B, NH, S, generator=g, dtype=F64) * gate_scale + 2.0
+    return [t.to(dtype) for t in (q, k, v, i, f)]
+
+
+def make_state(B=2, NH=2, DQK=8, DV=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, NH, DQK, DV, generator=g, dtype=F64),
+        torch.randn(B, NH, DQK, generator=g, dtype=F64),
+        torch.randn(B, NH, generator=g, dtype=F64),
+    )
+
+
+def unstabilized_mlstm(q, k, v, i, f):
+    """Independent oracle: the recurrence without any stabilizer, eps = 0, so
+    the exp(-m) term of the normalizer becomes max(|q.n|, 1)."""
+    B, NH, S, DQK = q.shape
+    C = torch.zeros(B, NH, DQK, v.shape[-1], dtype=F64)
+    n = torch.zeros(B, NH, DQK, dtype=F64)
+    out = []
+    for t in range(S):
+        fg = torch.sigmoid(f[:, :, t])[..., None]
+        ig = torch.exp(i[:, :, t])[..., None]
+        C = fg[..., None] * C + ig[..., None] * k[:, :, t, :, None] * v[:, :, t, None, :]
+        n = fg * n + ig * k[:, :, t]
+        qs = q[:, :, t] * DQK**-0.5
+        den = torch.maximum((qs * n).sum(-1).abs(), torch.ones(()))
+        out.append(torch.einsum("bhd,bhde->bhe", qs, C) / den[..., None])
+    return torch.stack(out, dim=2)
+
+
+def test_stabilized_math_equals_unstabilized_recurrence():
+    q, k, v, i, f = make_inputs(S=20, gate_scale=1.0)
+    ref = unstabilized_mlstm(q, k, v, i, f)
+    for fn in (kernels.mlstm_parallel, kernels.mlstm_recurrent):
+        assert rel(fn(q, k, v, i, f, eps=0.0), ref) < 1e-12
+    assert rel(kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=7, eps=0.0), ref) < 1e-12
+
+
+@pytest.mark.parametrize("S", [1, 7, 63, 64, 65, 200])
+@pytest.mark.parametrize("chunk", [1, 16, 48, 64])
+def test_three_forms_agree_float64(S, chunk):
+    q, k, v, i, f = make_inputs(S=S, seed=S)
+    hp, sp = kernels.mlstm_parallel(q, k, v, i, f, return_last_state=True)
+    hr, sr = kernels.mlstm_recurrent(q, k, v, i, f, return_last_state=True)
+    hc, sc = kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=chunk, return_last_state=True)
+    assert rel(hc, hp) < 1e-6 and rel(hr, hp) < 1e-6
+    for a, b, c in zip(sc, sp, sr):
+        assert rel(a, b) < 1e-6 and rel(c, b) < 1e-6
+    assert hc.dtype == F64 and sc[0].dtype == F64
+
+
+@pytest.mark.parametrize("S,chunk", [(1, 16), (37, 16), (64, 48), (100, 1)])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("with_reset", [False, True])
+def test_gradients_match_float64_oracle(S, chunk, with_state, with_reset):
+    """Chunkwise gradients (q, k, v, i, f, initial state) equal the autograd of
+    the parallel oracle, with a loss on h and on the last state."""
+    B, NH, DQK, DV = 2, 2, 6, 5
+    base = make_inputs(B, NH, S, DQK, DV, seed=S + chunk)
+    state = make_state(B, NH, DQK, DV) if with_state else None
+    reset = (torch.rand(B, S, generator=torch.Generator().manual_seed(3)) < 0.15) if with_reset else None
+    g = torch.Generator().manual_seed(7)
+    wh = torch.randn(B, NH, S, DV, generator=g, dtype=F64)
+    ws = [torch.randn(t.shape, generator=g, dtype=F64) for t in make_state(B, NH, DQK, DV)]
+
+    def grads(fn, **kw):
+        xs = [t.clone().requires_grad_() for t in base]
+        st = tuple(t.clone().requires_grad_() for t in state) if state is not None else None
+        h, last = fn(*xs, initial_state=st, reset=reset, return_last_state=True, **kw)
+        loss = (h * wh).sum() + sum((a * w).sum() for a, w in zip(last, ws))
+        loss.backward()
+        return [x.grad for x in xs] + ([t.grad for t in st] if st is not None else [])
+
+    ref = grads(kernels.mlstm_parallel)
+    got = grads(kernels.mlstm_chunkwise, chunk_size=chunk)
+    rec = grads(kernels.mlstm_recurrent)
+    for name, a, b, c in zip(["q", "k", "v", "i", "f", "C0", "n0", "m0"], got, ref, rec):
+        assert rel(a, b) < 1e-6, name
+        assert rel(c, b) < 1e-6, name
+
+
+def test_gradient_through_normalizer_denominator_is_kept():
+    """A backward that dropped the denominator path would differ here: loss on
+    the raw h with no norm after it, gates chosen so that the max picks |q.n|."""
+    q, k, v, i, f = make_inputs(S=24, gate_scale=0.5)
+    xs = [t.clone().requires_grad_() for t in (q, k, v, i, f)]
+    kernels.mlstm_chunkwise(*xs, chunk_size=8).pow(2).sum().backward()
+    numeric = torch.autograd.gradcheck(
+        lambda q_: kernels.mlstm_chunkwise(q_, k, v, i, f, chunk_size=8).pow(2).sum(),
+        (q.clone().requires_grad_(),),
+    )
+    assert numeric
+    assert xs[0].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("split", [1, 17, 32, 50])
+def test_state_passing_equals_full_run(split):
+    q, k, v, i, f = make_inputs(S=51, seed=11)
+    full, full_state = kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, return_last_state=True)
+    h1, s1 = kernels.mlstm_chunkwise(
+        *(t[:, :, :split] for t in (q, k, v, i, f)), chunk_size=16, return_last_state=True
+    )
+    h2, s2 = kernels.mlstm_chunkwise(
+        *(t[:, :, split:] for t in (q, k, v, i, f)), chunk_size=16, initial_state=s1,
+        return_last_state=True,
+    )
+    assert rel(torch.cat([h1, h2], dim=2), full) < 1e-10
+    for a, b in zip(s2, full_state):
+        assert rel(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("fn", ["chunkwise", "parallel", "recurrent"])
+def test_reset_equals_documents_run_alone(fn):
+    B, NH, S = 2, 2, 70
+    q, k, v, i, f = make_inputs(B, NH, S, seed=5)
+    starts = [[0, 9, 10, 40], [0, 33, 64, 65, 69]]  # includes 1-token documents
+    reset = torch.zeros(B, S, dtype=torch.bool)
+    for b, st in enumerate(starts):
+        reset[b, st] = True
+    op = {
+        "chunkwise": lambda *a, **kw: kernels.mlstm_chunkwise(*a, chunk_size=16, **kw),
+        "parallel": kernels.mlstm_parallel,
+        "recurrent": kernels.mlstm_recurrent,
+    }[fn]
+    # a non-zero initial state must be dropped by the reset at position 0
+    packed = op(q, k, v, i, f, reset=reset, initial_state=make_state(B, NH, 8, 12))
+    for b, st in enumerate(starts):
+        bounds = st + [S]
+        for s0, s1 in zip(bounds[:-1], bounds[1:]):
+            alone = kernels.mlstm_parallel(*(t[b : b + 1, :, s0:s1] for t in (q, k, v, i, f)))
+            assert rel(packed[b : b + 1, :, s0:s1], alone) < 1e-10, (b, s0, s1)
+
+
+def test_bf16_inputs_extreme_gates_long_sequence_are_finite():
+    B, NH, S, D = 1, 2, 4096, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, NH, S, D, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    sign = torch.where(torch.rand(B, NH, S, generator=g) < 0.5, -1.0, 1.0)
+    i = (50 * sign).bfloat16().requires_grad_()
+    f = (-50 * sign.flip(-1)).bfloat16().requires_grad_()
+    h, (C, n, m) = kernels.mlstm_chunkwise(q, k, v, i, f, return_last_state=True)
+    assert h.dtype == torch.bfloat16 and C.dtype == torch.float32 and m.dtype == torch.float32
+    assert torch.isfinite(h).all() and torch.isfinite(C).all()
+    (h.float().sum() + C.sum() + n.sum()).backward()
+    for t in (q, k, v, i, f):
+        assert torch.isfinite(t.grad).all()
+
+
+def test_low_precision_inputs_track_float64():
+    """Low-precision inputs compute in float32: the result matches the float64
+    oracle on the same (rounded) inputs to the output dtype's precision."""
+    inputs = make_inputs(S=100, seed=2)
+    for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)):
+        low = [t.to(dt) for t in inputs]
+        ref = kernels.mlstm_parallel(*(t.double() for t in low))
+        h = kernels.mlstm_chunkwise(*low, chunk_size=32)
+        assert h.dtype == dt
+        assert rel(h, ref) < tol, dt
+
+
+def test_step_equals_sequence():
+    q, k, v, i, f = make_inputs(S=9)
+    seq, seq_state = kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=4, return_last_state=True)
+    state = None
+    for t in range(9):
+        h, state = kernels.mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], state)
+        assert rel(h, seq[:, :, t]) < 1e-10
+    for a, b in zip(state, seq_state):
+        assert rel(a, b) < 1e-10
+
+
+# ---------------------------------------------------------------- sLSTM
+
+
+def slstm_inputs(B=2, NH=3, S=25, DH=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, NH, S, 4, DH, generator=g, dtype=F64) * 2
+    R = torch.randn(NH, 4, DH, DH, generator=g, dtype=F64) * 0.5
+    return x, R
+
+
+def unstabilized_slstm(x, R):
+    """Independent oracle: exp gates with no stabilizer (small inputs only)."""
+    B, NH, S, _, DH = x.shape
+    h = c = n = torch.zeros(B, NH, DH, dtype=F64)
+    out = []
+    for t in range(S):
+        raw = x[:, :, t] + torch.einsum("bhd,hgde->bhge", h, R)
+        ir, fr, zr, orr = raw.unbind(2)
+        c = torch.sigmoid(fr) * c + torch.exp(ir) * torch.tanh(zr)
+        n = torch.sigmoid(fr) * n + torch.exp(ir)
+        h = torch.sigmoid(orr) * c / n
+        out.append(h)
+    return torch.stack(out, dim=2)
+
+
+def test_slstm_matches_unstabilized_recurrence():
+    x, R = slstm_inputs()
+    assert rel(kernels.slstm_sequence(x, R), unstabilized_slstm(x, R)) < 1e-12
+
+
+def test_slstm_state_passing_reset_and_step():
+    x, R = slstm_inputs(S=30)
+    full, last = kernels.slstm_sequence(x, R, return_last_state=True)
+    h1, s1 = kernels.slstm_sequence(x[:, :, :11], R, return_last_state=True)
+    h2, s2 = kernels.slstm_sequence(x[:, :, 11:], R, initial_state=s1, return_last_state=True)
+    assert rel(torch.cat([h1, h2], 2), full) < 1e-12
+    state = None
+    for t in range(30):
+        h, state = kernels.slstm_step(x[:, :, t], R, state)
+        assert rel(h, full[:, :, t]) < 1e-12
+    reset = torch.zeros(2, 30, dtype=torch.bool)
+    reset[:, [0, 11]] = True
+    packed = kernels.slstm_sequence(x, R, reset=reset, initial_state=s1)
+    assert rel(packed[:, :, 11:], kernels.slstm_sequence(x[:, :, 11:], R)) < 1e-12
+    assert rel(packed[:, :, :11], h1) < 1e-12
+
+
+def test_slstm_gradcheck_and_extreme_gates():
+    x, R = slstm_inputs(B=1, NH=2, S=6, DH=3)
+    assert torch.autograd.gradcheck(
+        lambda a, b: kernels.slstm_sequence(a, b), (x.requires_grad_(), R.requires_grad_())
+    )
+    xb = (torch.sign(torch.randn(1, 2, 512, 4, 8)) * 50).bfloat16().requires_grad_()
+    Rb = torch.randn(2, 4, 8, 8).requires_grad_()
+    h = kernels.slstm_sequence(xb, Rb)
+    h.float().sum().backward()
+    assert torch.isfinite(h).all() and torch.isfinite(xb.grad).all() and torch.isfinite(Rb.grad).all()
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_bad_inputs_name_argument_and_shapes():
+    q, k, v, i, f = make_inputs(B=2, NH=2, S=10, DQK=8, DV=12)
+    with pytest.raises(ValueError, match=r"q: got shape \(2, 10, 8\), expected \(B, NH, S, DQK\)"):
+        kernels.mlstm_chunkwise(q[:, 0], k, v, i, f)
+    with pytest.raises(ValueError, match=r"k: got shape \(2, 2, 9, 8\)"):
+        kernels.mlstm_chunkwise(q, k[:, :, :9], v, i, f)
+    with pytest.raises(ValueError, match=r"v: got shape \(2, 3, 10, 12\).*\(2, 2, 10\)"):
+        kernels.mlstm_chunkwise(q, k, torch.cat([v, v[:, :1]], 1), i, f)
+    with pytest.raises(ValueError, match=r"f: got shape \(2, 2, 11\), expected \(B, NH, S\) = \(2, 2, 10\)"):
+        kernels.mlstm_chunkwise(q, k, v, i, F.pad(f, (0, 1)))
+    bad_state = make_state(2, 2, 8, 11)
+    with pytest.raises(ValueError, match=r"initial_state.C: got shape \(2, 2, 8, 11\).*\(2, 2, 8, 12\)"):
+        kernels.mlstm_chunkwise(q, k, v, i, f, initial_state=bad_state)
+    with pytest.raises(ValueError, match=r"reset: got shape \(2, 9\), expected \(B, S\) = \(2, 10\)"):
+        kernels.mlstm_chunkwise(q, k, v, i, f, reset=torch.zeros(2, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="reset: got dtype torch.int64"):
+        kernels.mlstm_chunkwise(q, k, v, i, f, reset=torch.zeros(2, 10, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk_size: got 0"):
+        kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=0)
+    with pytest.raises(ValueError, match="backend: got 'cuda'"):
+        kernels.mlstm_chunkwise(q, k, v, i, f, backend="cuda")
+    with pytest.raises(ValueError, match=r"state.m: got shape \(2,\)"):
+        kernels.mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
+                           (torch.zeros(2, 2, 8, 12), torch.zeros(2, 2, 8), torch.zeros(2)))
+    x, R = slstm_inputs(NH=3, DH=4)
+    with pytest.raises(ValueError, match=r"R: got shape \(3, 4, 4, 5\), expected \(NH, 4, DH, DH\)"):
+        kernels.slstm_sequence(x, torch.zeros(3, 4, 4, 5, dtype=F64))
+    with pytest.raises(ValueError, match=r"x: got shape .* with 4 gates"):
+        kernels.slstm_sequence(x[:, :, :, :3], R)
+
+
+def test_backend_env_override(monkeypatch):
+    q = torch.zeros(1, 1, 1, 1)
+    monkeypatch.setenv("XLSTM_KERNEL_BACKEND", "torch")
+    assert kernels.resolve_backend("auto", q) == "torch"
+    monkeypatch.setenv("XLSTM_KERNEL_BACKEND", "triton")
+    assert kernels.resolve_backend("auto", q) == "triton"
+    assert kernels.resolve_backend("torch", q) == "torch"
+    monkeypatch.setenv("XLSTM_KERNEL_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="XLSTM_KERNEL_BACKEND: got 'tpu'"):
+        kernels.resolve_backend("auto", q)
+    monkeypatch.delenv("XLSTM_KERNEL_BACKEND")
+    assert kernels.resolve_backend("auto", q) == "torch"
