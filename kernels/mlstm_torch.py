@@ -249,7 +249,7 @@ def mlstm_chunkwise_torch(
     # --- outputs of all chunks at once
     logD = b[..., :, None] - b[..., None, :] + ic[..., None, :]  # (B, NH, NC, L, L)
     mask = causal if start is None else causal & (tt[None, None, None, None, :] >= start[..., None])
-    logD = torch.where(mask, logD, torch.full_like(logD, NEG_INF))
+    logD = logD.masked_fill(~mask, NEG_INF)
     if carry is None:
         a = b + m_prev[..., None]
     else:
@@ -259,7 +259,11 @@ def mlstm_chunkwise_torch(
     if carry is not None:
         w_inter = torch.where(carry, w_inter, torch.zeros_like(w_inter))
     P = (qc @ kc.transpose(-1, -2)) * torch.exp(logD - mt[..., None])
-    num = P @ vc + w_inter[..., None] * (qc @ C_prev)
+    num = torch.baddbmm(
+        (w_inter[..., None] * qc).flatten(0, 2) @ C_prev.flatten(0, 2),
+        P.flatten(0, 2),
+        vc.flatten(0, 2),
+    ).view(B, NH, NC, L, DV)
     den = P.sum(-1) + w_inter * (qc @ n_prev[..., None]).squeeze(-1)
     h = _normalize(num, den, mt, eps).reshape(B, NH, NC * L, DV)[:, :, :S]
     return h, (C, n, m)
