@@ -1,0 +1,346 @@
+"""Tokenize raw text into WebDataset tar shards with a manifest.
+
+    python -m data.prepare --input 'corpus/**/*.jsonl.zst' --tokenizer tok/ --out shards/ \\
+        [--text-field text] [--text-mode file|paragraph|line] [--shard-tokens N] \\
+        [--val-fraction F] [--workers W] [--on-error raise|skip] [--max-documents N]
+
+Output: `OUT/shard-000000.tar ...` (training), `OUT/val/shard-000000.tar ...`
+(validation, when --val-fraction > 0) and `OUT/manifest.json`.
+
+Determinism: documents get a global index in input order (files sorted,
+then position in file); a document goes to validation when a seeded hash of
+its index is below the fraction; each stream is cut into a new shard once it
+holds at least `shard_tokens` tokens. Tokenization runs in worker processes
+but results are consumed in order, so 1 or N workers give byte-identical
+shards.
+
+Restart: after each finished shard, `manifest.partial.json` (atomically
+replaced) records it with its sha256 and the last document index it holds.
+A rerun with the same arguments keeps every recorded shard whose file still
+has that digest (a contiguous prefix per stream), skips the tokenization of
+the documents they hold, and writes the rest. Shards are written as
+`*.tar.tmp` and renamed when complete, so a killed run never leaves a
+half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from multiprocessing import get_context
+
+import numpy as np
+
+from .readers import ReadStats, expand_inputs, iter_documents
+from .tarshard import ShardWriter, file_sha256, token_dtype
+from .tokenizer import Tokenizer
+
+MANIFEST = "manifest.json"
+PARTIAL = "manifest.partial.json"
+FORMAT = "xlstm-token-shards/1"
+
+
+def _is_val(index: int, fraction: float, seed: int) -> bool:
+    if fraction <= 0:
+        return False
+    h = hashlib.blake2b(struct.pack("<qq", seed, index), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0**64 < fraction
+
+
+# -- tokenization workers ------------------------------------------------------
+_WORKER_TOK: Tokenizer | None = None
+
+
+def _init_worker(proto: bytes) -> None:
+    global _WORKER_TOK
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _WORKER_TOK = Tokenizer(proto)
+
+
+def _encode_batch(texts: list[str]) -> list[np.ndarray]:
+    ids = _WORKER_TOK.encode(texts)
+    return [np.asarray(x, dtype=np.uint32) for x in ids]
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _Stream:
+    """One output stream (train or val): a shard writer and the finished entries."""
+
+    def __init__(self, folder: str, ext: str, shard_tokens: int, kept: list[dict]):
+        self.folder, self.ext, self.shard_tokens = folder, ext, shard_tokens
+        os.makedirs(folder, exist_ok=True)
+        self.done = list(kept)
+        self.resume_after = kept[-1]["last_doc"] if kept else -1
+        self.writer: ShardWriter | None = None
+        self.first_doc = 0
+        self.last_doc = -1
+
+    def add(self, index: int, tokens: np.ndarray, source: str) -> bool:
+        """Add one document; True when this closed a shard."""
+        if self.writer is None:
+            path = os.path.join(self.folder, f"shard-{len(self.done):06d}.tar")
+            self.writer = ShardWriter(path, self.ext)
+            self.first_doc = index
+        self.writer.add(f"{index:012d}", tokens, source)
+        self.last_doc = index
+        if self.writer.tokens >= self.shard_tokens:
+            self.close()
+            return True
+        return False
+
+    def close(self) -> None:
+        if self.writer is not None:
+            entry = self.writer.close()
+            entry.update(first_doc=self.first_doc, last_doc=self.last_doc)
+            self.done.append(entry)
+            self.writer = None
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+
+def _totals(entries: list[dict]) -> dict:
+    return {"shards": len(entries), "samples": sum(e["samples"] for e in entries),
+            "tokens": sum(e["tokens"] for e in entries),
+            "bytes": sum(e["bytes"] for e in entries)}
+
+
+def _verified_prefix(folder: str, entries: list[dict]) -> list[dict]:
+    kept = []
+    for e in entries:
+        path = os.path.join(folder, e["name"])
+        if not os.path.exists(path) or os.path.getsize(path) != e["bytes"] \
+                or file_sha256(path) != e["sha256"]:
+            break
+        kept.append(e)
+    return kept
+
+
+def prepare(inputs: list[str] | str, tokenizer: str | Tokenizer, out_dir: str, *,
+            text_field: str = "text", text_mode: str = "file", shard_tokens: int = 1 << 24,
+            val_fraction: float = 0.0, workers: int = 1, on_error: str = "raise",
+            seed: int = 0, max_documents: int | None = None, batch_chars: int = 1 << 20,
+            progress: bool = True, command: list[str] | None = None) -> dict:
+    """Tokenize `inputs` into shards under `out_dir`; return the manifest (also written).
+
+    `inputs`: paths, folders or globs (text, JSONL[.gz|.zst], parquet).
+    `max_documents` caps the documents read (handy for a quick demo corpus).
+    Raises `data.readers.InputError` on bad input unless `on_error="skip"`,
+    and `ValueError` when the input holds no document.
+    """
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise ValueError(f"no input files match {inputs!r}")
+    ext, _ = token_dtype(tok.vocab_size)
+    os.makedirs(out_dir, exist_ok=True)
+    val_dir = os.path.join(out_dir, "val")
+    args = {"inputs": paths, "tokenizer_sha256": tok.sha256, "text_field": text_field,
+            "text_mode": text_mode, "shard_tokens": int(shard_tokens),
+            "val_fraction": float(val_fraction), "seed": int(seed),
+            "max_documents": max_documents, "on_error": on_error}
+    fingerprint = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()
+
+    kept_train: list[dict] = []
+    kept_val: list[dict] = []
+    partial_path = os.path.join(out_dir, PARTIAL)
+    if os.path.exists(partial_path):
+        try:
+            with open(partial_path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = {}
+        if old.get("fingerprint") == fingerprint:
+            kept_train = _verified_prefix(out_dir, old.get("shards", []))
+            kept_val = _verified_prefix(val_dir, old.get("val_shards", []))
+    train = _Stream(out_dir, ext, shard_tokens, kept_train)
+    val = _Stream(val_dir, ext, shard_tokens, kept_val)
+    resumed = len(kept_train) + len(kept_val)
+    if progress and resumed:
+        print(f"resuming: {len(kept_train)} train and {len(kept_val)} val shards verified",
+              file=sys.stderr)
+
+    stats = ReadStats()
+    counts = {"tokenized_documents": 0, "tokenized_tokens": 0, "skipped_resumed": 0, "empty_after_tokenize": 0}
+
+    def save_partial():
+        _write_json(partial_path, {"fingerprint": fingerprint, "shards": train.done,
+                                   "val_shards": val.done})
+
+    def batches() -> Iterator[tuple[list[tuple[int, str, bool]], list[str]]]:
+        meta: list[tuple[int, str, bool]] = []
+        texts: list[str] = []
+        size = 0
+        docs = iter_documents(paths, text_field=text_field, text_mode=text_mode,
+                              on_error=on_error, stats=stats)
+        for index, (text, source) in enumerate(docs):
+            if max_documents is not None and index >= max_documents:
+                break
+            is_val = _is_val(index, val_fraction, seed)
+            if index <= (val if is_val else train).resume_after:
+                counts["skipped_resumed"] += 1
+                continue
+            meta.append((index, source, is_val))
+            texts.append(text)
+            size += len(text)
+            if size >= batch_chars or len(texts) >= 4096:
+                yield meta, texts
+                meta, texts, size = [], [], 0
+        if texts:
+            yield meta, texts
+
+    pool = None
+    if workers > 1:
+        ctx = get_context("fork" if sys.platform == "linux" else "spawn")
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok.model_proto,))
+        results = _ordered_map(pool, batches(), window=2 * workers)
+    else:
+        _init_worker(tok.model_proto)
+        results = ((meta, _encode_batch(texts)) for meta, texts in batches())
+
+    bar = _progress(progress)
+    t0 = time.time()
+    try:
+        for meta, encoded in results:
+            for (index, source, is_val), ids in zip(meta, encoded):
+                if ids.size == 0:
+                    counts["empty_after_tokenize"] += 1
+                    continue
+                counts["tokenized_documents"] += 1
+                counts["tokenized_tokens"] += int(ids.size)
+                if (val if is_val else train).add(index, ids, source):
+                    save_partial()
+            bar(counts["tokenized_documents"], counts["tokenized_tokens"], stats.bytes, time.time() - t0)
+        train.close()
+        val.close()
+    except BaseException:
+        train.abort()
+        val.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if progress:
+        print(file=sys.stderr)
+    if not train.done and not val.done:
+        raise ValueError(f"empty input: no documents with tokens in {len(paths)} files "
+                         f"({stats.problems() or 'nothing to read'})")
+    # remove shards of an earlier, longer run with other arguments
+    for folder, stream in ((out_dir, train), (val_dir, val)):
+        names = {e["name"] for e in stream.done}
+        for f in os.listdir(folder):
+            if f.startswith("shard-") and (f.endswith(".tar.tmp") or
+                                           (f.endswith(".tar") and f not in names)):
+                os.remove(os.path.join(folder, f))
+    if not val.done and os.path.isdir(val_dir) and not os.listdir(val_dir):
+        os.rmdir(val_dir)
+    summary = {**stats.to_dict(), **counts, "resumed_shards": resumed}
+    manifest = {
+        "format": FORMAT, "token_dtype": "uint16" if ext == "u16" else "uint32",
+        "token_ext": ext,
+        "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                      "padded_vocab_size": tok.padded_vocab_size, "eos_id": tok.eos_id,
+                      "bos_id": tok.bos_id, "pad_id": tok.pad_id, "unk_id": tok.unk_id},
+        "args": {k: v for k, v in args.items() if k != "inputs"},
+        "inputs": {"files": len(paths),
+                   "sha256_of_list": hashlib.sha256("\n".join(paths).encode()).hexdigest()},
+        "shards": train.done, "totals": _totals(train.done),
+        "command": command if command is not None else [],
+        "summary": summary,
+    }
+    if val.done:
+        manifest["val"] = {"folder": "val", "shards": val.done, "totals": _totals(val.done)}
+    _write_json(os.path.join(out_dir, MANIFEST), manifest)
+    if os.path.exists(partial_path):
+        os.remove(partial_path)
+    if progress:
+        _print_summary(manifest, time.time() - t0)
+    return manifest
+
+
+def _ordered_map(pool, items, window: int):
+    """Like pool.imap, but reads `items` in this thread and keeps at most `window` in flight."""
+    from collections import deque
+
+    pending: deque = deque()
+    for meta, texts in items:
+        pending.append((meta, pool.apply_async(_encode_batch, (texts,))))
+        if len(pending) >= window:
+            m, r = pending.popleft()
+            yield m, r.get()
+    while pending:
+        m, r = pending.popleft()
+        yield m, r.get()
+
+
+def _progress(enabled: bool):
+    last = [0.0]
+
+    def show(docs: int, tokens: int, nbytes: int, dt: float) -> None:
+        if not enabled or time.time() - last[0] < 0.5:
+            return
+        last[0] = time.time()
+        print(f"\rprepare: {docs} docs, {tokens / 1e6:.2f}M tokens, "
+              f"{nbytes / 1e6 / max(dt, 1e-9):.1f} MB/s", end="", file=sys.stderr, flush=True)
+    return show
+
+
+def _print_summary(m: dict, dt: float) -> None:
+    s = m["summary"]
+    t = m["totals"]
+    line = (f"prepare: {t['shards']} shards, {t['samples']} docs, {t['tokens']} tokens"
+            + (f"; val {m['val']['totals']['samples']} docs" if "val" in m else "")
+            + f"; read {s['bytes'] / 1e6:.1f} MB in {dt:.1f}s")
+    problems = {k: s[k] for k in ("unreadable_files", "bad_lines", "missing_field",
+                                  "non_utf8", "empty_documents", "empty_after_tokenize")
+                if s.get(k)}
+    print(line, file=sys.stderr)
+    if problems:
+        print(f"prepare: problems: {problems}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="files, folders or globs")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--text-mode", choices=["file", "paragraph", "line"], default="file",
+                   help="plain text: one document per file, per blank-line block, per line")
+    p.add_argument("--shard-tokens", type=int, default=1 << 24)
+    p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-documents", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    prepare(a.input, a.tokenizer, a.out, text_field=a.text_field, text_mode=a.text_mode,
+            shard_tokens=a.shard_tokens, val_fraction=a.val_fraction, workers=a.workers,
+            on_error=a.on_error, seed=a.seed, max_documents=a.max_documents,
+            progress=not a.quiet, command=["python", "-m", "data.prepare", *sys.argv[1:]]
+            if argv is None else ["python", "-m", "data.prepare", *argv])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
