@@ -1,0 +1,172 @@
+"""Fidelity: with weights copied from the official NX-AI `xlstm` package (a test
+dependency only), our models produce the same logits (1e-5 relative, float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import LargeConfig, XLSTMConfig, build_model
+from model.config import MLSTMBlockConfig, SLSTMBlockConfig
+from model.official import from_official_state_dict
+
+xlstm = pytest.importorskip("xlstm")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def official_neurips(cfg: XLSTMConfig):
+    """The official xLSTMLMModel of `cfg`: mLSTM cell in its parallel form,
+    sLSTM on the vanilla (pure PyTorch) backend, float32."""
+    from xlstm import (
+        FeedForwardConfig,
+        mLSTMBlockConfig,
+        mLSTMLayerConfig,
+        sLSTMBlockConfig,
+        sLSTMLayerConfig,
+        xLSTMLMModel,
+        xLSTMLMModelConfig,
+    )
+
+    m, s = cfg.mlstm, cfg.slstm
+    ocfg = xLSTMLMModelConfig(
+        vocab_size=cfg.vocab_size,
+        embedding_dim=cfg.embedding_dim,
+        num_blocks=cfg.num_blocks,
+        context_length=cfg.context_length,
+        slstm_at=list(cfg.slstm_at),
+        tie_weights=cfg.tie_weights,
+        mlstm_block=mLSTMBlockConfig(
+            mlstm=mLSTMLayerConfig(
+                conv1d_kernel_size=m.conv_kernel_size,
+                qkv_proj_blocksize=m.qkv_proj_blocksize,
+                num_heads=m.num_heads,
+                proj_factor=m.proj_factor,
+            )
+        ),
+        slstm_block=sLSTMBlockConfig(
+            slstm=sLSTMLayerConfig(
+                backend="vanilla",
+                num_heads=s.num_heads,
+                conv1d_kernel_size=s.conv_kernel_size,
+                bias_init="powerlaw_blockdependent",
+                dtype="float32",
+            ),
+            feedforward=FeedForwardConfig(proj_factor=s.ffn_proj_factor, act_fn=s.ffn_act),
+        ),
+    )
+    model = xLSTMLMModel(ocfg)
+    model.reset_parameters()
+    return model
+
+
+def randomize_(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Move every parameter off its init (zero recurrent kernels, unit norms and
+    constant gate biases would hide mapping mistakes)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+NEURIPS = XLSTMConfig(
+    vocab_size=96,
+    embedding_dim=64,
+    num_blocks=4,
+    slstm_at=[1, 3],
+    context_length=32,
+    mlstm=MLSTMBlockConfig(num_heads=4),
+    slstm=SLSTMBlockConfig(num_heads=4, ffn_proj_factor=1.3),
+    backend="torch",
+    chunk_size=8,
+)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_neurips_logits_match_official(tie: bool):
+    torch.manual_seed(0)
+    cfg = XLSTMConfig(**{**NEURIPS.__dict__, "tie_weights": tie})
+    ref = official_neurips(cfg).eval()
+    randomize_(ref, torch.Generator().manual_seed(1))
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(from_official_state_dict(cfg, ref.state_dict()), strict=True)
+    idx = torch.randint(0, cfg.vocab_size, (2, 27), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(idx)
+        got = ours(idx)
+    assert got.shape == want.shape == (2, 27, cfg.vocab_size)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_neurips_official_step_matches_our_step():
+    """The official recurrent step path (mLSTM step, conv buffer, sLSTM step)
+    agrees with ours token by token."""
+    cfg = NEURIPS
+    ref = official_neurips(cfg).eval()
+    randomize_(ref, torch.Generator().manual_seed(3))
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(from_official_state_dict(cfg, ref.state_dict()), strict=True)
+    idx = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    ref_state, our_state = None, None
+    with torch.no_grad():
+        for t in range(idx.shape[1]):
+            want, ref_state = ref.step(idx[:, t : t + 1], ref_state)
+            got, our_state = ours.step(idx[:, t], our_state)
+            assert rel_err(got, want[:, 0]) < 1e-5, t
+
+
+LARGE = LargeConfig(
+    vocab_size=96,
+    embedding_dim=64,
+    num_blocks=2,
+    num_heads=2,
+    context_length=64,
+    backend="torch",
+    chunk_size=16,
+)
+
+
+def official_large(cfg: LargeConfig):
+    """The official xLSTMLarge with its native PyTorch kernels (chunkwise)."""
+    from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
+
+    ocfg = xLSTMLargeConfig(
+        embedding_dim=cfg.embedding_dim,
+        num_heads=cfg.num_heads,
+        num_blocks=cfg.num_blocks,
+        vocab_size=cfg.vocab_size,
+        use_bias=cfg.use_bias,
+        norm_eps=cfg.norm_eps,
+        qk_dim_factor=cfg.qk_dim_factor,
+        v_dim_factor=cfg.v_dim_factor,
+        chunkwise_kernel="chunkwise--native_autograd",
+        sequence_kernel="native_sequence__native",
+        step_kernel="native",
+        mode="train",
+        chunk_size=cfg.chunk_size,
+        return_last_states=True,
+        autocast_kernel_dtype="float32",
+        eps=cfg.cell_eps,
+        ffn_proj_factor=cfg.ffn_proj_factor,
+        ffn_round_up_to_multiple_of=cfg.ffn_round_up_to,
+        gate_soft_cap=cfg.gate_soft_cap,
+        output_logit_soft_cap=cfg.logit_soft_cap,
+        weight_mode="single",
+    )
+    return xLSTMLarge(ocfg)
+
+
+def test_large_logits_match_official():
+    torch.manual_seed(0)
+    cfg = LARGE
+    ref = official_large(cfg).eval()
+    randomize_(ref, torch.Generator().manual_seed(5))
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(from_official_state_dict(cfg, ref.state_dict()), strict=True)
+    idx = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want, _ = ref(idx)
+        got = ours(idx)
+    assert got.shape == want.shape == (2, 48, cfg.vocab_size)
+    assert rel_err(got, want) < 1e-5
