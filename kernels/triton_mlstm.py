@@ -1,0 +1,490 @@
+"""Raw Triton kernels for the chunkwise mLSTM (forward and backward) and the fused step.
+
+No autograd here: `kernels/triton_ops.py` wraps these in torch.autograd.Function.
+Math and notation: shared/DESIGN.md, and the derivation in triton_ops.py.
+
+Layout (all contiguous, one row per (batch, head) = "bh"):
+    q, k: (BH, S, DQK); v: (BH, S, DV); h out: (BH, S, DV) float32
+    per-position gate rows padded to SP = NC * L: ig (input gate pre-activation),
+    bc (log forget cumsum restarted at every chunk start and at every reset);
+    seg / carry: (B, SP) int32 (segment id; 1 where the carried state still reaches)
+    chunk states: cs (BH, NC + 1, DQK, DV), ns (BH, NC + 1, DQK), ms (BH, NC + 1)
+
+Every matmul goes through `_mm`, which casts both operands to the input dtype (the
+tensor-core path for bf16/fp16, IEEE fp32 otherwise) and, under the interpreter
+(UPCAST), upcasts the rounded operands to fp32: the interpreter's bf16 `tl.dot` is
+wrong, and upcasting after the rounding keeps the CPU result faithful to the GPU one.
+Only plain pointer arithmetic with masks is used (no block pointers).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mm(a, b, DT: tl.constexpr, UPCAST: tl.constexpr):
+    a = a.to(DT)
+    b = b.to(DT)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+# ----------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def mlstm_fwd_state_kernel(
+    k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr,
+    c0_ptr, n0_ptr, m0_ptr,
+    cs_ptr, ns_ptr, ms_ptr, amax_ptr,
+    S, SP, NH, NC, L, DQK, DV,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_RESET: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Inter-chunk pass: the (C, n, m) state at every chunk boundary, sequential over chunks.
+    Grid (BH, cdiv(DQK, BK), cdiv(DV, BV)). Also stores, per chunk, which candidate won the
+    max that defines m at the chunk end (-1: the carried state, else the local key index)."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    DT = k_ptr.dtype.element_ty
+    bidx = pid_bh // NH
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mk = offs_k < DQK
+    mv = offs_v < DV
+    mkv = mk[:, None] & mv[None, :]
+    kv_off = offs_k[:, None] * DV + offs_v[None, :]
+    first = (pid_k == 0) & (pid_v == 0)
+    if HAS_INIT:
+        C = tl.load(c0_ptr + pid_bh * DQK * DV + kv_off, mask=mkv, other=0.0).to(tl.float32)
+        n = tl.load(n0_ptr + pid_bh * DQK + offs_k, mask=mk, other=0.0).to(tl.float32)
+        m = tl.load(m0_ptr + pid_bh).to(tl.float32)
+    else:
+        C = tl.zeros((BK, BV), dtype=tl.float32)
+        n = tl.zeros((BK,), dtype=tl.float32)
+        m = tl.zeros((1,), dtype=tl.float32).sum(0)
+    k_base = k_ptr + pid_bh * S * DQK
+    v_base = v_ptr + pid_bh * S * DV
+    g_base = pid_bh * SP
+    for c in range(NC):
+        cs_base = (pid_bh * (NC + 1) + c) * DQK * DV
+        tl.store(cs_ptr + cs_base + kv_off, C, mask=mkv)
+        tl.store(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_k, n, mask=mk & (offs_k * 0 + pid_v == 0))
+        if first:
+            tl.store(ms_ptr + pid_bh * (NC + 1) + c, m)
+        end = c * L + L - 1
+        b_end = tl.load(bc_ptr + g_base + end)
+        if HAS_RESET:
+            seg_end = tl.load(seg_ptr + bidx * SP + end)
+            carry_end = tl.load(carry_ptr + bidx * SP + end) != 0
+        # pass 1: the largest key weight at the chunk end (one scalar per chunk)
+        gmax = tl.full((1,), float("-inf"), tl.float32).max(0)
+        gidx = tl.full((1,), -1, tl.int32).max(0)
+        for j in range(0, L, BT):
+            offs = j + tl.arange(0, BT)
+            inl = offs < L
+            valid = inl & (c * L + offs < S)
+            bs = tl.load(bc_ptr + g_base + c * L + offs, mask=inl, other=0.0)
+            gs = tl.load(ig_ptr + g_base + c * L + offs, mask=inl, other=0.0)
+            if HAS_RESET:
+                sg = tl.load(seg_ptr + bidx * SP + c * L + offs, mask=inl, other=-1)
+                valid = valid & (sg == seg_end)
+            g = tl.where(valid, b_end - bs + gs, float("-inf"))
+            tmax = tl.max(g, 0)
+            tidx = tl.min(tl.where(g == tmax, offs, 1 << 30), 0)
+            upd = tmax > gmax
+            gidx = tl.where(upd, tidx, gidx)
+            gmax = tl.maximum(gmax, tmax)
+        if HAS_RESET:
+            a_end = b_end + tl.where(carry_end, m, 0.0)
+        else:
+            a_end = b_end + m
+        m_new = tl.maximum(a_end, gmax)
+        if first:
+            tl.store(amax_ptr + pid_bh * NC + c, tl.where(a_end >= gmax, -1, gidx))
+        w_old = tl.exp(a_end - m_new)
+        if HAS_RESET:
+            w_old = tl.where(carry_end, w_old, 0.0)
+        C = C * w_old
+        n = n * w_old
+        # pass 2: add the chunk's keys and values under the new stabilizer
+        for j in range(0, L, BT):
+            offs = j + tl.arange(0, BT)
+            inl = offs < L
+            valid = inl & (c * L + offs < S)
+            bs = tl.load(bc_ptr + g_base + c * L + offs, mask=inl, other=0.0)
+            gs = tl.load(ig_ptr + g_base + c * L + offs, mask=inl, other=0.0)
+            if HAS_RESET:
+                sg = tl.load(seg_ptr + bidx * SP + c * L + offs, mask=inl, other=-1)
+                valid = valid & (sg == seg_end)
+            w = tl.where(valid, tl.exp(b_end - bs + gs - m_new), 0.0)
+            pos = c * L + offs
+            kt = tl.load(k_base + pos[:, None] * DQK + offs_k[None, :],
+                         mask=valid[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            vt = tl.load(v_base + pos[:, None] * DV + offs_v[None, :],
+                         mask=valid[:, None] & mv[None, :], other=0.0)
+            kw = kt * w[:, None]
+            C += _mm(tl.trans(kw), vt, DT, UPCAST)
+            n += tl.sum(kw, 0)
+        m = m_new
+    cs_base = (pid_bh * (NC + 1) + NC) * DQK * DV
+    tl.store(cs_ptr + cs_base + kv_off, C, mask=mkv)
+    tl.store(ns_ptr + (pid_bh * (NC + 1) + NC) * DQK + offs_k, n, mask=mk & (offs_k * 0 + pid_v == 0))
+    if first:
+        tl.store(ms_ptr + pid_bh * (NC + 1) + NC, m)
+
+
+@triton.jit
+def _log_decay(bt, bs, gs, offs_t, offs_s, valid_s, seg_t, seg_s, HAS_RESET: tl.constexpr):
+    """logD[t, s] = b_t - b_s + i_s for s <= t in the same document, -inf elsewhere."""
+    ld = bt[:, None] - bs[None, :] + gs[None, :]
+    mask = (offs_t[:, None] >= offs_s[None, :]) & valid_s[None, :]
+    if HAS_RESET:
+        mask = mask & (seg_t[:, None] == seg_s[None, :])
+    return tl.where(mask, ld, float("-inf"))
+
+
+@triton.jit
+def _load_rows(ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs,
+               HAS_RESET: tl.constexpr):
+    """Gate rows of one tile of chunk c: (in-chunk mask, valid, b, i, seg, carry)."""
+    inl = offs < L
+    valid = inl & (c * L + offs < S)
+    b = tl.load(bc_ptr + g_base + c * L + offs, mask=inl, other=0.0)
+    g = tl.load(ig_ptr + g_base + c * L + offs, mask=inl, other=0.0)
+    if HAS_RESET:
+        seg = tl.load(seg_ptr + s_base + c * L + offs, mask=inl, other=-1)
+        carry = tl.load(carry_ptr + s_base + c * L + offs, mask=inl, other=0) != 0
+    else:
+        seg = offs * 0
+        carry = inl
+    return inl, valid, b, g, seg, carry
+
+
+@triton.jit
+def mlstm_fwd_out_kernel(
+    q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr,
+    cs_ptr, ns_ptr, ms_ptr,
+    h_ptr, mpos_ptr, den_ptr, amax_ptr,
+    scale, eps, S, SP, NH, NC, L, DQK, DV, NT,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    HAS_RESET: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Intra-chunk pass: outputs of one query tile (BT positions of one chunk) for one DV
+    block, the carried state and the causal in-chunk term under one stabilizer.
+    Grid (NC * NT, cdiv(DV, BV), BH)."""
+    pid_ct = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
+    DT = q_ptr.dtype.element_ty
+    c = pid_ct // NT
+    jt = pid_ct % NT
+    bidx = pid_bh // NH
+    g_base = pid_bh * SP
+    s_base = bidx * SP
+    offs_t = jt * BT + tl.arange(0, BT)
+    offs_d = tl.arange(0, BD)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    md = offs_d < DQK
+    mv = offs_v < DV
+    inl_t, valid_t, bt, _gt, seg_t, carry_t = _load_rows(
+        ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_t, HAS_RESET)
+    m_c = tl.load(ms_ptr + pid_bh * (NC + 1) + c)
+    a_t = bt + tl.where(carry_t, m_c, 0.0)
+    # pass 1: the shared stabilizer m_t (scalar work only) and the winning candidate
+    mx = tl.full((BT,), float("-inf"), tl.float32)
+    ix = tl.full((BT,), -1, tl.int32)
+    for js in range(0, jt + 1):
+        offs_s = js * BT + tl.arange(0, BT)
+        _inl_s, valid_s, bs, gs, seg_s, _cs = _load_rows(
+            ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_s, HAS_RESET)
+        ld = _log_decay(bt, bs, gs, offs_t, offs_s, valid_s, seg_t, seg_s, HAS_RESET)
+        tmax = tl.max(ld, 1)
+        tidx = tl.min(tl.where(ld == tmax[:, None], offs_s[None, :], 1 << 30), 1)
+        upd = tmax > mx
+        ix = tl.where(upd, tidx, ix)
+        mx = tl.maximum(mx, tmax)
+    mt = tl.maximum(a_t, mx)
+    amax = tl.where(a_t >= mx, -1, ix)
+    w = tl.where(carry_t, tl.exp(a_t - mt), 0.0)
+    pos_t = c * L + offs_t
+    q = tl.load(q_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_d[None, :],
+                mask=valid_t[:, None] & md[None, :], other=0.0)
+    # carried state
+    cs_base = (pid_bh * (NC + 1) + c) * DQK * DV
+    Cc = tl.load(cs_ptr + cs_base + offs_d[:, None] * DV + offs_v[None, :],
+                 mask=md[:, None] & mv[None, :], other=0.0)
+    nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_d, mask=md, other=0.0)
+    num = _mm(q, Cc, DT, UPCAST) * (w * scale)[:, None]
+    den = tl.sum(q.to(tl.float32) * nc[None, :], 1) * w * scale
+    # causal in-chunk term, tile by tile
+    k_base = k_ptr + pid_bh * S * DQK
+    v_base = v_ptr + pid_bh * S * DV
+    for js in range(0, jt + 1):
+        offs_s = js * BT + tl.arange(0, BT)
+        _inl_s, valid_s, bs, gs, seg_s, _cs = _load_rows(
+            ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_s, HAS_RESET)
+        ld = _log_decay(bt, bs, gs, offs_t, offs_s, valid_s, seg_t, seg_s, HAS_RESET)
+        p = tl.exp(ld - mt[:, None])
+        pos_s = c * L + offs_s
+        kt = tl.load(k_base + pos_s[:, None] * DQK + offs_d[None, :],
+                     mask=valid_s[:, None] & md[None, :], other=0.0)
+        vt = tl.load(v_base + pos_s[:, None] * DV + offs_v[None, :],
+                     mask=valid_s[:, None] & mv[None, :], other=0.0)
+        a = _mm(q, tl.trans(kt), DT, UPCAST) * scale * p
+        num += _mm(a, vt, DT, UPCAST)
+        den += tl.sum(a, 1)
+    nrm = tl.maximum(tl.abs(den), tl.exp(-mt)) + eps
+    h = num / nrm[:, None]
+    tl.store(h_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :], h,
+             mask=valid_t[:, None] & mv[None, :])
+    row = inl_t & (offs_t * 0 + pid_v == 0)
+    tl.store(mpos_ptr + g_base + pos_t, mt, mask=row)
+    tl.store(den_ptr + g_base + pos_t, den, mask=row)
+    tl.store(amax_ptr + g_base + pos_t, amax, mask=row)
+
+
+# ----------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def mlstm_bwd_state_kernel(
+    q_ptr, dh_ptr, nrm_ptr, dden_ptr, bc_ptr, carry_ptr, mpos_ptr,
+    cs_ptr, ns_ptr, ms_ptr, dcl_ptr, dnl_ptr,
+    dcn_ptr, dnn_ptr, dc0_ptr, dn0_ptr, dlogw_ptr,
+    scale, S, SP, NH, NC, L, DQK, DV, NKB, NVB,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    HAS_DLAST: tl.constexpr, HAS_RESET: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Reverse inter-chunk pass: dC, dn with respect to every chunk-boundary state
+    (stabilizers held fixed; their own path is routed by the wrapper).
+    dcn[c] = gradient of C_{c+1} (the state after chunk c), dc0 = of the initial state.
+    dlogw[c, kb, vb] = this block's part of W_c (<dC_{c+1}, C_c> + <dn_{c+1}, n_c>), the
+    gradient of the log weight W_c = exp(b_end + m_c - m_{c+1}) of the carried state.
+    Grid (BH, cdiv(DQK, BK), cdiv(DV, BV))."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    DT = q_ptr.dtype.element_ty
+    bidx = pid_bh // NH
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mk = offs_k < DQK
+    mv = offs_v < DV
+    mkv = mk[:, None] & mv[None, :]
+    kv_off = offs_k[:, None] * DV + offs_v[None, :]
+    nfirst = pid_v == 0
+    if HAS_DLAST:
+        dC = tl.load(dcl_ptr + pid_bh * DQK * DV + kv_off, mask=mkv, other=0.0)
+        dn = tl.load(dnl_ptr + pid_bh * DQK + offs_k, mask=mk, other=0.0)
+    else:
+        dC = tl.zeros((BK, BV), dtype=tl.float32)
+        dn = tl.zeros((BK,), dtype=tl.float32)
+    g_base = pid_bh * SP
+    for cc in range(NC):
+        c = NC - 1 - cc
+        tl.store(dcn_ptr + (pid_bh * NC + c) * DQK * DV + kv_off, dC, mask=mkv)
+        tl.store(dnn_ptr + (pid_bh * NC + c) * DQK + offs_k, dn, mask=mk & (offs_k * 0 + pid_v == 0))
+        m_c = tl.load(ms_ptr + pid_bh * (NC + 1) + c)
+        m_next = tl.load(ms_ptr + pid_bh * (NC + 1) + c + 1)
+        end = c * L + L - 1
+        b_end = tl.load(bc_ptr + g_base + end)
+        W = tl.exp(b_end + m_c - m_next)
+        if HAS_RESET:
+            W = tl.where(tl.load(carry_ptr + bidx * SP + end) != 0, W, 0.0)
+        cs_base = (pid_bh * (NC + 1) + c) * DQK * DV
+        Cc = tl.load(cs_ptr + cs_base + kv_off, mask=mkv, other=0.0)
+        nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_k, mask=mk, other=0.0)
+        part = tl.sum(tl.sum(dC * Cc, 1), 0) + tl.where(nfirst, tl.sum(dn * nc, 0), 0.0)
+        tl.store(dlogw_ptr + (pid_bh * NC + c) * NKB * NVB + pid_k * NVB + pid_v, W * part)
+        dC = dC * W
+        dn = dn * W
+        for j in range(0, L, BT):
+            offs = j + tl.arange(0, BT)
+            inl = offs < L
+            pos = c * L + offs
+            valid = inl & (pos < S)
+            bt = tl.load(bc_ptr + g_base + pos, mask=inl, other=0.0)
+            mt = tl.load(mpos_ptr + g_base + pos, mask=inl, other=0.0)
+            nr = tl.load(nrm_ptr + g_base + pos, mask=inl, other=1.0)
+            dd = tl.load(dden_ptr + g_base + pos, mask=inl, other=0.0)
+            w = tl.exp(bt + m_c - mt)
+            if HAS_RESET:
+                w = tl.where(tl.load(carry_ptr + bidx * SP + pos, mask=inl, other=0) != 0, w, 0.0)
+            w = tl.where(valid, w, 0.0) * scale
+            qt = tl.load(q_ptr + pid_bh * S * DQK + pos[:, None] * DQK + offs_k[None, :],
+                         mask=valid[:, None] & mk[None, :], other=0.0)
+            dht = tl.load(dh_ptr + pid_bh * S * DV + pos[:, None] * DV + offs_v[None, :],
+                          mask=valid[:, None] & mv[None, :], other=0.0)
+            dnum = dht * (w / nr)[:, None]
+            dC += _mm(tl.trans(qt), dnum, DT, UPCAST)
+            dn += tl.sum(qt.to(tl.float32) * (w * dd)[:, None], 0)
+    tl.store(dc0_ptr + pid_bh * DQK * DV + kv_off, dC, mask=mkv)
+    tl.store(dn0_ptr + pid_bh * DQK + offs_k, dn, mask=mk & (offs_k * 0 + pid_v == 0))
+
+
+@triton.jit
+def mlstm_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr,
+    mpos_ptr, nrm_ptr, dden_ptr, dh_ptr, dcn_ptr, dnn_ptr, ms_ptr,
+    dk_ptr, dv_ptr, xs_ptr, gs_ptr,
+    scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    HAS_RESET: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Gradients of one key tile for one DV block: dk (partial over DV blocks), dv, and the
+    key-side gate gradients (xs: d/d i_s of every weight that uses key s, partial over DV
+    blocks; gs: the part of xs from the chunk-end state, which also feeds b at the chunk end).
+    Grid (NC * NT, cdiv(DV, BV), BH)."""
+    pid_ct = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
+    DT = q_ptr.dtype.element_ty
+    c = pid_ct // NT
+    js = pid_ct % NT
+    bidx = pid_bh // NH
+    g_base = pid_bh * SP
+    s_base = bidx * SP
+    offs_s = js * BT + tl.arange(0, BT)
+    offs_d = tl.arange(0, BD)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    md = offs_d < DQK
+    mv = offs_v < DV
+    inl_s, valid_s, bs, gs, seg_s, _cs = _load_rows(
+        ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_s, HAS_RESET)
+    pos_s = c * L + offs_s
+    kt = tl.load(k_ptr + pid_bh * S * DQK + pos_s[:, None] * DQK + offs_d[None, :],
+                 mask=valid_s[:, None] & md[None, :], other=0.0)
+    vt = tl.load(v_ptr + pid_bh * S * DV + pos_s[:, None] * DV + offs_v[None, :],
+                 mask=valid_s[:, None] & mv[None, :], other=0.0)
+    # the chunk-end state C_{c+1} = ... + sum_s G_s k_s v_s^T
+    end = c * L + L - 1
+    b_end = tl.load(bc_ptr + g_base + end)
+    m_next = tl.load(ms_ptr + pid_bh * (NC + 1) + c + 1)
+    gmask = valid_s
+    if HAS_RESET:
+        gmask = gmask & (seg_s == tl.load(seg_ptr + s_base + end))
+    G = tl.where(gmask, tl.exp(b_end - bs + gs - m_next), 0.0)
+    dCn = tl.load(dcn_ptr + (pid_bh * NC + c) * DQK * DV + offs_d[:, None] * DV + offs_v[None, :],
+                  mask=md[:, None] & mv[None, :], other=0.0)
+    dnn = tl.load(dnn_ptr + (pid_bh * NC + c) * DQK + offs_d, mask=md & (offs_d * 0 + pid_v == 0), other=0.0)
+    kdc = _mm(kt, dCn, DT, UPCAST)  # (BT, BV)
+    dv = kdc * G[:, None]
+    dk = (_mm(vt, tl.trans(dCn), DT, UPCAST) + dnn[None, :]) * G[:, None]
+    gsum = G * (tl.sum(kdc * vt.to(tl.float32), 1) + tl.sum(kt.to(tl.float32) * dnn[None, :], 1))
+    xs = gsum
+    # the in-chunk term of every later query tile of the chunk
+    for jt in range(js, NT):
+        offs_t = jt * BT + tl.arange(0, BT)
+        inl_t, valid_t, bt, _gt, seg_t, _ct = _load_rows(
+            ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_t, HAS_RESET)
+        pos_t = c * L + offs_t
+        mt = tl.load(mpos_ptr + g_base + pos_t, mask=inl_t, other=0.0)
+        nr = tl.load(nrm_ptr + g_base + pos_t, mask=inl_t, other=1.0)
+        dd = tl.load(dden_ptr + g_base + pos_t, mask=inl_t & (offs_t * 0 + pid_v == 0), other=0.0)
+        qt = tl.load(q_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_d[None, :],
+                     mask=valid_t[:, None] & md[None, :], other=0.0)
+        dht = tl.load(dh_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :],
+                      mask=valid_t[:, None] & mv[None, :], other=0.0)
+        dnum = dht / nr[:, None]
+        # transposed tiles: rows are keys s, columns queries t
+        ld = bt[None, :] - bs[:, None] + gs[:, None]
+        mask = (offs_t[None, :] >= offs_s[:, None]) & valid_s[:, None] & valid_t[None, :]
+        if HAS_RESET:
+            mask = mask & (seg_t[None, :] == seg_s[:, None])
+        p = tl.where(mask, tl.exp(ld - mt[None, :]), 0.0)
+        a = _mm(kt, tl.trans(qt), DT, UPCAST) * scale * p
+        dv += _mm(a, dnum, DT, UPCAST)
+        da = _mm(vt, tl.trans(dnum), DT, UPCAST) + dd[None, :]
+        ds = da * p
+        dk += _mm(ds, qt, DT, UPCAST) * scale
+        xs += tl.sum(da * a, 1)
+    row = pid_v.to(tl.int64) * BH + pid_bh
+    tl.store(dk_ptr + row * S * DQK + pos_s[:, None] * DQK + offs_d[None, :], dk,
+             mask=valid_s[:, None] & md[None, :])
+    tl.store(dv_ptr + pid_bh * S * DV + pos_s[:, None] * DV + offs_v[None, :], dv,
+             mask=valid_s[:, None] & mv[None, :])
+    tl.store(xs_ptr + row * SP + pos_s, xs, mask=inl_s)
+    tl.store(gs_ptr + row * SP + pos_s, gsum, mask=inl_s)
+
+
+@triton.jit
+def mlstm_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr,
+    mpos_ptr, nrm_ptr, dden_ptr, dh_ptr, cs_ptr, ns_ptr, ms_ptr,
+    dq_ptr, ys_ptr, ws_ptr,
+    scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    HAS_RESET: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Gradients of one query tile for one DV block: dq (partial over DV blocks) and the
+    query-side gate gradients (ys: d/d b_t of the weights of row t; ws: the part of ys from
+    the carried-state weight w_t, which also feeds m at the chunk start).
+    Grid (NC * NT, cdiv(DV, BV), BH)."""
+    pid_ct = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
+    DT = q_ptr.dtype.element_ty
+    c = pid_ct // NT
+    jt = pid_ct % NT
+    bidx = pid_bh // NH
+    g_base = pid_bh * SP
+    s_base = bidx * SP
+    offs_t = jt * BT + tl.arange(0, BT)
+    offs_d = tl.arange(0, BD)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    md = offs_d < DQK
+    mv = offs_v < DV
+    inl_t, valid_t, bt, _gt, seg_t, carry_t = _load_rows(
+        ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_t, HAS_RESET)
+    pos_t = c * L + offs_t
+    mt = tl.load(mpos_ptr + g_base + pos_t, mask=inl_t, other=0.0)
+    nr = tl.load(nrm_ptr + g_base + pos_t, mask=inl_t, other=1.0)
+    dd = tl.load(dden_ptr + g_base + pos_t, mask=inl_t & (offs_t * 0 + pid_v == 0), other=0.0)
+    qt = tl.load(q_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_d[None, :],
+                 mask=valid_t[:, None] & md[None, :], other=0.0)
+    dht = tl.load(dh_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :],
+                  mask=valid_t[:, None] & mv[None, :], other=0.0)
+    dnum = dht / nr[:, None]
+    m_c = tl.load(ms_ptr + pid_bh * (NC + 1) + c)
+    w = tl.where(carry_t & valid_t, tl.exp(bt + m_c - mt), 0.0)
+    cs_base = (pid_bh * (NC + 1) + c) * DQK * DV
+    Cc = tl.load(cs_ptr + cs_base + offs_d[:, None] * DV + offs_v[None, :],
+                 mask=md[:, None] & mv[None, :], other=0.0)
+    nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_d, mask=md & (offs_d * 0 + pid_v == 0), other=0.0)
+    dqi = _mm(dnum, tl.trans(Cc), DT, UPCAST) + dd[:, None] * nc[None, :]  # (BT, BD)
+    wsum = w * tl.sum(dqi * qt.to(tl.float32), 1) * scale
+    dq = dqi * (w * scale)[:, None]
+    ys = wsum
+    k_base = k_ptr + pid_bh * S * DQK
+    v_base = v_ptr + pid_bh * S * DV
+    for js in range(0, jt + 1):
+        offs_s = js * BT + tl.arange(0, BT)
+        _inl_s, valid_s, bs, gs, seg_s, _cs = _load_rows(
+            ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_s, HAS_RESET)
+        ld = _log_decay(bt, bs, gs, offs_t, offs_s, valid_s, seg_t, seg_s, HAS_RESET)
+        p = tl.where(valid_t[:, None], tl.exp(ld - mt[:, None]), 0.0)
+        pos_s = c * L + offs_s
+        kt = tl.load(k_base + pos_s[:, None] * DQK + offs_d[None, :],
+                     mask=valid_s[:, None] & md[None, :], other=0.0)
+        vt = tl.load(v_base + pos_s[:, None] * DV + offs_v[None, :],
+                     mask=valid_s[:, None] & mv[None, :], other=0.0)
+        a = _mm(qt, tl.trans(kt), DT, UPCAST) * scale * p
+        da = _mm(dnum, tl.trans(vt), DT, UPCAST) + dd[:, None]
+        ds = da * p
+        dq += _mm(ds, kt, DT, UPCAST) * scale
+        ys += tl.sum(da * a, 1)
+    row = pid_v.to(tl.int64) * BH + pid_bh
+    tl.store(dq_ptr + row * S * DQK + pos_t[:, None] * DQK + offs_d[None, :], dq,
+             mask=valid_t[:, None] & md[None, :])
+    tl.store(ys_ptr + row * SP + pos_t, ys, mask=inl_t)
+    tl.store(ws_ptr + row * SP + pos_t, wsum, mask=inl_t)

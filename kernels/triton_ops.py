@@ -1,0 +1,351 @@
+"""Triton backend of the mLSTM and sLSTM ops: autograd wrappers around the raw kernels in
+`triton_mlstm.py` and `triton_slstm.py`. The dispatch in `kernels/__init__.py` imports
+this module lazily; callers use `kernels.mlstm_chunkwise(..., backend="triton")`.
+
+Supported: q, k, v in float32, bfloat16 or float16 (one dtype for the three), gates in
+any of those, DQK <= 256, any DV (split across programs), any S, any chunk size >= 1.
+States and accumulation are float32. float64 is refused (ValueError naming the argument):
+the torch backend is the float64 path. Tensors must be on CUDA, or on CPU under
+TRITON_INTERPRET=1 (the interpreter, used by the tests).
+
+How the chunkwise backward is exact (the oracle is autograd of the float64 reference).
+Every stabilizer m (per position and per chunk boundary) is a max over log weights, and
+h_t = num_t / (max(|den_t|, exp(-m_t)) + eps) depends on m_t beyond the true (unstabilized)
+numerator and denominator only through eps * exp(m_t). So the gradient splits in two:
+1. the kernels differentiate everything with all stabilizers held fixed (the initial m0,
+   an input, excepted), the path through max(|den|, exp(-m)) included;
+2. the wrapper adds the path through each max: dL/dm_t = -eps (dh_t . h_t) / N_t (and, for
+   the last state, dm - <dC, C> - <dn, n>), routed to the candidate that won the max (a key,
+   or the carried state and from there along the chain of chunk-boundary maxes). The
+   kernels record the winners in the forward.
+Gate gradients arrive at `bc` (the log-forget cumsum restarted at chunk starts and
+resets) and `ig`; torch autograd maps them back to f through cumsum and logsigmoid, O(S).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from . import triton_mlstm as tm
+
+MAX_DQK = 256
+BLOCK_T_MAX = 64  # query/key tile inside a chunk (a chunk of 128 runs as 2 x 2 tiles)
+BLOCK_V_MAX = 64  # DV block per program; larger DV is split across programs
+BLOCK_K_MAX = 64  # DQK block of the state passes
+POISON = False  # tests: fill every output buffer with NaN / a bad index before a launch
+
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    if not POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, -(2**30), dtype=dtype, device=device)
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(x), 1)))
+
+
+def _check_dtypes(named: dict[str, torch.Tensor | None]) -> None:
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype not in _SUPPORTED:
+            raise ValueError(
+                f"{name}: got dtype {t.dtype}; backend='triton' supports float32, bfloat16 and "
+                f"float16 (float64 runs on backend='torch')"
+            )
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if not t.is_cuda and not _interpret():
+        raise ValueError(
+            f"q: got a tensor on {t.device}; backend='triton' needs CUDA tensors "
+            f"(or TRITON_INTERPRET=1 for CPU tensors)"
+        )
+
+
+def _state_names(prefix: str, state, parts: str) -> dict:
+    if state is None:
+        return {}
+    return {f"{prefix}.{p}": t for p, t in zip(parts, state)}
+
+
+# ========================================================================================
+# mLSTM chunkwise
+# ========================================================================================
+
+
+def _doc_start(reset: torch.Tensor) -> torch.Tensor:
+    L = reset.shape[-1]
+    idx = torch.arange(L, device=reset.device).expand_as(reset)
+    return torch.where(reset, idx, torch.full_like(idx, -1)).cummax(dim=-1).values
+
+
+def _gate_rows(i, f, reset, L: int, NC: int):
+    """Differentiable O(S) gate preparation: ig (input gate rows) and bc (log forget cumsum
+    restarted at every chunk start and every reset), both (B, NH, SP) float32; and the
+    integer rows seg (segment id) and carry (1 where the carried state reaches), (B, SP)."""
+    B, NH, S = i.shape
+    SP = NC * L
+    pad = SP - S
+    logf = F.logsigmoid(f.float())
+    ig = i.float()
+    if pad:
+        logf = F.pad(logf, (0, pad))
+        ig = F.pad(ig, (0, pad))
+    lf = logf.view(B, NH, NC, L)
+    b = torch.cumsum(lf, dim=-1)
+    if reset is None:
+        return ig.contiguous(), b.reshape(B, NH, SP).contiguous(), None, None
+    rp = F.pad(reset, (0, pad), value=False) if pad else reset
+    start = _doc_start(rp.view(B, NC, L))[:, None]  # (B, 1, NC, L)
+    base = torch.gather(b - lf, -1, start.clamp(min=0).expand(B, NH, NC, L))
+    bc = b - torch.where(start >= 0, base, torch.zeros_like(base))
+    seg = torch.cumsum(rp.to(torch.int32), dim=-1, dtype=torch.int32)  # (B, SP)
+    segc = seg.view(B, NC, L)
+    prev = torch.cat([torch.zeros_like(segc[:, :1, -1]), segc[:, :-1, -1]], dim=1)  # (B, NC)
+    carry = (segc == prev[..., None]).to(torch.int32).view(B, SP)
+    return ig.contiguous(), bc.reshape(B, NH, SP).contiguous(), seg.contiguous(), carry.contiguous()
+
+
+def _seg_rev_chain(x: torch.Tensor, link: torch.Tensor) -> torch.Tensor:
+    """X_c = x_c + link_c * X_{c+1} for c = 0..N-1 with X_N = x_N; x (R, N+1), link (R, N).
+    Vectorized (no loop over chunks): a reverse cumsum cut where link is False."""
+    R, N1 = x.shape
+    xs = x.double()
+    rc = torch.flip(torch.cumsum(torch.flip(xs, [1]), 1), [1])  # rc[c] = sum_{c' >= c} x
+    rc = torch.cat([rc, torch.zeros_like(rc[:, :1])], 1)
+    link_ext = torch.cat([link, torch.zeros_like(link[:, :1])], 1)
+    idx = torch.arange(N1, device=x.device).expand(R, N1)
+    stop = torch.where(link_ext, torch.full_like(idx, N1 - 1), idx)
+    end = torch.flip(torch.cummin(torch.flip(stop, [1]), 1).values, [1])
+    return (rc[:, :N1] - torch.gather(rc, 1, end + 1)).to(x.dtype)
+
+
+class _MLSTMChunkFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ig, bc, seg, carry, C0, n0, m0, L, eps):
+        B, NH, S, DQK = q.shape
+        DV = v.shape[-1]
+        BH = B * NH
+        SP = ig.shape[-1]
+        NC = SP // L
+        dev = q.device
+        BT = min(BLOCK_T_MAX, _pow2(L))
+        NT = triton.cdiv(L, BT)
+        BD = _pow2(DQK)
+        BV = min(BLOCK_V_MAX, _pow2(DV))
+        BK = min(BLOCK_K_MAX, BD)
+        NVB = triton.cdiv(DV, BV)
+        NKB = triton.cdiv(DQK, BK)
+        qc, kc, vc = (t.reshape(BH, S, t.shape[-1]).contiguous() for t in (q, k, v))
+        has_init = C0 is not None
+        has_reset = seg is not None
+        f32 = torch.float32
+        if has_init:
+            C0c = C0.reshape(BH, DQK, DV).to(f32).contiguous()
+            n0c = n0.reshape(BH, DQK).to(f32).contiguous()
+            m0c = m0.reshape(BH).to(f32).contiguous()
+        else:
+            C0c = n0c = m0c = ig  # unused placeholders
+        segc = seg if has_reset else ig
+        carc = carry if has_reset else ig
+        cs = _empty((BH, NC + 1, DQK, DV), f32, dev)
+        ns = _empty((BH, NC + 1, DQK), f32, dev)
+        ms = _empty((BH, NC + 1), f32, dev)
+        amax_c = _empty((BH, NC), torch.int32, dev)
+        up = _interpret()
+        tm.mlstm_fwd_state_kernel[(BH, NKB, NVB)](
+            kc, vc, ig, bc, segc, carc, C0c, n0c, m0c, cs, ns, ms, amax_c,
+            S, SP, NH, NC, L, DQK, DV,
+            BK=BK, BV=BV, BT=BT, HAS_INIT=has_init, HAS_RESET=has_reset, UPCAST=up,
+        )
+        h = _empty((BH, S, DV), f32, dev)
+        mpos = _empty((BH, SP), f32, dev)
+        den = _empty((BH, SP), f32, dev)
+        amax_p = _empty((BH, SP), torch.int32, dev)
+        scale = DQK**-0.5
+        tm.mlstm_fwd_out_kernel[(NC * NT, NVB, BH)](
+            qc, kc, vc, ig, bc, segc, carc, cs, ns, ms, h, mpos, den, amax_p,
+            scale, eps, S, SP, NH, NC, L, DQK, DV, NT,
+            BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up,
+        )
+        ctx.save_for_backward(qc, kc, vc, ig, bc, seg, carry, cs, ns, ms, amax_c, h, mpos, den,
+                              amax_p)
+        ctx.meta = (B, NH, S, DQK, DV, L, NC, SP, BT, NT, BD, BV, BK, NVB, NKB, eps, has_init,
+                    q.dtype, None if C0 is None else (C0.dtype, n0.dtype, m0.dtype))
+        C = cs[:, NC].reshape(B, NH, DQK, DV).clone()
+        n = ns[:, NC].reshape(B, NH, DQK).clone()
+        m = ms[:, NC].reshape(B, NH).clone()
+        return h.view(B, NH, S, DV), C, n, m
+
+    @staticmethod
+    def backward(ctx, dh, dC_last, dn_last, dm_last):
+        (qc, kc, vc, ig, bc, seg, carry, cs, ns, ms, amax_c, h, mpos, den,
+         amax_p) = ctx.saved_tensors
+        (B, NH, S, DQK, DV, L, NC, SP, BT, NT, BD, BV, BK, NVB, NKB, eps, has_init,
+         qdtype, sdtypes) = ctx.meta
+        BH = B * NH
+        dev = qc.device
+        f32 = torch.float32
+        has_reset = seg is not None
+        up = _interpret()
+        scale = DQK**-0.5
+        igf = ig.view(BH, SP)
+        bcf = bc.view(BH, SP)
+        segc = seg if has_reset else igf
+        carc = carry if has_reset else igf
+        if dh is None:
+            dh = torch.zeros(BH, S, DV, dtype=f32, device=dev)
+        dh = dh.reshape(BH, S, DV).to(f32).contiguous()
+        # --- per-position scalars (O(S)): normalizer, d(den), d(m_t)
+        rowdot = F.pad((dh * h).sum(-1), (0, SP - S))
+        emin = torch.exp(-mpos)
+        nrm = torch.maximum(den.abs(), emin) + eps
+        dden = (-rowdot / nrm) * torch.sign(den) * (den.abs() > emin).to(f32)
+        dm_pos = -eps * rowdot / nrm
+        has_dlast = dC_last is not None or dn_last is not None
+        dcl = (dC_last if dC_last is not None else torch.zeros(BH, DQK, DV, device=dev))
+        dnl = (dn_last if dn_last is not None else torch.zeros(BH, DQK, device=dev))
+        dcl = dcl.reshape(BH, DQK, DV).to(f32).contiguous()
+        dnl = dnl.reshape(BH, DQK).to(f32).contiguous()
+        # --- reverse state pass
+        dcn = _empty((BH, NC, DQK, DV), f32, dev)
+        dnn = _empty((BH, NC, DQK), f32, dev)
+        dc0 = _empty((BH, DQK, DV), f32, dev)
+        dn0 = _empty((BH, DQK), f32, dev)
+        dlogw = _empty((BH, NC, NKB, NVB), f32, dev)
+        tm.mlstm_bwd_state_kernel[(BH, NKB, NVB)](
+            qc, dh, nrm, dden, bcf, carc, mpos, cs, ns, ms, dcl, dnl,
+            dcn, dnn, dc0, dn0, dlogw,
+            scale, S, SP, NH, NC, L, DQK, DV, NKB, NVB,
+            BK=BK, BV=BV, BT=BT, HAS_DLAST=has_dlast, HAS_RESET=has_reset, UPCAST=up,
+        )
+        # --- key side and query side of every chunk, in parallel
+        dk_p = _empty((NVB, BH, S, DQK), f32, dev)
+        dv = _empty((BH, S, DV), f32, dev)
+        xs_p = _empty((NVB, BH, SP), f32, dev)
+        gs_p = _empty((NVB, BH, SP), f32, dev)
+        tm.mlstm_bwd_dkdv_kernel[(NC * NT, NVB, BH)](
+            qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dden, dh, dcn, dnn, ms,
+            dk_p, dv, xs_p, gs_p,
+            scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
+            BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up,
+        )
+        dq_p = _empty((NVB, BH, S, DQK), f32, dev)
+        ys_p = _empty((NVB, BH, SP), f32, dev)
+        ws_p = _empty((NVB, BH, SP), f32, dev)
+        tm.mlstm_bwd_dq_kernel[(NC * NT, NVB, BH)](
+            qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dden, dh, cs, ns, ms,
+            dq_p, ys_p, ws_p,
+            scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
+            BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up,
+        )
+        dq = dq_p.sum(0)
+        dk = dk_p.sum(0)
+        xs = xs_p.sum(0)
+        ys = ys_p.sum(0)
+        gsum = gs_p.sum(0).view(BH, NC, L).sum(-1)
+        dlw = dlogw.sum((-1, -2))  # (BH, NC)
+        # --- gate gradients with stabilizers fixed
+        dB = ys - xs
+        di = xs.clone()
+        ends = torch.arange(NC, device=dev) * L + (L - 1)
+        dB[:, ends] += gsum + dlw
+        dm0 = ws_p.sum(0).view(BH, NC, L)[:, 0].sum(-1) + dlw[:, 0]
+        # --- the path through every stabilizer max (see the module docstring)
+        dB = dB + dm_pos
+        base = (torch.arange(SP, device=dev) // L * L).expand(BH, SP)
+        key = amax_p >= 0
+        src = torch.where(key, dm_pos, torch.zeros_like(dm_pos))
+        idx = base + amax_p.clamp(min=0).long()
+        dB.scatter_add_(1, idx, -src)
+        di.scatter_add_(1, idx, src)
+        if has_reset:
+            car_bh = carry.repeat_interleave(NH, dim=0) != 0  # (BH, SP)
+            car_end = car_bh[:, ends]
+        else:
+            car_bh = torch.ones(BH, SP, dtype=torch.bool, device=dev)
+            car_end = torch.ones(BH, NC, dtype=torch.bool, device=dev)
+        dm_chunk = torch.where(~key & car_bh, dm_pos, torch.zeros_like(dm_pos))
+        dm_chunk = dm_chunk.view(BH, NC, L).sum(-1)
+        C_last, n_last = cs[:, NC], ns[:, NC]
+        x_last = torch.zeros(BH, device=dev, dtype=f32)
+        if dm_last is not None:
+            x_last = x_last + dm_last.reshape(BH).to(f32)
+        if dC_last is not None:
+            x_last = x_last - (dcl * C_last).sum((-1, -2))
+        if dn_last is not None:
+            x_last = x_last - (dnl * n_last).sum(-1)
+        X = _seg_rev_chain(torch.cat([dm_chunk, x_last[:, None]], 1), (amax_c < 0) & car_end)
+        Xn = X[:, 1:]  # gradient of m at the end of chunk c
+        dB[:, ends] += Xn
+        keyc = amax_c >= 0
+        srcc = torch.where(keyc, Xn, torch.zeros_like(Xn))
+        idxc = (torch.arange(NC, device=dev) * L).expand(BH, NC) + amax_c.clamp(min=0).long()
+        dB.scatter_add_(1, idxc, -srcc)
+        di.scatter_add_(1, idxc, srcc)
+        dm0 = dm0 + X[:, 0]
+        dq = dq.view(B, NH, S, DQK).to(qdtype)
+        dk = dk.view(B, NH, S, DQK).to(qdtype)
+        dv = dv.view(B, NH, S, DV).to(qdtype)
+        dC0 = dn0_ = dm0_ = None
+        if has_init:
+            dC0 = dc0.view(B, NH, DQK, DV).to(sdtypes[0])
+            dn0_ = dn0.view(B, NH, DQK).to(sdtypes[1])
+            dm0_ = dm0.view(B, NH).to(sdtypes[2])
+        return (dq, dk, dv, di.view(B, NH, SP), dB.view(B, NH, SP), None, None, dC0, dn0_, dm0_,
+                None, None)
+
+
+def mlstm_chunkwise_triton(q, k, v, i, f, *, chunk_size, initial_state, reset, eps):
+    """Chunkwise mLSTM on Triton. Shapes as `kernels.mlstm_chunkwise`; returns h (float32,
+    (B, NH, S, DV)) and the last state (C, n, m) in float32."""
+    _check_dtypes({"q": q, "k": k, "v": v, "i": i, "f": f,
+                   **_state_names("initial_state", initial_state, "Cnm")})
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"q, k, v: got dtypes {q.dtype}, {k.dtype}, {v.dtype}; backend='triton' needs one "
+            f"dtype for the three"
+        )
+    _check_device(q)
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    if DQK > MAX_DQK:
+        raise ValueError(f"q: got DQK={DQK}; backend='triton' supports DQK <= {MAX_DQK}")
+    dev = q.device
+    if S == 0:
+        if initial_state is None:
+            state = (torch.zeros(B, NH, DQK, DV, device=dev), torch.zeros(B, NH, DQK, device=dev),
+                     torch.zeros(B, NH, device=dev))
+        else:
+            state = tuple(t.float() for t in initial_state)
+        return v.new_zeros(B, NH, 0, DV, dtype=torch.float32), state
+    L = max(1, min(int(chunk_size), S))
+    NC = triton.cdiv(S, L)
+    ig, bc, seg, carry = _gate_rows(i, f, reset, L, NC)
+    C0 = n0 = m0 = None
+    if initial_state is not None:
+        C0, n0, m0 = initial_state
+    h, C, n, m = _MLSTMChunkFn.apply(q, k, v, ig, bc, seg, carry, C0, n0, m0, L, float(eps))
+    return h, (C, n, m)
+
+
+def mlstm_step_triton(q, k, v, i, f, state, *, eps):
+    raise NotImplementedError
+
+
+def slstm_sequence_triton(x, R, *, initial_state, reset):
+    raise NotImplementedError

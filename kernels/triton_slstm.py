@@ -1,0 +1,1 @@
+"""Raw Triton kernels for the sLSTM sequence (forward and backward)."""
