@@ -47,7 +47,7 @@ class MLSTMLayer(nn.Module):
         self.ogate = nn.Linear(d, cfg.v_dim, bias=bias)
         self.igate = nn.Linear(d, nh, bias=True)
         self.fgate = nn.Linear(d, nh, bias=True)
-        self.outnorm = MultiHeadNorm(nh, cfg.v_dim // nh, eps=cfg.norm_eps)
+        self.outnorm = MultiHeadNorm(nh, cfg.v_dim // nh, eps=cfg.norm_eps, bias=bias)
         self.proj_down = nn.Linear(cfg.v_dim, d, bias=bias)
 
     def reset_parameters(self) -> None:

@@ -44,10 +44,14 @@ class LayerNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, bias={self.bias is not None}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
-        y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
-        y = y * self.weight
-        return y if self.bias is None else y + self.bias
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D), x's dtype
+        return self._affine(F.layer_norm(x.float(), x.shape[-1:], eps=self.eps), x.dtype)
+
+    def _affine(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        y = y * self.weight.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -58,32 +62,35 @@ class LayerNorm(nn.Module):
 class RMSNorm(LayerNorm):
     """x / sqrt(mean(x^2) + eps) * weight, reduced in float32."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D), x's dtype
         xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        y = y * self.weight
-        return y if self.bias is None else y + self.bias
+        return self._affine(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps), x.dtype)
 
 
 class MultiHeadNorm(nn.Module):
     """Per-head LayerNorm (the paper's group norm): each head normalized alone,
     then one weight over all NH * DH features. (B, S, NH, DH) -> (B, S, NH * DH)."""
 
-    def __init__(self, num_heads: int, head_dim: int, eps: float):
+    def __init__(self, num_heads: int, head_dim: int, eps: float, bias: bool = False):
         super().__init__()
         self.eps = eps
         self.num_heads = num_heads
         self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
+        self.bias = nn.Parameter(torch.zeros(num_heads * head_dim)) if bias else None
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.weight.shape[0] // self.num_heads}, eps={self.eps}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
-        return y.flatten(-2) * self.weight
+        y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).flatten(-2) * self.weight.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
 
 # ----------------------------------------------------------------------------- projections

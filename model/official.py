@@ -1,110 +1,169 @@
-"""State-dict adapter from the official NX-AI `xlstm` package to our models.
+"""State-dict adapter between our models and the official NX-AI `xlstm` package.
 
 `from_official_state_dict(cfg, sd)` maps the state dict of the official
 NeurIPS ``xLSTMLMModel`` (cfg: XLSTMConfig) or of ``xLSTMLarge`` with
-``weight_mode="single"`` (cfg: LargeConfig; the format of the released
-NX-AI/xLSTM-7b weights) to a state dict that ``load_state_dict`` of our model
-takes. Only tensors are touched; the official package is not imported.
+``weight_mode="single"`` (cfg: LargeConfig; the layout of the released
+NX-AI/xLSTM-7b weights) to ours; `to_official_state_dict` is the inverse.
+Only tensors are touched; the official package is not imported.
 
-Differences the mapping absorbs:
-- official NeurIPS LayerNorm / group-norm weights are stored as offsets
-  (scale = 1 + w); ours store the scale;
+`mapping(cfg)` lists every pair (our key, their key, theirs->ours, ours->theirs).
+Differences it absorbs:
+- official NeurIPS LayerNorm / group-norm weights are offsets (scale = 1 + w);
+  ours store the scale;
 - the official sLSTM layer feeds its module named ``fgate`` into the input-gate
   slot and ``igate`` into the forget-gate slot (the names are swapped, the
-  math is not): our ``igate`` takes their ``fgate`` and vice versa;
-- official sLSTM recurrent kernel (vanilla layout) is (NH, 4*DH_out, DH_in)
-  and its bias (4, NH, DH) flattened; ours are R: (NH, 4, DH_in, DH_out),
-  bias: (NH, 4, DH);
+  math is not): our ``igate`` is their ``fgate`` and vice versa;
+- official sLSTM recurrent kernel (vanilla layout) (NH, 4*DH_out, DH_in) and
+  bias (4*NH*DH,) in gate-major order; ours R: (NH, 4, DH_in, DH_out) and
+  bias (NH, 4, DH);
 - official conv weight (D, 1, K); ours (D, K).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
 
 import torch
 
 from .config import LargeConfig, ModelConfig, XLSTMConfig
 
 StateDict = dict[str, torch.Tensor]
+Fn = Callable[[torch.Tensor], torch.Tensor]
+Pair = tuple[str, str, Fn, Fn]  # (ours, theirs, theirs -> ours, ours -> theirs)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _plus_one(t: torch.Tensor) -> torch.Tensor:
+    return t + 1.0
+
+
+def _minus_one(t: torch.Tensor) -> torch.Tensor:
+    return t - 1.0
+
+
+def _conv_in(t: torch.Tensor) -> torch.Tensor:
+    return t[:, 0, :]
+
+
+def _conv_out(t: torch.Tensor) -> torch.Tensor:
+    return t[:, None, :]
+
+
+def mapping(cfg: ModelConfig) -> Iterator[Pair]:
+    """Every parameter pair of the architecture of `cfg` (the LM head only when untied)."""
+    if isinstance(cfg, XLSTMConfig):
+        yield from _neurips(cfg)
+    else:
+        yield from _large(cfg)
 
 
 def from_official_state_dict(cfg: ModelConfig, sd: StateDict) -> StateDict:
-    """Official state dict -> ours, for the architecture of `cfg`."""
-    out = _neurips(cfg, sd) if isinstance(cfg, XLSTMConfig) else _large(cfg, sd)
+    """Official state dict -> ours (what our model's ``load_state_dict`` takes)."""
+    out = {ours: to_ours(sd[theirs]) for ours, theirs, to_ours, _ in mapping(cfg) if theirs in sd}
     if cfg.tie_weights:
-        out.pop("lm_head.weight", None)
         out["lm_head.weight"] = out["embedding.weight"]
     return out
 
 
-def _neurips(cfg: XLSTMConfig, sd: StateDict) -> StateDict:
-    out: StateDict = {
-        "embedding.weight": sd["token_embedding.weight"],
-        "lm_head.weight": sd["lm_head.weight"],
-        "out_norm.weight": 1.0 + sd["xlstm_block_stack.post_blocks_norm.weight"],
-    }
+def to_official_state_dict(cfg: ModelConfig, sd: StateDict) -> StateDict:
+    """Our state dict -> the official one."""
+    out = {theirs: to_theirs(sd[ours]) for ours, theirs, _, to_theirs in mapping(cfg) if ours in sd}
+    if cfg.tie_weights:
+        out["lm_head.weight"] = out[_embedding_key(cfg)]
+    return out
+
+
+def _embedding_key(cfg: ModelConfig) -> str:
+    return "token_embedding.weight" if isinstance(cfg, XLSTMConfig) else "embedding.weight"
+
+
+def _neurips(cfg: XLSTMConfig) -> Iterator[Pair]:
+    nh = cfg.slstm.num_heads
+    dh = cfg.embedding_dim // nh
+
+    def r_in(t):  # (NH, 4*DH_out, DH_in) -> (NH, 4, DH_in, DH_out)
+        return t.reshape(nh, 4, dh, dh).transpose(-1, -2).contiguous()
+
+    def r_out(t):
+        return t.transpose(-1, -2).reshape(nh, 4 * dh, dh).contiguous()
+
+    def b_in(t):  # (4*NH*DH,) gate-major -> (NH, 4, DH)
+        return t.reshape(4, nh, dh).transpose(0, 1).contiguous()
+
+    def b_out(t):
+        return t.transpose(0, 1).reshape(-1).contiguous()
+
+    yield "embedding.weight", "token_embedding.weight", _same, _same
+    if not cfg.tie_weights:
+        yield "lm_head.weight", "lm_head.weight", _same, _same
+    yield "out_norm.weight", "xlstm_block_stack.post_blocks_norm.weight", _plus_one, _minus_one
     for j, kind in enumerate(cfg.block_types):
         src, dst = f"xlstm_block_stack.blocks.{j}.", f"blocks.{j}."
-        out[dst + "norm.weight"] = 1.0 + sd[src + "xlstm_norm.weight"]
+        yield dst + "norm.weight", src + "xlstm_norm.weight", _plus_one, _minus_one
         if kind == "m":
             s, d = src + "xlstm.", dst + "mlstm."
             for name in ("proj_up", "q_proj", "k_proj", "v_proj", "proj_down"):
-                out[d + f"{name}.weight"] = sd[s + f"{name}.weight"]
-                if s + f"{name}.bias" in sd:
-                    out[d + f"{name}.bias"] = sd[s + f"{name}.bias"]
-            out[d + "conv.weight"] = sd[s + "conv1d.conv.weight"][:, 0, :]
-            out[d + "conv.bias"] = sd[s + "conv1d.conv.bias"]
+                yield d + f"{name}.weight", s + f"{name}.weight", _same, _same
+                if cfg.bias:
+                    yield d + f"{name}.bias", s + f"{name}.bias", _same, _same
+            yield d + "conv.weight", s + "conv1d.conv.weight", _conv_in, _conv_out
+            yield d + "conv.bias", s + "conv1d.conv.bias", _same, _same
             for gate in ("igate", "fgate"):
-                out[d + f"{gate}.weight"] = sd[s + f"mlstm_cell.{gate}.weight"]
-                out[d + f"{gate}.bias"] = sd[s + f"mlstm_cell.{gate}.bias"]
-            out[d + "outnorm.weight"] = 1.0 + sd[s + "mlstm_cell.outnorm.weight"]
-            out[d + "skip"] = sd[s + "learnable_skip"]
+                yield d + f"{gate}.weight", s + f"mlstm_cell.{gate}.weight", _same, _same
+                yield d + f"{gate}.bias", s + f"mlstm_cell.{gate}.bias", _same, _same
+            yield d + "outnorm.weight", s + "mlstm_cell.outnorm.weight", _plus_one, _minus_one
+            yield d + "skip", s + "learnable_skip", _same, _same
         else:
             s, d = src + "xlstm.", dst + "slstm."
-            nh = cfg.slstm.num_heads
-            dh = cfg.embedding_dim // nh
-            out[d + "conv.weight"] = sd[s + "conv1d.conv.weight"][:, 0, :]
-            out[d + "conv.bias"] = sd[s + "conv1d.conv.bias"]
-            out[d + "igate.weight"] = sd[s + "fgate.weight"]  # swapped names, see module doc
-            out[d + "fgate.weight"] = sd[s + "igate.weight"]
-            out[d + "zgate.weight"] = sd[s + "zgate.weight"]
-            out[d + "ogate.weight"] = sd[s + "ogate.weight"]
-            rec = sd[s + "slstm_cell._recurrent_kernel_"].reshape(nh, 4, dh, dh)  # [h, g, out, in]
-            out[d + "R"] = rec.transpose(-1, -2).contiguous()  # [h, g, in, out]
-            out[d + "bias"] = sd[s + "slstm_cell._bias_"].reshape(4, nh, dh).transpose(0, 1).contiguous()
-            out[d + "outnorm.weight"] = 1.0 + sd[s + "group_norm.weight"]
-            out[dst + "ffn_norm.weight"] = 1.0 + sd[src + "ffn_norm.weight"]
-            out[dst + "ffn.proj_up.weight"] = sd[src + "ffn.proj_up.weight"]
-            out[dst + "ffn.proj_down.weight"] = sd[src + "ffn.proj_down.weight"]
-    return out
+            yield d + "conv.weight", s + "conv1d.conv.weight", _conv_in, _conv_out
+            yield d + "conv.bias", s + "conv1d.conv.bias", _same, _same
+            yield d + "igate.weight", s + "fgate.weight", _same, _same  # swapped names, see above
+            yield d + "fgate.weight", s + "igate.weight", _same, _same
+            yield d + "zgate.weight", s + "zgate.weight", _same, _same
+            yield d + "ogate.weight", s + "ogate.weight", _same, _same
+            yield d + "R", s + "slstm_cell._recurrent_kernel_", r_in, r_out
+            yield d + "bias", s + "slstm_cell._bias_", b_in, b_out
+            yield d + "outnorm.weight", s + "group_norm.weight", _plus_one, _minus_one
+            yield dst + "ffn_norm.weight", src + "ffn_norm.weight", _plus_one, _minus_one
+            for name in ("proj_up", "proj_down"):
+                yield dst + f"ffn.{name}.weight", src + f"ffn.{name}.weight", _same, _same
+                if cfg.bias:
+                    yield dst + f"ffn.{name}.bias", src + f"ffn.{name}.bias", _same, _same
 
 
-def _large(cfg: LargeConfig, sd: StateDict) -> StateDict:
-    out: StateDict = {
-        "embedding.weight": sd["embedding.weight"],
-        "lm_head.weight": sd["lm_head.weight"],
-        "out_norm.weight": sd["backbone.out_norm.weight"],
+def _large(cfg: LargeConfig) -> Iterator[Pair]:
+    yield "embedding.weight", "embedding.weight", _same, _same
+    if not cfg.tie_weights:
+        yield "lm_head.weight", "lm_head.weight", _same, _same
+    norms = {"mlstm_norm": "norm_mlstm", "ffn_norm": "norm_ffn"}
+    linears = {  # ours -> theirs inside a block: (name, has a bias)
+        "mlstm.q": ("mlstm_layer.q", cfg.use_bias),
+        "mlstm.k": ("mlstm_layer.k", cfg.use_bias),
+        "mlstm.v": ("mlstm_layer.v", cfg.use_bias),
+        "mlstm.ogate": ("mlstm_layer.ogate_preact", cfg.use_bias),
+        "mlstm.igate": ("mlstm_layer.igate_preact", True),
+        "mlstm.fgate": ("mlstm_layer.fgate_preact", True),
+        "mlstm.proj_down": ("mlstm_layer.out_proj", cfg.use_bias),
+        "ffn.gate": ("ffn.proj_up_gate", cfg.use_bias),
+        "ffn.up": ("ffn.proj_up", cfg.use_bias),
+        "ffn.down": ("ffn.proj_down", cfg.use_bias),
     }
-    names = {  # ours -> theirs, inside one block
-        "mlstm_norm": "norm_mlstm",
-        "mlstm.q": "mlstm_layer.q",
-        "mlstm.k": "mlstm_layer.k",
-        "mlstm.v": "mlstm_layer.v",
-        "mlstm.ogate": "mlstm_layer.ogate_preact",
-        "mlstm.igate": "mlstm_layer.igate_preact",
-        "mlstm.fgate": "mlstm_layer.fgate_preact",
-        "mlstm.outnorm": "mlstm_layer.multihead_norm",
-        "mlstm.proj_down": "mlstm_layer.out_proj",
-        "ffn_norm": "norm_ffn",
-        "ffn.gate": "ffn.proj_up_gate",
-        "ffn.up": "ffn.proj_up",
-        "ffn.down": "ffn.proj_down",
-    }
+    yield "out_norm.weight", "backbone.out_norm.weight", _same, _same
     if cfg.use_bias:
-        out["out_norm.bias"] = sd["backbone.out_norm.bias"]
+        yield "out_norm.bias", "backbone.out_norm.bias", _same, _same
     for j in range(cfg.num_blocks):
-        for ours, theirs in names.items():
-            for suffix in ("weight", "bias"):
-                key = f"backbone.blocks.{j}.{theirs}.{suffix}"
-                if key in sd:
-                    out[f"blocks.{j}.{ours}.{suffix}"] = sd[key]
-    return out
+        src, dst = f"backbone.blocks.{j}.", f"blocks.{j}."
+        for ours, theirs in norms.items():
+            yield dst + f"{ours}.weight", src + f"{theirs}.weight", _same, _same
+            if cfg.use_bias:
+                yield dst + f"{ours}.bias", src + f"{theirs}.bias", _same, _same
+        yield dst + "mlstm.outnorm.weight", src + "mlstm_layer.multihead_norm.weight", _same, _same
+        if cfg.use_bias:
+            yield dst + "mlstm.outnorm.bias", src + "mlstm_layer.multihead_norm.bias", _same, _same
+        for ours, (theirs, has_bias) in linears.items():
+            yield dst + f"{ours}.weight", src + f"{theirs}.weight", _same, _same
+            if has_bias:
+                yield dst + f"{ours}.bias", src + f"{theirs}.bias", _same, _same

@@ -8,7 +8,7 @@ import torch
 
 from model import LargeConfig, XLSTMConfig, build_model
 from model.config import MLSTMBlockConfig, SLSTMBlockConfig
-from model.official import from_official_state_dict
+from model.official import from_official_state_dict, to_official_state_dict
 
 xlstm = pytest.importorskip("xlstm")
 
@@ -38,6 +38,7 @@ def official_neurips(cfg: XLSTMConfig):
         context_length=cfg.context_length,
         slstm_at=list(cfg.slstm_at),
         tie_weights=cfg.tie_weights,
+        bias=cfg.bias,
         mlstm_block=mLSTMBlockConfig(
             mlstm=mLSTMLayerConfig(
                 conv1d_kernel_size=m.conv_kernel_size,
@@ -54,7 +55,9 @@ def official_neurips(cfg: XLSTMConfig):
                 bias_init="powerlaw_blockdependent",
                 dtype="float32",
             ),
-            feedforward=FeedForwardConfig(proj_factor=s.ffn_proj_factor, act_fn=s.ffn_act),
+            feedforward=FeedForwardConfig(
+                proj_factor=s.ffn_proj_factor, act_fn=s.ffn_act, bias=cfg.bias
+            ),
         ),
     )
     model = xLSTMLMModel(ocfg)
@@ -83,10 +86,10 @@ NEURIPS = XLSTMConfig(
 )
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_neurips_logits_match_official(tie: bool):
+@pytest.mark.parametrize("tie, bias", [(False, False), (True, False), (False, True)])
+def test_neurips_logits_match_official(tie: bool, bias: bool):
     torch.manual_seed(0)
-    cfg = XLSTMConfig(**{**NEURIPS.__dict__, "tie_weights": tie})
+    cfg = XLSTMConfig(**{**NEURIPS.__dict__, "tie_weights": tie, "bias": bias})
     ref = official_neurips(cfg).eval()
     randomize_(ref, torch.Generator().manual_seed(1))
     ours = build_model(cfg).eval()
@@ -97,6 +100,17 @@ def test_neurips_logits_match_official(tie: bool):
         got = ours(idx)
     assert got.shape == want.shape == (2, 27, cfg.vocab_size)
     assert rel_err(got, want) < 1e-5
+    assert_round_trip(cfg, ours, official_neurips(cfg).eval(), idx, want)
+
+
+def assert_round_trip(cfg, ours, fresh_official, idx, want):
+    """to_official_state_dict is the inverse: our weights load (strict) into a
+    fresh official model, which then gives the same logits."""
+    fresh_official.load_state_dict(to_official_state_dict(cfg, ours.state_dict()), strict=True)
+    with torch.no_grad():
+        again = fresh_official(idx)
+    again = again[0] if isinstance(again, tuple) else again
+    assert rel_err(again, want) < 1e-6
 
 
 def test_neurips_official_step_matches_our_step():
@@ -157,9 +171,10 @@ def official_large(cfg: LargeConfig):
     return xLSTMLarge(ocfg)
 
 
-def test_large_logits_match_official():
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_large_logits_match_official(use_bias: bool):
     torch.manual_seed(0)
-    cfg = LARGE
+    cfg = LargeConfig(**{**LARGE.__dict__, "use_bias": use_bias})
     ref = official_large(cfg).eval()
     randomize_(ref, torch.Generator().manual_seed(5))
     ours = build_model(cfg).eval()
@@ -170,3 +185,4 @@ def test_large_logits_match_official():
         got = ours(idx)
     assert got.shape == want.shape == (2, 48, cfg.vocab_size)
     assert rel_err(got, want) < 1e-5
+    assert_round_trip(cfg, ours, official_large(cfg).eval(), idx, want)
