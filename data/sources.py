@@ -1,0 +1,186 @@
+"""Shard sources: expand a source spec into shard URLs, and open one shard as a byte stream.
+
+A spec is one string:
+- a local folder (its `manifest.json` lists the shards, else every `*.tar`),
+  a `manifest.json` path, a glob, or a path with brace ranges
+  (`shards/shard-{000000..000099}.tar`, `{a,b}` lists too);
+- an `http://` / `https://` URL, brace-expanded, or ending in `.json` to name
+  a manifest whose shards lie beside it;
+- `pipe:COMMAND`, brace-expanded into one command per shard
+  (`pipe:aws s3 cp s3://b/shard-{0000..0099}.tar -`); the command's stdout is the shard.
+
+Opening retries with exponential backoff (`retries` times), then raises
+`SourceError` naming the URL. A pipe command that exits non-zero fails the
+shard with its exit status.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from .tarshard import ShardError
+
+_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
+
+
+class SourceError(RuntimeError):
+    """A shard could not be opened after all retries."""
+
+
+def brace_expand(s: str) -> list[str]:
+    """Expand `{000..012}` numeric ranges (zero-padded to the width written) and `{a,b}` lists."""
+    m = _RANGE.search(s)
+    if m:
+        lo, hi = m.group(1), m.group(2)
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        out = []
+        for i in range(int(lo), int(hi) + step, step):
+            out.extend(brace_expand(s[:m.start()] + str(i).zfill(width) + s[m.end():]))
+        return out
+    m = _LIST.search(s)
+    if m:
+        out = []
+        for part in m.group(1).split(","):
+            out.extend(brace_expand(s[:m.start()] + part + s[m.end():]))
+        return out
+    return [s]
+
+
+def _is_url(s: str) -> bool:
+    return s.startswith(("http://", "https://"))
+
+
+@dataclass
+class Shards:
+    """The expanded shard list of one source, with what its manifest says (if any)."""
+
+    urls: list[str]
+    sha256: dict[str, str] = field(default_factory=dict)  # url -> digest from the manifest
+    vocab_size: int | None = None
+    manifest: str | None = None
+
+
+def _fetch(url: str, retries: int, backoff: float, timeout: float) -> bytes:
+    f = open_shard(url, retries=retries, backoff=backoff, timeout=timeout)
+    try:
+        return f.read()
+    finally:
+        f.close()
+
+
+def _from_manifest(path_or_url: str, text: bytes, val: bool = False) -> Shards:
+    m = json.loads(text)
+    part = m.get("val", {}) if val else m
+    base = path_or_url.rsplit("/", 1)[0] if "/" in path_or_url else "."
+    folder = part.get("folder") if val else None
+    if folder:
+        base = f"{base}/{folder}"
+    urls, sha = [], {}
+    for e in part.get("shards", []):
+        u = f"{base}/{e['name']}"
+        urls.append(u)
+        sha[u] = e["sha256"]
+    vocab = m.get("tokenizer", {}).get("vocab_size")
+    return Shards(urls, sha, vocab, path_or_url)
+
+
+def expand_source(spec: str, *, retries: int = 3, backoff: float = 0.5,
+                  timeout: float = 30.0) -> Shards:
+    """Expand one spec string into its shard list (see module doc). Raises when it is empty."""
+    val = False
+    if spec.endswith("#val"):  # the validation shards of a manifest or prepared folder
+        spec, val = spec[:-4], True
+    if spec.startswith("file://"):
+        spec = spec[7:]
+    if spec.startswith("pipe:"):
+        out = Shards(brace_expand(spec))
+    elif _is_url(spec):
+        if spec.endswith(".json"):
+            out = _from_manifest(spec, _fetch(spec, retries, backoff, timeout), val)
+        else:
+            out = Shards(brace_expand(spec))
+    elif os.path.isdir(spec) or spec.endswith(".json"):
+        mpath = spec if spec.endswith(".json") else os.path.join(spec, "manifest.json")
+        if os.path.exists(mpath):
+            with open(mpath, "rb") as f:
+                out = _from_manifest(mpath, f.read(), val)
+        else:
+            out = Shards(sorted(glob.glob(os.path.join(spec, "*.tar"))))
+    else:
+        paths: list[str] = []
+        for p in brace_expand(spec):
+            paths.extend(sorted(glob.glob(p)) if glob.has_magic(p) else [p])
+        out = Shards(paths)
+        # shards written by data.prepare: take digests and vocab from the manifest beside them
+        folders = {os.path.dirname(p) or "." for p in paths}
+        if len(folders) == 1:
+            mpath = os.path.join(folders.pop(), "manifest.json")
+            if os.path.exists(mpath):
+                with open(mpath, "rb") as f:
+                    m = _from_manifest(mpath, f.read())
+                by_name = {os.path.basename(u): d for u, d in m.sha256.items()}
+                out.sha256 = {p: by_name[os.path.basename(p)] for p in paths
+                              if os.path.basename(p) in by_name}
+                out.vocab_size, out.manifest = m.vocab_size, mpath
+    if not out.urls:
+        raise SourceError(f"source {spec!r} names no shards")
+    return out
+
+
+class _PipeStream:
+    def __init__(self, cmd: str):
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL)
+        self.offset = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.proc.stdout.read(n)
+        self.offset += len(data)
+        if not data or (n is not None and n >= 0 and len(data) < n):
+            # at the end: a failing command must not look like a clean, short shard
+            rc = self.proc.wait()
+            if rc != 0:
+                raise ShardError(f"pipe:{self.cmd}", self.offset,
+                                 f"pipe command exited with status {rc}")
+        return data
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.stdout.close()
+        self.proc.wait()
+
+
+def open_shard(url: str, *, retries: int = 3, backoff: float = 0.5, timeout: float = 30.0,
+               on_retry=None):
+    """Open a shard for sequential reading: an object with `.read(n)` and `.close()`."""
+    if url.startswith("pipe:"):
+        return _PipeStream(url[5:])
+    delay = backoff
+    last: Exception | None = None
+    for attempt in range(retries + 1):
+        try:
+            if _is_url(url):
+                return urllib.request.urlopen(url, timeout=timeout)
+            return open(url.removeprefix("file://"), "rb")
+        except (urllib.error.URLError, OSError, ConnectionError) as e:
+            last = e
+            if isinstance(e, FileNotFoundError) and not _is_url(url):
+                break  # a missing local file does not come back
+            if attempt < retries:
+                if on_retry is not None:
+                    on_retry(url, e)
+                time.sleep(delay)
+                delay *= 2
+    raise SourceError(f"cannot open {url} after {retries + 1} attempts: {last}")
