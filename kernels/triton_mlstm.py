@@ -488,3 +488,114 @@ def mlstm_bwd_dq_kernel(
              mask=valid_t[:, None] & md[None, :])
     tl.store(ys_ptr + row * SP + pos_t, ys, mask=inl_t)
     tl.store(ws_ptr + row * SP + pos_t, wsum, mask=inl_t)
+
+
+# ----------------------------------------------------------------------------------------
+# one generation step (fused: state update and output in one kernel)
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def mlstm_step_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, ig_ptr, lf_ptr, c_ptr, n_ptr, m_ptr,
+    h_ptr, co_ptr, no_ptr, mo_ptr, den_ptr,
+    scale, eps, DQK, DV,
+    BD: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
+):
+    """One token for one (batch, head) and one DV block: C, n, m updated and h produced.
+    Grid (BH, cdiv(DV, BV)). co/no/mo are fresh buffers (n is read by every DV block)."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1)
+    offs_d = tl.arange(0, BD)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    md = offs_d < DQK
+    mv = offs_v < DV
+    mdv = md[:, None] & mv[None, :]
+    dv_off = offs_d[:, None] * DV + offs_v[None, :]
+    q = tl.load(q_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + pid_bh * DV + offs_v, mask=mv, other=0.0).to(tl.float32)
+    ig = tl.load(ig_ptr + pid_bh)
+    lf = tl.load(lf_ptr + pid_bh)
+    if HAS_STATE:
+        C = tl.load(c_ptr + pid_bh * DQK * DV + dv_off, mask=mdv, other=0.0)
+        n = tl.load(n_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0)
+        m = tl.load(m_ptr + pid_bh)
+    else:
+        C = tl.zeros((BD, BV), dtype=tl.float32)
+        n = tl.zeros((BD,), dtype=tl.float32)
+        m = lf * 0.0
+    m_new = tl.maximum(lf + m, ig)
+    fg = tl.exp(lf + m - m_new)
+    ip = tl.exp(ig - m_new)
+    C = fg * C + ip * (k[:, None] * v[None, :])
+    n = fg * n + ip * k
+    num = tl.sum(q[:, None] * C, 0) * scale
+    den = tl.sum(q * n, 0) * scale
+    h = num / (tl.maximum(tl.abs(den), tl.exp(-m_new)) + eps)
+    tl.store(h_ptr + pid_bh * DV + offs_v, h, mask=mv)
+    tl.store(co_ptr + pid_bh * DQK * DV + dv_off, C, mask=mdv)
+    tl.store(no_ptr + pid_bh * DQK + offs_d, n, mask=md & (offs_d * 0 + pid_v == 0))
+    if pid_v == 0:
+        tl.store(mo_ptr + pid_bh, m_new)
+        tl.store(den_ptr + pid_bh, den)
+
+
+@triton.jit
+def mlstm_step_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, ig_ptr, lf_ptr, c_ptr, n_ptr, m_ptr, mo_ptr, nrm_ptr, dden_ptr,
+    dh_ptr, dco_ptr, dno_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dc_ptr, dn_ptr, sc_ptr,
+    scale, DQK, DV, BH,
+    BD: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
+):
+    """Backward of one step with the new stabilizer held fixed (the wrapper routes its
+    own path). dq, dk and the two gate scalars (d log f', d log i') are partial over DV
+    blocks: (NVB, BH, ...). Grid (BH, cdiv(DV, BV))."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1)
+    offs_d = tl.arange(0, BD)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    md = offs_d < DQK
+    mv = offs_v < DV
+    mdv = md[:, None] & mv[None, :]
+    dv_off = offs_d[:, None] * DV + offs_v[None, :]
+    first = offs_d * 0 + pid_v == 0
+    q = tl.load(q_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + pid_bh * DV + offs_v, mask=mv, other=0.0).to(tl.float32)
+    ig = tl.load(ig_ptr + pid_bh)
+    lf = tl.load(lf_ptr + pid_bh)
+    if HAS_STATE:
+        C = tl.load(c_ptr + pid_bh * DQK * DV + dv_off, mask=mdv, other=0.0)
+        n = tl.load(n_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0)
+        m = tl.load(m_ptr + pid_bh)
+    else:
+        C = tl.zeros((BD, BV), dtype=tl.float32)
+        n = tl.zeros((BD,), dtype=tl.float32)
+        m = lf * 0.0
+    m_new = tl.load(mo_ptr + pid_bh)
+    fg = tl.exp(lf + m - m_new)
+    ip = tl.exp(ig - m_new)
+    C1 = fg * C + ip * (k[:, None] * v[None, :])
+    n1 = fg * n + ip * k
+    nrm = tl.load(nrm_ptr + pid_bh)
+    dd = tl.where(first, tl.load(dden_ptr + pid_bh), 0.0)  # (BD,), only in block 0
+    dnum = tl.load(dh_ptr + pid_bh * DV + offs_v, mask=mv, other=0.0) / nrm
+    dC1 = tl.load(dco_ptr + pid_bh * DQK * DV + dv_off, mask=mdv, other=0.0)
+    dC1 += scale * q[:, None] * dnum[None, :]
+    dn1 = tl.load(dno_ptr + pid_bh * DQK + offs_d, mask=md & first, other=0.0)
+    dn1 += scale * dd * q
+    dq = scale * (tl.sum(C1 * dnum[None, :], 1) + dd * n1)
+    dk = ip * (tl.sum(dC1 * v[None, :], 1) + dn1)
+    dv = ip * tl.sum(dC1 * k[:, None], 0)
+    dlf = fg * (tl.sum(tl.sum(dC1 * C, 1), 0) + tl.sum(dn1 * n, 0))
+    dli = ip * (tl.sum(tl.sum(dC1 * k[:, None] * v[None, :], 1), 0) + tl.sum(dn1 * k, 0))
+    row = pid_v.to(tl.int64) * BH + pid_bh
+    tl.store(dq_ptr + row * DQK + offs_d, dq, mask=md)
+    tl.store(dk_ptr + row * DQK + offs_d, dk, mask=md)
+    tl.store(dv_ptr + pid_bh * DV + offs_v, dv, mask=mv)
+    tl.store(dc_ptr + pid_bh * DQK * DV + dv_off, fg * dC1, mask=mdv)
+    tl.store(dn_ptr + pid_bh * DQK + offs_d, fg * dn1, mask=md & first)
+    tl.store(sc_ptr + row * 2, dlf)
+    tl.store(sc_ptr + row * 2 + 1, dli)

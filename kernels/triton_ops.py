@@ -343,8 +343,115 @@ def mlstm_chunkwise_triton(q, k, v, i, f, *, chunk_size, initial_state, reset, e
     return h, (C, n, m)
 
 
+# ========================================================================================
+# mLSTM step
+# ========================================================================================
+
+
+class _MLSTMStepFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ig, lf, C, n, m, eps):
+        B, NH, DQK = q.shape
+        DV = v.shape[-1]
+        BH = B * NH
+        dev = q.device
+        f32 = torch.float32
+        BD = _pow2(DQK)
+        BV = min(BLOCK_V_MAX, _pow2(DV))
+        NVB = triton.cdiv(DV, BV)
+        has_state = C is not None
+        qc, kc = q.reshape(BH, DQK).contiguous(), k.reshape(BH, DQK).contiguous()
+        vc = v.reshape(BH, DV).contiguous()
+        igc, lfc = ig.reshape(BH).contiguous(), lf.reshape(BH).contiguous()
+        if has_state:
+            Cc = C.reshape(BH, DQK, DV).to(f32).contiguous()
+            nc = n.reshape(BH, DQK).to(f32).contiguous()
+            mc = m.reshape(BH).to(f32).contiguous()
+        else:
+            Cc = nc = mc = igc
+        h = _empty((BH, DV), f32, dev)
+        co = _empty((BH, DQK, DV), f32, dev)
+        no = _empty((BH, DQK), f32, dev)
+        mo = _empty((BH,), f32, dev)
+        den = _empty((BH,), f32, dev)
+        tm.mlstm_step_fwd_kernel[(BH, NVB)](
+            qc, kc, vc, igc, lfc, Cc, nc, mc, h, co, no, mo, den,
+            DQK**-0.5, eps, DQK, DV, BD=BD, BV=BV, HAS_STATE=has_state,
+        )
+        ctx.save_for_backward(qc, kc, vc, igc, lfc, Cc, nc, mc, h, co, no, mo, den)
+        ctx.meta = (B, NH, DQK, DV, BD, BV, NVB, eps, has_state, q.dtype, k.dtype, v.dtype,
+                    None if C is None else (C.dtype, n.dtype, m.dtype))
+        return (h.view(B, NH, DV), co.view(B, NH, DQK, DV), no.view(B, NH, DQK),
+                mo.view(B, NH))
+
+    @staticmethod
+    def backward(ctx, dh, dC1, dn1, dm1):
+        qc, kc, vc, igc, lfc, Cc, nc, mc, h, co, no, mo, den = ctx.saved_tensors
+        B, NH, DQK, DV, BD, BV, NVB, eps, has_state, qdt, kdt, vdt, sdt = ctx.meta
+        BH = B * NH
+        dev = qc.device
+        f32 = torch.float32
+        dh = torch.zeros(BH, DV, device=dev) if dh is None else dh.reshape(BH, DV).to(f32)
+        dh = dh.contiguous()
+        dco = torch.zeros(BH, DQK, DV, device=dev) if dC1 is None else dC1.reshape(BH, DQK, DV)
+        dno = torch.zeros(BH, DQK, device=dev) if dn1 is None else dn1.reshape(BH, DQK)
+        dco, dno = dco.to(f32).contiguous(), dno.to(f32).contiguous()
+        rowdot = (dh * h).sum(-1)
+        emin = torch.exp(-mo)
+        nrm = torch.maximum(den.abs(), emin) + eps
+        dden = (-rowdot / nrm) * torch.sign(den) * (den.abs() > emin).to(f32)
+        dq_p = _empty((NVB, BH, DQK), f32, dev)
+        dk_p = _empty((NVB, BH, DQK), f32, dev)
+        dv = _empty((BH, DV), f32, dev)
+        dC = _empty((BH, DQK, DV), f32, dev)
+        dn = _empty((BH, DQK), f32, dev)
+        sc = _empty((NVB, BH, 2), f32, dev)
+        tm.mlstm_step_bwd_kernel[(BH, NVB)](
+            qc, kc, vc, igc, lfc, Cc, nc, mc, mo, nrm.contiguous(), dden.contiguous(),
+            dh, dco, dno, dq_p, dk_p, dv, dC, dn, sc,
+            DQK**-0.5, DQK, DV, BH, BD=BD, BV=BV, HAS_STATE=has_state,
+        )
+        sc = sc.sum(0)
+        dlf, di = sc[:, 0].clone(), sc[:, 1].clone()
+        m_old = mc if has_state else torch.zeros_like(mo)
+        dm = dlf.clone()  # f' = exp(log f + m - m_new): d m_old = d log f
+        # the path through m_new = max(log f + m, i)
+        x = -eps * rowdot / nrm
+        if dm1 is not None:
+            x = x + dm1.reshape(BH).to(f32)
+        if dC1 is not None:
+            x = x - (dco * co).sum((-1, -2))
+        if dn1 is not None:
+            x = x - (dno * no).sum(-1)
+        carried = lfc + m_old >= igc
+        dlf = dlf + torch.where(carried, x, torch.zeros_like(x))
+        dm = dm + torch.where(carried, x, torch.zeros_like(x))
+        di = di + torch.where(carried, torch.zeros_like(x), x)
+        dq = dq_p.sum(0).view(B, NH, DQK).to(qdt)
+        dk = dk_p.sum(0).view(B, NH, DQK).to(kdt)
+        dv = dv.view(B, NH, DV).to(vdt)
+        dCs = dns = dms = None
+        if has_state:
+            dCs = dC.view(B, NH, DQK, DV).to(sdt[0])
+            dns = dn.view(B, NH, DQK).to(sdt[1])
+            dms = dm.view(B, NH).to(sdt[2])
+        return dq, dk, dv, di.view(B, NH), dlf.view(B, NH), dCs, dns, dms, None
+
+
 def mlstm_step_triton(q, k, v, i, f, state, *, eps):
-    raise NotImplementedError
+    """One fused mLSTM step on Triton. Shapes as `kernels.mlstm_step`; returns h (float32,
+    (B, NH, DV)) and the new state (C, n, m) in fresh float32 tensors."""
+    _check_dtypes({"q": q, "k": k, "v": v, "i": i, "f": f, **_state_names("state", state, "Cnm")})
+    _check_device(q)
+    DQK = q.shape[-1]
+    if DQK > MAX_DQK:
+        raise ValueError(f"q: got DQK={DQK}; backend='triton' supports DQK <= {MAX_DQK}")
+    C = n = m = None
+    if state is not None:
+        C, n, m = state
+    lf = F.logsigmoid(f.float())
+    h, C1, n1, m1 = _MLSTMStepFn.apply(q, k, v, i.float(), lf, C, n, m, float(eps))
+    return h, (C1, n1, m1)
 
 
 def slstm_sequence_triton(x, R, *, initial_state, reset):
