@@ -79,7 +79,6 @@ class MLSTMLayer(nn.Module):
         self, x: torch.Tensor, state: BlockState | None, reset: torch.Tensor | None, step: bool
     ) -> tuple[torch.Tensor, BlockState]:
         """x: (B, S, d) -> (B, S, d); step=True: S == 1 and one mlstm_step."""
-        B, S, _ = x.shape
         conv_state, cell_state = (None, None) if state is None else state
         u, z = self.proj_up(x).chunk(2, dim=-1)  # (B, S, e) each
         c, conv_state = self.conv(u, conv_state, reset)

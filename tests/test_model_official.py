@@ -11,6 +11,8 @@ from model.config import MLSTMBlockConfig, SLSTMBlockConfig
 from model.official import from_official_state_dict, to_official_state_dict
 
 xlstm = pytest.importorskip("xlstm")
+# the official package warns about torch.jit.script_method on import
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
