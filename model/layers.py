@@ -157,11 +157,14 @@ class CausalConv1d(nn.Module):
             y = F.conv1d(xs.transpose(1, 2), self.weight[:, None, :], self.bias, groups=D)
             y = y.transpose(1, 2)
         else:
-            # segment id per position (buffer = segment 0); tap j of token t only
-            # counts when position t+j lies in the same document as token t
-            seg = torch.cat([reset.new_zeros(B, K - 1, dtype=torch.long), reset.long().cumsum(1)], 1)
-            win_x = xs.unfold(1, K, 1)  # (B, S, D, K)
-            win_seg = seg.unfold(1, K, 1)  # (B, S, K)
-            same = (win_seg == win_seg[..., -1:]).to(x.dtype)
-            y = (win_x * same[:, :, None, :] * self.weight).sum(-1) + self.bias
+            # tap k looks back K-1-k tokens; it only counts when token t is at
+            # least that far from the start of its document. (Written as a sum
+            # of taps so that autograd keeps only views of xs and the masks.)
+            pos = torch.arange(S, device=x.device)
+            start = torch.where(reset, pos, torch.full_like(pos, -K)).cummax(dim=1).values
+            dist = pos - start  # (B, S), >= K when no document starts in this call
+            y = self.bias.expand(B, S, D)
+            for k in range(K):
+                keep = (dist >= K - 1 - k).to(x.dtype)[..., None]  # (B, S, 1)
+                y = y + (xs[:, k : k + S] * self.weight[:, k]) * keep
         return y, xs[:, S:]

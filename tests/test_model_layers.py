@@ -1,0 +1,67 @@
+"""Building blocks against plain PyTorch equivalents."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.layers import CausalConv1d, HeadwiseLinear, MultiHeadNorm, RMSNorm
+
+
+def conv(dim: int = 6, k: int = 4) -> CausalConv1d:
+    torch.manual_seed(0)
+    c = CausalConv1d(dim, k)
+    c.reset_parameters()
+    return c
+
+
+def test_conv_matches_padded_conv1d_and_buffer_continues_it():
+    c, x = conv(), torch.randn(2, 11, 6)
+    want = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), c.weight[:, None], c.bias, groups=6).transpose(1, 2)
+    y, _ = c(x)
+    torch.testing.assert_close(y, want)
+    y1, buf = c(x[:, :5])
+    y2, _ = c(x[:, 5:], buf)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), want)
+    assert buf.shape == (2, 3, 6)
+
+
+def test_conv_reset_path_equals_separate_documents():
+    c, x = conv(), torch.randn(2, 12, 6)
+    none = torch.zeros(2, 12, dtype=torch.bool)
+    torch.testing.assert_close(c(x, reset=none)[0], c(x)[0])  # the tap-sum form alone
+    reset = none.clone()
+    reset[0, [0, 2, 9]] = True
+    reset[1, 5] = True
+    y, _ = c(x, reset=reset)
+    for b, starts in ((0, [0, 2, 9, 12]), (1, [0, 5, 12])):
+        for lo, hi in zip(starts[:-1], starts[1:]):
+            torch.testing.assert_close(y[b, lo:hi], c(x[b : b + 1, lo:hi])[0][0])
+    # a reset at token 0 also cuts the carried buffer
+    _, buf = c(torch.randn(2, 4, 6))
+    first = none.clone()
+    first[:, 0] = True
+    torch.testing.assert_close(c(x, buf, reset=first)[0], c(x)[0])
+
+
+def test_headwise_linear_is_block_diagonal():
+    torch.manual_seed(0)
+    lin = HeadwiseLinear(12, 3, bias=True)
+    torch.nn.init.normal_(lin.weight)
+    torch.nn.init.normal_(lin.bias)
+    x = torch.randn(2, 5, 12)
+    dense = torch.block_diag(*lin.weight)  # (out, in)
+    torch.testing.assert_close(lin(x), x @ dense.T + lin.bias)
+
+
+def test_multihead_norm_is_group_norm_and_rmsnorm():
+    torch.manual_seed(0)
+    norm = MultiHeadNorm(4, 8, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 7, 4, 8)
+    want = F.group_norm(x.reshape(21, 32), 4, norm.weight, eps=1e-5).reshape(3, 7, 32)
+    torch.testing.assert_close(norm(x), want)
+    rms = RMSNorm(8, eps=1e-6)
+    y = torch.randn(5, 8)
+    torch.testing.assert_close(rms(y), y / y.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
+    assert rms(y.bfloat16()).dtype == torch.bfloat16
