@@ -150,13 +150,17 @@ ARCHS: dict[str, type] = {"xlstm": XLSTMConfig, "large": LargeConfig}
 # ----------------------------------------------------------------------------- loading
 
 
-def load_model_config(source: str | Path | Mapping[str, Any]) -> ModelConfig:
+def load_model_config(source: str | Path | Mapping[str, Any] | ModelConfig) -> ModelConfig:
     """Read and check a model config.
 
     source: a YAML path (its ``model:`` section is read, the rest ignored), a
-    mapping holding a ``model`` key (same), or the model section itself.
+    mapping holding a ``model`` key (same), the model section itself (``arch``
+    defaults to ``xlstm``), or a config object (checked and returned).
     Raises ValueError naming the offending key and its allowed values.
     """
+    if isinstance(source, (XLSTMConfig, LargeConfig)):
+        check_model_config(source)
+        return source
     if isinstance(source, (str, Path)):
         with open(source) as fh:
             doc = yaml.safe_load(fh)

@@ -15,6 +15,7 @@ from model import (
     LargeConfig,
     XLSTMConfig,
     build_model,
+    config_to_dict,
     count_parameters,
     flops_per_token,
     load_model_config,
@@ -73,7 +74,9 @@ def test_large_13b_and_tiny_presets():
 def test_every_preset_loads_and_is_listed_in_the_readme():
     readme = (CONFIGS / "README.md").read_text()
     for path in sorted(CONFIGS.glob("*.yaml")):
-        load_model_config(path)
+        cfg = load_model_config(path)
+        assert load_model_config(config_to_dict(cfg)) == cfg  # what a checkpoint stores
+        assert load_model_config(cfg) is cfg
         assert f"{path.stem}.yaml" in readme, path.name
 
 
