@@ -1,0 +1,266 @@
+"""The Triton backend (run on CPU tensors by the Triton interpreter): forward and every
+gradient against the float64 torch oracles, odd lengths and chunk sizes, DQK != DV, DV
+split across programs, initial state in, last state out, resets, bf16/fp16, poisoned
+output buffers, and clear errors for what the kernels do not take."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import triton_ops  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+F64 = torch.float64
+F32 = torch.float32
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Every buffer the kernels write starts as NaN (floats) or -2**30 (indices), so an
+    element a kernel forgets to write fails the comparison."""
+    monkeypatch.setattr(triton_ops, "POISON", True)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values (an unwritten output?)"
+    if b.norm() == 0:
+        return a.norm().item()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def mlstm_inputs(B, NH, S, DQK, DV, seed=0, i_shift=0.0, i_scale=2.0):
+    g = _gen(seed)
+    q = torch.randn(B, NH, S, DQK, generator=g)
+    k = torch.randn(B, NH, S, DQK, generator=g)
+    v = torch.randn(B, NH, S, DV, generator=g)
+    i = torch.randn(B, NH, S, generator=g) * i_scale + i_shift
+    f = torch.randn(B, NH, S, generator=g) * 2.0 + 2.0
+    return [q, k, v, i, f]
+
+
+def mlstm_state(B, NH, DQK, DV, seed=1):
+    g = _gen(seed)
+    return [torch.randn(B, NH, DQK, DV, generator=g) * 0.5,
+            torch.randn(B, NH, DQK, generator=g) * 0.5,
+            torch.randn(B, NH, generator=g)]
+
+
+def random_reset(B, S, seed=2, p=0.06):
+    r = torch.rand(B, S, generator=_gen(seed)) < p
+    if S > 5:
+        r[0, S // 2] = True  # at least one document boundary
+    return r
+
+
+def _mlstm_loss(fn, xs, n_state, reset, weights, eps, **kw):
+    st = tuple(xs[5:8]) if n_state else None
+    h, (C, n, m) = fn(*xs[:5], initial_state=st, reset=reset, return_last_state=True, eps=eps,
+                      **kw)
+    loss = sum((o.double() * w).sum() for o, w in zip((h, C, n, m), weights))
+    return loss, (h, C, n, m)
+
+
+def check_chunkwise(B, NH, S, DQK, DV, L, init, reset, dtype=F32, tol=1e-4, eps=1e-6,
+                    seed=0, **gates):
+    """Forward (h and the last state) and the gradients of q, k, v, i, f and the initial
+    state, of a loss that uses h and all of the last state, against autograd of the float64
+    parallel oracle on the same (rounded) inputs."""
+    ins = mlstm_inputs(B, NH, S, DQK, DV, seed=seed, **gates)
+    ins = [t.to(dtype) if j < 3 else t for j, t in enumerate(ins)]
+    if init:
+        ins += mlstm_state(B, NH, DQK, DV)
+    rst = random_reset(B, S) if reset else None
+    g = _gen(seed + 7)
+    weights = [torch.randn(B, NH, S, DV, generator=g, dtype=F64),
+               torch.randn(B, NH, DQK, DV, generator=g, dtype=F64),
+               torch.randn(B, NH, DQK, generator=g, dtype=F64),
+               torch.randn(B, NH, generator=g, dtype=F64)]
+    x_tr = [t.clone().requires_grad_() for t in ins]
+    x_64 = [t.detach().double().requires_grad_() for t in ins]
+    l_tr, out_tr = _mlstm_loss(kernels.mlstm_chunkwise, x_tr, init, rst, weights, eps,
+                               chunk_size=L, backend="triton")
+    l_64, out_64 = _mlstm_loss(kernels.mlstm_parallel, x_64, init, rst, weights, eps)
+    l_tr.backward()
+    l_64.backward()
+    assert out_tr[0].dtype == dtype
+    errs = {name: rel(a, b) for name, a, b in zip(("h", "C", "n", "m"), out_tr, out_64)}
+    for name, a, b in zip(("q", "k", "v", "i", "f", "C0", "n0", "m0"), x_tr, x_64):
+        assert a.grad is not None, name
+        errs["d" + name] = rel(a.grad, b.grad)
+    bad = {k: f"{v:.2e}" for k, v in errs.items() if not v < tol}
+    assert not bad, f"relative error above {tol}: {bad}"
+
+
+# every length of 1, 17, 100, 130 (never a multiple of the chunk) with every chunk size of
+# 16, 32, 64, 128 (128 runs as 2 x 2 tiles), the four (initial state, resets) combinations
+# spread over them; and a chunk of 24 (not a power of two, a masked tile)
+CASES = [
+    (S, L, (j + n) % 2 == 1, (j + n // 2) % 2 == 1)
+    for j, S in enumerate((1, 17, 100, 130))
+    for n, L in enumerate((16, 32, 64, 128))
+] + [(100, 24, True, True)]
+
+
+@pytest.mark.parametrize("S,L,init,reset", CASES)
+def test_chunkwise_fp32_matches_oracle(S, L, init, reset):
+    check_chunkwise(2, 2, S, 16, 24, L, init, reset)
+
+
+def test_chunkwise_dv_and_dqk_split_across_programs(monkeypatch):
+    """Small blocks: DV in 3 programs, DQK in 2 state-pass blocks, 3 tiles per chunk."""
+    monkeypatch.setattr(triton_ops, "BLOCK_V_MAX", 16)
+    monkeypatch.setattr(triton_ops, "BLOCK_K_MAX", 16)
+    monkeypatch.setattr(triton_ops, "BLOCK_T_MAX", 16)
+    check_chunkwise(1, 2, 70, 32, 48, 48, True, True)
+
+
+@pytest.mark.parametrize("i_shift,eps", [(4.0, 0.05), (-10.0, 1e-6)])
+def test_chunkwise_stabilizer_paths(i_shift, eps):
+    """Large input gates with a large eps make the path through every max (eps * exp(m))
+    weigh in the gradient; i~ = -10 (the 7B init) makes exp(-m) win the normalizer."""
+    check_chunkwise(1, 2, 70, 16, 24, 32, True, True, eps=eps, i_shift=i_shift, i_scale=3.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunkwise_half_precision(dtype):
+    """bf16/fp16 operands, fp32 accumulation. Under the interpreter the kernels round the
+    operands to the input dtype and then upcast them (its bf16 tl.dot is wrong), which is
+    the precision of the GPU tensor-core path."""
+    check_chunkwise(1, 2, 100, 32, 48, 32, True, True, dtype=dtype, tol=2e-2)
+
+
+def test_chunkwise_half_precision_is_not_fp32():
+    """The bf16 path really rounds its operands (the test above is not fp32 in disguise)."""
+    q, k, v, i, f = mlstm_inputs(1, 1, 40, 16, 16)
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    h16 = kernels.mlstm_chunkwise(qb, kb, vb, i, f, chunk_size=16, backend="triton")
+    h32 = kernels.mlstm_chunkwise(qb.float(), kb.float(), vb.float(), i, f, chunk_size=16,
+                                  backend="triton")
+    assert 1e-4 < rel(h16, h32) < 2e-2
+
+
+def test_chunkwise_resets_equal_documents_one_by_one():
+    B, NH, DQK, DV = 1, 2, 16, 24
+    lens = [13, 40, 1, 29]
+    S = sum(lens)
+    q, k, v, i, f = mlstm_inputs(B, NH, S, DQK, DV, seed=3)
+    reset = torch.zeros(B, S, dtype=torch.bool)
+    starts = [sum(lens[:j]) for j in range(len(lens))]
+    reset[0, starts] = True
+    xs = [t.clone().requires_grad_() for t in (q, k, v, i, f)]
+    h = kernels.mlstm_chunkwise(*xs, chunk_size=16, reset=reset, backend="triton")
+    h.square().sum().backward()
+    grads = [x.grad for x in xs]
+    for s0, n in zip(starts, lens):
+        part = [t[:, :, s0:s0 + n].clone().requires_grad_() for t in (q, k, v, i, f)]
+        hd = kernels.mlstm_chunkwise(*part, chunk_size=16, backend="triton")
+        hd.square().sum().backward()
+        assert rel(h[:, :, s0:s0 + n], hd) < 1e-5
+        for gfull, p in zip(grads, part):
+            assert rel(gfull[:, :, s0:s0 + n], p.grad) < 1e-4
+
+
+def test_chunkwise_dispatch_env_and_auto(monkeypatch):
+    q, k, v, i, f = mlstm_inputs(1, 1, 20, 16, 16)
+    ref = kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, backend="torch")
+    calls = []
+    real = triton_ops.mlstm_chunkwise_triton
+    monkeypatch.setattr(triton_ops, "mlstm_chunkwise_triton",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("XLSTM_KERNEL_BACKEND", "triton")
+    out = kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=16)
+    assert calls and rel(out, ref) < 1e-5
+
+
+def test_chunkwise_empty_sequence():
+    q, k, v, i, f = mlstm_inputs(1, 2, 0, 16, 8)
+    st = mlstm_state(1, 2, 16, 8)
+    h, (C, n, m) = kernels.mlstm_chunkwise(q, k, v, i, f, initial_state=tuple(st),
+                                           return_last_state=True, backend="triton")
+    assert h.shape == (1, 2, 0, 8) and torch.equal(C, st[0]) and torch.equal(m, st[2])
+
+
+def test_triton_errors_name_the_argument():
+    q, k, v, i, f = mlstm_inputs(1, 1, 8, 16, 8)
+    with pytest.raises(ValueError, match=r"^q: .*float64"):
+        kernels.mlstm_chunkwise(q.double(), k, v, i, f, backend="triton")
+    with pytest.raises(ValueError, match=r"^f: .*float64"):
+        kernels.mlstm_chunkwise(q, k, v, i, f.double(), backend="triton")
+    st = mlstm_state(1, 1, 16, 8)
+    st[0] = st[0].double()
+    with pytest.raises(ValueError, match=r"^initial_state\.C: .*float64"):
+        kernels.mlstm_chunkwise(q, k, v, i, f, initial_state=tuple(st), backend="triton")
+    with pytest.raises(ValueError, match=r"one dtype"):
+        kernels.mlstm_chunkwise(q, k.half(), v, i, f, backend="triton")
+    big = torch.randn(1, 1, 8, 512)
+    with pytest.raises(ValueError, match=r"^q: got DQK=512; .*DQK <= 256"):
+        kernels.mlstm_chunkwise(big, big, v, i, f, backend="triton")
+    with pytest.raises(ValueError, match=r"^q: .*float64"):
+        kernels.mlstm_step(q[:, :, 0].double(), k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
+                           None, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------
+# mLSTM step
+# ----------------------------------------------------------------------------------------
+
+
+def test_step_equals_recurrent_token_by_token():
+    """Generation: a chain of fused steps (with resets done by zeroing the state, as the
+    recurrent form does) equals kernels.mlstm_recurrent, forward and gradients."""
+    B, NH, S, DQK, DV = 2, 2, 9, 16, 40
+    ins = mlstm_inputs(B, NH, S, DQK, DV, seed=5, i_scale=3.0) + mlstm_state(B, NH, DQK, DV)
+    x_tr = [t.clone().requires_grad_() for t in ins]
+    x_64 = [t.detach().double().requires_grad_() for t in ins]
+    q, k, v, i, f, C, n, m = x_tr
+    state = (C, n, m)
+    hs = []
+    for t in range(S):
+        h, state = kernels.mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t],
+                                      f[:, :, t], state, backend="triton")
+        hs.append(h)
+    h_tr = torch.stack(hs, 2)
+    h_64, st_64 = kernels.mlstm_recurrent(*x_64[:5], initial_state=tuple(x_64[5:]),
+                                          return_last_state=True)
+    g = _gen(9)
+    w = [torch.randn(B, NH, S, DV, generator=g, dtype=F64)] + [
+        torch.randn(t.shape, generator=g, dtype=F64) for t in st_64]
+    l_tr = (h_tr * w[0]).sum() + sum((a * b).sum() for a, b in zip(state, w[1:]))
+    l_64 = (h_64 * w[0]).sum() + sum((a * b).sum() for a, b in zip(st_64, w[1:]))
+    l_tr.backward()
+    l_64.backward()
+    assert rel(h_tr, h_64) < 1e-5
+    for a, b in zip(state, st_64):
+        assert rel(a, b) < 1e-5
+    for name, a, b in zip(("q", "k", "v", "i", "f", "C", "n", "m"), x_tr, x_64):
+        assert rel(a.grad, b.grad) < 1e-4, name
+
+
+@pytest.mark.parametrize("i_shift", [4.0, -10.0])
+def test_step_from_zero_state_and_bf16(i_shift):
+    B, NH, DQK, DV = 2, 3, 32, 24
+    q, k, v, i, f = (t[:, :, 0] for t in mlstm_inputs(B, NH, 1, DQK, DV, i_shift=i_shift))
+    for dtype, tol in ((F32, 1e-5), (torch.bfloat16, 2e-2)):
+        xs = [t.to(dtype) if j < 3 else t for j, t in enumerate((q, k, v, i, f))]
+        xs = [t.clone().requires_grad_() for t in xs]
+        x64 = [t.detach().double().requires_grad_() for t in xs]
+        h, st = kernels.mlstm_step(*xs, None, eps=0.05, backend="triton")
+        h64, st64 = kernels.mlstm_step(*x64, None, eps=0.05, backend="torch")
+        assert h.dtype == dtype
+        (h.double().sum() + st[2].double().sum() + st[0].double().sum()).backward()
+        (h64.sum() + st64[2].sum() + st64[0].sum()).backward()
+        assert rel(h, h64) < tol
+        for a, b in zip(xs, x64):
+            assert rel(a.grad, b.grad) < tol
