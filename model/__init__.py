@@ -3,7 +3,7 @@
 Public entries:
     load_model_config(path_or_dict) -> XLSTMConfig | LargeConfig
     build_model(cfg, device=None, dtype=None) -> XLSTMLM | LargeLM
-    count_parameters(model), flops_per_token(cfg, seq_len)
+    count_parameters(model), flops_per_token(cfg, seq_len), weight_decay_groups(model, wd)
     model(idx, state=None, *, reset=None, return_state=False), model.step(idx, state),
     model.generate(prompt, max_new_tokens, temperature=, top_k=, top_p=, seed=)
 """
@@ -24,6 +24,7 @@ from .config import (
 from .flops import flops_per_token
 from .generate import sample_next
 from .large import LargeLM
+from .layers import CausalConv1d, HeadwiseLinear
 from .xlstm import XLSTMLM
 
 LM = XLSTMLM | LargeLM
@@ -45,6 +46,30 @@ def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (a tied LM head counts once)."""
     return sum(p.numel() for p in model.parameters())
 
+
+def weight_decay_groups(
+    model: torch.nn.Module, weight_decay: float, decay_embedding: bool = False
+) -> list[dict]:
+    """Optimizer param groups as in the official package: weight decay on the
+    weights of projections, block-diagonal projections and convs (and the LM
+    head when untied); none on biases, norms, the skip, sLSTM R and gate
+    biases, and (unless `decay_embedding`) the embedding and a head tied to it."""
+    embedding = model.embedding.weight
+    decay = {
+        id(mod.weight): mod.weight
+        for mod in model.modules()
+        if isinstance(mod, (torch.nn.Linear, HeadwiseLinear, CausalConv1d))
+    }
+    if decay_embedding:
+        decay[id(embedding)] = embedding
+    else:
+        decay.pop(id(embedding), None)
+    rest = [p for p in model.parameters() if id(p) not in decay]
+    return [
+        {"params": list(decay.values()), "weight_decay": weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+
 __all__ = [
     "LargeConfig",
     "LargeLM",
@@ -59,4 +84,5 @@ __all__ = [
     "flops_per_token",
     "load_model_config",
     "sample_next",
+    "weight_decay_groups",
 ]

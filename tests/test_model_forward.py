@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import LargeConfig, XLSTMConfig, build_model, load_model_config
+from model import LargeConfig, XLSTMConfig, build_model, load_model_config, weight_decay_groups
 from model.config import MLSTMBlockConfig, SLSTMBlockConfig
 
 CONFIGS = {
@@ -88,3 +88,18 @@ def test_cuda_auto_backend_matches_torch_backend(arch: str):
     assert ((got - want).norm() / want.norm()).item() < 1e-4
     out = model.generate(idx[:, :5], 8, temperature=1.0, top_k=10, seed=0)
     assert out.shape == (2, 13) and out.device.type == "cuda"
+
+
+@pytest.mark.parametrize("arch, tie", [("xlstm", False), ("xlstm", True), ("large", False)])
+def test_weight_decay_groups_cover_every_parameter_once(arch: str, tie: bool):
+    cfg = dataclasses.replace(CONFIGS[arch], tie_weights=tie)
+    model = build_model(cfg, device="meta")
+    decay, rest = weight_decay_groups(model, 0.1)
+    ids = [id(p) for p in decay["params"]] + [id(p) for p in rest["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "embedding.weight" not in decayed and ("lm_head.weight" in decayed) == (not tie)
+    assert all(n.endswith("weight") and "norm" not in n for n in decayed)
+    assert "blocks.0.mlstm.proj_down.weight" in decayed or "blocks.1.mlstm.proj_down.weight" in decayed
