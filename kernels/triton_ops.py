@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import triton
 
 from . import triton_mlstm as tm
+from . import triton_slstm as ts
 
 MAX_DQK = 256
 BLOCK_T_MAX = 64  # query/key tile inside a chunk (a chunk of 128 runs as 2 x 2 tiles)
@@ -454,5 +455,99 @@ def mlstm_step_triton(q, k, v, i, f, state, *, eps):
     return h, (C1, n1, m1)
 
 
+# ========================================================================================
+# sLSTM sequence
+# ========================================================================================
+
+MAX_DH = 256
+
+
+class _SLSTMFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, R, reset_i, h0, c0, n0, m0):
+        B, NH, S, _, DH = x.shape
+        BH = B * NH
+        dev = x.device
+        f32 = torch.float32
+        BD = _pow2(DH)
+        xc = x.reshape(BH, S, 4, DH).contiguous()
+        Rc = R.contiguous()
+        has_init = h0 is not None
+        has_reset = reset_i is not None
+        if has_init:
+            init = [t.reshape(BH, DH).to(f32).contiguous() for t in (h0, c0, n0, m0)]
+        else:
+            init = [xc] * 4
+        rst = reset_i if has_reset else xc
+        hs, cs, ns, ms = (_empty((BH, S, DH), f32, dev) for _ in range(4))
+        raw = _empty((BH, S, 4, DH), f32, dev)
+        last = [_empty((BH, DH), f32, dev) for _ in range(4)]
+        ts.slstm_fwd_kernel[(BH,)](
+            xc, Rc, *init, rst, hs, cs, ns, ms, raw, *last, S, NH, DH,
+            BD=BD, HAS_INIT=has_init, HAS_RESET=has_reset,
+        )
+        ctx.save_for_backward(Rc, rst if has_reset else None, *(init if has_init else []),
+                              hs, cs, ns, ms, raw)
+        ctx.meta = (B, NH, S, DH, BD, has_init, has_reset, x.dtype, R.dtype,
+                    None if h0 is None else tuple(t.dtype for t in (h0, c0, n0, m0)))
+        out = [t.view(B, NH, DH) for t in last]
+        return (hs.view(B, NH, S, DH), *out)
+
+    @staticmethod
+    def backward(ctx, dhs, dhl, dcl, dnl, dml):
+        B, NH, S, DH, BD, has_init, has_reset, xdt, rdt, sdt = ctx.meta
+        saved = list(ctx.saved_tensors)
+        Rc, rst = saved[0], saved[1]
+        init = saved[2:6] if has_init else None
+        hs, cs, ns, ms, raw = saved[-5:]
+        BH = B * NH
+        dev = Rc.device
+        f32 = torch.float32
+
+        def grad(t, shape):
+            return torch.zeros(shape, device=dev) if t is None else t.reshape(shape).to(f32)
+
+        dhs = grad(dhs, (BH, S, DH)).contiguous()
+        dlast = [grad(t, (BH, DH)).contiguous() for t in (dhl, dcl, dnl, dml)]
+        dx = _empty((BH, S, 4, DH), f32, dev)
+        d0 = [_empty((BH, DH), f32, dev) for _ in range(4)]
+        init_args = init if has_init else [hs] * 4
+        ts.slstm_bwd_kernel[(BH,)](
+            Rc, *init_args, rst if has_reset else hs, hs, cs, ns, ms, raw,
+            dhs, *dlast, dx, *d0, S, NH, DH,
+            BD=BD, HAS_INIT=has_init, HAS_RESET=has_reset,
+        )
+        # dR[head, g] = sum over batch and time of h_prev^T dx_g (one matmul)
+        h_init = init[0] if has_init else torch.zeros(BH, DH, device=dev)
+        hprev = torch.cat([h_init[:, None], hs[:, :-1]], 1)
+        if has_reset:
+            hprev = hprev * (rst == 0).repeat_interleave(NH, dim=0)[..., None].to(f32)
+        dR = torch.einsum("bhtd,bhtge->hgde", hprev.view(B, NH, S, DH),
+                          dx.view(B, NH, S, 4, DH)).to(rdt)
+        dx = dx.view(B, NH, S, 4, DH).to(xdt)
+        dinit = [None] * 4
+        if has_init:
+            dinit = [t.view(B, NH, DH).to(dt) for t, dt in zip(d0, sdt)]
+        return (dx, dR, None, *dinit)
+
+
 def slstm_sequence_triton(x, R, *, initial_state, reset):
-    raise NotImplementedError
+    """sLSTM on Triton, the time loop inside the kernel. Shapes as `kernels.slstm_sequence`;
+    returns h (float32, (B, NH, S, DH)) and the last state (h, c, n, m) in float32."""
+    _check_dtypes({"x": x, "R": R, **_state_names("initial_state", initial_state, "hcnm")})
+    _check_device(x)
+    B, NH, S, _, DH = x.shape
+    if DH > MAX_DH:
+        raise ValueError(f"x: got DH={DH}; backend='triton' supports DH <= {MAX_DH}")
+    if S == 0:
+        if initial_state is None:
+            state = tuple(torch.zeros(B, NH, DH, device=x.device) for _ in range(4))
+        else:
+            state = tuple(t.float() for t in initial_state)
+        return x.new_zeros(B, NH, 0, DH, dtype=torch.float32), state
+    h0 = c0 = n0 = m0 = None
+    if initial_state is not None:
+        h0, c0, n0, m0 = initial_state
+    reset_i = None if reset is None else reset.to(torch.int32).contiguous()
+    hs, h, c, n, m = _SLSTMFn.apply(x, R, reset_i, h0, c0, n0, m0)
+    return hs, (h, c, n, m)

@@ -1,1 +1,210 @@
-"""Raw Triton kernels for the sLSTM sequence (forward and backward)."""
+"""Raw Triton kernels for the sLSTM sequence (forward and backward), the time loop inside
+the kernel. No autograd here: `kernels/triton_ops.py` wraps them.
+
+One program per (batch, head): the recurrent matvec h_{t-1} @ R[head, gate] runs on the
+head's block-diagonal weights, exponential gating with the stabilizer m, resets zero the
+state before a document's first token. Layout (contiguous):
+    x: (BH, S, 4, DH) gate pre-activations from the input path, gates (i, f, z, o)
+    R: (NH, 4, DH, DH); raw[g] = x[g] + h_prev @ R[head, g]
+    saved rows for the backward: raw (BH, S, 4, DH), h, c, n, m (BH, S, DH)
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _logsigmoid(x):
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _matvec(h, r_ptr, offs_d, md, DH):
+    """(h @ R_g)[e] = sum_d h[d] R_g[d, e] for one gate's (DH, DH) block."""
+    r = tl.load(r_ptr + offs_d[:, None] * DH + offs_d[None, :],
+                mask=md[:, None] & md[None, :], other=0.0).to(tl.float32)
+    return tl.sum(h[:, None] * r, 0)
+
+
+@triton.jit
+def _vecmat_t(d, r_ptr, offs_d, md, DH):
+    """(R_g @ d)[e] = sum_j R_g[e, j] d[j]: the gradient of h_prev through one gate."""
+    r = tl.load(r_ptr + offs_d[:, None] * DH + offs_d[None, :],
+                mask=md[:, None] & md[None, :], other=0.0).to(tl.float32)
+    return tl.sum(r * d[None, :], 1)
+
+
+@triton.jit
+def slstm_fwd_kernel(
+    x_ptr, r_ptr, h0_ptr, c0_ptr, n0_ptr, m0_ptr, reset_ptr,
+    hs_ptr, cs_ptr, ns_ptr, ms_ptr, raw_ptr, hl_ptr, cl_ptr, nl_ptr, ml_ptr,
+    S, NH, DH,
+    BD: tl.constexpr, HAS_INIT: tl.constexpr, HAS_RESET: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    head = pid % NH
+    bidx = pid // NH
+    offs_d = tl.arange(0, BD)
+    md = offs_d < DH
+    if HAS_INIT:
+        h = tl.load(h0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
+        c = tl.load(c0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
+        n = tl.load(n0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
+        m = tl.load(m0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BD,), dtype=tl.float32)
+        c = tl.zeros((BD,), dtype=tl.float32)
+        n = tl.zeros((BD,), dtype=tl.float32)
+        m = tl.zeros((BD,), dtype=tl.float32)
+    rh = r_ptr + head * 4 * DH * DH
+    for t in range(S):
+        if HAS_RESET:
+            keep = tl.load(reset_ptr + bidx * S + t + offs_d * 0) == 0
+            h = tl.where(keep, h, 0.0)
+            c = tl.where(keep, c, 0.0)
+            n = tl.where(keep, n, 0.0)
+            m = tl.where(keep, m, 0.0)
+        xb = x_ptr + (pid * S + t) * 4 * DH
+        ir = tl.load(xb + offs_d, mask=md, other=0.0).to(tl.float32) + _matvec(
+            h, rh, offs_d, md, DH)
+        fr = tl.load(xb + DH + offs_d, mask=md, other=0.0).to(tl.float32) + _matvec(
+            h, rh + DH * DH, offs_d, md, DH)
+        zr = tl.load(xb + 2 * DH + offs_d, mask=md, other=0.0).to(tl.float32) + _matvec(
+            h, rh + 2 * DH * DH, offs_d, md, DH)
+        orr = tl.load(xb + 3 * DH + offs_d, mask=md, other=0.0).to(tl.float32) + _matvec(
+            h, rh + 3 * DH * DH, offs_d, md, DH)
+        logf = _logsigmoid(fr)
+        m_new = tl.maximum(logf + m, ir)
+        ig = tl.exp(ir - m_new)
+        fg = tl.exp(logf + m - m_new)
+        z = 2.0 * _sigmoid(2.0 * zr) - 1.0
+        c = fg * c + ig * z
+        n = fg * n + ig
+        m = m_new
+        h = tl.where(md, _sigmoid(orr) * c / n, 0.0)
+        rb = raw_ptr + (pid * S + t) * 4 * DH
+        tl.store(rb + offs_d, ir, mask=md)
+        tl.store(rb + DH + offs_d, fr, mask=md)
+        tl.store(rb + 2 * DH + offs_d, zr, mask=md)
+        tl.store(rb + 3 * DH + offs_d, orr, mask=md)
+        row = (pid * S + t) * DH
+        tl.store(hs_ptr + row + offs_d, h, mask=md)
+        tl.store(cs_ptr + row + offs_d, c, mask=md)
+        tl.store(ns_ptr + row + offs_d, n, mask=md)
+        tl.store(ms_ptr + row + offs_d, m, mask=md)
+    tl.store(hl_ptr + pid * DH + offs_d, h, mask=md)
+    tl.store(cl_ptr + pid * DH + offs_d, c, mask=md)
+    tl.store(nl_ptr + pid * DH + offs_d, n, mask=md)
+    tl.store(ml_ptr + pid * DH + offs_d, m, mask=md)
+
+
+@triton.jit
+def slstm_bwd_kernel(
+    r_ptr, h0_ptr, c0_ptr, n0_ptr, m0_ptr, reset_ptr,
+    hs_ptr, cs_ptr, ns_ptr, ms_ptr, raw_ptr,
+    dhs_ptr, dhl_ptr, dcl_ptr, dnl_ptr, dml_ptr,
+    dx_ptr, dh0_ptr, dc0_ptr, dn0_ptr, dm0_ptr,
+    S, NH, DH,
+    BD: tl.constexpr, HAS_INIT: tl.constexpr, HAS_RESET: tl.constexpr,
+):
+    """Reverse time loop: the exact reverse of the forward graph (the max of the stabilizer
+    passes its gradient to the candidate that won). Writes dx (= d raw) and the gradient of
+    the initial state; dR is one matmul of h_prev and dx, done by the wrapper."""
+    pid = tl.program_id(0).to(tl.int64)
+    head = pid % NH
+    bidx = pid // NH
+    offs_d = tl.arange(0, BD)
+    md = offs_d < DH
+    dh = tl.load(dhl_ptr + pid * DH + offs_d, mask=md, other=0.0)
+    dc = tl.load(dcl_ptr + pid * DH + offs_d, mask=md, other=0.0)
+    dn = tl.load(dnl_ptr + pid * DH + offs_d, mask=md, other=0.0)
+    dm = tl.load(dml_ptr + pid * DH + offs_d, mask=md, other=0.0)
+    rh = r_ptr + head * 4 * DH * DH
+    for tt in range(S):
+        t = S - 1 - tt
+        row = (pid * S + t) * DH
+        if t > 0:
+            cp = tl.load(cs_ptr + row - DH + offs_d, mask=md, other=0.0)
+            np_ = tl.load(ns_ptr + row - DH + offs_d, mask=md, other=0.0)
+            mp = tl.load(ms_ptr + row - DH + offs_d, mask=md, other=0.0)
+        else:
+            if HAS_INIT:
+                cp = tl.load(c0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
+                np_ = tl.load(n0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
+                mp = tl.load(m0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
+            else:
+                cp = tl.zeros((BD,), dtype=tl.float32)
+                np_ = tl.zeros((BD,), dtype=tl.float32)
+                mp = tl.zeros((BD,), dtype=tl.float32)
+        if HAS_RESET:
+            keep = tl.load(reset_ptr + bidx * S + t + offs_d * 0) == 0
+            cp = tl.where(keep, cp, 0.0)
+            np_ = tl.where(keep, np_, 0.0)
+            mp = tl.where(keep, mp, 0.0)
+        rb = raw_ptr + (pid * S + t) * 4 * DH
+        ir = tl.load(rb + offs_d, mask=md, other=0.0)
+        fr = tl.load(rb + DH + offs_d, mask=md, other=0.0)
+        zr = tl.load(rb + 2 * DH + offs_d, mask=md, other=0.0)
+        orr = tl.load(rb + 3 * DH + offs_d, mask=md, other=0.0)
+        c = tl.load(cs_ptr + row + offs_d, mask=md, other=0.0)
+        n = tl.load(ns_ptr + row + offs_d, mask=md, other=1.0)
+        m = tl.load(ms_ptr + row + offs_d, mask=md, other=0.0)
+        logf = _logsigmoid(fr)
+        ig = tl.exp(ir - m)
+        fg = tl.exp(logf + mp - m)
+        z = 2.0 * _sigmoid(2.0 * zr) - 1.0
+        o = _sigmoid(orr)
+        dh = dh + tl.load(dhs_ptr + row + offs_d, mask=md, other=0.0)
+        # h = o c / n
+        do = dh * c / n
+        dc = dc + dh * o / n
+        dn = dn - dh * o * c / (n * n)
+        # c = fg c_prev + ig z;  n = fg n_prev + ig
+        dfg = dc * cp + dn * np_
+        dig = dc * z + dn
+        dz = dc * ig
+        dc_prev = dc * fg
+        dn_prev = dn * fg
+        # fg = exp(logf + m_prev - m), ig = exp(ir - m), m = max(logf + m_prev, ir)
+        dlogf = dfg * fg
+        dm_prev = dfg * fg
+        dir_ = dig * ig
+        dm = dm - dfg * fg - dig * ig
+        carried = logf + mp >= ir
+        dlogf = dlogf + tl.where(carried, dm, 0.0)
+        dm_prev = dm_prev + tl.where(carried, dm, 0.0)
+        dir_ = dir_ + tl.where(carried, 0.0, dm)
+        dfr = dlogf * _sigmoid(-fr)
+        dzr = dz * (1.0 - z * z)
+        dor = do * o * (1.0 - o)
+        dir_ = tl.where(md, dir_, 0.0)
+        dfr = tl.where(md, dfr, 0.0)
+        dzr = tl.where(md, dzr, 0.0)
+        dor = tl.where(md, dor, 0.0)
+        xb = dx_ptr + (pid * S + t) * 4 * DH
+        tl.store(xb + offs_d, dir_, mask=md)
+        tl.store(xb + DH + offs_d, dfr, mask=md)
+        tl.store(xb + 2 * DH + offs_d, dzr, mask=md)
+        tl.store(xb + 3 * DH + offs_d, dor, mask=md)
+        dh = (_vecmat_t(dir_, rh, offs_d, md, DH) + _vecmat_t(dfr, rh + DH * DH, offs_d, md, DH)
+              + _vecmat_t(dzr, rh + 2 * DH * DH, offs_d, md, DH)
+              + _vecmat_t(dor, rh + 3 * DH * DH, offs_d, md, DH))
+        dc = dc_prev
+        dn = dn_prev
+        dm = dm_prev
+        if HAS_RESET:
+            dh = tl.where(keep, dh, 0.0)
+            dc = tl.where(keep, dc, 0.0)
+            dn = tl.where(keep, dn, 0.0)
+            dm = tl.where(keep, dm, 0.0)
+    tl.store(dh0_ptr + pid * DH + offs_d, dh, mask=md)
+    tl.store(dc0_ptr + pid * DH + offs_d, dc, mask=md)
+    tl.store(dn0_ptr + pid * DH + offs_d, dn, mask=md)
+    tl.store(dm0_ptr + pid * DH + offs_d, dm, mask=md)

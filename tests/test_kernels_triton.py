@@ -264,3 +264,64 @@ def test_step_from_zero_state_and_bf16(i_shift):
         assert rel(h, h64) < tol
         for a, b in zip(xs, x64):
             assert rel(a.grad, b.grad) < tol
+
+
+# ----------------------------------------------------------------------------------------
+# sLSTM sequence
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("S,init,reset,dtype", [
+    (1, False, False, F32),
+    (17, True, True, F32),
+    (17, False, True, torch.bfloat16),
+])
+def test_slstm_sequence_matches_torch(S, init, reset, dtype):
+    """Forward (h and the last state) and the gradients of x, R and the initial state
+    against autograd of the float64 torch sLSTM."""
+    B, NH, DH = 2, 2, 12
+    g = _gen(11)
+    x = (torch.randn(B, NH, S, 4, DH, generator=g) * 1.5).to(dtype)
+    R = (torch.randn(NH, 4, DH, DH, generator=g) * 0.3).to(dtype)
+    ins = [x, R]
+    if init:
+        st = [torch.randn(B, NH, DH, generator=g) * 0.5 for _ in range(4)]
+        st[2] = st[2].abs() + 0.5  # a normalizer state is positive
+        ins += st
+    rst = random_reset(B, S, p=0.15) if reset else None
+    w = [torch.randn(B, NH, S, DH, generator=g, dtype=F64)] + [
+        torch.randn(B, NH, DH, generator=g, dtype=F64) for _ in range(4)]
+
+    def loss(xs, **kw):
+        h, state = kernels.slstm_sequence(xs[0], xs[1], initial_state=tuple(xs[2:]) or None,
+                                          reset=rst, return_last_state=True, **kw)
+        return sum((a.double() * b).sum() for a, b in zip((h, *state), w)), (h, *state)
+
+    x_tr = [t.clone().requires_grad_() for t in ins]
+    x_64 = [t.detach().double().requires_grad_() for t in ins]
+    l_tr, out_tr = loss(x_tr, backend="triton")
+    l_64, out_64 = loss(x_64, backend="torch")
+    l_tr.backward()
+    l_64.backward()
+    tol = 1e-4 if dtype == F32 else 2e-2
+    assert out_tr[0].dtype == dtype
+    for name, a, b in zip(("h", "h_last", "c", "n", "m"), out_tr, out_64):
+        assert rel(a, b) < tol, name
+    for name, a, b in zip(("x", "R", "h0", "c0", "n0", "m0"), x_tr, x_64):
+        assert rel(a.grad, b.grad) < tol, name
+
+
+def test_slstm_step_via_triton_equals_torch_step():
+    B, NH, DH = 1, 2, 8
+    g = _gen(12)
+    x = torch.randn(B, NH, 4, DH, generator=g)
+    R = torch.randn(NH, 4, DH, DH, generator=g) * 0.3
+    st = tuple(torch.rand(B, NH, DH, generator=g) + 0.5 for _ in range(4))
+    h, s = kernels.slstm_step(x, R, st, backend="triton")
+    h64, s64 = kernels.slstm_step(x.double(), R.double(), tuple(t.double() for t in st),
+                                  backend="torch")
+    assert rel(h, h64) < 1e-5
+    for a, b in zip(s, s64):
+        assert rel(a, b) < 1e-5
+    with pytest.raises(ValueError, match=r"^x: .*float64"):
+        kernels.slstm_sequence(x[:, :, None].double(), R, backend="triton")
