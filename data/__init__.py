@@ -1,1 +1,113 @@
-"""data package (docstring written below)."""
+"""Data: tokenizers, token shards, and the streaming loader the trainer eats from.
+
+`data` imports no other project package. Everything a trainer needs:
+
+Tokenizer (`data.tokenizer`)
+----------------------------
+    tok = Tokenizer.load(dir)                  # tokenizer.model + tokenizer.json
+    tok.encode("text") -> list[int];  tok.encode(["a", "b"]) -> list[list[int]]
+    tok.decode(ids) -> str;           tok.decode([[...], [...]]) -> list[str]
+    tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id   # fixed: 1, 2, 3, 0
+    tok.vocab_size          # the tokenizer's size
+    tok.padded_vocab_size   # multiple of pad_multiple (64): use for embedding/logits
+    tok.save_to(dir)        # e.g. next to a checkpoint; tok.sha256 identifies it
+    train_tokenizer(inputs, out_dir, vocab_size=512, model_type="bpe",
+                    max_sentences=50_000, seed=0, pad_multiple=64) -> Tokenizer
+CLI: `python -m data.tokenizer train|encode|decode ...`.
+
+Shards (`data.prepare`)
+-----------------------
+    prepare_shards(inputs, tokenizer_dir, out_dir, text_field="text", text_mode="file",
+                   shard_tokens=1 << 24, val_fraction=0.0, workers=1, on_error="raise",
+                   max_documents=None) -> manifest dict     # = data.prepare.prepare
+writes `out/shard-NNNNNN.tar` (WebDataset: `<key>.tokens.u16` raw little-endian
+ids of one document without BOS/EOS, `<key>.source.txt`), `out/val/...` when
+val_fraction > 0, and `out/manifest.json` (per shard: samples, tokens, bytes,
+sha256; totals; tokenizer hash; command). Deterministic and restartable.
+CLI: `python -m data.prepare --input GLOB... --tokenizer DIR --out DIR ...`.
+
+Demo corpus (the standard library's own sources), without subprocesses:
+    make_demo_corpus(out_dir, vocab_size=512, max_files=400) -> (tokenizer_dir, shards_dir)
+
+Loader (`data.loader`)
+----------------------
+    loader = build_loader({"sources": "shards/", "seq_len": 2048, "micro_batch_size": 8,
+                           "rank": r, "world_size": w, "num_workers": 2, "seed": 0,
+                           "packing": "pack"})      # or LoaderConfig(...)
+    for batch in loader: ...
+Sources: a folder (its manifest), a glob, brace ranges (`shard-{000000..000099}.tar`),
+`http(s)://` URLs, `pipe:CMD`, or a list of `{"url": ..., "weight": 0.7}` mixed by weight;
+`DIR#val` or `.../manifest.json#val` names the validation shards.
+
+Each batch is a dict:
+    input_ids  LongTensor (B, S)
+    labels     LongTensor (B, S)   next-token targets, already shifted
+    reset      BoolTensor (B, S)   True where the recurrent state must be zeroed
+                                   (pass to kernels.mlstm_chunkwise(..., reset=reset))
+Rows are cut from a stream `doc0 EOS doc1 EOS ...`: the loader takes S+1 tokens per
+row and returns input_ids = row[:-1], labels = row[1:]; consecutive rows overlap by one
+token, so every token is an input exactly once. The loss must use
+`ignore_index=-100` (`data.IGNORE_INDEX`):
+  * packing="pack": reset is True at the first token of every document and at
+    position 0 of every row; the label of the position holding an EOS (which would
+    predict the next document's first token across a reset) is -100. The loss is
+    then exactly the sum of each document's own loss run alone (doc + EOS).
+  * packing="concat": plain concatenation, reset all False, no label masked.
+  * With finite `epochs`, the last batch of a reader is padded with pad_id, label -100.
+With `return_meta=True` a batch also has "meta": per row, the document pieces it holds.
+
+Resume: `state = loader.state_dict()` (JSON-able; a collective when
+world_size > 1: it all-gathers the ranks' parts, so call it on every rank, e.g.
+at checkpoint time; identical on all ranks) and `loader.load_state_dict(state)`
+on a fresh loader, at the same or another world size / worker count.
+
+How exactly-once resume works
+-----------------------------
+Each source's shards are units. Epoch e visits them in a permutation seeded by
+(seed, source, e); "position p of epoch e" names a unit. The loader has
+N = world_size * max(1, num_workers) readers ("slots"); slot j reads positions
+j, j+N, j+2N, ... of every epoch. Inside a unit, samples go through a seeded
+window shuffle: K = shuffle_buffer consecutive samples are read, then emitted in a
+permutation seeded by (seed, source, epoch, position, window start); so the shuffle
+buffer is restorable from two numbers. A slot draws documents (choosing the source
+by weight with a counter-based RNG), packs them and yields whole micro-batches;
+each batch carries the slot's state after it, and the main process keeps the
+state that came with the last batch it handed out (prefetched batches do not
+count). The global state is the N slot states (epoch, stride cursor, current
+unit, window start, how many of its window were emitted, the document partly
+written into rows and its token offset) plus the shape. Same world size and
+workers: every slot resumes as it was, the stream is bitwise the same. Another
+shape: the state is turned into the exact remaining work (unemitted window
+samples, rest of partly-read units, the partly-written documents from their
+token offset, untouched units of the current epochs) which is dealt round-robin
+to the new slots; later epochs use the new stride. Every remaining sample of the
+epoch is read exactly once. Its size is O(N) small dicts (no sample lists).
+
+Faults: a truncated or corrupt shard raises `ShardError` naming the shard and byte
+offset (a digest mismatch against the manifest is caught at the end of the shard);
+`on_error="skip"` skips the rest of that shard with a warning and counts it in
+`loader.stats["skipped_shards"]`. Unreachable URLs are retried `retries` times with
+exponential backoff, then `SourceError` names them.
+"""
+
+from __future__ import annotations
+
+_EXPORTS = {
+    "Tokenizer": "tokenizer", "train_tokenizer": "tokenizer", "padded_size": "tokenizer",
+    "prepare_shards": "prepare", "make_demo_corpus": "demo",
+    "LoaderConfig": "loader", "SourceSpec": "loader", "TokenLoader": "loader",
+    "build_loader": "loader", "merge_states": "loader", "IGNORE_INDEX": "loader",
+    "ShardError": "tarshard", "SourceError": "sources", "InputError": "readers",
+    "expand_source": "sources",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # lazy, so `python -m data.tokenizer` does not pay for importing torch
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")

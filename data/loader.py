@@ -365,6 +365,7 @@ class _Slot:
             st["stats"]["tokens"] += b * s
             batch = self._make_batch(flat, start, real, segs)
             yield batch, copy.deepcopy(st)
+        yield None, copy.deepcopy(st)  # the final state (counters), no batch
 
     def _make_batch(self, flat, start, real, segs) -> dict:
         cfg = self.cfg
@@ -420,6 +421,16 @@ def _coords_to_ranges(ranges: list[list[int]], coords: list[int]) -> list[list[i
     return out
 
 
+def _merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for lo, hi in ranges:
+        if out and out[-1][1] == lo and lo >= 0:
+            out[-1][1] = hi
+        else:
+            out.append([lo, hi])
+    return out
+
+
 def _tail_ranges(ranges: list[list[int]], start: int) -> list[list[int]]:
     """Ranges of the item coordinates >= start."""
     out, coord = [], 0
@@ -459,7 +470,8 @@ def _remaining_work(state: dict, units: list[int], shuffle_buffer: int, seed: in
                     tail_from = cur["w"] + cur["n"]
                 else:
                     tail_from = cur["w"]
-                r = _coords_to_ranges(cur["r"], left) + _tail_ranges(cur["r"], tail_from)
+                r = _merge_ranges(_coords_to_ranges(cur["r"], left)
+                                  + _tail_ranges(cur["r"], tail_from))
                 if r:
                     item = {"e": cur["e"], "p": cur["p"], "r": r}
                     if "t" in cur and r[0][0] == cur["r"][0][0]:
@@ -566,8 +578,8 @@ class TokenLoader:
 
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
-        for sh in self.shards:
-            h.update(json.dumps([len(sh.urls), sh.urls]).encode())
+        for sh in self.shards:  # shard names only: the same shards may move (disk, http, pipe)
+            h.update(json.dumps([u.rstrip("/").rsplit("/", 1)[-1] for u in sh.urls]).encode())
         return h.hexdigest()[:24]
 
     # -- iteration ---------------------------------------------------------------
@@ -587,6 +599,8 @@ class TokenLoader:
                                          pin_memory=self.cfg.pin_memory, **kw)
         for batch, local, st in dl:
             self._global["slots"][mine[local]] = st
+            if batch is None:  # a reader finished; its last state came without a batch
+                continue
             self._phase = (local + 1) % self.nw
             yield batch
 

@@ -276,6 +276,9 @@ def prepare(inputs: list[str] | str, tokenizer: str | Tokenizer, out_dir: str, *
     return manifest
 
 
+prepare_shards = prepare
+
+
 def _ordered_map(pool, items, window: int):
     """Like pool.imap, but reads `items` in this thread and keeps at most `window` in flight."""
     from collections import deque

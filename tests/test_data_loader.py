@@ -1,0 +1,405 @@
+"""The streaming loader: batch contract, exactly-once resume, sources, faults.
+
+All on real shards of stdlib sources, real DataLoader worker processes, a real
+HTTP server on 127.0.0.1 and real `pipe:cat` commands.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import shutil
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import (
+    HttpServer,
+    doc_hashes,
+    reassemble,
+    samples_of,
+    shard_paths,
+    shards_dir,
+    stdlib_files,
+    tokenizer_dir,
+)
+
+from data import IGNORE_INDEX, LoaderConfig, ShardError, SourceError, build_loader, merge_states
+from data.loader import TokenLoader
+
+EOS = 2
+
+
+def cfg(**kw) -> dict:
+    base = {"sources": shards_dir(), "seq_len": 64, "micro_batch_size": 4, "seed": 1,
+            "shuffle_buffer": 16}
+    base.update(kw)
+    return base
+
+
+def take(loader, n):
+    out = []
+    for b in loader:
+        out.append(b)
+        if len(out) == n:
+            break
+    return out
+
+
+# -- the batch contract ---------------------------------------------------------------
+def test_batch_contract_pack():
+    loader = build_loader(cfg(return_meta=True))
+    batches = take(loader, 30)
+    for b in batches:
+        x, y, r = b["input_ids"], b["labels"], b["reset"]
+        assert x.shape == y.shape == r.shape == (4, 64)
+        assert x.dtype == y.dtype == torch.long and r.dtype == torch.bool
+        assert r[:, 0].all()
+        # labels are the next input inside a row, except where masked
+        keep = y[:, :-1] != IGNORE_INDEX
+        assert torch.equal(y[:, :-1][keep], x[:, 1:][keep])
+        # a masked label sits on an EOS input and the next position starts a document
+        masked = y == IGNORE_INDEX
+        assert (x[masked] == EOS).all()
+        assert r[:, 1:][masked[:, :-1]].all()
+        # reset marks exactly the document starts the meta reports (besides position 0)
+        starts = torch.zeros_like(r)
+        for row, segs in enumerate(b["meta"]):
+            for *_k, lo, _hi, at in segs:
+                if lo == 0 and at < 64:
+                    starts[row, at] = True
+        starts[:, 0] = True
+        assert torch.equal(starts, r)
+    # rows overlap by one token: the last target of a row is the next row's first input
+    for b0, b1 in zip(batches, batches[1:]):
+        rows = torch.cat([b0["input_ids"], b1["input_ids"][:1]])
+        last = torch.cat([b0["labels"][:, -1:], b1["labels"][:1, -1:]])
+        for i in range(4):
+            if last[i, 0] != IGNORE_INDEX:
+                assert last[i, 0] == rows[i + 1, 0]
+
+
+def test_batch_contract_concat():
+    batches = take(build_loader(cfg(packing="concat")), 20)
+    for b in batches:
+        assert not b["reset"].any()
+        assert (b["labels"] != IGNORE_INDEX).all()
+        assert torch.equal(b["labels"][:, :-1], b["input_ids"][:, 1:])
+    flat = torch.cat([b["input_ids"] for b in batches]).flatten()
+    assert (flat == EOS).sum() > 5  # documents are separated by EOS
+
+
+def test_packed_documents_are_the_shard_documents():
+    """One full epoch, in-process: every shard sample comes back once, token for token."""
+    loader = build_loader(cfg(epochs=1, return_meta=True, seq_len=128))
+    batches = list(loader)
+    got, problems = doc_hashes(reassemble(batches))
+    assert not problems
+    want = samples_of(shards_dir())
+    assert collections.Counter(got.values()) == collections.Counter(want.values())
+    assert {(k[0], k[1]) for k in got} == set(want)
+    last = batches[-1]
+    assert (last["labels"][-1] == IGNORE_INDEX).any()  # the padded tail of the epoch
+
+
+# -- exactly-once resume ---------------------------------------------------------------
+def _run_chain(chain, seed):
+    """Run one epoch through a chain of (world_size, num_workers) shapes, interrupted at
+    random global steps; returns all batches, the states, and the stages' step counts."""
+    rng = random.Random(seed)
+    state, batches, states = None, [], []
+    for stage, (world, workers) in enumerate(chain):
+        loaders = [build_loader(cfg(epochs=1, return_meta=True, rank=r, world_size=world,
+                                    num_workers=workers, seq_len=96)) for r in range(world)]
+        if state is not None:
+            for ld in loaders:
+                ld.load_state_dict(state)
+        its = [iter(ld) for ld in loaders]
+        last = stage == len(chain) - 1
+        steps = None if last else rng.randint(15, 60)
+        alive = list(range(world))
+        step = 0
+        while alive and (steps is None or step < steps):
+            for r in list(alive):
+                try:
+                    batches.append(next(its[r]))
+                except StopIteration:
+                    alive.remove(r)
+            step += 1
+        del its  # shuts the workers down
+        state = merge_states([ld.local_state_dict() for ld in loaders])
+        state = json.loads(json.dumps(state))  # what a checkpoint stores
+        states.append(state)
+    return batches, states
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_exactly_once_across_world_sizes_and_workers():
+    want = samples_of(shards_dir())
+    chain = [(2, 2), (1, 2), (3, 2), (3, 0)]  # 2 ranks x 2 workers, then 2->1, 1->3, 2->0
+    batches, states = _run_chain(chain, seed=0)
+    got, problems = doc_hashes(reassemble(batches))
+    assert not problems, problems[:5]
+    assert collections.Counter(got.values()) == collections.Counter(want.values())
+    assert sorted((k[0], k[1]) for k in got) == sorted(want)
+    for st in states:
+        assert len(json.dumps(st)) < 4000 * (st["world_size"] * max(1, st["num_workers"]))
+
+
+def test_exactly_once_in_process_many_resumes():
+    """Resume after every few steps with shapes changing each time (no workers: fast)."""
+    want = samples_of(shards_dir())
+    chain = [(1, 0), (4, 0), (2, 0), (3, 0), (1, 0), (2, 0)]
+    batches, _ = _run_chain(chain, seed=3)
+    got, problems = doc_hashes(reassemble(batches))
+    assert not problems, problems[:5]
+    assert collections.Counter(got.values()) == collections.Counter(want.values())
+
+
+@pytest.mark.multiprocess
+def test_same_shape_resume_is_bitwise_identical():
+    c = cfg(num_workers=2, world_size=2)
+    straight = [take(build_loader(c, rank=r), 24) for r in range(2)]
+    first = [build_loader(c, rank=r) for r in range(2)]
+    part = [take(ld, 9) for ld in first]
+    state = json.loads(json.dumps(merge_states([ld.local_state_dict() for ld in first])))
+    again = [build_loader(c, rank=r) for r in range(2)]
+    for ld in again:
+        ld.load_state_dict(state)
+    rest = [take(ld, 15) for ld in again]
+    for r in range(2):
+        resumed = part[r] + rest[r]
+        for a, b in zip(straight[r], resumed, strict=True):
+            for k in ("input_ids", "labels", "reset"):
+                assert torch.equal(a[k], b[k])
+
+
+def test_iterating_again_continues():
+    ld = build_loader(cfg())
+    a = take(ld, 5) + take(ld, 5)
+    b = take(build_loader(cfg()), 10)
+    for x, y in zip(a, b):
+        assert torch.equal(x["input_ids"], y["input_ids"])
+
+
+def test_epochs_visit_everything_in_new_orders():
+    batches = list(build_loader(cfg(epochs=2, return_meta=True, seq_len=256)))
+    got, problems = doc_hashes(reassemble(batches))
+    assert not problems
+    by_epoch = collections.defaultdict(list)
+    for (_shard, _idx, epoch), h in got.items():
+        by_epoch[epoch].append(h)
+    want = collections.Counter(samples_of(shards_dir()).values())
+    assert set(by_epoch) == {0, 1}
+    assert all(collections.Counter(v) == want for v in by_epoch.values())
+    order = {}
+    for b in batches:
+        for row in b["meta"]:
+            for _s, e, url, *_ in row:
+                order.setdefault(e, [])
+                if url not in order[e]:
+                    order[e].append(url)
+    assert order[0] != order[1]
+
+
+def test_mixing_by_weight():
+    other = shards_dir(files=12, shard_tokens=3000)
+    sources = [{"url": shards_dir(), "weight": 0.7, "name": "a"},
+               {"url": other, "weight": 0.3, "name": "b"}]
+    ld = build_loader(cfg(sources=sources, return_meta=True, seq_len=32))
+    docs = collections.Counter()
+    for b in take(ld, 400):
+        for row in b["meta"]:
+            for src, _e, _u, _i, lo, _hi, _at in row:
+                if lo == 0:
+                    docs[src] += 1
+    frac = docs[0] / (docs[0] + docs[1])
+    assert 0.62 < frac < 0.78, docs
+    st = ld.state_dict()
+    assert st["sources"] == ["a", "b"]
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="unknown loader config keys"):
+        LoaderConfig.from_dict({**cfg(), "seqlen": 5})
+    with pytest.raises(ValueError, match="shards but the loader runs"):
+        build_loader(cfg(world_size=40, rank=0, num_workers=2))
+    with pytest.raises(ValueError, match="packing"):
+        build_loader(cfg(packing="nope"))
+    a = build_loader(cfg())
+    b = build_loader(cfg(seed=2))
+    with pytest.raises(ValueError, match="seed"):
+        b.load_state_dict(a.state_dict())
+
+
+@pytest.mark.multiprocess
+def test_state_dict_all_gathers_over_gloo(tmp_path):
+    import torch.multiprocessing as mp
+
+    port = _free_port()
+    mp.start_processes(_gloo_worker, args=(2, port, str(tmp_path), shards_dir()), nprocs=2,
+                       join=True, start_method="spawn")
+    s0 = json.loads((tmp_path / "state0.json").read_text())
+    s1 = json.loads((tmp_path / "state1.json").read_text())
+    assert s0 == s1 and s0["world_size"] == 2 and len(s0["slots"]) == 2
+    # the gathered state resumes a single-rank loader that reads the rest exactly once
+    ld = build_loader(cfg(epochs=1, return_meta=True))
+    ld.load_state_dict(s0)
+    seen = [torch.load(tmp_path / f"batches{r}.pt", weights_only=False) for r in range(2)]
+    got, problems = doc_hashes(reassemble(seen[0] + seen[1] + list(ld)))
+    assert not problems
+    want = samples_of(shards_dir())
+    assert collections.Counter(got.values()) == collections.Counter(want.values())
+
+
+def _gloo_worker(rank, world, port, out, folder):
+    import torch.distributed as dist
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    ld = build_loader(cfg(sources=folder, epochs=1, return_meta=True, rank=rank,
+                          world_size=world))
+    batches = take(ld, 7 + rank)
+    state = ld.state_dict()
+    with open(os.path.join(out, f"state{rank}.json"), "w") as f:
+        json.dump(state, f)
+    torch.save(batches, os.path.join(out, f"batches{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- sources -----------------------------------------------------------------------------
+def _epoch_ids(source, **kw):
+    ld = build_loader(cfg(sources=source, epochs=1, seq_len=128, **kw))
+    return torch.cat([b["input_ids"] for b in ld])
+
+
+@pytest.mark.integration
+def test_http_and_pipe_sources_match_local_folder():
+    folder = shards_dir()
+    n = len(shard_paths(folder))
+    local = _epoch_ids(folder)
+    braces = f"shard-{{000000..{n - 1:06d}}}.tar"
+    assert torch.equal(local, _epoch_ids(os.path.join(folder, braces)))
+    with HttpServer(folder) as srv:
+        assert torch.equal(local, _epoch_ids(f"{srv.url}/{braces}"))
+        # the manifest names the shards and their digests (checked while streaming)
+        assert torch.equal(_epoch_ids(folder, num_workers=2),
+                           _epoch_ids(f"{srv.url}/manifest.json", num_workers=2))
+    assert torch.equal(local, _epoch_ids(f"pipe:cat {folder}/{braces}"))
+
+
+def test_webdataset_library_reads_the_shards():
+    import webdataset as wds
+
+    path = shard_paths(shards_dir())[0]
+    n = 0
+    for sample in wds.WebDataset(path, shardshuffle=False):
+        ids = np.frombuffer(sample["tokens.u16"], "<u2")
+        assert ids.size > 0 and int(ids.max()) < 512
+        assert sample["source.txt"].decode().startswith(os.path.dirname(stdlib_files(1)[0]))
+        n += 1
+    assert n == json.load(open(os.path.join(shards_dir(), "manifest.json")))["shards"][0][
+        "samples"]
+
+
+def test_validation_split_source(tmp_path):
+    from data import prepare_shards
+
+    out = str(tmp_path / "s")
+    prepare_shards(stdlib_files(6), tokenizer_dir(), out, text_mode="paragraph", shard_tokens=4000,
+            val_fraction=0.2, progress=False)
+    val = build_loader({"sources": out + "#val", "seq_len": 32, "micro_batch_size": 2,
+                        "epochs": 1, "return_meta": True})
+    urls = {seg[2] for b in val for row in b["meta"] for seg in row}
+    assert urls and all("/val/" in u for u in urls)
+
+
+# -- faults ------------------------------------------------------------------------------
+def _corrupt_copy(tmp_path, how: str) -> tuple[str, str]:
+    src = shards_dir()
+    dst = str(tmp_path / how)
+    shutil.copytree(src, dst)
+    victim = shard_paths(dst)[5]
+    data = bytearray(open(victim, "rb").read())
+    if how == "header":
+        data[1024 + 130] ^= 0x5A  # inside the size field of the second member's header
+    elif how == "truncate":
+        data = data[: len(data) // 2 + 7]
+    elif how == "data":
+        data[512] ^= 0x01  # low byte of the first token id: still a valid id
+    open(victim, "wb").write(bytes(data))
+    return dst, victim
+
+
+@pytest.mark.parametrize("how,match", [("header", "corrupt tar header"),
+                                       ("truncate", "truncated"),
+                                       ("data", "sha256 mismatch")])
+def test_corrupt_shard_is_named(tmp_path, how, match):
+    folder, victim = _corrupt_copy(tmp_path, how)
+    with pytest.raises(ShardError, match=match) as ei:
+        list(build_loader(cfg(sources=folder, epochs=1, seq_len=256)))
+    assert ei.value.shard.endswith(os.path.basename(victim))
+    assert os.path.basename(victim) in str(ei.value)
+    if how != "data":
+        assert ei.value.offset is not None and f"byte offset {ei.value.offset}" in str(ei.value)
+        assert 0 < ei.value.offset <= os.path.getsize(victim)
+
+
+@pytest.mark.parametrize("how", ["header", "truncate"])
+def test_corrupt_shard_skipped_and_counted(tmp_path, how):
+    folder, victim = _corrupt_copy(tmp_path, how)
+    ld = build_loader(cfg(sources=folder, epochs=1, seq_len=256, on_error="skip",
+                          return_meta=True))
+    with pytest.warns(RuntimeWarning, match="skipping shard"):
+        batches = list(ld)
+    assert ld.stats["skipped_shards"] == 1
+    assert os.path.basename(victim) in ld.stats["last_error"]
+    got, _ = doc_hashes(reassemble(batches))
+    want = samples_of(shards_dir())
+    others = {k: v for k, v in want.items() if k[0] != os.path.basename(victim)}
+    got_other = {(k[0], k[1]): v for k, v in got.items() if k[0] != os.path.basename(victim)}
+    assert got_other == others
+    assert ld.state_dict()["slots"][0]["stats"]["skipped_shards"] == 1
+
+
+def test_unreachable_url_is_retried_then_named():
+    port = _free_port()  # nothing listens there
+    url = f"http://127.0.0.1:{port}/shard-{{0..3}}.tar"
+    ld = build_loader(cfg(sources=url, retries=2, retry_backoff=0.05, epochs=1))
+    t0 = time.time()
+    with pytest.raises(SourceError, match=f"127.0.0.1:{port}/shard-") as ei:
+        next(iter(ld))
+    assert time.time() - t0 >= 0.05 + 0.1  # two backoffs: 0.05 s, then 0.1 s
+    assert "after 3 attempts" in str(ei.value)
+    ld = build_loader(cfg(sources=url, retries=1, retry_backoff=0.01, epochs=1,
+                          on_error="skip"))
+    with pytest.warns(RuntimeWarning):
+        assert list(ld) == []
+    assert ld.stats["skipped_shards"] == 4 and ld.stats["retries"] == 4
+
+
+def test_failing_pipe_command_is_an_error(tmp_path):
+    ld = build_loader(cfg(sources=f"pipe:cat {tmp_path}/missing-{{0..3}}.tar", epochs=1))
+    with pytest.raises(ShardError, match="exited with status"):
+        next(iter(ld))
+
+
+def test_loader_state_is_small_and_json(tmp_path):
+    ld = TokenLoader(cfg())
+    take(ld, 3)
+    st = ld.state_dict()
+    text = json.dumps(st)
+    assert len(text) < 4000
+    assert json.loads(text) == st
