@@ -344,6 +344,7 @@ class _LiveTracker(Tracker):
         self._pending_loaded = False
         self._attached = False
         self._abandoned = False
+        self._finished = False
         self._down_since: float | None = None
         self._first_attempt = threading.Event()
         self._closed = False
@@ -364,6 +365,7 @@ class _LiveTracker(Tracker):
             except OSError as e:
                 self._warn_once("jsonl-trunc", "could not truncate %s: %s", self._metrics_path, e)
         self._load_pending()
+        self.run_id = self._target_run_id  # a resumed run exists even if the store is away
         self._tags.update({_clean_key(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items()})
         try:
             self._jsonl = open(self._metrics_path, "a", encoding="utf-8")
@@ -383,7 +385,8 @@ class _LiveTracker(Tracker):
         if uri:
             return uri, False
         try:
-            import sqlalchemy  # noqa: F401  (the SQL store needs it; mlflow-skinny lacks it)
+            import alembic  # noqa: F401  (the SQL store needs both; mlflow-skinny has neither)
+            import sqlalchemy  # noqa: F401
 
             db = (self.run_dir / LOCAL_DB_FILE).resolve()
             return f"sqlite:///{db}", True
@@ -409,20 +412,20 @@ class _LiveTracker(Tracker):
             self._warn_once("pending-read", "ignoring unreadable %s: %s", self._pending_path, e)
             return
         pend_run = data.get("run_id")
-        if data.get("uri") != self.uri:
-            log.warning("tracking: %s is for another store (%s); left as is",
-                        self._pending_path, data.get("uri"))
+        resuming = self.resume_step is not None or self._target_run_id is not None
+        same_run = pend_run is None or self._target_run_id in (None, pend_run)
+        if data.get("uri") != self.uri or not resuming or not same_run:
+            # not ours to send (another store, another run, or a fresh start): set aside
+            stale = self._pending_path.with_name(f"mlflow_pending.stale-{int(time.time())}.json")
+            log.warning("tracking: %s (run %s at %s) is not for this run; moved to %s",
+                        self._pending_path, pend_run, data.get("uri"), stale.name)
+            try:
+                os.replace(self._pending_path, stale)
+            except OSError:
+                pass
             return
-        if self._target_run_id is None and pend_run is not None:
-            if self.resume_step is None:
-                log.warning("tracking: %s belongs to run %s, this is a new run; left as is",
-                            self._pending_path, pend_run)
-                return
+        if self._target_run_id is None:
             self._target_run_id = pend_run
-        elif pend_run is not None and pend_run != self._target_run_id:
-            log.warning("tracking: %s belongs to run %s, not %s; left as is",
-                        self._pending_path, pend_run, self._target_run_id)
-            return
         pts = [
             (str(k), float(v), int(ts), int(s))
             for k, v, ts, s in data.get("metrics", [])
@@ -525,12 +528,12 @@ class _LiveTracker(Tracker):
         deadline = time.monotonic() + max(0.0, timeout)
         self._queue.put(("close", status, deadline))
         self._thread.join(max(0.0, timeout) + 1.0)
-        if self._thread.is_alive():  # stuck in a request: keep what is not confirmed sent
+        if not self._finished:  # stuck in a request (or died): keep what is not sent
             with self._lock:
                 self._abandoned = True
                 self._drain_nowait()
                 self._write_pending()
-            log.warning("tracking: close timed out after %.0fs; unsent data kept in %s",
+            log.warning("tracking: close did not complete in %.0fs; unsent data kept in %s",
                         timeout, self._pending_path)
 
     def _atexit(self) -> None:
@@ -669,6 +672,7 @@ class _LiveTracker(Tracker):
                     self._pending_path.unlink()
                 except OSError:
                     pass
+            self._finished = True
 
     def _write_pending(self) -> None:
         """Write unsent items (caller holds the lock)."""

@@ -242,6 +242,67 @@ def test_local_store_without_server(tmp_path: Path) -> None:
     assert not (run_dir / PENDING_FILE).exists()
 
 
+def test_store_away_costs_a_warning_not_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens at the URI: create, logging and close are quick; the resumed run's
+    id stays known; what was not sent is kept in the pending file; a fresh start later in
+    the same folder sets that file aside instead of sending it to the wrong run."""
+    caplog.set_level(logging.WARNING, logger="pretrain.tracking")
+    run_dir = tmp_path / "run"
+    (tmp_path / "config.yaml").write_text("a: 1\n")
+    uri = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    t = Tracker.create(rank=0, run_dir=run_dir, uri=uri, experiment="e", run_name="r",
+                       run_id="0123456789abcdef", resume_step=0, **FAST)
+    assert t.run_id == "0123456789abcdef"
+    t.log_params({"seed": 1})
+    t.log_artifact(tmp_path / "config.yaml")
+    assert log_steps(t, range(1, 6)) < 0.25
+    assert not t.flush(timeout=5)
+    t.close("KILLED", timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert len(outage_warnings(caplog)) == 1
+    pending = json.loads((run_dir / PENDING_FILE).read_text())
+    assert pending["run_id"] == "0123456789abcdef" and pending["uri"] == uri
+    assert [(m[0], m[3]) for m in pending["metrics"] if m[0] == "loss"] == [
+        ("loss", s) for s in range(1, 6)]  # fmt: skip
+    assert pending["params"] == {"seed": "1"}
+    assert pending["artifacts"] == [[str((tmp_path / "config.yaml").resolve()), None]]
+    assert [r["step"] for r in jsonl_rows(run_dir)] == [1, 2, 3, 4, 5]
+
+    fresh = Tracker.create(rank=0, run_dir=run_dir, uri=uri, experiment="e", run_name="r2",
+                           start_wait=0.0, **FAST)
+    assert fresh.run_id is None
+    fresh.close(timeout=5)
+    assert not (run_dir / PENDING_FILE).exists()
+    assert len(list(run_dir.glob("mlflow_pending.stale-*.json"))) == 1
+
+
+def test_hung_store_never_blocks_the_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that accepts connections and never answers (a hung host): requests time
+    out on the worker thread only; create honours start_wait, close honours its timeout."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    run_dir = tmp_path / "run"
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)  # connections complete in the backlog, nobody reads them
+        uri = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        t0 = time.monotonic()
+        t = Tracker.create(rank=0, run_dir=run_dir, uri=uri, experiment="e", run_name="r",
+                           start_wait=0.5, **FAST)
+        assert time.monotonic() - t0 < 1.5
+        assert log_steps(t, range(1, 21)) < 0.25
+        t0 = time.monotonic()
+        t.close(timeout=1.0)
+        assert time.monotonic() - t0 < 3.5
+        pending = json.loads((run_dir / PENDING_FILE).read_text())
+        assert sorted({m[3] for m in pending["metrics"]}) == list(range(1, 21))
+        assert pending["run_id"] is None
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_backfills_and_dedups(tmp_path: Path) -> None:
     """A SIGKILLed process with unsent points; the resume sends each step exactly once."""
