@@ -23,8 +23,9 @@ What the live tracker does
   (and one line when it is back), never an exception: points stay buffered in order and
   are sent when it returns. At :meth:`Tracker.close` whatever could not be sent (metrics,
   params, tags, artifacts) is written to ``<run_dir>/mlflow_pending.json`` and sent by the
-  next tracker created for the same run. Close does not wait out an outage: if the server
-  is already down it tries once and writes the pending file.
+  next tracker created for the same run. Close does not wait out an outage: one try if
+  the server is already known to be away, else up to three quick tries (all within the
+  close timeout), then the pending file. A forked child never closes the parent's run.
 * **Run record.** The run id is written to ``<run_dir>/mlflow_run.json`` once the run
   exists. A resume (``resume_step`` given) without a ``run_id`` (the checkpoint was written
   before the server ever answered) continues the recorded run when the store is the same.
@@ -84,6 +85,7 @@ MAX_KEY_LENGTH = 250
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_ARTIFACT_TRIES = 8
+CLOSE_TRIES = 3
 
 # error codes that mean "this request is wrong", not "the server is away": never retried
 _PERMANENT_ERRORS = frozenset(
@@ -330,6 +332,7 @@ class _LiveTracker(Tracker):
         self._max_backoff = max_backoff
         self._max_points = max_buffered_points
         self._t0_ms = int(time.time() * 1000)
+        self._pid = os.getpid()  # a forked child (data workers) must not close the run
 
         # state shared with the worker thread (buffers are guarded by _lock)
         self._lock = threading.Lock()
@@ -514,7 +517,7 @@ class _LiveTracker(Tracker):
 
         ``status`` is FINISHED, FAILED or KILLED. Unsent items go to the pending file.
         """
-        if self._closed:
+        if self._closed or os.getpid() != self._pid:
             return
         self._closed = True
         atexit.unregister(self._atexit)
@@ -637,18 +640,20 @@ class _LiveTracker(Tracker):
                 f.event.set()
 
     def _finish(self, status: str, deadline: float, flushes: list[_FlushRequest]) -> None:
-        """Close-time flush: retry until the deadline unless already in an outage."""
-        was_down = self._down_since is not None
-        backoff = min(self._min_backoff, 0.5)
+        """Close-time flush: send until done or the deadline; do not wait out an outage
+        (one try if the store was already away, else CLOSE_TRIES with a short backoff)."""
+        tries = 1 if self._down_since is not None else CLOSE_TRIES
+        backoff = 0.25
         ok = False
-        while True:
+        for i in range(tries):
             ok = self._attempt(deadline=deadline)
-            if (ok and not self._has_work()) or was_down or self._abandoned:
+            if (ok and not self._has_work()) or self._abandoned or i == tries - 1:
                 break
-            if time.monotonic() + backoff >= deadline:
-                break
-            time.sleep(backoff)
-            backoff = min(backoff * 2.0, 4.0)
+            if not ok:
+                if time.monotonic() + backoff >= deadline:
+                    break
+                time.sleep(backoff)
+                backoff *= 2.0
         for f in flushes:
             f.ok = ok and not self._has_work()
             f.event.set()
