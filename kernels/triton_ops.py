@@ -35,7 +35,8 @@ from . import triton_slstm as ts
 
 MAX_DQK = 256
 BLOCK_T_MAX = 64  # query/key tile inside a chunk (a chunk of 128 runs as 2 x 2 tiles)
-BLOCK_V_MAX = 64  # DV block per program; larger DV is split across programs
+BLOCK_T_BWD_MAX = 64  # the same for the backward's dk/dv and dq passes (32 for DQK 256)
+BLOCK_V_MAX = 128  # DV block per program; larger DV is split across programs
 BLOCK_K_MAX = 64  # DQK block of the state passes
 POISON = False  # tests: fill every output buffer with NaN / a bad index before a launch
 
@@ -52,6 +53,12 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     if dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.full(shape, -(2**30), dtype=dtype, device=device)
+
+
+def _opts(BD: int) -> dict:
+    """Launch options (ignored by the interpreter): more warps and fewer pipeline stages
+    for the wide tiles of DQK 128..256, so that registers and shared memory fit."""
+    return {"num_warps": 8 if BD >= 128 else 4, "num_stages": 2 if BD >= 256 else 3}
 
 
 def _pow2(x: int, lo: int = 16) -> int:
@@ -171,7 +178,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
         tm.mlstm_fwd_state_kernel[(BH, NKB, NVB)](
             kc, vc, ig, bc, segc, carc, C0c, n0c, m0c, cs, ns, ms, amax_c,
             S, SP, NH, NC, L, DQK, DV,
-            BK=BK, BV=BV, BT=BT, HAS_INIT=has_init, HAS_RESET=has_reset, UPCAST=up,
+            BK=BK, BV=BV, BT=BT, HAS_INIT=has_init, HAS_RESET=has_reset, UPCAST=up, **_opts(BK),
         )
         h = _empty((BH, S, DV), f32, dev)
         mpos = _empty((BH, SP), f32, dev)
@@ -181,7 +188,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
         tm.mlstm_fwd_out_kernel[(NC * NT, NVB, BH)](
             qc, kc, vc, ig, bc, segc, carc, cs, ns, ms, h, mpos, den, amax_p,
             scale, eps, S, SP, NH, NC, L, DQK, DV, NT,
-            BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up,
+            BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
         )
         ctx.save_for_backward(qc, kc, vc, ig, bc, seg, carry, cs, ns, ms, amax_c, h, mpos, den,
                               amax_p)
@@ -233,8 +240,12 @@ class _MLSTMChunkFn(torch.autograd.Function):
             dcn, dnn, dc0, dn0, dlogw,
             scale, S, SP, NH, NC, L, DQK, DV, NKB, NVB,
             BK=BK, BV=BV, BT=BT, HAS_DLAST=has_dlast, HAS_RESET=has_reset, UPCAST=up,
+            **_opts(BK),
         )
-        # --- key side and query side of every chunk, in parallel
+        # --- key side and query side of every chunk, in parallel (narrower query/key tiles
+        # for DQK 256: the backward holds (tile, DQK) accumulators)
+        BT = min(BT, BLOCK_T_BWD_MAX, 32 if BD >= 256 else BT)
+        NT = triton.cdiv(L, BT)
         dk_p = _empty((NVB, BH, S, DQK), f32, dev)
         dv = _empty((BH, S, DV), f32, dev)
         xs_p = _empty((NVB, BH, SP), f32, dev)
@@ -243,7 +254,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
             qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dden, dh, dcn, dnn, ms,
             dk_p, dv, xs_p, gs_p,
             scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
-            BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up,
+            BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
         )
         dq_p = _empty((NVB, BH, S, DQK), f32, dev)
         ys_p = _empty((NVB, BH, SP), f32, dev)
@@ -252,7 +263,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
             qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dden, dh, cs, ns, ms,
             dq_p, ys_p, ws_p,
             scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
-            BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up,
+            BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
         )
         dq = dq_p.sum(0)
         dk = dk_p.sum(0)

@@ -119,10 +119,12 @@ def test_chunkwise_fp32_matches_oracle(S, L, init, reset):
 
 
 def test_chunkwise_dv_and_dqk_split_across_programs(monkeypatch):
-    """Small blocks: DV in 3 programs, DQK in 2 state-pass blocks, 3 tiles per chunk."""
+    """Small blocks: DV in 3 programs, DQK in 2 state-pass blocks, a chunk of 48 in 2 tiles
+    of 32 (the second masked) forward and 3 tiles of 16 backward."""
     monkeypatch.setattr(triton_ops, "BLOCK_V_MAX", 16)
     monkeypatch.setattr(triton_ops, "BLOCK_K_MAX", 16)
-    monkeypatch.setattr(triton_ops, "BLOCK_T_MAX", 16)
+    monkeypatch.setattr(triton_ops, "BLOCK_T_MAX", 32)
+    monkeypatch.setattr(triton_ops, "BLOCK_T_BWD_MAX", 16)
     check_chunkwise(1, 2, 70, 32, 48, 48, True, True)
 
 
