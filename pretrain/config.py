@@ -1,0 +1,284 @@
+"""The one resolved training config: YAML preset + dotted overrides, checked
+before any compute.
+
+    cfg = load_train_config("configs/tiny.yaml", ["optimizer.lr=3e-3", "train.steps=20"])
+
+Every section is a dataclass; unknown keys (with the closest valid name),
+wrong types and inconsistent values fail with one ValueError line naming the
+key. The `model:` section is checked by `model.load_model_config`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from model import ModelConfig, config_to_dict, load_model_config
+from model.config import _build as build_dataclass  # the shared dataclass checker
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    """Shard source specs (folder, glob, brace range, http(s) URL, `pipe:` command);
+    several are mixed by `train_weights`."""
+    train_weights: list[float] | None = None
+    """Mixing weights of the `train` sources (null: equal)."""
+    val: str | None = None
+    """Validation shard source spec, or null for no validation."""
+    tokenizer: str = ""
+    """Folder of the SentencePiece tokenizer (copied into every checkpoint)."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    packing: Literal["pack", "concat"] = "pack"
+    """pack: documents packed with an EOS between them, the recurrent state reset
+    at each document start; concat: plain concatenation, no resets."""
+    num_workers: int = 0
+    shuffle_buffer: int = 1024
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    """Optimizer steps in the whole run."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one rank."""
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0
+    log_every: int = 10
+    max_nonfinite_steps: int = 3
+    """Stop with an error after this many non-finite steps in a row."""
+    seed: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    no_decay: list[str] = field(default_factory=lambda: ["norm", "bias", "embedding"])
+    """Parameter kinds without weight decay: norm, bias (gate biases included),
+    embedding."""
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of optimizer.lr."""
+    decay_fraction: float = 0.2
+    """wsd: the last fraction of the steps that decays linearly."""
+
+
+@dataclass
+class DistributedConfig:
+    backend: Literal["none", "fsdp", "deepspeed"] = "none"
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1, 2 or 3."""
+    precision: Literal["bf16", "fp32"] = "fp32"
+    """bf16: bf16 parameters in compute with fp32 reductions and master weights."""
+    activation_checkpointing: bool = False
+    compile: bool = False
+    timeout_s: int = 600
+    """Collective timeout: a dead rank takes the job down after this long."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    keep: int = 2
+    dir: str | None = None
+    """Default: <run_dir>/checkpoints."""
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    """MLflow tracking URI; null: MLFLOW_TRACKING_URI, else a local store in the run dir."""
+    experiment: str = "xlstm-pretrain"
+    run_name: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Validation every N steps (0: only at the end)."""
+    batches: int = 8
+    """Validation micro batches per rank."""
+
+
+@dataclass
+class HardwareConfig:
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; null: measured with a matmul at start."""
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return load_model_config(self.model)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run_dir) / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["model"] = config_to_dict(self.model_config)
+        return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=VALUE' -> (['a', 'b', 'c'], VALUE parsed as YAML)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r}: expected KEY.SUB=VALUE")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ValueError(f"override {text!r}: empty key part")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = doc
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"override {text!r}: {part} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return doc
+
+
+def load_train_config(
+    source: str | Path | dict[str, Any], overrides: list[str] | None = None,
+    world_size: int | None = None,
+) -> TrainConfig:
+    """Read, override and check a training config. `world_size` (default: the
+    WORLD_SIZE environment variable, else 1) is used for the batch arithmetic."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"config: file {str(path)!r} does not exist")
+        with open(path) as fh:
+            doc = yaml.safe_load(fh) or {}
+        if not isinstance(doc, dict):
+            raise ValueError(f"config {path}: expected a mapping at the top level")
+    else:
+        doc = copy.deepcopy(dict(source))
+    doc = apply_overrides(doc, list(overrides or []))
+    if "model" not in doc:
+        raise ValueError("model: missing section, allowed values: a model config (see configs/)")
+    model_section = doc.pop("model")
+    model_cfg = load_model_config({"model": model_section})
+    # TrainConfig's own sections are checked like the model's; the model is kept resolved
+    sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    kwargs: dict[str, Any] = {"model": config_to_dict(model_cfg)}
+    for key, value in doc.items():
+        if key not in sections:
+            close = difflib.get_close_matches(str(key), list(sections), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{key}: unknown section{hint} allowed: {list(sections)}")
+        if key == "run_dir":
+            if not isinstance(value, str):
+                raise ValueError(f"run_dir: expected a string, got {value!r}")
+            kwargs[key] = value
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        kwargs[key] = build_dataclass(sections[key].default_factory, value, key)
+    cfg = TrainConfig(**kwargs)
+    check_train_config(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    return cfg
+
+
+def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
+    return world_size
+
+
+def check_train_config(cfg: TrainConfig, world_size: int) -> None:
+    """Consistency checks that the types alone cannot express."""
+    t, d = cfg.train, cfg.distributed
+    for name in ("steps", "global_batch_size", "micro_batch_size", "grad_accum", "log_every"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name}: got {getattr(t, name)}, allowed values: >= 1")
+    dp = data_parallel_size(cfg, world_size)
+    if t.global_batch_size != t.micro_batch_size * t.grad_accum * dp:
+        raise ValueError(
+            f"train.global_batch_size: got {t.global_batch_size}, but micro_batch_size x grad_accum x "
+            f"data-parallel size = {t.micro_batch_size} x {t.grad_accum} x {dp} = "
+            f"{t.micro_batch_size * t.grad_accum * dp}"
+        )
+    if d.backend == "deepspeed" and d.zero_stage not in (1, 2, 3):
+        raise ValueError(f"distributed.zero_stage: got {d.zero_stage}, allowed values: 1, 2, 3")
+    if d.backend == "none" and world_size > 1:
+        raise ValueError(
+            f"distributed.backend: got 'none' with {world_size} processes, allowed values: fsdp, deepspeed"
+        )
+    if cfg.data.seq_len < 1:
+        raise ValueError(f"data.seq_len: got {cfg.data.seq_len}, allowed values: >= 1")
+    if cfg.checkpoint.keep < 2:
+        raise ValueError(f"checkpoint.keep: got {cfg.checkpoint.keep}, allowed values: >= 2")
+    if cfg.checkpoint.every < 1:
+        raise ValueError(f"checkpoint.every: got {cfg.checkpoint.every}, allowed values: >= 1")
+    if cfg.schedule.warmup_steps < 0 or cfg.schedule.warmup_steps > t.steps:
+        raise ValueError(
+            f"schedule.warmup_steps: got {cfg.schedule.warmup_steps}, allowed values: 0..train.steps={t.steps}"
+        )
+    if not 0 <= cfg.schedule.min_lr_ratio <= 1:
+        raise ValueError(f"schedule.min_lr_ratio: got {cfg.schedule.min_lr_ratio}, allowed values: 0..1")
+    if not 0 < cfg.schedule.decay_fraction <= 1:
+        raise ValueError(f"schedule.decay_fraction: got {cfg.schedule.decay_fraction}, allowed values: (0, 1]")
+    kinds = {"norm", "bias", "embedding"}
+    for kind in cfg.optimizer.no_decay:
+        if kind not in kinds:
+            raise ValueError(f"optimizer.no_decay: got {kind!r}, allowed values: {sorted(kinds)}")
+    if len(cfg.optimizer.betas) != 2:
+        raise ValueError(f"optimizer.betas: got {cfg.optimizer.betas}, allowed values: [beta1, beta2]")
+    if not cfg.data.train:
+        raise ValueError("data.train: missing, allowed values: a list of shard source specs (folder, glob, URL, pipe:)")
+    if cfg.data.train_weights is not None and len(cfg.data.train_weights) != len(cfg.data.train):
+        raise ValueError(
+            f"data.train_weights: got {len(cfg.data.train_weights)} weights for {len(cfg.data.train)} sources"
+        )
+    if not cfg.data.tokenizer:
+        raise ValueError("data.tokenizer: missing, allowed values: a tokenizer folder")
+
+
+def save_resolved(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    os.replace(tmp, path)
