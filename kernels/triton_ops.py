@@ -37,6 +37,7 @@ MAX_DQK = 256
 BLOCK_T_MAX = 64  # query/key tile inside a chunk (a chunk of 128 runs as 2 x 2 tiles)
 BLOCK_T_BWD_MAX = 64  # the same for the backward's dk/dv and dq passes (32 for DQK 256)
 BLOCK_V_MAX = 128  # DV block per program; larger DV is split across programs
+BLOCK_V_BWD_MAX = 64  # the same for the backward passes
 BLOCK_K_MAX = 64  # DQK block of the state passes
 POISON = False  # tests: fill every output buffer with NaN / a bad index before a launch
 
@@ -211,6 +212,8 @@ class _MLSTMChunkFn(torch.autograd.Function):
         has_reset = seg is not None
         up = _interpret()
         scale = DQK**-0.5
+        BV = min(BV, BLOCK_V_BWD_MAX)  # the backward holds more tiles: narrower DV blocks
+        NVB = triton.cdiv(DV, BV)
         igf = ig.view(BH, SP)
         bcf = bc.view(BH, SP)
         segc = seg if has_reset else igf

@@ -119,9 +119,11 @@ def test_chunkwise_fp32_matches_oracle(S, L, init, reset):
 
 
 def test_chunkwise_dv_and_dqk_split_across_programs(monkeypatch):
-    """Small blocks: DV in 3 programs, DQK in 2 state-pass blocks, a chunk of 48 in 2 tiles
-    of 32 (the second masked) forward and 3 tiles of 16 backward."""
-    monkeypatch.setattr(triton_ops, "BLOCK_V_MAX", 16)
+    """Small blocks: DV in 2 programs forward (one masked) and 3 backward, DQK in 2
+    state-pass blocks, a chunk of 48 in 2 tiles of 32 (the second masked) forward and 3
+    tiles of 16 backward."""
+    monkeypatch.setattr(triton_ops, "BLOCK_V_MAX", 32)
+    monkeypatch.setattr(triton_ops, "BLOCK_V_BWD_MAX", 16)
     monkeypatch.setattr(triton_ops, "BLOCK_K_MAX", 16)
     monkeypatch.setattr(triton_ops, "BLOCK_T_MAX", 32)
     monkeypatch.setattr(triton_ops, "BLOCK_T_BWD_MAX", 16)
@@ -327,3 +329,25 @@ def test_slstm_step_via_triton_equals_torch_step():
         assert rel(a, b) < 1e-5
     with pytest.raises(ValueError, match=r"^x: .*float64"):
         kernels.slstm_sequence(x[:, :, None].double(), R, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------
+# the GPU benchmark script, dry run (the GPU box starts bare: the script must not break)
+# ----------------------------------------------------------------------------------------
+
+
+def test_gpu_benchmark_cpu_dry_run(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "kernels_gpu.py"), "--cpu-dry-run",
+         "--seqlens", "64", "--chunks", "64", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = next(tmp_path.glob("kernels_gpu-*.md")).read_text()
+    assert "| ours triton chunk=64 |" in text and "| sdpa causal |" in text
+    assert "| NO |" not in text
