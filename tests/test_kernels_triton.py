@@ -130,6 +130,13 @@ def test_chunkwise_dv_and_dqk_split_across_programs(monkeypatch):
     check_chunkwise(1, 2, 70, 32, 48, 48, True, True)
 
 
+@pytest.mark.parametrize("DQK,DV", [(256, 20), (40, 136)])
+def test_chunkwise_head_dims(DQK, DV):
+    """The widest DQK (256), a DQK that is not a power of two, and a DV above one block
+    at the default block sizes (2 programs forward, 3 backward)."""
+    check_chunkwise(1, 1, 19, DQK, DV, 16, True, True)
+
+
 @pytest.mark.parametrize("i_shift,eps", [(4.0, 0.05), (-10.0, 1e-6)])
 def test_chunkwise_stabilizer_paths(i_shift, eps):
     """Large input gates with a large eps make the path through every max (eps * exp(m))
