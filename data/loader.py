@@ -75,6 +75,8 @@ class LoaderConfig:
     epochs: None streams forever; an int ends after that many epochs (the
         last batch of each slot is padded: input pad_id, label -100).
     on_error: "raise" or "skip" (skip a corrupt/unreachable shard, warn, count).
+    prefetch_factor, batches_per_transfer: each worker sends groups of this many
+        micro-batches (fewer messages), and keeps prefetch_factor groups in flight.
     """
 
     sources: Any
@@ -97,6 +99,7 @@ class LoaderConfig:
     timeout: float = 30.0
     verify_sha256: bool = True
     prefetch_factor: int = 4
+    batches_per_transfer: int = 4
     pin_memory: bool = False
     return_meta: bool = False
 
@@ -328,7 +331,7 @@ class _Slot:
                     raise
                 self.skipped(e)
         while not st["done"]:
-            flat = np.full(need, pad, dtype=np.int64)
+            flat = np.full(need, pad, dtype=np.int32)
             start = np.zeros(need, dtype=bool)
             real = np.zeros(need, dtype=bool)
             pos = 0
@@ -368,20 +371,26 @@ class _Slot:
         yield None, copy.deepcopy(st)  # the final state (counters), no batch
 
     def _make_batch(self, flat, start, real, segs) -> dict:
+        """A compact batch (int32 rows, two masks): cheap to send from a worker.
+
+        `_finish` turns it into the int64/bool tensors, in the process that hands it out.
+        """
         cfg = self.cfg
         b, s = cfg.micro_batch_size, cfg.seq_len
-        idx = np.arange(b)[:, None] * s + np.arange(s + 1)[None, :]
-        rows, st, ok = flat[idx], start[idx], real[idx]
-        labels = rows[:, 1:].copy()
-        labels[~ok[:, 1:]] = IGNORE_INDEX
+
+        def rows_of(a):
+            return np.ascontiguousarray(np.lib.stride_tricks.as_strided(
+                a, (b, s + 1), (s * a.itemsize, a.itemsize), writeable=False))
+
+        rows, st, ok = rows_of(flat), rows_of(start), rows_of(real)
+        ignore = ~ok[:, 1:]
         if cfg.packing == "pack":
-            labels[st[:, 1:]] = IGNORE_INDEX
-            reset = st[:, :-1].copy()
+            ignore |= st[:, 1:]
+            reset = st[:, :-1]
             reset[:, 0] = True
         else:
             reset = np.zeros((b, s), dtype=bool)
-        out = {"input_ids": torch.from_numpy(np.ascontiguousarray(rows[:, :-1])),
-               "labels": torch.from_numpy(labels), "reset": torch.from_numpy(reset)}
+        out = {"_rows": rows, "_ignore": ignore, "_reset": np.ascontiguousarray(reset)}
         if cfg.return_meta:
             meta = []
             for r in range(b):
@@ -539,8 +548,30 @@ class _SlotDataset(torch.utils.data.IterableDataset):
         w = 0 if info is None else info.id
         local = (w + self.phase) % nw
         slot = _Slot(self.cfg, self.shards, self.weights, copy.deepcopy(self.slots[local]))
+        group = max(1, self.cfg.batches_per_transfer) if info is not None else 1
+        out = []
         for batch, st in slot.batches():
-            yield batch, local, st
+            out.append((batch, st))
+            # groups end at multiples of `group` of the slot's own batch count, so a resume
+            # in the middle of a group continues the same interleaving of workers
+            if batch is None or st["stats"]["batches"] % group == 0:
+                yield local, out
+                out = []
+        if out:
+            yield local, out
+
+
+def _finish(batch: dict, pin: bool = False) -> dict:
+    """Compact batch -> input_ids, labels (-100 where ignored), reset tensors."""
+    rows = torch.from_numpy(batch.pop("_rows")).long()
+    labels = rows[:, 1:].clone()
+    labels[torch.from_numpy(batch.pop("_ignore"))] = IGNORE_INDEX
+    out = {"input_ids": rows[:, :-1].contiguous(), "labels": labels,
+           "reset": torch.from_numpy(batch.pop("_reset"))}
+    if pin:
+        out = {k: v.pin_memory() for k, v in out.items()}
+    out.update(batch)
+    return out
 
 
 def _collate_none(x):
@@ -595,14 +626,18 @@ class TokenLoader:
         if self.cfg.num_workers > 0:
             kw = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
-                                         collate_fn=_collate_none,
-                                         pin_memory=self.cfg.pin_memory, **kw)
-        for batch, local, st in dl:
-            self._global["slots"][mine[local]] = st
-            if batch is None:  # a reader finished; its last state came without a batch
-                continue
-            self._phase = (local + 1) % self.nw
-            yield batch
+                                         collate_fn=_collate_none, **kw)
+        pin = self.cfg.pin_memory and torch.cuda.is_available()
+        group = max(1, self.cfg.batches_per_transfer)
+        for local, items in dl:
+            for batch, st in items:
+                self._global["slots"][mine[local]] = st
+                if batch is None:  # a reader finished; its last state came without a batch
+                    self._phase = (local + 1) % self.nw
+                    continue
+                done = self.cfg.num_workers == 0 or st["stats"]["batches"] % group == 0
+                self._phase = (local + 1) % self.nw if done else local
+                yield _finish(batch, pin)
 
     # -- state -------------------------------------------------------------------
     def local_state_dict(self) -> dict:
