@@ -152,6 +152,9 @@ def run(cfg: TrainConfig, args: argparse.Namespace, info: DistInfo) -> int:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir / "config.yaml")
+        old_metrics = run_dir / "metrics.jsonl"
+        if found is None and old_metrics.exists():  # a fresh start keeps the old log aside
+            os.replace(old_metrics, run_dir / f"metrics.{int(time.time())}.old.jsonl")
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = build_model(mcfg, device=info.device)
