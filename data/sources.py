@@ -94,6 +94,14 @@ def _from_manifest(path_or_url: str, text: bytes, val: bool = False) -> Shards:
     return Shards(urls, sha, vocab, path_or_url)
 
 
+def _val_folder(manifest_path: str) -> str | None:
+    try:
+        with open(manifest_path) as f:
+            return json.load(f).get("val", {}).get("folder")
+    except (OSError, ValueError):
+        return None
+
+
 def expand_source(spec: str, *, retries: int = 3, backoff: float = 0.5,
                   timeout: float = 30.0) -> Shards:
     """Expand one spec string into its shard list (see module doc). Raises when it is empty."""
@@ -111,9 +119,14 @@ def expand_source(spec: str, *, retries: int = 3, backoff: float = 0.5,
             out = Shards(brace_expand(spec))
     elif os.path.isdir(spec) or spec.endswith(".json"):
         mpath = spec if spec.endswith(".json") else os.path.join(spec, "manifest.json")
+        folder = spec.rstrip("/")
+        parent = os.path.join(os.path.dirname(folder), "manifest.json")
         if os.path.exists(mpath):
             with open(mpath, "rb") as f:
                 out = _from_manifest(mpath, f.read(), val)
+        elif os.path.exists(parent) and _val_folder(parent) == os.path.basename(folder):
+            with open(parent, "rb") as f:  # OUT/val of data.prepare: listed by OUT/manifest.json
+                out = _from_manifest(parent, f.read(), True)
         else:
             out = Shards(sorted(glob.glob(os.path.join(spec, "*.tar"))))
     else:

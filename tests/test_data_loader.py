@@ -325,6 +325,12 @@ def test_validation_split_source(tmp_path):
                         "epochs": 1, "return_meta": True})
     urls = {seg[2] for b in val for row in b["meta"] for seg in row}
     assert urls and all("/val/" in u for u in urls)
+    # the val folder itself works too, with the digests of the manifest above it
+    from data import expand_source
+
+    sh = expand_source(os.path.join(out, "val"))
+    assert sh.urls and set(sh.sha256) == set(sh.urls)
+    assert expand_source(out + "#val").urls == sh.urls
 
 
 # -- faults ------------------------------------------------------------------------------
