@@ -205,6 +205,7 @@ class _SourceReader:
     def _docs(self) -> Iterator[tuple[tuple, np.ndarray]]:
         st, cfg = self.st, self.cfg
         k = max(1, int(cfg.shuffle_buffer))
+        barren = 0  # units in a row that gave nothing (empty, or skipped after errors)
         while True:
             cur = st["cur"]
             if cur is None:
@@ -212,6 +213,10 @@ class _SourceReader:
                 if it is None:
                     return
                 cur = st["cur"] = {**it, "w": 0, "m": 0, "n": 0}
+            barren += 1
+            if barren > 2 * self.units + 2:
+                raise RuntimeError(f"source {self.s}: {barren} shards in a row gave no sample "
+                                   f"(last error: {self.slot.st['stats']['last_error']})")
             try:
                 stream = self._samples(cur)
                 while True:
@@ -230,6 +235,7 @@ class _SourceReader:
                         cur["m"] += 1
                         idx, tokens = window[i]
                         off = cur.get("t", 0) if idx == cur["r"][0][0] else 0
+                        barren = 0
                         yield (self.s, cur["e"], cur["p"], idx), tokens, off
                     cur["w"] += len(window)
                     cur["m"] = cur["n"] = 0

@@ -139,10 +139,11 @@ def _run_chain(chain, seed):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_exactly_once_across_world_sizes_and_workers():
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exactly_once_across_world_sizes_and_workers(seed):
     want = samples_of(shards_dir())
     chain = [(2, 2), (1, 2), (3, 2), (3, 0)]  # 2 ranks x 2 workers, then 2->1, 1->3, 2->0
-    batches, states = _run_chain(chain, seed=0)
+    batches, states = _run_chain(chain, seed=seed)
     got, problems = doc_hashes(reassemble(batches))
     assert not problems, problems[:5]
     assert collections.Counter(got.values()) == collections.Counter(want.values())
@@ -410,3 +411,11 @@ def test_loader_state_is_small_and_json(tmp_path):
     text = json.dumps(st)
     assert len(text) < 4000
     assert json.loads(text) == st
+
+
+def test_endless_stream_over_unreadable_shards_fails_instead_of_hanging():
+    port = _free_port()
+    ld = build_loader(cfg(sources=f"http://127.0.0.1:{port}/s-{{0..1}}.tar", retries=0,
+                          on_error="skip"))
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="gave no sample"):
+        next(iter(ld))
