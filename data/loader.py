@@ -138,6 +138,15 @@ class LoaderConfig:
             raise ValueError(f"on_error must be raise or skip, got {self.on_error!r}")
 
 
+def _copy(x):
+    """Deep copy of a JSON-like state (dicts, lists, scalars): much cheaper than deepcopy."""
+    if isinstance(x, dict):
+        return {k: _copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_copy(v) for v in x]
+    return int(x) if isinstance(x, np.integer) else x
+
+
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
 
@@ -373,8 +382,8 @@ class _Slot:
             st["stats"]["batches"] += 1
             st["stats"]["tokens"] += b * s
             batch = self._make_batch(flat, start, real, segs)
-            yield batch, copy.deepcopy(st)
-        yield None, copy.deepcopy(st)  # the final state (counters), no batch
+            yield batch, _copy(st)
+        yield None, _copy(st)  # the final state (counters), no batch
 
     def _make_batch(self, flat, start, real, segs) -> dict:
         """A compact batch (int32 rows, two masks): cheap to send from a worker.
