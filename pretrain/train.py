@@ -132,9 +132,19 @@ def evaluate(engine, cfg: TrainConfig, info: DistInfo, tok: Tokenizer) -> dict[s
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": total[1].item()}
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+
+
+def parameter_sumsq(engine) -> float:
+    """Sum of squares of all parameters over all shards (a world-size independent
+    fingerprint of the weights, up to summation order)."""
+    local = sum(_local(p).double().pow(2).sum() for p in engine.module.parameters())
+    return all_reduce_sum(torch.as_tensor(local, dtype=torch.float64).reshape(1)).item()
+
+
 def params_finite(engine) -> bool:
-    local = all(bool(torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p).all())
-                for p in engine.module.parameters())
+    local = all(bool(torch.isfinite(_local(p)).all()) for p in engine.module.parameters())
     return not any_rank(not local)
 
 
@@ -185,6 +195,11 @@ def run(cfg: TrainConfig, args: argparse.Namespace, info: DistInfo) -> int:
             print(f"[train] warning: {msg}; trying the previous checkpoint", file=sys.stderr)
     step = int(state["step"])
     tokens_seen = int(state["tokens_seen"])
+    if found is not None:
+        checksum = parameter_sumsq(engine)
+        if info.is_main:
+            print(f"[train] loaded {found.path} (saved by {state.get('world_size')} process(es)): "
+                  f"parameter sum of squares {checksum:.12e}", flush=True)
 
     n_params = count_parameters(model)
     fpt = 3 * flops_per_token(mcfg, cfg.data.seq_len)  # forward + backward
@@ -211,6 +226,7 @@ def run(cfg: TrainConfig, args: argparse.Namespace, info: DistInfo) -> int:
     skipped_total = int(state.get("skipped_steps", 0))
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     it = iter(loader)
+    nan_steps = os.environ.get("XLSTM_TEST_NAN_STEPS", "").split(",")  # fault injection (tests)
 
     def save(at_step: int) -> None:
         if not params_finite(engine):
@@ -225,6 +241,9 @@ def run(cfg: TrainConfig, args: argparse.Namespace, info: DistInfo) -> int:
         def write(folder: Path) -> None:
             engine.save(folder)
             ckpt.save_rng(folder, info.rank)
+            delay = os.environ.get("XLSTM_TEST_SAVE_DELAY", "")  # fault injection: "STEP:SECONDS"
+            if delay and int(delay.split(":")[0]) == at_step:
+                time.sleep(float(delay.split(":")[1]))
             if info.is_main:
                 save_resolved(cfg, folder / "config.yaml")
                 shutil.copytree(cfg.data.tokenizer, folder / "tokenizer")
@@ -247,7 +266,7 @@ def run(cfg: TrainConfig, args: argparse.Namespace, info: DistInfo) -> int:
                 labels = batch["labels"].to(info.device)
                 logits = engine.forward(batch["input_ids"].to(info.device), batch["reset"].to(info.device))
                 loss = lm_loss(logits, labels)
-                if os.environ.get("XLSTM_TEST_NAN_STEPS") and str(step) in os.environ["XLSTM_TEST_NAN_STEPS"].split(","):
+                if str(step + 1) in nan_steps:
                     loss = loss * float("nan")  # fault injection for the tests
                 bad = any_rank(not bool(torch.isfinite(loss))) or bad
                 if not bad:

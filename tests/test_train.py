@@ -1,0 +1,194 @@
+"""The trainer end to end: real torchrun processes over gloo, real SIGKILLs,
+real shards, the local MLflow store. Losses are compared bitwise."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain import train
+from pretrain.checkpoint import CheckpointManager, load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    from pretrain.demo import prepare_data
+
+    return prepare_data(tmp_path_factory.mktemp("corpus"))
+
+
+def overrides(run_dir: Path, corpus, *extra: str, procs: int = 2) -> list[str]:
+    """Global batch 4 = micro batch 2 x grad_accum x procs."""
+    tok, shards = corpus
+    return [
+        f"run_dir={run_dir}", f"data.train=[{shards}]", f"data.val={shards / 'val'}",
+        f"data.tokenizer={tok}", "data.seq_len=64", "train.micro_batch_size=2",
+        "train.global_batch_size=4", f"train.grad_accum={4 // (2 * procs)}", "train.log_every=1", "checkpoint.every=10",
+        "schedule.warmup_steps=2", "optimizer.lr=3e-3", "eval.batches=2",
+        "hardware.peak_flops=1e11", *extra,
+    ]
+
+
+def command(nproc: int, args: list[str], resume: str = "auto") -> list[str]:
+    head = [sys.executable, "-m", "pretrain.train"] if nproc == 0 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "pretrain.train"]
+    return [*head, "--config", str(ROOT / "configs" / "tiny.yaml"), "--resume", resume, *args]
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    out.pop("MLFLOW_TRACKING_URI", None)
+    return out
+
+
+def run(cmd: list[str], expect: int = 0, **env_extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env(**env_extra), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert len(steps) == len(set(steps)), f"a step logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def kill_after_checkpoint(cmd: list[str], run_dir: Path, step: int, **env_extra: str) -> None:
+    """Start training, SIGKILL every process of it as soon as checkpoint `step` is complete."""
+    proc = subprocess.Popen(cmd, env=env(**env_extra), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run_dir / "checkpoints" / f"step-{step:06d}" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, f"training ended (exit {proc.returncode}) before step {step}"
+        assert time.time() < deadline, "timed out waiting for the checkpoint"
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def mlflow_loss_steps(run_dir: Path) -> tuple[list[str], list[int]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    return [r.info.run_id for r in runs], sorted(m.step for m in history)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_sigkill_resume_is_bitwise_exact(tmp_path, corpus):
+    straight = tmp_path / "straight"
+    run(command(2, overrides(straight, corpus, "distributed.backend=fsdp", "train.steps=30")))
+    broken = tmp_path / "broken"
+    cmd = command(2, overrides(broken, corpus, "distributed.backend=fsdp", "train.steps=30"))
+    kill_after_checkpoint(cmd, broken, 10)
+    out = run(cmd)
+    assert "start at step 10" in out.stdout
+    a, b = losses(straight), losses(broken)
+    assert sorted(a) == list(range(1, 31)) and sorted(b) == list(range(1, 31))
+    assert a == b  # bitwise: the same floats at every step
+    run_ids, steps = mlflow_loss_steps(broken)
+    assert len(run_ids) == 1 and steps == list(range(1, 31))  # one run, each step once
+
+
+@pytest.mark.multiprocess
+def test_fsdp_world_size_change(tmp_path, corpus):
+    """2 -> 1 and 1 -> 2 processes: weights identical after load, training goes on."""
+    for first, second, name in ((2, 1, "two_to_one"), (0, 2, "one_to_two")):
+        run_dir = tmp_path / name
+
+        def args(nproc: int, steps: int, run_dir: Path = run_dir) -> list[str]:
+            backend = "fsdp" if nproc else "none"
+            return overrides(run_dir, corpus, f"distributed.backend={backend}", f"train.steps={steps}",
+                             procs=max(1, nproc))
+
+        run(command(first, args(first, 10)))
+        saved = CheckpointManager(run_dir / "checkpoints").latest()
+        assert saved.step == 10
+        model, _ = load_model(saved.path)
+        expected = sum(p.double().pow(2).sum() for p in model.parameters()).item()
+        before = losses(run_dir)
+        out = run(command(second, args(second, 14)))
+        got = float(re.search(r"parameter sum of squares (\S+)", out.stdout).group(1))
+        assert got == pytest.approx(expected, rel=1e-12)
+        after = losses(run_dir)
+        assert sorted(after) == list(range(1, 15))
+        assert all(after[s] == before[s] for s in range(1, 11))
+        assert after[11] < before[1] - 0.5  # continues from the trained weights, not from scratch
+        state = json.loads((CheckpointManager(run_dir / "checkpoints").latest().path
+                            / "trainer_state.json").read_text())
+        assert state["data"]["world_size"] == max(1, second) and state["step"] == 14
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    cmd = command(0, overrides(run_dir, corpus, "train.steps=20", "checkpoint.every=5", procs=1))
+    proc = subprocess.Popen(cmd, env=env(XLSTM_TEST_SAVE_DELAY="10:60"), cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    partial = run_dir / "checkpoints" / "step-000010.tmp"
+    deadline = time.time() + 300
+    while not (partial / "rng").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    manager = CheckpointManager(run_dir / "checkpoints")
+    assert manager.latest().step == 5 and partial.is_dir() and not (partial / "COMPLETE").exists()
+    out = run(cmd)
+    assert "start at step 5" in out.stdout
+    assert [c.step for c in manager.complete()] == [15, 20] and not partial.exists()
+
+
+def test_nonfinite_loss_skipped_then_stops(tmp_path, corpus):
+    run_dir = tmp_path / "skip"
+    out = run(command(0, overrides(run_dir, corpus, "train.steps=6", procs=1)), XLSTM_TEST_NAN_STEPS="3")
+    assert "non-finite loss or gradients, update skipped (1 in a row)" in out.stdout
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert train_rows[-1]["skipped_steps"] == 1 and train_rows[2]["loss"] is None
+    model, _ = load_model(CheckpointManager(run_dir / "checkpoints").latest().path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    stop_dir = tmp_path / "stop"
+    out = run(command(0, overrides(stop_dir, corpus, "train.steps=10", "train.max_nonfinite_steps=3", procs=1)),
+              expect=1, XLSTM_TEST_NAN_STEPS="2,3,4")
+    assert "3 non-finite steps in a row (train.max_nonfinite_steps=3); stopping at step 4" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["optimizer.lrr=1"], "optimizer.lrr: unknown key; did you mean 'lr'?"),
+        (["train.steps=ten"], "train.steps: expected an int, got 'ten'"),
+        (["train.grad_accum=3"], "train.global_batch_size: got 4, but micro_batch_size x grad_accum x data-parallel size = 2 x 3 x 1 = 6"),
+        (["distributed.backend=deepspeed", "distributed.zero_stage=4"],
+         "distributed.zero_stage: got 4, allowed values: 1, 2, 3"),
+        (["trian.steps=1"], "trian: unknown section; did you mean 'train'?"),
+        (["model.slstm_at=[9]"], "model.slstm_at: index 9 is outside the stack"),
+        (["schedule.kind=linear"], "schedule.kind: got 'linear', allowed values"),
+    ],
+)
+def test_bad_config_is_one_line_and_starts_nothing(tmp_path, corpus, capsys, extra, message):
+    code = train.main(["--config", str(ROOT / "configs" / "tiny.yaml"),
+                       *overrides(tmp_path / "bad", corpus, *extra, procs=1)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not torch.distributed.is_initialized() and not (tmp_path / "bad").exists()
