@@ -295,6 +295,8 @@ class _Slot:
         stats = self.st["stats"]
         stats["skipped_shards"] += 1
         stats["last_error"] = str(err)
+        name = getattr(err, "shard", None) or str(err).split(" ")[0]
+        stats["skipped"] = (stats.get("skipped", []) + [name])[-16:]  # the last 16 names
         warnings.warn(f"data: skipping shard: {err}", RuntimeWarning, stacklevel=2)
 
     def _choose(self) -> _SourceReader | None:
@@ -722,23 +724,26 @@ class TokenLoader:
                 slots[j]["src"][s]["items"] = items
                 slots[j]["src"][s]["epoch"] = emax[s] + 1
         totals = _sum_stats(state["slots"])
-        for k in ("skipped_shards", "retries", "batches", "tokens"):
+        for k in ("skipped_shards", "retries", "batches", "tokens", "skipped"):
             slots[0]["stats"][k] = totals[k]
         self._global = {"slots": slots}
         self._phase = 0
 
     @property
     def stats(self) -> dict:
-        """Counters of this rank's slots: batches, tokens, skipped_shards, retries, last_error."""
+        """This rank's counters: batches, tokens, skipped_shards, skipped (shard names),
+        retries, last_error. They live in the state, so they survive a resume."""
         return _sum_stats([self._global["slots"][j] for j in self._my_slots()])
 
 
 def _sum_stats(slots: list[dict]) -> dict:
-    out = {"batches": 0, "tokens": 0, "skipped_shards": 0, "retries": 0, "last_error": None}
+    out = {"batches": 0, "tokens": 0, "skipped_shards": 0, "retries": 0, "last_error": None,
+           "skipped": []}
     for sl in slots:
         for k in ("batches", "tokens", "skipped_shards", "retries"):
             out[k] += sl["stats"][k]
         out["last_error"] = sl["stats"]["last_error"] or out["last_error"]
+        out["skipped"] += sl["stats"].get("skipped", [])
     return out
 
 

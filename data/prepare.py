@@ -161,15 +161,22 @@ def prepare(inputs: list[str] | str, tokenizer: str | Tokenizer, out_dir: str, *
     kept_train: list[dict] = []
     kept_val: list[dict] = []
     partial_path = os.path.join(out_dir, PARTIAL)
-    if os.path.exists(partial_path):
+    final_path = os.path.join(out_dir, MANIFEST)
+    for path in (partial_path, final_path):  # a killed run, or a finished one
+        if not os.path.exists(path):
+            continue
         try:
-            with open(partial_path) as f:
+            with open(path) as f:
                 old = json.load(f)
         except (OSError, ValueError):
             old = {}
         if old.get("fingerprint") == fingerprint:
+            if path == final_path:
+                old = {"shards": old.get("shards", []),
+                       "val_shards": old.get("val", {}).get("shards", [])}
             kept_train = _verified_prefix(out_dir, old.get("shards", []))
             kept_val = _verified_prefix(val_dir, old.get("val_shards", []))
+            break
     train = _Stream(out_dir, ext, shard_tokens, kept_train)
     val = _Stream(val_dir, ext, shard_tokens, kept_val)
     resumed = len(kept_train) + len(kept_val)
@@ -254,7 +261,7 @@ def prepare(inputs: list[str] | str, tokenizer: str | Tokenizer, out_dir: str, *
         os.rmdir(val_dir)
     summary = {**stats.to_dict(), **counts, "resumed_shards": resumed}
     manifest = {
-        "format": FORMAT, "token_dtype": "uint16" if ext == "u16" else "uint32",
+        "format": FORMAT, "fingerprint": fingerprint, "token_dtype": "uint16" if ext == "u16" else "uint32",
         "token_ext": ext,
         "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size,
                       "padded_vocab_size": tok.padded_vocab_size, "eos_id": tok.eos_id,

@@ -374,6 +374,7 @@ def test_corrupt_shard_skipped_and_counted(tmp_path, how):
         batches = list(ld)
     assert ld.stats["skipped_shards"] == 1
     assert os.path.basename(victim) in ld.stats["last_error"]
+    assert ld.stats["skipped"] == [victim]
     got, _ = doc_hashes(reassemble(batches))
     want = samples_of(shards_dir())
     others = {k: v for k, v in want.items() if k[0] != os.path.basename(victim)}

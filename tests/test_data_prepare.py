@@ -47,6 +47,12 @@ def test_deterministic_and_independent_of_workers(tmp_path):
     assert a == _files(str(tmp_path / "b")) == _files(str(tmp_path / "c"))
     assert _stable(m1) == _stable(m2) == _stable(m3)
     assert not glob.glob(str(tmp_path / "*" / "*.tmp"))
+    # a rerun of a finished job verifies the shards and tokenizes nothing
+    again = prepare_shards(files, tokenizer_dir(), str(tmp_path / "a"), workers=1, **kw)
+    n = m1["totals"]["shards"] + m1["val"]["totals"]["shards"]
+    assert again["summary"]["resumed_shards"] == n
+    assert again["summary"]["tokenized_documents"] == 0
+    assert _files(str(tmp_path / "a")) == a and _stable(again) == _stable(m1)
 
 
 def test_manifest_matches_tokenizer_and_files(tmp_path):
