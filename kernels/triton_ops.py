@@ -143,6 +143,17 @@ def _seg_rev_chain(x: torch.Tensor, link: torch.Tensor) -> torch.Tensor:
     return (rc[:, :N1] - torch.gather(rc, 1, end + 1)).to(x.dtype)
 
 
+def chunk_blocks(L: int, DQK: int, DV: int) -> dict[str, int]:
+    """Tile sizes of the chunkwise kernels: BT (positions of a chunk per tile), BD (DQK
+    padded), BV (DV block), BK (DQK block of the state pass); *_B for the backward."""
+    BT = min(BLOCK_T_MAX, _pow2(L))
+    BD = _pow2(DQK)
+    BV = min(BLOCK_V_MAX, _pow2(DV))
+    return {"BT": BT, "BD": BD, "BV": BV, "BK": min(BLOCK_K_MAX, BD),
+            "BT_B": min(BT, BLOCK_T_BWD_MAX, 32 if BD >= 256 else BT),
+            "BV_B": min(BV, BLOCK_V_BWD_MAX)}
+
+
 class _MLSTMChunkFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ig, bc, seg, carry, C0, n0, m0, L, eps):
@@ -152,11 +163,9 @@ class _MLSTMChunkFn(torch.autograd.Function):
         SP = ig.shape[-1]
         NC = SP // L
         dev = q.device
-        BT = min(BLOCK_T_MAX, _pow2(L))
+        blk = chunk_blocks(L, DQK, DV)
+        BT, BD, BV, BK = blk["BT"], blk["BD"], blk["BV"], blk["BK"]
         NT = triton.cdiv(L, BT)
-        BD = _pow2(DQK)
-        BV = min(BLOCK_V_MAX, _pow2(DV))
-        BK = min(BLOCK_K_MAX, BD)
         NVB = triton.cdiv(DV, BV)
         NKB = triton.cdiv(DQK, BK)
         qc, kc, vc = (t.reshape(BH, S, t.shape[-1]).contiguous() for t in (q, k, v))
@@ -193,8 +202,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
         )
         ctx.save_for_backward(qc, kc, vc, ig, bc, seg, carry, cs, ns, ms, amax_c, h, mpos, den,
                               amax_p)
-        ctx.meta = (B, NH, S, DQK, DV, L, NC, SP, BT, NT, BD, BV, BK, NVB, NKB, eps, has_init,
-                    q.dtype, None if C0 is None else (C0.dtype, n0.dtype, m0.dtype))
+        ctx.meta = (B, NH, S, DQK, DV, L, NC, SP, blk, NKB, eps, has_init, q.dtype, None if C0 is None else (C0.dtype, n0.dtype, m0.dtype))
         C = cs[:, NC].reshape(B, NH, DQK, DV).clone()
         n = ns[:, NC].reshape(B, NH, DQK).clone()
         m = ms[:, NC].reshape(B, NH).clone()
@@ -204,16 +212,16 @@ class _MLSTMChunkFn(torch.autograd.Function):
     def backward(ctx, dh, dC_last, dn_last, dm_last):
         (qc, kc, vc, ig, bc, seg, carry, cs, ns, ms, amax_c, h, mpos, den,
          amax_p) = ctx.saved_tensors
-        (B, NH, S, DQK, DV, L, NC, SP, BT, NT, BD, BV, BK, NVB, NKB, eps, has_init,
-         qdtype, sdtypes) = ctx.meta
+        B, NH, S, DQK, DV, L, NC, SP, blk, NKB, eps, has_init, qdtype, sdtypes = ctx.meta
+        BT, BD, BV, BK = blk["BT_B"], blk["BD"], blk["BV_B"], blk["BK"]
+        NT = triton.cdiv(L, BT)
+        NVB = triton.cdiv(DV, BV)
         BH = B * NH
         dev = qc.device
         f32 = torch.float32
         has_reset = seg is not None
         up = _interpret()
         scale = DQK**-0.5
-        BV = min(BV, BLOCK_V_BWD_MAX)  # the backward holds more tiles: narrower DV blocks
-        NVB = triton.cdiv(DV, BV)
         igf = ig.view(BH, SP)
         bcf = bc.view(BH, SP)
         segc = seg if has_reset else igf
@@ -245,10 +253,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
             BK=BK, BV=BV, BT=BT, HAS_DLAST=has_dlast, HAS_RESET=has_reset, UPCAST=up,
             **_opts(BK),
         )
-        # --- key side and query side of every chunk, in parallel (narrower query/key tiles
-        # for DQK 256: the backward holds (tile, DQK) accumulators)
-        BT = min(BT, BLOCK_T_BWD_MAX, 32 if BD >= 256 else BT)
-        NT = triton.cdiv(L, BT)
+        # --- key side and query side of every chunk, in parallel
         dk_p = _empty((NVB, BH, S, DQK), f32, dev)
         dv = _empty((BH, S, DV), f32, dev)
         xs_p = _empty((NVB, BH, SP), f32, dev)

@@ -358,3 +358,20 @@ def test_gpu_benchmark_cpu_dry_run(tmp_path):
     text = next(tmp_path.glob("kernels_gpu-*.md")).read_text()
     assert "| ours triton chunk=64 |" in text and "| sdpa causal |" in text
     assert "| NO |" not in text
+
+
+def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    """The interpreter never lowers a kernel: compile the widest variants for sm_90 (the
+    H200) ahead of time, which catches what only the compiler sees, shared memory too."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", TRITON_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "kernels.triton_compile_check", "--quick"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "0 failure(s)" in proc.stdout
