@@ -270,7 +270,7 @@ def prepare(inputs: list[str] | str, tokenizer: str | Tokenizer, out_dir: str, *
         "inputs": {"files": len(paths),
                    "sha256_of_list": hashlib.sha256("\n".join(paths).encode()).hexdigest()},
         "shards": train.done, "totals": _totals(train.done),
-        "command": command if command is not None else [],
+        "command": list(command) if command is not None else list(sys.argv),
         "summary": summary,
     }
     if val.done:
