@@ -240,6 +240,7 @@ def test_config_checks():
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_state_dict_all_gathers_over_gloo(tmp_path):
     import torch.multiprocessing as mp
 
