@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -79,8 +80,20 @@ def kill_after_checkpoint(cmd: list[str], run_dir: Path, step: int, **env_extra:
         assert time.time() < deadline, "timed out waiting for the checkpoint"
         time.sleep(0.02)
     assert proc.poll() is None, "training finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc, signal.SIGKILL)
+
+
+def kill_tree(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the launcher and every descendant at once (torchrun puts its workers
+    in sessions of their own, so a process-group kill would miss them)."""
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
+    psutil.wait_procs(tree, timeout=30)
 
 
 def mlflow_loss_steps(run_dir: Path) -> tuple[list[str], list[int]]:
@@ -148,8 +161,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path, corpus):
     while not (partial / "rng").exists():
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_tree(proc, signal.SIGKILL)
     manager = CheckpointManager(run_dir / "checkpoints")
     assert manager.latest().step == 5 and partial.is_dir() and not (partial / "COMPLETE").exists()
     out = run(cmd)
