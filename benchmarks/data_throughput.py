@@ -118,6 +118,19 @@ def main(argv=None) -> int:
     rows.append(("raw read: cat shards > /dev/null", raw_tps, shard_bytes / t_cat / 1e6,
                  f"{len(tars)} shards, {shard_bytes / 1e6:.1f} MB"))
 
+    def py_read():
+        import hashlib
+
+        for p in tars:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+
+    t_py = _best(py_read, 5)
+    rows.append(("python read + sha256 of the same files (1 MiB reads)", tokens / t_py,
+                 shard_bytes / t_py / 1e6, "bound for a Python reader that checks every byte"))
+
     loader_tps = {}
     for nw in (0, 1, 2):
         cfg = {"sources": shards, "seq_len": a.seq_len, "micro_batch_size": a.batch,

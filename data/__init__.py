@@ -81,7 +81,9 @@ shape: the state is turned into the exact remaining work (unemitted window
 samples, rest of partly-read units, the partly-written documents from their
 token offset, untouched units of the current epochs) which is dealt round-robin
 to the new slots; later epochs use the new stride. Every remaining sample of the
-epoch is read exactly once. Its size is O(N) small dicts (no sample lists).
+epoch is read exactly once. Its size is N small dicts; after a resume at another
+shape, the leftover pieces of partly-read units are listed as index ranges (at most a
+shuffle window per unit) until they are read. A few KB for tens of readers.
 
 Faults: a truncated or corrupt shard raises `ShardError` naming the shard and byte
 offset (a digest mismatch against the manifest is caught at the end of the shard);
