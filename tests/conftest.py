@@ -23,3 +23,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"XLSTM_STRICT=1: required test was skipped: {reason}"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory):
+    """(tokenizer dir, shard dir with a val/ split) of the demo corpus, made once."""
+    from pretrain.demo import prepare_data
+
+    return prepare_data(tmp_path_factory.mktemp("corpus"))
