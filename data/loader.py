@@ -161,7 +161,7 @@ class _SourceReader:
         self.shards: Shards = slot.shards[s]
         self.units = len(self.shards.urls)
         self._gen: Iterator | None = None
-        self.exhausted = False
+        self.exhausted = bool(st.get("exhausted", False))
 
     # the unit (url) at position p of epoch e
     def url(self, e: int, p: int) -> str:
@@ -260,7 +260,7 @@ class _SourceReader:
         try:
             return next(self._gen)
         except StopIteration:
-            self.exhausted = True
+            self.exhausted = self.st["exhausted"] = True  # kept, so a resume draws the same
             return None
 
 

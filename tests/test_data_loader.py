@@ -447,3 +447,20 @@ def test_reset_mask_makes_packed_rows_equal_documents_run_alone():
             torch.testing.assert_close(h[r:r + 1, :, lo:hi], alone, rtol=1e-9, atol=1e-10)
             pieces += 1
     assert pieces >= bsz + 2
+
+
+def test_finite_mixed_sources_resume_bitwise_after_one_runs_out():
+    other = shards_dir(files=12, shard_tokens=3000)
+    c = cfg(sources=[{"url": shards_dir(), "weight": 0.2}, {"url": other, "weight": 0.8}],
+            epochs=1, seq_len=128)
+    straight = list(build_loader(c))
+    n = len(straight)
+    first = build_loader(c)
+    part = take(first, n - 40)  # the smaller, heavier source has run out by then
+    assert first.state_dict()["slots"][0]["src"][1].get("exhausted")
+    again = build_loader(c)
+    again.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    resumed = part + list(again)
+    assert len(resumed) == n
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a["input_ids"], b["input_ids"])
