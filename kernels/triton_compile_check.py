@@ -64,10 +64,11 @@ def _variants(quick: bool):
                            ops._opts(b["BD"]))
         if not quick:
             for fn in (tm.mlstm_step_fwd_kernel, tm.mlstm_step_bwd_kernel):
-                yield fn, io, {"BD": 256, "BV": ops.BLOCK_V_MAX, "HAS_STATE": True}, {}
+                yield fn, io, {"BD": 256, "BV": ops.STEP_BLOCK_V, "HAS_STATE": True}, {}
             sl = {"x_ptr": f"*{dt}", "r_ptr": f"*{dt}", **ints}
             for fn in (ts.slstm_fwd_kernel, ts.slstm_bwd_kernel):
-                yield fn, sl, {"BD": 128, "HAS_INIT": True, "HAS_RESET": True}, {}
+                yield (fn, sl, {"BD": 128, "HAS_INIT": True, "HAS_RESET": True},
+                       {"num_warps": ops._slstm_warps(128)})
 
 
 def main(argv=None) -> int:

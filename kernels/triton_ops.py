@@ -39,6 +39,7 @@ BLOCK_T_BWD_MAX = 64  # the same for the backward's dk/dv and dq passes (32 for 
 BLOCK_V_MAX = 128  # DV block per program; larger DV is split across programs
 BLOCK_V_BWD_MAX = 64  # the same for the backward passes
 BLOCK_K_MAX = 64  # DQK block of the state passes
+STEP_BLOCK_V = 32  # DV block of the step kernels (a (DQK, 32) slice of C per program)
 POISON = False  # tests: fill every output buffer with NaN / a bad index before a launch
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -377,7 +378,7 @@ class _MLSTMStepFn(torch.autograd.Function):
         dev = q.device
         f32 = torch.float32
         BD = _pow2(DQK)
-        BV = min(BLOCK_V_MAX, _pow2(DV))
+        BV = min(STEP_BLOCK_V, _pow2(DV))
         NVB = triton.cdiv(DV, BV)
         has_state = C is not None
         qc, kc = q.reshape(BH, DQK).contiguous(), k.reshape(BH, DQK).contiguous()
@@ -481,6 +482,11 @@ def mlstm_step_triton(q, k, v, i, f, state, *, eps):
 MAX_DH = 256
 
 
+def _slstm_warps(BD: int) -> int:
+    """The (DH, DH) recurrent tile of each gate is spread over the program's threads."""
+    return min(16, max(4, BD * BD // 2048))
+
+
 class _SLSTMFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, R, reset_i, h0, c0, n0, m0):
@@ -503,7 +509,7 @@ class _SLSTMFn(torch.autograd.Function):
         last = [_empty((BH, DH), f32, dev) for _ in range(4)]
         ts.slstm_fwd_kernel[(BH,)](
             xc, Rc, *init, rst, hs, cs, ns, ms, raw, *last, S, NH, DH,
-            BD=BD, HAS_INIT=has_init, HAS_RESET=has_reset,
+            BD=BD, HAS_INIT=has_init, HAS_RESET=has_reset, num_warps=_slstm_warps(BD),
         )
         ctx.save_for_backward(Rc, rst if has_reset else None, *(init if has_init else []),
                               hs, cs, ns, ms, raw)
@@ -534,7 +540,7 @@ class _SLSTMFn(torch.autograd.Function):
         ts.slstm_bwd_kernel[(BH,)](
             Rc, *init_args, rst if has_reset else hs, hs, cs, ns, ms, raw,
             dhs, *dlast, dx, *d0, S, NH, DH,
-            BD=BD, HAS_INIT=has_init, HAS_RESET=has_reset,
+            BD=BD, HAS_INIT=has_init, HAS_RESET=has_reset, num_warps=_slstm_warps(BD),
         )
         # dR[head, g] = sum over batch and time of h_prev^T dx_g (one matmul)
         h_init = init[0] if has_init else torch.zeros(BH, DH, device=dev)
