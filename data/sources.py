@@ -10,13 +10,15 @@ A spec is one string:
   (`pipe:aws s3 cp s3://b/shard-{0000..0099}.tar -`); the command's stdout is the shard.
 
 Opening retries with exponential backoff (`retries` times), then raises
-`SourceError` naming the URL. A pipe command that exits non-zero fails the
+`SourceError` naming the URL; an HTTP body cut off mid-way is reopened at its
+offset with a Range request (same retries), so a flaky link costs no data. A pipe command that exits non-zero fails the
 shard with its exit status.
 """
 
 from __future__ import annotations
 
 import glob
+import http.client
 import json
 import os
 import re
@@ -175,21 +177,88 @@ class _PipeStream:
         self.proc.wait()
 
 
+class _HttpStream:
+    """An HTTP(S) body that survives a dropped connection: it reopens with a Range request
+    at the current offset (with backoff, `retries` times) and goes on."""
+
+    def __init__(self, url: str, retries: int, backoff: float, timeout: float, on_retry):
+        self.url, self.retries, self.backoff, self.timeout = url, retries, backoff, timeout
+        self.on_retry = on_retry
+        self.pos = 0
+        self.total: int | None = None  # from Content-Length: a short body is a cut, not an end
+        self.resp = self._open(0)
+
+    def _open(self, start: int):
+        delay, last = self.backoff, None
+        for attempt in range(self.retries + 1):
+            try:
+                headers = {"Range": f"bytes={start}-"} if start else {}
+                resp = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers),
+                                              timeout=self.timeout)
+                if start and resp.status != 206:  # no range support: skip what we have
+                    left = start
+                    while left > 0:
+                        chunk = resp.read(min(left, 1 << 20))
+                        if not chunk:
+                            raise ShardError(self.url, start, "short body on reopening")
+                        left -= len(chunk)
+                length = resp.headers.get("Content-Length")
+                if length is not None and resp.status in (200, 206):
+                    self.total = (start if resp.status == 206 else 0) + int(length)
+                return resp
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                last = e
+                if attempt < self.retries:
+                    if self.on_retry is not None:
+                        self.on_retry(self.url, e)
+                    time.sleep(delay)
+                    delay *= 2
+        raise SourceError(f"cannot open {self.url} after {self.retries + 1} attempts: {last}")
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:  # read all, in pieces (each one checked)
+            parts = []
+            while part := self.read(1 << 20):
+                parts.append(part)
+            return b"".join(parts)
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                data = self.resp.read(n)
+                if not data and n and self.total is not None and self.pos < self.total:
+                    raise http.client.IncompleteRead(b"", self.total - self.pos)
+                self.pos += len(data)
+                return data
+            except (OSError, http.client.HTTPException) as e:
+                if attempt == self.retries:
+                    raise ShardError(self.url, self.pos, f"read failed: {e!r}") from e
+                if self.on_retry is not None:
+                    self.on_retry(self.url, e)
+                time.sleep(delay)
+                delay *= 2
+                self.resp.close()
+                self.resp = self._open(self.pos)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.resp.close()
+
+
 def open_shard(url: str, *, retries: int = 3, backoff: float = 0.5, timeout: float = 30.0,
                on_retry=None):
     """Open a shard for sequential reading: an object with `.read(n)` and `.close()`."""
     if url.startswith("pipe:"):
         return _PipeStream(url[5:])
+    if _is_url(url):
+        return _HttpStream(url, retries, backoff, timeout, on_retry)
     delay = backoff
     last: Exception | None = None
     for attempt in range(retries + 1):
         try:
-            if _is_url(url):
-                return urllib.request.urlopen(url, timeout=timeout)
             return open(url.removeprefix("file://"), "rb")
-        except (urllib.error.URLError, OSError, ConnectionError) as e:
+        except OSError as e:
             last = e
-            if isinstance(e, FileNotFoundError) and not _is_url(url):
+            if isinstance(e, FileNotFoundError):
                 break  # a missing local file does not come back
             if attempt < retries:
                 if on_retry is not None:

@@ -127,7 +127,13 @@ class _Buffered:
 
     def _fill(self, need: int) -> bool:
         while len(self.buf) - self.pos < need:
-            chunk = self.raw.read(max(1 << 20, need))
+            try:
+                chunk = self.raw.read(max(1 << 20, need))
+            except ShardError:
+                raise
+            except Exception as e:  # e.g. a connection reset: name the shard and the offset
+                raise ShardError(self.name, self.offset + len(self.buf) - self.pos,
+                                 f"read failed: {e!r}") from e
             if not chunk:
                 return False
             if self.sha is not None:
@@ -153,7 +159,15 @@ class _Buffered:
         """Read to the end (so the digest covers the whole stream)."""
         self.offset += len(self.buf) - self.pos
         self.buf, self.pos = b"", 0
-        while chunk := self.raw.read(1 << 20):
+        while True:
+            try:
+                chunk = self.raw.read(1 << 20)
+            except ShardError:
+                raise
+            except Exception as e:
+                raise ShardError(self.name, self.offset, f"read failed: {e!r}") from e
+            if not chunk:
+                break
             self.offset += len(chunk)
             if self.sha is not None:
                 self.sha.update(chunk)

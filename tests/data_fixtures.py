@@ -98,6 +98,56 @@ class HttpServer:
         self.close()
 
 
+class _FlakyHandler(http.server.BaseHTTPRequestHandler):
+    """Serves files with Range support; the first `drops` answers per file are cut off
+    in the middle of the body (the connection is dropped)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path = os.path.join(self.server.folder, self.path.lstrip("/"))
+        try:
+            data = open(path, "rb").read()
+        except OSError:
+            self.send_error(404)
+            return
+        rng = self.headers.get("Range")
+        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+        body = data[start:]
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(body)))
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        with self.server.lock:
+            cut = self.server.drops.get(self.path, self.server.default_drops) > 0
+            if cut:
+                self.server.drops[self.path] = self.server.drops.get(
+                    self.path, self.server.default_drops) - 1
+                self.server.cuts += 1
+        if cut:
+            self.wfile.write(body[: int(len(body) * self.server.keep)])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+class FlakyHttpServer(HttpServer):
+    """Like HttpServer, but every file's first `drops` responses break off after the
+    fraction `keep` of their body."""
+
+    def __init__(self, folder: str, drops: int = 1, keep: float = 0.5):
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyHandler)
+        self.httpd.folder, self.httpd.drops, self.httpd.default_drops = folder, {}, drops
+        self.httpd.lock, self.httpd.cuts, self.httpd.keep = threading.Lock(), 0, keep
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+
 def reassemble(batches) -> dict[tuple[str, int, int], list]:
     """From batches with `meta`, rebuild every document from the input positions.
 

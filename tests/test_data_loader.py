@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from data_fixtures import (
+    FlakyHttpServer,
     HttpServer,
     doc_hashes,
     reassemble,
@@ -301,6 +302,27 @@ def test_http_and_pipe_sources_match_local_folder():
         assert torch.equal(_epoch_ids(folder, num_workers=2),
                            _epoch_ids(f"{srv.url}/manifest.json", num_workers=2))
     assert torch.equal(local, _epoch_ids(f"pipe:cat {folder}/{braces}"))
+
+
+@pytest.mark.integration
+def test_http_connection_dropped_mid_shard_resumes_with_range():
+    folder = shards_dir()
+    local = _epoch_ids(folder)
+    with FlakyHttpServer(folder, drops=1) as srv:
+        ld = build_loader(cfg(sources=f"{srv.url}/manifest.json", epochs=1, seq_len=128,
+                              retry_backoff=0.01))
+        got = torch.cat([b["input_ids"] for b in ld])
+        cuts = srv.httpd.cuts
+    assert torch.equal(local, got)
+    n = len(shard_paths(folder))
+    assert cuts == n + 1  # every shard once, and the manifest
+    assert ld.stats["retries"] == n
+    # cut with no progress more often than the retries allow: a named error
+    with FlakyHttpServer(folder, drops=5, keep=0.0) as srv:
+        ld = build_loader(cfg(sources=f"{srv.url}/shard-{{000000..000003}}.tar", epochs=1,
+                              retries=2, retry_backoff=0.01))
+        with pytest.raises(ShardError, match=r"shard-00000\d\.tar at byte offset \d+: read failed"):
+            list(ld)
 
 
 def test_webdataset_library_reads_the_shards():
