@@ -222,13 +222,32 @@ def official_runners():
 
 
 def _official_call(fn, name):
+    """mlstm_kernels' entry with bf16 kernels; the first call finds the keyword arguments
+    and gate dtype it takes (versions differ), later calls reuse them."""
     chunk = 128 if "xl" in name else 64
+    found = []
 
-    def call(*ins):
-        try:
-            return fn(*ins, chunk_size=chunk, autocast_kernel_dtype=torch.bfloat16)
-        except TypeError:
-            return fn(*ins, chunk_size=chunk)
+    def variants(q, k, v, i, f):
+        kw = {"chunk_size": chunk}
+        yield (q, k, v, i, f), {**kw, "autocast_kernel_dtype": torch.bfloat16}
+        yield (q, k, v, i, f), kw
+        yield (q, k, v, i.to(q.dtype), f.to(q.dtype)), kw
+
+    def call(q, k, v, i, f):
+        if found:
+            j = found[0]
+            args, kw = list(variants(q, k, v, i, f))[j]
+            return fn(*args, **kw)
+        err = None
+        for j, (args, kw) in enumerate(variants(q, k, v, i, f)):
+            try:
+                out = fn(*args, **kw)
+            except (TypeError, RuntimeError, ValueError, AssertionError) as e:
+                err = e
+                continue
+            found.append(j)
+            return out
+        raise err
     return call, chunk
 
 
