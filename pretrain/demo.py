@@ -14,21 +14,18 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
 
-from data.prepare import prepare
-from data.tokenizer import Tokenizer, train_tokenizer
+import data
 
 from .checkpoint import CheckpointManager, load_model
 from .train import EXIT_RESUMABLE
@@ -36,23 +33,13 @@ from .train import EXIT_RESUMABLE
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def corpus_files(limit: int = 400) -> list[str]:
-    """Python files of the standard library, sorted (deterministic), capped."""
-    stdlib = sysconfig.get_paths()["stdlib"]
-    files = sorted(p for p in glob.glob(os.path.join(stdlib, "*.py")) if os.path.getsize(p) > 2000)
-    return files[:limit]
-
-
 def prepare_data(run_dir: Path) -> tuple[Path, Path]:
-    tok_dir, shard_dir = run_dir / "tokenizer", run_dir / "shards"
-    files = corpus_files()
-    print(f"[demo] corpus: {len(files)} files of the Python standard library", flush=True)
-    tok = train_tokenizer(files, str(tok_dir), vocab_size=512, max_sentences=20000, progress=False)
-    print(f"[demo] tokenizer: vocab {tok.vocab_size} -> {tok_dir}", flush=True)
-    manifest = prepare(files, tok, str(shard_dir), shard_tokens=150_000, val_fraction=0.05,
-                            workers=2, progress=False)
-    print(f"[demo] shards: {json.dumps(manifest['totals'])} -> {shard_dir}", flush=True)
-    return tok_dir, shard_dir
+    """Tokenizer and shards (with a val/ split) of the demo corpus under `run_dir`."""
+    tok_dir, shard_dir = data.make_demo_corpus(str(run_dir), workers=2, progress=False)
+    manifest = json.loads((Path(shard_dir) / "manifest.json").read_text())
+    print(f"[demo] corpus: Python standard library sources -> {json.dumps(manifest['totals'])}",
+          flush=True)
+    return Path(tok_dir), Path(shard_dir)
 
 
 def train_command(run_dir: Path, tok_dir: Path, shard_dir: Path, steps: int) -> list[str]:
@@ -116,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads((run_dir / "summary.json").read_text())
     final = CheckpointManager(run_dir / "checkpoints").latest()
     model, _ = load_model(final.path)
-    tok = Tokenizer.load(str(final.path / "tokenizer"))
+    tok = data.Tokenizer.load(str(final.path / "tokenizer"))
     prompt = "def main(argv):\n    "
     ids = torch.tensor([tok.encode(prompt, add_bos=True)])
     out = model.generate(ids, 40, temperature=0.8, top_k=40, seed=0)

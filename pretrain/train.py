@@ -26,8 +26,7 @@ from typing import Any
 
 import torch
 
-from data.loader import TokenLoader, build_loader
-from data.tokenizer import Tokenizer
+import data
 from model import build_model, count_parameters, flops_per_token, load_model_config
 
 from . import checkpoint as ckpt
@@ -91,7 +90,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def build_data(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, split: str) -> TokenLoader:
+def build_data(cfg: TrainConfig, info: DistInfo, tok: data.Tokenizer, split: str) -> data.TokenLoader:
     d = cfg.data
     if split == "train":
         weights = d.train_weights or [1.0] * len(d.train)
@@ -99,7 +98,7 @@ def build_data(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, split: str) -> 
         extra: dict[str, Any] = {"shuffle_buffer": d.shuffle_buffer, "num_workers": d.num_workers}
     else:
         sources, extra = [d.val], {"shuffle_buffer": 1, "shuffle_shards": False, "epochs": 1}
-    return build_loader({
+    return data.build_loader({
         "sources": sources, "seq_len": d.seq_len, "micro_batch_size": cfg.train.micro_batch_size,
         "rank": info.rank, "world_size": info.world_size, "seed": cfg.train.seed,
         "packing": d.packing, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
@@ -107,7 +106,7 @@ def build_data(cfg: TrainConfig, info: DistInfo, tok: Tokenizer, split: str) -> 
     })
 
 
-def evaluate(engine, cfg: TrainConfig, info: DistInfo, tok: Tokenizer) -> dict[str, float]:
+def evaluate(engine, cfg: TrainConfig, info: DistInfo, tok: data.Tokenizer) -> dict[str, float]:
     """Token-weighted validation loss and perplexity over cfg.eval.batches micro
     batches per rank (fewer if the validation set ends first)."""
     loader = build_data(cfg, info, tok, "val")
@@ -151,7 +150,7 @@ def params_finite(engine) -> bool:
 def run(cfg: TrainConfig, args: argparse.Namespace, info: DistInfo) -> int:
     run_dir = Path(cfg.run_dir)
     mcfg = load_model_config(cfg.model)
-    tok = Tokenizer.load(cfg.data.tokenizer)
+    tok = data.Tokenizer.load(cfg.data.tokenizer)
     if tok.vocab_size > mcfg.vocab_size:
         raise ValueError(
             f"model.vocab_size: {mcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} "
