@@ -620,6 +620,7 @@ class TokenLoader:
                         f"{self.n_slots} readers (world_size x workers): write more, smaller "
                         "shards, or use fewer workers")
         self.fingerprint = self._fingerprint()
+        self.content = self._content_fingerprint()
         self._global = {"slots": [_fresh_slot(j, self.n_slots, len(specs))
                                   for j in range(self.n_slots)]}
         self._phase = 0
@@ -628,6 +629,15 @@ class TokenLoader:
         h = hashlib.sha256()
         for sh in self.shards:  # shard names only: the same shards may move (disk, http, pipe)
             h.update(json.dumps([u.rstrip("/").rsplit("/", 1)[-1] for u in sh.urls]).encode())
+        return h.hexdigest()[:24]
+
+    def _content_fingerprint(self) -> str | None:
+        """Digest of the shards' sha256 when every shard has one (from manifests)."""
+        h = hashlib.sha256()
+        for sh in self.shards:
+            if len(sh.sha256) != len(sh.urls):
+                return None
+            h.update(json.dumps([sh.sha256[u] for u in sh.urls]).encode())
         return h.hexdigest()[:24]
 
     # -- iteration ---------------------------------------------------------------
@@ -666,7 +676,8 @@ class TokenLoader:
 
     def _header(self) -> dict:
         c = self.cfg
-        return {"fingerprint": self.fingerprint, "world_size": c.world_size,
+        return {"fingerprint": self.fingerprint, "content": self.content,
+                "world_size": c.world_size,
                 "num_workers": c.num_workers, "seed": c.seed, "seq_len": c.seq_len,
                 "micro_batch_size": c.micro_batch_size, "packing": c.packing,
                 "shuffle_buffer": c.shuffle_buffer, "shuffle_shards": c.shuffle_shards,
@@ -701,6 +712,9 @@ class TokenLoader:
         if state["fingerprint"] != self.fingerprint:
             raise ValueError("data state was saved over other shards "
                              f"({state['fingerprint']} != {self.fingerprint})")
+        if state.get("content") and self.content and state["content"] != self.content:
+            raise ValueError("data state was saved over shards with the same names but other "
+                             "contents (manifest digests differ)")
         for k in ("seed", "shuffle_shards", "sources"):
             if state[k] != self._header()[k]:
                 raise ValueError(f"data state has {k}={state[k]!r}, loader has "

@@ -238,6 +238,13 @@ def test_config_checks():
     b = build_loader(cfg(seed=2))
     with pytest.raises(ValueError, match="seed"):
         b.load_state_dict(a.state_dict())
+    other = dict(a.state_dict(), content="0" * 24)
+    with pytest.raises(ValueError, match="other contents"):
+        build_loader(cfg()).load_state_dict(other)
+    # the same shards under another address: a state moves from disk to http or pipe
+    n = len(shard_paths(shards_dir()))
+    c = build_loader(cfg(sources=f"pipe:cat {shards_dir()}/shard-{{000000..{n - 1:06d}}}.tar"))
+    c.load_state_dict(a.state_dict())
 
 
 @pytest.mark.multiprocess
