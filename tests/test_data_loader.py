@@ -493,3 +493,24 @@ def test_finite_mixed_sources_resume_bitwise_after_one_runs_out():
     assert len(resumed) == n
     for a, b in zip(straight, resumed):
         assert torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_leftover_ranges_partition_an_item():
+    """Window bookkeeping: what a partly-read item still owes, for random items."""
+    from data.loader import _coords_to_ranges, _merge_ranges, _tail_ranges
+
+    rng = random.Random(0)
+    for _ in range(300):
+        length = rng.randint(1, 60)
+        cuts = sorted(rng.sample(range(length + 1), min(length + 1, rng.choice([2, 4, 6]))))
+        ranges = [[a, b] for a, b in zip(cuts[::2], cuts[1::2]) if a < b] or [[0, length]]
+        if rng.random() < 0.5:
+            ranges[-1][1] = -1  # open-ended: to the end of the unit
+        included = [i for lo, hi in ranges for i in range(lo, length if hi < 0 else hi)]
+        w = rng.randint(0, len(included))
+        n = rng.randint(0, len(included) - w)
+        left_coords = sorted(rng.sample(range(w, w + n), rng.randint(0, n)))
+        r = _merge_ranges(_coords_to_ranges(ranges, left_coords) + _tail_ranges(ranges, w + n))
+        owed = [i for lo, hi in r for i in range(lo, length if hi < 0 else hi)]
+        want = [included[c] for c in left_coords] + included[w + n:]
+        assert owed == sorted(owed) and owed == sorted(want), (ranges, w, n, left_coords, r)
