@@ -395,8 +395,8 @@ class _Slot:
         cfg = self.cfg
         b, s = cfg.micro_batch_size, cfg.seq_len
 
-        def rows_of(a):
-            return np.ascontiguousarray(np.lib.stride_tricks.as_strided(
+        def rows_of(a):  # a writable copy (with b == 1 the strided view is already contiguous)
+            return np.array(np.lib.stride_tricks.as_strided(
                 a, (b, s + 1), (s * a.itemsize, a.itemsize), writeable=False))
 
         rows, st, ok = rows_of(flat), rows_of(start), rows_of(real)
