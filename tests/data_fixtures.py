@@ -151,7 +151,8 @@ class FlakyHttpServer(HttpServer):
 def reassemble(batches) -> dict[tuple[str, int, int], list]:
     """From batches with `meta`, rebuild every document from the input positions.
 
-    Returns {(shard basename, sample index, epoch): [(lo, hi, token ids)]} sorted by lo.
+    Returns {(shard basename, sample index, epoch, source): [(lo, hi, token ids)]},
+    pieces sorted by lo.
     Rows overlap by one token, so each token of the stream is an *input* exactly
     once: only positions 0..S-1 of a row are taken.
     """
@@ -160,10 +161,10 @@ def reassemble(batches) -> dict[tuple[str, int, int], list]:
         ids = b["input_ids"].numpy()
         s = ids.shape[1]
         for r, row in enumerate(b["meta"]):
-            for _src, epoch, url, idx, lo, hi, at in row:
+            for src, epoch, url, idx, lo, hi, at in row:
                 n = min(hi - lo, s - at)
                 if n > 0:
-                    key = (os.path.basename(url), idx, epoch)
+                    key = (os.path.basename(url), idx, epoch, src)
                     docs.setdefault(key, []).append((lo, lo + n, ids[r, at:at + n].copy()))
     for v in docs.values():
         v.sort(key=lambda x: x[0])
@@ -171,7 +172,7 @@ def reassemble(batches) -> dict[tuple[str, int, int], list]:
 
 
 def doc_hashes(docs: dict, eos: int = 2) -> tuple[dict, list]:
-    """({(shard, index, epoch): sha256 of the document's ids}, [problems]).
+    """({(shard, index, epoch, source): sha256 of the document's ids}, [problems]).
 
     A document must come as pieces that tile it with no gap or overlap; its
     trailing EOS is dropped (the tokenizer never produces the EOS id itself).

@@ -108,20 +108,21 @@ def test_packed_documents_are_the_shard_documents():
 
 
 # -- exactly-once resume ---------------------------------------------------------------
-def _run_chain(chain, seed):
+def _run_chain(chain, seed, epochs=1, stops=(15, 60), **extra):
     """Run one epoch through a chain of (world_size, num_workers) shapes, interrupted at
     random global steps; returns all batches, the states, and the stages' step counts."""
     rng = random.Random(seed)
     state, batches, states = None, [], []
     for stage, (world, workers) in enumerate(chain):
-        loaders = [build_loader(cfg(epochs=1, return_meta=True, rank=r, world_size=world,
-                                    num_workers=workers, seq_len=96)) for r in range(world)]
+        loaders = [build_loader(cfg(epochs=epochs, return_meta=True, rank=r, world_size=world,
+                                    num_workers=workers, seq_len=96, **extra))
+                   for r in range(world)]
         if state is not None:
             for ld in loaders:
                 ld.load_state_dict(state)
         its = [iter(ld) for ld in loaders]
         last = stage == len(chain) - 1
-        steps = None if last else rng.randint(15, 60)
+        steps = None if last else rng.randint(*stops)
         alive = list(range(world))
         step = 0
         while alive and (steps is None or step < steps):
@@ -163,6 +164,27 @@ def test_exactly_once_in_process_many_resumes():
     assert collections.Counter(got.values()) == collections.Counter(want.values())
 
 
+def test_exactly_once_per_epoch_with_two_epochs_and_mixed_sources():
+    """Resumes while readers straddle an epoch boundary, two sources mixed by weight."""
+    other = shards_dir(files=12, shard_tokens=3000)
+    sources = [{"url": shards_dir(), "weight": 0.6}, {"url": other, "weight": 0.4}]
+    chain = [(2, 0), (3, 0), (2, 0), (3, 0)]
+    batches, states = _run_chain(chain, seed=6, epochs=2, stops=(250, 450), sources=sources)
+
+    def reading(sl):  # the epoch a reader is in: its current unit, next item, or stride
+        src = sl["src"][0]
+        return (src["cur"] or (src["items"] or [src])[0])["e" if src["cur"] or src["items"]
+                                                           else "epoch"]
+
+    assert any(len({reading(sl) for sl in st["slots"]}) > 1 for st in states[:-1])
+    got, problems = doc_hashes(reassemble(batches))
+    assert not problems, problems[:5]
+    want = collections.Counter(samples_of(shards_dir()).values()) + collections.Counter(
+        samples_of(other).values())
+    for epoch in (0, 1):
+        assert collections.Counter(h for k, h in got.items() if k[2] == epoch) == want
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("stop", [8, 9, 14])
 def test_same_shape_resume_is_bitwise_identical(stop):
@@ -195,7 +217,7 @@ def test_epochs_visit_everything_in_new_orders():
     got, problems = doc_hashes(reassemble(batches))
     assert not problems
     by_epoch = collections.defaultdict(list)
-    for (_shard, _idx, epoch), h in got.items():
+    for (_shard, _idx, epoch, _src), h in got.items():
         by_epoch[epoch].append(h)
     want = collections.Counter(samples_of(shards_dir()).values())
     assert set(by_epoch) == {0, 1}
