@@ -88,8 +88,10 @@ shuffle window per unit) until they are read. A few KB for tens of readers.
 Faults: a truncated or corrupt shard raises `ShardError` naming the shard and byte
 offset (a digest mismatch against the manifest is caught at the end of the shard);
 `on_error="skip"` skips the rest of that shard with a warning and counts it in
-`loader.stats["skipped_shards"]`. Unreachable URLs are retried `retries` times with
-exponential backoff, then `SourceError` names them.
+`loader.stats["skipped_shards"]` (names in `stats["skipped"]`). Unreachable URLs are
+retried `retries` times with exponential backoff, then `SourceError` names them; an HTTP
+body cut off mid-shard is reopened at its offset with a Range request. In infinite mode,
+a source whose shards all fail raises instead of spinning.
 """
 
 from __future__ import annotations
