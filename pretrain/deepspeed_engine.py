@@ -1,0 +1,330 @@
+"""DeepSpeed ZeRO 1/2/3 behind the trainer's engine interface (see pretrain.distributed).
+
+    engine = DeepSpeedEngine(model, cfg, info)       # distributed.backend: deepspeed
+    logits = engine.forward(input_ids, reset)        # engine.module for eval
+    engine.backward(loss / grad_accum)               # once per micro batch
+    grad_norm, stepped = engine.step(lr, skip)       # once per optimizer step
+    engine.save(folder); engine.load(folder)         # folder/deepspeed/<TAG>/...
+
+Decisions:
+
+- Optimizer: the project's `torch.optim.AdamW` with its parameter groups
+  (pretrain.optim), handed to DeepSpeed as a client optimizer; DeepSpeed wraps
+  it (ZeRO partitions, fp32 master weights). The learning rate is set on the
+  wrapped optimizer's groups before every step. No DeepSpeed CPU Adam build.
+- Gradient accumulation: DeepSpeed's unmanaged mode
+  (`managed_gradient_accumulation: false`): `backward` only accumulates (the
+  trainer already divides the loss by grad_accum, so `scale_wrt_gas=False`),
+  and our `step` is the accumulation boundary (reduction, clipping, update).
+  `gradient_accumulation_steps` is still set to train.grad_accum so that
+  DeepSpeed's batch arithmetic matches the config.
+- Non-finite handling: a non-finite global gradient norm makes DeepSpeed skip
+  the update itself (bf16 `check_grad_overflow`, ZeRO's invalid-norm check) and
+  drop the gradients; we report `stepped=False`. `step(skip=True)` (a non-finite
+  loss on some rank: the trainer then stops calling `backward` for the rest of
+  that step's micro batches) runs DeepSpeed's whole boundary with the inner
+  AdamW's `step` replaced by a no-op: the already accumulated gradients of the
+  earlier micro batches are reduced and then dropped exactly as after a real
+  step, AdamW's moments and step count are untouched, and the weights are
+  re-copied from unchanged fp32 masters (bit-identical). So the skip is exact
+  for any grad_accum: the update of that optimizer step is not applied at all,
+  no partial batch is ever applied.
+- Precision: bf16 = bf16 parameters and activations, fp32 master weights,
+  fp32 gradient accumulation and fp32 gradient reduction; fp32 = fp32 throughout.
+- Checkpoints: DeepSpeed's own files under `folder/deepspeed/` with the fixed
+  tag `state`, plus `folder/deepspeed/meta.json` (world size, stage, precision).
+  Every load from a checkpoint goes through `torch.load(weights_only=True)` with
+  only DeepSpeed's few plain checkpoint classes allow-listed (see
+  `_weights_only_loads`), including DeepSpeed's own internal loads.
+- Another world size: the optimizer state is carried through DeepSpeed's
+  universal checkpoint format. `load` converts `deepspeed/state` once
+  (`ds_to_universal`, rank 0, written beside it as `deepspeed/state_universal`)
+  and loads it with `load_universal`. If the conversion fails the error names
+  the command that converts by hand. Weights only (`with_optimizer=False`,
+  e.g. `--fresh-optimizer`) works at any world size through the consolidated
+  fp32 weights (`load_deepspeed_weights`).
+- `load_deepspeed_weights(folder)`: consolidated fp32 model state dict from a
+  checkpoint folder, one process, no process group (for conversion and export).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .optim import build_optimizer
+
+TAG = "state"
+UNIVERSAL_TAG = TAG + "_universal"
+SUBDIR = "deepspeed"
+META = "meta.json"
+
+
+def _import_deepspeed():
+    """Import deepspeed with the CPU accelerator where there is no GPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+# ------------------------------------------------------------------ safe loads
+
+
+def _allowed_globals() -> list[Any]:
+    """The plain classes DeepSpeed pickles into its checkpoints (loss scaler,
+    enums, fragment address records): allow-listed for weights_only loads."""
+    import collections
+
+    out: list[Any] = [collections.OrderedDict, set, frozenset, slice]
+    candidates = [
+        ("deepspeed.runtime.fp16.loss_scaler", ["LossScaler", "DynamicLossScaler", "LossScalerBase"]),
+        ("deepspeed.runtime.zero.config", ["ZeroStageEnum"]),
+        ("deepspeed.utils.tensor_fragment", ["fragment_address"]),
+        ("deepspeed.checkpoint.constants", []),
+        ("deepspeed.runtime.zero.offload_config", ["OffloadDeviceEnum"]),
+    ]
+    import importlib
+
+    for module_name, names in candidates:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        out += [getattr(module, n) for n in names if hasattr(module, n)]
+    return out
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every `torch.load` inside (DeepSpeed's own included) runs with
+    weights_only=True; only DeepSpeed's plain checkpoint classes are allowed."""
+    original = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            yield
+    finally:
+        torch.load = original
+
+
+# ------------------------------------------------------------------ the engine
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    t, d = cfg.train, cfg.distributed
+    bf16 = d.precision == "bf16"
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": float(t.grad_clip) if t.grad_clip else 0.0,
+        "zero_optimization": {
+            "stage": d.zero_stage,
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+        },
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+    if bf16:
+        out["bf16"] = {"enabled": True, "check_grad_overflow": True}
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+        out["communication_data_type"] = "fp32"
+    return out
+
+
+class DeepSpeedEngine:
+    """backend "deepspeed": ZeRO stage 1, 2 or 3 (distributed.zero_stage)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, info) -> None:
+        from .distributed import enable_activation_checkpointing
+
+        deepspeed = _import_deepspeed()
+        self.cfg, self.info = cfg, info
+        d = cfg.distributed
+        if d.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if d.compile:
+            for block in model.blocks:
+                block.compile()
+        self.ds_config = deepspeed_config(cfg, info.world_size)
+        self._inner = build_optimizer(model, cfg.optimizer)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=self._inner, config=self.ds_config,
+            dist_init_required=None,
+        )
+        self.module = self.engine.module
+
+    # ------------------------------------------------------------ training
+    def forward(self, input_ids: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
+        return self.engine(input_ids, reset=reset)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the trainer divided by grad_accum
+
+    def step(self, lr: float, skip: bool = False) -> tuple[float, bool]:
+        """The accumulation boundary: reduce, clip (train.grad_clip), update.
+        Returns (global grad norm before clipping, stepped)."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        if skip:
+            # DeepSpeed's full boundary, inner update disabled: gradients are
+            # reduced and dropped as after a step; AdamW state and weights unchanged.
+            self._inner.step = lambda *args, **kwargs: None
+            try:
+                self.engine.step()
+            finally:
+                del self._inner.step
+        else:
+            self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        value = float(norm) if norm is not None else float("nan")
+        stepped = not skip and self.engine.was_step_applied() and value == value \
+            and abs(value) != float("inf")
+        return value, stepped
+
+    def local_shards(self) -> list[torch.Tensor]:
+        """This rank's disjoint share of the fp32 master weights (zero padding
+        only), for world-size independent fingerprints and finiteness checks."""
+        opt = self.engine.optimizer
+        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
+                     "fp32_groups_flat_partition"):
+            groups = getattr(opt, attr, None)
+            if groups:
+                return [g.detach() for g in groups]
+        raise RuntimeError(f"{type(opt).__name__}: no fp32 partitions found")
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self, folder: Path) -> None:
+        target = Path(folder) / SUBDIR
+        self.engine.save_checkpoint(str(target), tag=TAG, client_state={}, save_latest=False)
+        if self.info.is_main:
+            meta = {"world_size": self.info.world_size, "zero_stage": self.cfg.distributed.zero_stage,
+                    "precision": self.cfg.distributed.precision, "tag": TAG}
+            (target / META).write_text(json.dumps(meta, indent=1) + "\n")
+
+    def load(self, folder: Path, with_optimizer: bool = True) -> None:
+        from .distributed import barrier
+
+        folder = Path(folder)
+        target = folder / SUBDIR
+        if not (target / TAG).is_dir():
+            raise FileNotFoundError(f"{target / TAG}: no DeepSpeed state in this checkpoint")
+        meta = read_meta(folder)
+        if not with_optimizer:
+            self._load_weights(load_deepspeed_weights(folder))
+            return
+        saved_world = meta.get("world_size")
+        if saved_world is None or saved_world == self.info.world_size:
+            with _weights_only_loads():
+                path, _ = self.engine.load_checkpoint(
+                    str(target), tag=TAG, load_optimizer_states=True,
+                    load_lr_scheduler_states=False, load_module_only=False)
+            if path is None:
+                raise RuntimeError(f"{target / TAG}: DeepSpeed could not load this checkpoint")
+            return
+        # another world size: through DeepSpeed's universal checkpoint format
+        universal = target / UNIVERSAL_TAG
+        command = universal_command(folder)
+        if self.info.is_main and not (universal / "zero").is_dir():
+            convert_to_universal(folder)
+        barrier()
+        if not (universal / "zero").is_dir():
+            raise RuntimeError(
+                f"{target / TAG} was saved by {saved_world} process(es), this run has "
+                f"{self.info.world_size}: its optimizer state needs DeepSpeed's universal format, "
+                f"and the conversion failed; convert by hand with: {command}")
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            with _weights_only_loads():
+                path, _ = self.engine.load_checkpoint(
+                    str(target), tag=UNIVERSAL_TAG, load_optimizer_states=True,
+                    load_lr_scheduler_states=False, load_module_only=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        if path is None:
+            raise RuntimeError(f"{universal}: DeepSpeed could not load the universal checkpoint")
+
+    def _load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Set fp32 master weights (and the compute copies) from a full state dict."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        opt = self.engine.optimizer
+        names = dict(self.module.named_parameters())
+        missing = sorted(set(names) - set(state))
+        if missing:
+            raise KeyError(f"weights missing from the checkpoint: {missing[:5]}")
+        for name, param in names.items():
+            safe_set_full_fp32_param(param, state[name].to(torch.float32))
+        if hasattr(opt, "update_lp_params"):
+            opt.update_lp_params()
+        elif hasattr(opt, "_partition_all_parameters"):  # ZeRO-3: re-derive compute copies
+            for group_idx in range(len(opt.fp16_groups)):
+                opt._reassign_or_swap_out_partitioned_parameters(group_idx)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    file = Path(folder) / SUBDIR / META
+    if not file.is_file():
+        return {}
+    return json.loads(file.read_text())
+
+
+def universal_command(folder: str | Path) -> str:
+    target = Path(folder) / SUBDIR
+    return (f"DS_ACCELERATOR=cpu {sys.executable} -m deepspeed.checkpoint.ds_to_universal "
+            f"--input_folder {target / TAG} --output_folder {target / UNIVERSAL_TAG} "
+            f"--num_extract_workers 1 --num_merge_workers 1")
+
+
+def convert_to_universal(folder: str | Path) -> None:
+    """`ds_to_universal` of folder/deepspeed/state into folder/deepspeed/state_universal
+    (a subprocess: DeepSpeed's converter is a script with its own process pool)."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    cmd = universal_command(folder).split()[1:]  # drop the env assignment
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        print(f"[deepspeed] ds_to_universal failed (exit {proc.returncode}):\n"
+              f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
+
+
+def load_deepspeed_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 model weights of a checkpoint folder written by the
+    DeepSpeed backend (any ZeRO stage, any world size): one process, no
+    process group. Keys are the model's parameter names (tied weights included)."""
+    _import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    target = Path(folder) / SUBDIR
+    if not (target / TAG).is_dir():
+        raise FileNotFoundError(f"{target / TAG}: not a DeepSpeed checkpoint folder")
+    with _weights_only_loads():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(target), tag=TAG)
+    return {k: v.contiguous() for k, v in state.items()}
