@@ -101,6 +101,47 @@ def _global_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> tor
     return norm
 
 
+@torch.no_grad()
+def init_sharded(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Materialize a meta-device model wrapped by FSDP2 without ever holding all of
+    it: a meta template is initialized one block at a time (the root's own
+    modules first) on every rank with the same seed, and each rank keeps its
+    shard of every tensor (no communication; the same weights at any world size)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from model import build_model
+
+    if any(True for _ in model.buffers()):
+        raise ValueError("distributed.meta_init: the model has buffers, which this initializer does not fill")
+    model.to_empty(device=device)
+    template = build_model(model.cfg, device="meta")
+    tied = getattr(model.cfg, "tie_weights", False)
+
+    def fill(target: nn.Module, source: nn.Module) -> None:
+        for (_, dst), (_, src) in zip(target.named_parameters(), source.named_parameters()):
+            if isinstance(dst, DTensor):
+                src = distribute_tensor(src.to(device), dst.device_mesh, dst.placements,
+                                        src_data_rank=None)
+            dst.copy_(src)
+
+    blocks = template.blocks
+    template.blocks = nn.ModuleList()
+    template.to_empty(device="cpu")
+    if tied:
+        template.lm_head.weight = template.embedding.weight
+    torch.manual_seed(seed)
+    template.reset_parameters()  # the root's own modules (no blocks attached)
+    for name, child in template.named_children():
+        if name != "blocks":
+            fill(getattr(model, name), child)
+    for j, block in enumerate(blocks):
+        block.to_empty(device="cpu")
+        torch.manual_seed(seed + 1 + j)
+        block.reset_parameters()
+        fill(model.blocks[j], block)
+        blocks[j] = block.to_empty(device="meta")
+
+
 class TorchEngine:
     """backend "none" and "fsdp": plain torch AdamW on local or sharded parameters."""
 
@@ -124,6 +165,8 @@ class TorchEngine:
             for block in model.blocks:
                 fully_shard(block, mp_policy=mp)
             fully_shard(model, mp_policy=mp)
+            if d.meta_init:
+                init_sharded(model, info.device, cfg.train.seed)
         self.module = model
         self.optimizer = build_optimizer(model, cfg.optimizer)
         self.params = [p for p in model.parameters() if p.requires_grad]

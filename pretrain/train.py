@@ -21,6 +21,8 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +168,7 @@ def run(cfg: TrainConfig, args: argparse.Namespace, info: DistInfo) -> int:
             os.replace(old_metrics, run_dir / f"metrics.{int(time.time())}.old.jsonl")
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    model = build_model(mcfg, device=info.device)
+    model = build_model(mcfg, device="meta" if cfg.distributed.meta_init else info.device)
     engine = make_engine(model, cfg, info)
     loader = build_data(cfg, info, tok, "train")
 
@@ -333,6 +335,9 @@ def run(cfg: TrainConfig, args: argparse.Namespace, info: DistInfo) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # FSDP2 warns that blocks return views: those are recurrent states the trainer
+    # never modifies in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     try:
         cfg = load_train_config(args.config, args.overrides)
     except ValueError as err:  # one line, before any process group exists
@@ -342,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(cfg, args, info)
     except (NonFiniteError, ckpt.CheckpointError, ValueError) as err:
+        if isinstance(err, ValueError):  # may come from deep inside a library: keep the trace
+            traceback.print_exc()
         print(f"[train] rank {info.rank} error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:

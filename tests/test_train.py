@@ -129,3 +129,25 @@ def test_bad_config_is_one_line_and_starts_nothing(tmp_path, corpus, capsys, ext
     assert code == 2
     assert len(err.splitlines()) == 1 and message in err, err
     assert not torch.distributed.is_initialized() and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.multiprocess
+def test_meta_init_is_world_size_independent(tmp_path, corpus):
+    """Meta-device construction with sharded initialization: 2 processes and 1 give
+    the same weights (lr 0 keeps the initial ones), with the documented gate biases."""
+    weights = []
+    for nproc in (2, 1):
+        run_dir = tmp_path / f"meta{nproc}"
+        run(command(nproc, overrides(
+            run_dir, corpus, "distributed.backend=fsdp", "distributed.meta_init=true",
+            "train.steps=1", "optimizer.lr=0", "optimizer.weight_decay=0", "model.vocab_size=512",
+            "model.embedding_dim=128", "model.num_heads=2", "model.num_blocks=2", procs=nproc,
+        ), config="large-1.3b.yaml"))
+        model, _ = load_model(CheckpointManager(run_dir / "checkpoints").latest().path)
+        weights.append(model.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    fbias = weights[0]["blocks.0.mlstm.fgate.bias"]
+    assert torch.allclose(fbias, torch.linspace(3.0, 6.0, fbias.numel()))
+    assert all(torch.isfinite(w).all() for w in weights[0].values())

@@ -29,11 +29,12 @@ def overrides(run_dir: Path, corpus, *extra: str, procs: int = 2) -> list[str]:
     ]
 
 
-def command(nproc: int, args: list[str], resume: str = "auto") -> list[str]:
+def command(nproc: int, args: list[str], resume: str = "auto", config: str = "tiny.yaml") -> list[str]:
+    """`python -m pretrain.train` (nproc 0) or torchrun with nproc processes."""
     head = [sys.executable, "-m", "pretrain.train"] if nproc == 0 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "pretrain.train"]
-    return [*head, "--config", str(ROOT / "configs" / "tiny.yaml"), "--resume", resume, *args]
+    return [*head, "--config", str(ROOT / "configs" / config), "--resume", resume, *args]
 
 
 def env(**extra: str) -> dict[str, str]:
