@@ -91,6 +91,9 @@ class DistributedConfig:
     """bf16: bf16 parameters in compute with fp32 reductions and master weights."""
     activation_checkpointing: bool = False
     compile: bool = False
+    """torch.compile each block."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (e.g. inductor, aot_eager)."""
     timeout_s: int = 600
     """Collective timeout: a dead rank takes the job down after this long."""
     meta_init: bool = False

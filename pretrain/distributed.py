@@ -152,7 +152,7 @@ class TorchEngine:
             enable_activation_checkpointing(model)
         if d.compile:
             for block in model.blocks:
-                block.compile()
+                block.compile(backend=d.compile_backend)
         self.autocast = d.backend == "none" and d.precision == "bf16"
         if d.backend == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -200,7 +200,11 @@ class TorchEngine:
 
     def load(self, folder: Path, with_optimizer: bool = True) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_state_dict,
+            set_model_state_dict,
+            set_state_dict,
+        )
 
         path = folder / "model_optim"
         if not path.is_dir():
@@ -208,9 +212,12 @@ class TorchEngine:
         msd, osd = get_state_dict(self.module, self.optimizer)
         state = {"model": msd, "optim": osd} if with_optimizer else {"model": msd}
         dcp.load(state, checkpoint_id=str(path))
+        if not with_optimizer:  # set_state_dict refuses an empty optimizer state
+            set_model_state_dict(self.module, state["model"])
+            return
         set_state_dict(
             self.module, self.optimizer, model_state_dict=state["model"],
-            optim_state_dict=state["optim"] if with_optimizer else {},
+            optim_state_dict=state["optim"],
         )
 
 
