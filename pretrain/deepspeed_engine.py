@@ -219,7 +219,16 @@ class DeepSpeedEngine:
     # ------------------------------------------------------------ checkpoints
     def save(self, folder: Path) -> None:
         target = Path(folder) / SUBDIR
-        self.engine.save_checkpoint(str(target), tag=TAG, client_state={}, save_latest=False)
+        # the marker DeepSpeed's universal converter requires (Megatron-DeepSpeed writes it)
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        client = {UNIVERSAL_CHECKPOINT_INFO: {
+            UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        self.engine.save_checkpoint(str(target), tag=TAG, client_state=client, save_latest=False)
         if self.info.is_main:
             meta = {"world_size": self.info.world_size, "zero_stage": self.cfg.distributed.zero_stage,
                     "precision": self.cfg.distributed.precision, "tag": TAG}
@@ -295,24 +304,39 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
-def universal_command(folder: str | Path) -> str:
+def universal_command(folder: str | Path, output: str | Path | None = None) -> str:
+    """The shell command that converts folder/deepspeed/state to the universal format."""
     target = Path(folder) / SUBDIR
-    return (f"DS_ACCELERATOR=cpu {sys.executable} -m deepspeed.checkpoint.ds_to_universal "
-            f"--input_folder {target / TAG} --output_folder {target / UNIVERSAL_TAG} "
+    output = output or target / UNIVERSAL_TAG
+    accel = "" if torch.cuda.is_available() else "DS_ACCELERATOR=cpu "
+    return (f"{accel}{sys.executable} -m deepspeed.checkpoint.ds_to_universal "
+            f"--input_folder {target / TAG} --output_folder {output} "
             f"--num_extract_workers 1 --num_merge_workers 1")
 
 
-def convert_to_universal(folder: str | Path) -> None:
-    """`ds_to_universal` of folder/deepspeed/state into folder/deepspeed/state_universal
-    (a subprocess: DeepSpeed's converter is a script with its own process pool)."""
+def convert_to_universal(folder: str | Path) -> bool:
+    """`ds_to_universal` of folder/deepspeed/state into folder/deepspeed/state_universal,
+    written to a temporary name and renamed when complete (a subprocess: DeepSpeed's
+    converter is a script with process pools of its own). True on success."""
+    import shutil
+
+    target = Path(folder) / SUBDIR
+    final, tmp = target / UNIVERSAL_TAG, target / (UNIVERSAL_TAG + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd = universal_command(folder).split()[1:]  # drop the env assignment
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
+    cmd = universal_command(folder, tmp).split()
+    if cmd[0].startswith("DS_ACCELERATOR="):
+        cmd = cmd[1:]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0 or not (tmp / "zero").is_dir():
         print(f"[deepspeed] ds_to_universal failed (exit {proc.returncode}):\n"
               f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    os.replace(tmp, final)
+    return True
 
 
 def load_deepspeed_weights(folder: str | Path) -> dict[str, torch.Tensor]:

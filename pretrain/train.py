@@ -137,15 +137,23 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.detach().to_local() if hasattr(p, "to_local") else p.detach()
 
 
+def _shards(engine) -> list[torch.Tensor]:
+    """This rank's disjoint share of the weights: the engine's `local_shards()`
+    where it has one (DeepSpeed: fp32 master partitions), else local parameters."""
+    if hasattr(engine, "local_shards"):
+        return engine.local_shards()
+    return [_local(p) for p in engine.module.parameters()]
+
+
 def parameter_sumsq(engine) -> float:
     """Sum of squares of all parameters over all shards (a world-size independent
     fingerprint of the weights, up to summation order)."""
-    local = sum(_local(p).double().pow(2).sum() for p in engine.module.parameters())
+    local = sum(t.double().pow(2).sum() for t in _shards(engine))
     return all_reduce_sum(torch.as_tensor(local, dtype=torch.float64).reshape(1)).item()
 
 
 def params_finite(engine) -> bool:
-    local = all(bool(torch.isfinite(_local(p)).all()) for p in engine.module.parameters())
+    local = all(bool(torch.isfinite(t).all()) for t in _shards(engine))
     return not any_rank(not local)
 
 
