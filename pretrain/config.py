@@ -87,8 +87,10 @@ class DistributedConfig:
     backend: Literal["none", "fsdp", "deepspeed"] = "none"
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 1, 2 or 3."""
-    precision: Literal["bf16", "fp32"] = "fp32"
-    """bf16: bf16 parameters in compute with fp32 reductions and master weights."""
+    precision: Literal["bf16", "fp32", "bf16_pure"] = "fp32"
+    """bf16: bf16 compute with fp32 master weights, optimizer state and reductions;
+    bf16_pure: parameters, gradients and optimizer state in bf16 (half the memory,
+    for runs that do not fit otherwise; fsdp and none only)."""
     activation_checkpointing: bool = False
     compile: bool = False
     """torch.compile each block."""
@@ -246,6 +248,8 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> None:
         )
     if d.backend == "deepspeed" and d.zero_stage not in (1, 2, 3):
         raise ValueError(f"distributed.zero_stage: got {d.zero_stage}, allowed values: 1, 2, 3")
+    if d.precision == "bf16_pure" and d.backend == "deepspeed":
+        raise ValueError("distributed.precision: bf16_pure is for fsdp and none; allowed with deepspeed: bf16, fp32")
     if d.meta_init and d.backend != "fsdp":
         raise ValueError(f"distributed.meta_init: needs distributed.backend fsdp, got {d.backend!r}")
     if d.backend == "none" and world_size > 1:

@@ -154,6 +154,8 @@ class TorchEngine:
             for block in model.blocks:
                 block.compile(backend=d.compile_backend)
         self.autocast = d.backend == "none" and d.precision == "bf16"
+        if d.precision == "bf16_pure":
+            model.to(torch.bfloat16)
         if d.backend == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
