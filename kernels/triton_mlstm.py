@@ -22,16 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _mm(a, b, DT: tl.constexpr, UPCAST: tl.constexpr):
-    a = a.to(DT)
-    b = b.to(DT)
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision="ieee")
-
+from .triton_common import _max, _min, _mm, _sum
 
 # ----------------------------------------------------------------------------------------
 # forward
@@ -67,9 +58,9 @@ def mlstm_fwd_state_kernel(
         n = tl.load(n0_ptr + pid_bh * DQK + offs_k, mask=mk, other=0.0).to(tl.float32)
         m = tl.load(m0_ptr + pid_bh).to(tl.float32)
     else:
-        C = tl.zeros((BK, BV), dtype=tl.float32)
-        n = tl.zeros((BK,), dtype=tl.float32)
-        m = tl.zeros((1,), dtype=tl.float32).sum(0)
+        C = tl.full((BK, BV), 0.0, tl.float32)
+        n = tl.full((BK,), 0.0, tl.float32)
+        m = _sum(tl.full((1,), 0.0, tl.float32), 0)
     k_base = k_ptr + pid_bh * S * DQK
     v_base = v_ptr + pid_bh * S * DV
     g_base = pid_bh * SP
@@ -85,8 +76,8 @@ def mlstm_fwd_state_kernel(
             seg_end = tl.load(seg_ptr + bidx * SP + end)
             carry_end = tl.load(carry_ptr + bidx * SP + end) != 0
         # pass 1: the largest key weight at the chunk end (one scalar per chunk)
-        gmax = tl.full((1,), float("-inf"), tl.float32).max(0)
-        gidx = tl.full((1,), -1, tl.int32).max(0)
+        gmax = _max(tl.full((1,), float("-inf"), tl.float32), 0)
+        gidx = _max(tl.full((1,), -1, tl.int32), 0)
         for j in range(0, L, BT):
             offs = j + tl.arange(0, BT)
             inl = offs < L
@@ -97,8 +88,8 @@ def mlstm_fwd_state_kernel(
                 sg = tl.load(seg_ptr + bidx * SP + c * L + offs, mask=inl, other=-1)
                 valid = valid & (sg == seg_end)
             g = tl.where(valid, b_end - bs + gs, float("-inf"))
-            tmax = tl.max(g, 0)
-            tidx = tl.min(tl.where(g == tmax, offs, 1 << 30), 0)
+            tmax = _max(g, 0)
+            tidx = _min(tl.where(g == tmax, offs, 1 << 30), 0)
             upd = tmax > gmax
             gidx = tl.where(upd, tidx, gidx)
             gmax = tl.maximum(gmax, tmax)
@@ -132,7 +123,7 @@ def mlstm_fwd_state_kernel(
                          mask=valid[:, None] & mv[None, :], other=0.0)
             kw = kt * w[:, None]
             C += _mm(tl.trans(kw), vt, DT, UPCAST)
-            n += tl.sum(kw, 0)
+            n += _sum(kw, 0)
         m = m_new
     cs_base = (pid_bh * (NC + 1) + NC) * DQK * DV
     tl.store(cs_ptr + cs_base + kv_off, C, mask=mkv)
@@ -206,8 +197,8 @@ def mlstm_fwd_out_kernel(
         _inl_s, valid_s, bs, gs, seg_s, _cs = _load_rows(
             ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_s, HAS_RESET)
         ld = _log_decay(bt, bs, gs, offs_t, offs_s, valid_s, seg_t, seg_s, HAS_RESET)
-        tmax = tl.max(ld, 1)
-        tidx = tl.min(tl.where(ld == tmax[:, None], offs_s[None, :], 1 << 30), 1)
+        tmax = _max(ld, 1)
+        tidx = _min(tl.where(ld == tmax[:, None], offs_s[None, :], 1 << 30), 1)
         upd = tmax > mx
         ix = tl.where(upd, tidx, ix)
         mx = tl.maximum(mx, tmax)
@@ -223,7 +214,7 @@ def mlstm_fwd_out_kernel(
                  mask=md[:, None] & mv[None, :], other=0.0)
     nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_d, mask=md, other=0.0)
     num = _mm(q, Cc, DT, UPCAST) * (w * scale)[:, None]
-    den = tl.sum(q.to(tl.float32) * nc[None, :], 1) * w * scale
+    den = _sum(q.to(tl.float32) * nc[None, :], 1) * w * scale
     # causal in-chunk term, tile by tile
     k_base = k_ptr + pid_bh * S * DQK
     v_base = v_ptr + pid_bh * S * DV
@@ -240,7 +231,7 @@ def mlstm_fwd_out_kernel(
                      mask=valid_s[:, None] & mv[None, :], other=0.0)
         a = _mm(q, tl.trans(kt), DT, UPCAST) * scale * p
         num += _mm(a, vt, DT, UPCAST)
-        den += tl.sum(a, 1)
+        den += _sum(a, 1)
     nrm = tl.maximum(tl.abs(den), tl.exp(-mt)) + eps
     h = num / nrm[:, None]
     tl.store(h_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :], h,
@@ -287,8 +278,8 @@ def mlstm_bwd_state_kernel(
         dC = tl.load(dcl_ptr + pid_bh * DQK * DV + kv_off, mask=mkv, other=0.0)
         dn = tl.load(dnl_ptr + pid_bh * DQK + offs_k, mask=mk, other=0.0)
     else:
-        dC = tl.zeros((BK, BV), dtype=tl.float32)
-        dn = tl.zeros((BK,), dtype=tl.float32)
+        dC = tl.full((BK, BV), 0.0, tl.float32)
+        dn = tl.full((BK,), 0.0, tl.float32)
     g_base = pid_bh * SP
     for cc in range(NC):
         c = NC - 1 - cc
@@ -304,7 +295,7 @@ def mlstm_bwd_state_kernel(
         cs_base = (pid_bh * (NC + 1) + c) * DQK * DV
         Cc = tl.load(cs_ptr + cs_base + kv_off, mask=mkv, other=0.0)
         nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_k, mask=mk, other=0.0)
-        part = tl.sum(tl.sum(dC * Cc, 1), 0) + tl.where(nfirst, tl.sum(dn * nc, 0), 0.0)
+        part = _sum(_sum(dC * Cc, 1), 0) + tl.where(nfirst, _sum(dn * nc, 0), 0.0)
         tl.store(dlogw_ptr + (pid_bh * NC + c) * NKB * NVB + pid_k * NVB + pid_v, W * part)
         dC = dC * W
         dn = dn * W
@@ -327,7 +318,7 @@ def mlstm_bwd_state_kernel(
                           mask=valid[:, None] & mv[None, :], other=0.0)
             dnum = dht * (w / nr)[:, None]
             dC += _mm(tl.trans(qt), dnum, DT, UPCAST)
-            dn += tl.sum(qt.to(tl.float32) * (w * dd)[:, None], 0)
+            dn += _sum(qt.to(tl.float32) * (w * dd)[:, None], 0)
     tl.store(dc0_ptr + pid_bh * DQK * DV + kv_off, dC, mask=mkv)
     tl.store(dn0_ptr + pid_bh * DQK + offs_k, dn, mask=mk & (offs_k * 0 + pid_v == 0))
 
@@ -380,7 +371,7 @@ def mlstm_bwd_dkdv_kernel(
     kdc = _mm(kt, dCn, DT, UPCAST)  # (BT, BV)
     dv = kdc * G[:, None]
     dk = (_mm(vt, tl.trans(dCn), DT, UPCAST) + dnn[None, :]) * G[:, None]
-    gsum = G * (tl.sum(kdc * vt.to(tl.float32), 1) + tl.sum(kt.to(tl.float32) * dnn[None, :], 1))
+    gsum = G * (_sum(kdc * vt.to(tl.float32), 1) + _sum(kt.to(tl.float32) * dnn[None, :], 1))
     xs = gsum
     # the in-chunk term of every later query tile of the chunk
     for jt in range(js, NT):
@@ -407,7 +398,7 @@ def mlstm_bwd_dkdv_kernel(
         da = _mm(vt, tl.trans(dnum), DT, UPCAST) + dd[None, :]
         ds = da * p
         dk += _mm(ds, qt, DT, UPCAST) * scale
-        xs += tl.sum(da * a, 1)
+        xs += _sum(da * a, 1)
     row = pid_v.to(tl.int64) * BH + pid_bh
     tl.store(dk_ptr + row * S * DQK + pos_s[:, None] * DQK + offs_d[None, :], dk,
              mask=valid_s[:, None] & md[None, :])
@@ -462,7 +453,7 @@ def mlstm_bwd_dq_kernel(
                  mask=md[:, None] & mv[None, :], other=0.0)
     nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_d, mask=md & (offs_d * 0 + pid_v == 0), other=0.0)
     dqi = _mm(dnum, tl.trans(Cc), DT, UPCAST) + dd[:, None] * nc[None, :]  # (BT, BD)
-    wsum = w * tl.sum(dqi * qt.to(tl.float32), 1) * scale
+    wsum = w * _sum(dqi * qt.to(tl.float32), 1) * scale
     dq = dqi * (w * scale)[:, None]
     ys = wsum
     k_base = k_ptr + pid_bh * S * DQK
@@ -482,7 +473,7 @@ def mlstm_bwd_dq_kernel(
         da = _mm(dnum, tl.trans(vt), DT, UPCAST) + dd[:, None]
         ds = da * p
         dq += _mm(ds, kt, DT, UPCAST) * scale
-        ys += tl.sum(da * a, 1)
+        ys += _sum(da * a, 1)
     row = pid_v.to(tl.int64) * BH + pid_bh
     tl.store(dq_ptr + row * S * DQK + pos_t[:, None] * DQK + offs_d[None, :], dq,
              mask=valid_t[:, None] & md[None, :])
@@ -522,16 +513,16 @@ def mlstm_step_fwd_kernel(
         n = tl.load(n_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0)
         m = tl.load(m_ptr + pid_bh)
     else:
-        C = tl.zeros((BD, BV), dtype=tl.float32)
-        n = tl.zeros((BD,), dtype=tl.float32)
+        C = tl.full((BD, BV), 0.0, tl.float32)
+        n = tl.full((BD,), 0.0, tl.float32)
         m = lf * 0.0
     m_new = tl.maximum(lf + m, ig)
     fg = tl.exp(lf + m - m_new)
     ip = tl.exp(ig - m_new)
     C = fg * C + ip * (k[:, None] * v[None, :])
     n = fg * n + ip * k
-    num = tl.sum(q[:, None] * C, 0) * scale
-    den = tl.sum(q * n, 0) * scale
+    num = _sum(q[:, None] * C, 0) * scale
+    den = _sum(q * n, 0) * scale
     h = num / (tl.maximum(tl.abs(den), tl.exp(-m_new)) + eps)
     tl.store(h_ptr + pid_bh * DV + offs_v, h, mask=mv)
     tl.store(co_ptr + pid_bh * DQK * DV + dv_off, C, mask=mdv)
@@ -571,8 +562,8 @@ def mlstm_step_bwd_kernel(
         n = tl.load(n_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0)
         m = tl.load(m_ptr + pid_bh)
     else:
-        C = tl.zeros((BD, BV), dtype=tl.float32)
-        n = tl.zeros((BD,), dtype=tl.float32)
+        C = tl.full((BD, BV), 0.0, tl.float32)
+        n = tl.full((BD,), 0.0, tl.float32)
         m = lf * 0.0
     m_new = tl.load(mo_ptr + pid_bh)
     fg = tl.exp(lf + m - m_new)
@@ -586,11 +577,11 @@ def mlstm_step_bwd_kernel(
     dC1 += scale * q[:, None] * dnum[None, :]
     dn1 = tl.load(dno_ptr + pid_bh * DQK + offs_d, mask=md & first, other=0.0)
     dn1 += scale * dd * q
-    dq = scale * (tl.sum(C1 * dnum[None, :], 1) + dd * n1)
-    dk = ip * (tl.sum(dC1 * v[None, :], 1) + dn1)
-    dv = ip * tl.sum(dC1 * k[:, None], 0)
-    dlf = fg * (tl.sum(tl.sum(dC1 * C, 1), 0) + tl.sum(dn1 * n, 0))
-    dli = ip * (tl.sum(tl.sum(dC1 * k[:, None] * v[None, :], 1), 0) + tl.sum(dn1 * k, 0))
+    dq = scale * (_sum(C1 * dnum[None, :], 1) + dd * n1)
+    dk = ip * (_sum(dC1 * v[None, :], 1) + dn1)
+    dv = ip * _sum(dC1 * k[:, None], 0)
+    dlf = fg * (_sum(_sum(dC1 * C, 1), 0) + _sum(dn1 * n, 0))
+    dli = ip * (_sum(_sum(dC1 * k[:, None] * v[None, :], 1), 0) + _sum(dn1 * k, 0))
     row = pid_v.to(tl.int64) * BH + pid_bh
     tl.store(dq_ptr + row * DQK + offs_d, dq, mask=md)
     tl.store(dk_ptr + row * DQK + offs_d, dk, mask=md)

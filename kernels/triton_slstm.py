@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_common import _sum
+
 
 @triton.jit
 def _sigmoid(x):
@@ -30,7 +32,7 @@ def _matvec(h, r_ptr, offs_d, md, DH):
     """(h @ R_g)[e] = sum_d h[d] R_g[d, e] for one gate's (DH, DH) block."""
     r = tl.load(r_ptr + offs_d[:, None] * DH + offs_d[None, :],
                 mask=md[:, None] & md[None, :], other=0.0).to(tl.float32)
-    return tl.sum(h[:, None] * r, 0)
+    return _sum(h[:, None] * r, 0)
 
 
 @triton.jit
@@ -38,7 +40,7 @@ def _vecmat_t(d, r_ptr, offs_d, md, DH):
     """(R_g @ d)[e] = sum_j R_g[e, j] d[j]: the gradient of h_prev through one gate."""
     r = tl.load(r_ptr + offs_d[:, None] * DH + offs_d[None, :],
                 mask=md[:, None] & md[None, :], other=0.0).to(tl.float32)
-    return tl.sum(r * d[None, :], 1)
+    return _sum(r * d[None, :], 1)
 
 
 @triton.jit
@@ -59,10 +61,10 @@ def slstm_fwd_kernel(
         n = tl.load(n0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
         m = tl.load(m0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
     else:
-        h = tl.zeros((BD,), dtype=tl.float32)
-        c = tl.zeros((BD,), dtype=tl.float32)
-        n = tl.zeros((BD,), dtype=tl.float32)
-        m = tl.zeros((BD,), dtype=tl.float32)
+        h = tl.full((BD,), 0.0, tl.float32)
+        c = tl.full((BD,), 0.0, tl.float32)
+        n = tl.full((BD,), 0.0, tl.float32)
+        m = tl.full((BD,), 0.0, tl.float32)
     rh = r_ptr + head * 4 * DH * DH
     for t in range(S):
         if HAS_RESET:
@@ -140,9 +142,9 @@ def slstm_bwd_kernel(
                 np_ = tl.load(n0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
                 mp = tl.load(m0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
             else:
-                cp = tl.zeros((BD,), dtype=tl.float32)
-                np_ = tl.zeros((BD,), dtype=tl.float32)
-                mp = tl.zeros((BD,), dtype=tl.float32)
+                cp = tl.full((BD,), 0.0, tl.float32)
+                np_ = tl.full((BD,), 0.0, tl.float32)
+                mp = tl.full((BD,), 0.0, tl.float32)
         if HAS_RESET:
             keep = tl.load(reset_ptr + bidx * S + t + offs_d * 0) == 0
             cp = tl.where(keep, cp, 0.0)

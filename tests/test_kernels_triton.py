@@ -375,3 +375,30 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
         capture_output=True, text=True, env=env, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 failure(s)" in proc.stdout
+
+
+def test_interpreter_works_when_triton_was_imported_first():
+    """Another module (torch._dynamo, transformers, ...) may import triton before
+    TRITON_INTERPRET=1 is set; the kernels must still run under the interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import os, triton, triton.language\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import torch, kernels\n"
+        "q = torch.randn(1, 1, 5, 16, requires_grad=True)\n"
+        "i = torch.randn(1, 1, 5)\n"
+        "h = kernels.mlstm_chunkwise(q, q, q, i, i, backend='triton')\n"
+        "h.sum().backward()\n"
+        "x = torch.randn(1, 1, 3, 4, 8)\n"
+        "kernels.slstm_sequence(x, torch.randn(1, 4, 8, 8), backend='triton')\n"
+        "print('fine', bool(torch.isfinite(q.grad).all()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=root)
+    assert proc.returncode == 0 and "fine True" in proc.stdout, proc.stderr[-3000:]
