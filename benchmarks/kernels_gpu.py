@@ -297,8 +297,8 @@ def bench_shape(rows, dev, official, chunks, reps, warmup, tokens, NH, S, DQK, D
 
 
 def bench(dev) -> list[dict]:
-    reps = ARGS.reps or (2 if DRY else 20)
-    warmup = ARGS.warmup or (1 if DRY else 5)
+    reps = ARGS.reps if ARGS.reps is not None else (2 if DRY else 20)
+    warmup = ARGS.warmup if ARGS.warmup is not None else (1 if DRY else 5)
     tokens = ARGS.tokens or (128 if DRY else 65536)
     if ARGS.seqlens:
         seqlens = [int(s) for s in ARGS.seqlens.split(",")]

@@ -352,7 +352,8 @@ def test_gpu_benchmark_cpu_dry_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "kernels_gpu.py"), "--cpu-dry-run",
-         "--seqlens", "64", "--chunks", "64", "--out", str(tmp_path)],
+         "--seqlens", "64", "--chunks", "64", "--reps", "1", "--warmup", "0",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = next(tmp_path.glob("kernels_gpu-*.md")).read_text()
