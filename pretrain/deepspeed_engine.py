@@ -311,7 +311,7 @@ def universal_command(folder: str | Path, output: str | Path | None = None) -> s
     accel = "" if torch.cuda.is_available() else "DS_ACCELERATOR=cpu "
     return (f"{accel}{sys.executable} -m deepspeed.checkpoint.ds_to_universal "
             f"--input_folder {target / TAG} --output_folder {output} "
-            f"--num_extract_workers 1 --num_merge_workers 1")
+            f"--num_extract_workers 1 --num_merge_workers 1 --inject_missing_state")
 
 
 def convert_to_universal(folder: str | Path) -> bool:
