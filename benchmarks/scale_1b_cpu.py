@@ -38,9 +38,10 @@ def sample_rss(proc: subprocess.Popen, peaks: dict[int, float], total: list[floa
         for k in kids:
             try:
                 rss = k.memory_info().rss / 2**30
-            except psutil.NoSuchProcess:
+                is_rank = "pretrain.train" in " ".join(k.cmdline())
+            except psutil.Error:  # gone, or a zombie at the end
                 continue
-            if "pretrain.train" in " ".join(k.cmdline()):
+            if is_rank:
                 peaks[k.pid] = max(peaks.get(k.pid, 0.0), rss)
                 now += rss
         total[0] = max(total[0], now)
