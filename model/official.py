@@ -167,3 +167,92 @@ def _large(cfg: LargeConfig) -> Iterator[Pair]:
             yield dst + f"{ours}.weight", src + f"{theirs}.weight", _same, _same
             if has_bias:
                 yield dst + f"{ours}.bias", src + f"{theirs}.bias", _same, _same
+
+
+# ------------------------------------------------------------------ the official models
+
+
+def build_official_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The official package's model of `cfg` (float32), for tests and benchmarks
+    only: NeurIPS `xLSTMLMModel` (mLSTM parallel form, sLSTM vanilla backend) or
+    `xLSTMLarge` with its native PyTorch kernels. Imports `xlstm` lazily; our
+    models never need it."""
+    return _official_neurips(cfg) if isinstance(cfg, XLSTMConfig) else _official_large(cfg)
+
+
+def _official_neurips(cfg: XLSTMConfig) -> torch.nn.Module:
+    """The official xLSTMLMModel of `cfg`: mLSTM cell in its parallel form,
+    sLSTM on the vanilla (pure PyTorch) backend, float32."""
+    from xlstm import (
+        FeedForwardConfig,
+        mLSTMBlockConfig,
+        mLSTMLayerConfig,
+        sLSTMBlockConfig,
+        sLSTMLayerConfig,
+        xLSTMLMModel,
+        xLSTMLMModelConfig,
+    )
+
+    m, s = cfg.mlstm, cfg.slstm
+    ocfg = xLSTMLMModelConfig(
+        vocab_size=cfg.vocab_size,
+        embedding_dim=cfg.embedding_dim,
+        num_blocks=cfg.num_blocks,
+        context_length=cfg.context_length,
+        slstm_at=list(cfg.slstm_at),
+        tie_weights=cfg.tie_weights,
+        bias=cfg.bias,
+        mlstm_block=mLSTMBlockConfig(
+            mlstm=mLSTMLayerConfig(
+                conv1d_kernel_size=m.conv_kernel_size,
+                qkv_proj_blocksize=m.qkv_proj_blocksize,
+                num_heads=m.num_heads,
+                proj_factor=m.proj_factor,
+            )
+        ),
+        slstm_block=sLSTMBlockConfig(
+            slstm=sLSTMLayerConfig(
+                backend="vanilla",
+                num_heads=s.num_heads,
+                conv1d_kernel_size=s.conv_kernel_size,
+                bias_init="powerlaw_blockdependent",
+                dtype="float32",
+            ),
+            feedforward=FeedForwardConfig(
+                proj_factor=s.ffn_proj_factor, act_fn=s.ffn_act, bias=cfg.bias
+            ),
+        ),
+    )
+    model = xLSTMLMModel(ocfg)
+    model.reset_parameters()
+    return model
+
+
+def _official_large(cfg: LargeConfig) -> torch.nn.Module:
+    """The official xLSTMLarge with its native PyTorch kernels (chunkwise)."""
+    from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
+
+    ocfg = xLSTMLargeConfig(
+        embedding_dim=cfg.embedding_dim,
+        num_heads=cfg.num_heads,
+        num_blocks=cfg.num_blocks,
+        vocab_size=cfg.vocab_size,
+        use_bias=cfg.use_bias,
+        norm_eps=cfg.norm_eps,
+        qk_dim_factor=cfg.qk_dim_factor,
+        v_dim_factor=cfg.v_dim_factor,
+        chunkwise_kernel="chunkwise--native_autograd",
+        sequence_kernel="native_sequence__native",
+        step_kernel="native",
+        mode="train",
+        chunk_size=cfg.chunk_size,
+        return_last_states=True,
+        autocast_kernel_dtype="float32",
+        eps=cfg.cell_eps,
+        ffn_proj_factor=cfg.ffn_proj_factor,
+        ffn_round_up_to_multiple_of=cfg.ffn_round_up_to,
+        gate_soft_cap=cfg.gate_soft_cap,
+        output_logit_soft_cap=cfg.logit_soft_cap,
+        weight_mode="single",
+    )
+    return xLSTMLarge(ocfg)

@@ -18,10 +18,10 @@ CFG = XLSTMConfig(vocab_size=256, embedding_dim=128, num_blocks=4, slstm_at=[1, 
 
 def test_neurips_init_mirrors_official():
     pytest.importorskip("xlstm")
-    from test_model_official import official_neurips
+    from model.official import build_official_model
 
     torch.manual_seed(0)
-    ref = from_official_state_dict(CFG, official_neurips(CFG).state_dict())
+    ref = from_official_state_dict(CFG, build_official_model(CFG).state_dict())
     a = build_model(CFG).state_dict()
     torch.manual_seed(1)
     b = build_model(CFG).state_dict()

@@ -8,7 +8,7 @@ import torch
 
 from model import LargeConfig, XLSTMConfig, build_model
 from model.config import MLSTMBlockConfig, SLSTMBlockConfig
-from model.official import from_official_state_dict, to_official_state_dict
+from model.official import build_official_model, from_official_state_dict, to_official_state_dict
 
 xlstm = pytest.importorskip("xlstm")
 # the official package warns about torch.jit.script_method on import
@@ -17,54 +17,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
-
-
-def official_neurips(cfg: XLSTMConfig):
-    """The official xLSTMLMModel of `cfg`: mLSTM cell in its parallel form,
-    sLSTM on the vanilla (pure PyTorch) backend, float32."""
-    from xlstm import (
-        FeedForwardConfig,
-        mLSTMBlockConfig,
-        mLSTMLayerConfig,
-        sLSTMBlockConfig,
-        sLSTMLayerConfig,
-        xLSTMLMModel,
-        xLSTMLMModelConfig,
-    )
-
-    m, s = cfg.mlstm, cfg.slstm
-    ocfg = xLSTMLMModelConfig(
-        vocab_size=cfg.vocab_size,
-        embedding_dim=cfg.embedding_dim,
-        num_blocks=cfg.num_blocks,
-        context_length=cfg.context_length,
-        slstm_at=list(cfg.slstm_at),
-        tie_weights=cfg.tie_weights,
-        bias=cfg.bias,
-        mlstm_block=mLSTMBlockConfig(
-            mlstm=mLSTMLayerConfig(
-                conv1d_kernel_size=m.conv_kernel_size,
-                qkv_proj_blocksize=m.qkv_proj_blocksize,
-                num_heads=m.num_heads,
-                proj_factor=m.proj_factor,
-            )
-        ),
-        slstm_block=sLSTMBlockConfig(
-            slstm=sLSTMLayerConfig(
-                backend="vanilla",
-                num_heads=s.num_heads,
-                conv1d_kernel_size=s.conv_kernel_size,
-                bias_init="powerlaw_blockdependent",
-                dtype="float32",
-            ),
-            feedforward=FeedForwardConfig(
-                proj_factor=s.ffn_proj_factor, act_fn=s.ffn_act, bias=cfg.bias
-            ),
-        ),
-    )
-    model = xLSTMLMModel(ocfg)
-    model.reset_parameters()
-    return model
 
 
 def randomize_(model: torch.nn.Module, gen: torch.Generator) -> None:
@@ -92,7 +44,7 @@ NEURIPS = XLSTMConfig(
 def test_neurips_logits_match_official(tie: bool, bias: bool):
     torch.manual_seed(0)
     cfg = XLSTMConfig(**{**NEURIPS.__dict__, "tie_weights": tie, "bias": bias})
-    ref = official_neurips(cfg).eval()
+    ref = build_official_model(cfg).eval()
     randomize_(ref, torch.Generator().manual_seed(1))
     ours = build_model(cfg).eval()
     ours.load_state_dict(from_official_state_dict(cfg, ref.state_dict()), strict=True)
@@ -102,7 +54,7 @@ def test_neurips_logits_match_official(tie: bool, bias: bool):
         got = ours(idx)
     assert got.shape == want.shape == (2, 27, cfg.vocab_size)
     assert rel_err(got, want) < 1e-5
-    assert_round_trip(cfg, ours, official_neurips(cfg).eval(), idx, want)
+    assert_round_trip(cfg, ours, build_official_model(cfg).eval(), idx, want)
 
 
 def assert_round_trip(cfg, ours, fresh_official, idx, want):
@@ -119,7 +71,7 @@ def test_neurips_official_step_matches_our_step():
     """The official recurrent step path (mLSTM step, conv buffer, sLSTM step)
     agrees with ours token by token."""
     cfg = NEURIPS
-    ref = official_neurips(cfg).eval()
+    ref = build_official_model(cfg).eval()
     randomize_(ref, torch.Generator().manual_seed(3))
     ours = build_model(cfg).eval()
     ours.load_state_dict(from_official_state_dict(cfg, ref.state_dict()), strict=True)
@@ -143,41 +95,11 @@ LARGE = LargeConfig(
 )
 
 
-def official_large(cfg: LargeConfig):
-    """The official xLSTMLarge with its native PyTorch kernels (chunkwise)."""
-    from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
-
-    ocfg = xLSTMLargeConfig(
-        embedding_dim=cfg.embedding_dim,
-        num_heads=cfg.num_heads,
-        num_blocks=cfg.num_blocks,
-        vocab_size=cfg.vocab_size,
-        use_bias=cfg.use_bias,
-        norm_eps=cfg.norm_eps,
-        qk_dim_factor=cfg.qk_dim_factor,
-        v_dim_factor=cfg.v_dim_factor,
-        chunkwise_kernel="chunkwise--native_autograd",
-        sequence_kernel="native_sequence__native",
-        step_kernel="native",
-        mode="train",
-        chunk_size=cfg.chunk_size,
-        return_last_states=True,
-        autocast_kernel_dtype="float32",
-        eps=cfg.cell_eps,
-        ffn_proj_factor=cfg.ffn_proj_factor,
-        ffn_round_up_to_multiple_of=cfg.ffn_round_up_to,
-        gate_soft_cap=cfg.gate_soft_cap,
-        output_logit_soft_cap=cfg.logit_soft_cap,
-        weight_mode="single",
-    )
-    return xLSTMLarge(ocfg)
-
-
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_large_logits_match_official(use_bias: bool):
     torch.manual_seed(0)
     cfg = LargeConfig(**{**LARGE.__dict__, "use_bias": use_bias})
-    ref = official_large(cfg).eval()
+    ref = build_official_model(cfg).eval()
     randomize_(ref, torch.Generator().manual_seed(5))
     ours = build_model(cfg).eval()
     ours.load_state_dict(from_official_state_dict(cfg, ref.state_dict()), strict=True)
@@ -187,4 +109,4 @@ def test_large_logits_match_official(use_bias: bool):
         got = ours(idx)
     assert got.shape == want.shape == (2, 48, cfg.vocab_size)
     assert rel_err(got, want) < 1e-5
-    assert_round_trip(cfg, ours, official_large(cfg).eval(), idx, want)
+    assert_round_trip(cfg, ours, build_official_model(cfg).eval(), idx, want)
