@@ -8,10 +8,12 @@ SIGTERMs the other local ranks and exits 1, and srun --kill-on-bad-exit then kil
 other nodes (rank 0 may still be closing its MLflow run). So this wrapper
 
 * runs `python -m pretrain.train ARGS` as its child (killed with it: PR_SET_PDEATHSIG);
-* forwards SIGTERM/SIGINT/SIGUSR1/SIGUSR2 to it. A stop signal (USR1/USR2) is sent again
-  every few seconds until the trainer ends, so a signal that arrives while the trainer is
-  still starting (before its handler exists; the child starts with USR1/USR2 ignored, so
-  the early signal cannot kill it) still stops it at the next step boundary;
+* forwards SIGTERM/SIGINT at once, and a stop signal (USR1/USR2) once the trainer catches
+  it: the child starts with USR1/USR2 ignored, so a signal that arrives while it is still
+  starting (before its stop-flag handler exists) cannot kill it; it is held here and sent
+  as soon as /proc shows the handler (SigCgt). It is sent once: a second one during the
+  trainer's interpreter shutdown (handlers back to default) would kill it after its
+  checkpoint;
 * writes the trainer's exit code to `$XLSTM_STATUS_DIR/rank-<RANK>.exit` (the batch script
   reads rank 0's to decide: 0 finished, 75 requeue, else failed);
 * exits 0 for 0 and 75 (torchrun and srun see a clean end), the trainer's code otherwise.
@@ -32,7 +34,6 @@ from pathlib import Path
 EXIT_RESUMABLE = 75  # pretrain.train.EXIT_RESUMABLE (not imported: slurm imports pretrain config only)
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 FORWARDED = (signal.SIGTERM, signal.SIGINT, *STOP_SIGNALS)
-RESEND_S = 5.0
 
 
 def status_file(status_dir: str | Path, rank: int) -> Path:
@@ -49,6 +50,17 @@ def _child_setup() -> None:
         pass
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (the SigCgt mask in /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        return True  # no /proc: send it and hope
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     child = subprocess.Popen([sys.executable, "-m", "pretrain.train", *args],
@@ -60,23 +72,29 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
-    stop_sig: int | None = None
-    last_sent = 0.0
+    held: int | None = None  # a stop signal the trainer does not catch yet
     while True:
         while pending:
             sig = pending.pop(0)
             if sig in STOP_SIGNALS:
-                stop_sig = sig
+                held = sig
+                continue
             try:
                 child.send_signal(sig)
-                last_sent = time.monotonic()
             except ProcessLookupError:
                 pass
         if child.poll() is not None:
             break
-        if stop_sig is not None and time.monotonic() - last_sent > RESEND_S:
-            pending.append(stop_sig)
-        time.sleep(0.1)
+        if held is not None and _catches(child.pid, held):
+            try:
+                child.send_signal(held)
+                print(f"[slurm.rank] rank {os.environ.get('RANK', '0')}: "
+                      f"{signal.Signals(held).name} passed to the trainer", file=sys.stderr,
+                      flush=True)
+            except ProcessLookupError:
+                pass
+            held = None
+        time.sleep(0.05)
     code = child.returncode
     rank = int(os.environ.get("RANK", "0"))
     status_dir = os.environ.get("XLSTM_STATUS_DIR")
