@@ -59,7 +59,7 @@ def _variants(quick: bool):
                 yield (tm.mlstm_bwd_state_kernel, io,
                        {"BK": b["BK"], "BV": b["BV_B"], "BT": b["BT_B"], "HAS_DLAST": True,
                         **common}, ops._opts(b["BK"]))
-                for fn in (tm.mlstm_bwd_dkdv_kernel, tm.mlstm_bwd_dq_kernel):
+                for fn in (tm.mlstm_bwd_dk_kernel, tm.mlstm_bwd_dv_kernel, tm.mlstm_bwd_dq_kernel):
                     yield (fn, io, {"BT": b["BT_B"], "BD": b["BD"], "BV": b["BV_B"], **common},
                            ops._opts(b["BD"]))
         if not quick:

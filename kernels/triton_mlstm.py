@@ -324,40 +324,22 @@ def mlstm_bwd_state_kernel(
 
 
 @triton.jit
-def mlstm_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr,
-    mpos_ptr, nrm_ptr, dden_ptr, dh_ptr, dcn_ptr, dnn_ptr, ms_ptr,
-    dk_ptr, dv_ptr, xs_ptr, gs_ptr,
-    scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    HAS_RESET: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Gradients of one key tile for one DV block: dk (partial over DV blocks), dv, and the
-    key-side gate gradients (xs: d/d i_s of every weight that uses key s, partial over DV
-    blocks; gs: the part of xs from the chunk-end state, which also feeds b at the chunk end).
-    Grid (NC * NT, cdiv(DV, BV), BH)."""
-    pid_ct = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    pid_bh = tl.program_id(2).to(tl.int64)
-    DT = q_ptr.dtype.element_ty
-    c = pid_ct // NT
-    js = pid_ct % NT
+def _key_side_tile(q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr,
+                   ms_ptr, pid_bh, c, js, S, SP, NH, NC, L, DQK,
+                   BT: tl.constexpr, BD: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Shared set-up of the key-side kernels: rows and k of key tile js of chunk c, and G,
+    the weights of those keys in the chunk-end state C_{c+1}."""
     bidx = pid_bh // NH
     g_base = pid_bh * SP
     s_base = bidx * SP
     offs_s = js * BT + tl.arange(0, BT)
     offs_d = tl.arange(0, BD)
-    offs_v = pid_v * BV + tl.arange(0, BV)
     md = offs_d < DQK
-    mv = offs_v < DV
     inl_s, valid_s, bs, gs, seg_s, _cs = _load_rows(
         ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_s, HAS_RESET)
     pos_s = c * L + offs_s
     kt = tl.load(k_ptr + pid_bh * S * DQK + pos_s[:, None] * DQK + offs_d[None, :],
                  mask=valid_s[:, None] & md[None, :], other=0.0)
-    vt = tl.load(v_ptr + pid_bh * S * DV + pos_s[:, None] * DV + offs_v[None, :],
-                 mask=valid_s[:, None] & mv[None, :], other=0.0)
-    # the chunk-end state C_{c+1} = ... + sum_s G_s k_s v_s^T
     end = c * L + L - 1
     b_end = tl.load(bc_ptr + g_base + end)
     m_next = tl.load(ms_ptr + pid_bh * (NC + 1) + c + 1)
@@ -365,47 +347,128 @@ def mlstm_bwd_dkdv_kernel(
     if HAS_RESET:
         gmask = gmask & (seg_s == tl.load(seg_ptr + s_base + end))
     G = tl.where(gmask, tl.exp(b_end - bs + gs - m_next), 0.0)
+    return offs_s, offs_d, md, inl_s, valid_s, bs, gs, seg_s, pos_s, kt, G
+
+
+@triton.jit
+def _query_rows_t(ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr, q_ptr,
+                  pid_bh, c, jt, S, SP, NH, L, DQK, offs_d, md, offs_s, valid_s, bs, gs, seg_s,
+                  BT: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Query tile jt seen from a key tile: q, m_t, N_t and the transposed decay weights
+    P^T[s, t] = exp(b_t - b_s + i_s - m_t) (0 outside the causal same-document mask)."""
+    bidx = pid_bh // NH
+    g_base = pid_bh * SP
+    s_base = bidx * SP
+    offs_t = jt * BT + tl.arange(0, BT)
+    inl_t, valid_t, bt, _gt, seg_t, _ct = _load_rows(
+        ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_t, HAS_RESET)
+    pos_t = c * L + offs_t
+    mt = tl.load(mpos_ptr + g_base + pos_t, mask=inl_t, other=0.0)
+    nr = tl.load(nrm_ptr + g_base + pos_t, mask=inl_t, other=1.0)
+    qt = tl.load(q_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_d[None, :],
+                 mask=valid_t[:, None] & md[None, :], other=0.0)
+    ld = bt[None, :] - bs[:, None] + gs[:, None]
+    mask = (offs_t[None, :] >= offs_s[:, None]) & valid_s[:, None] & valid_t[None, :]
+    if HAS_RESET:
+        mask = mask & (seg_t[None, :] == seg_s[:, None])
+    p = tl.where(mask, tl.exp(ld - mt[None, :]), 0.0)
+    return inl_t, valid_t, pos_t, nr, qt, p
+
+
+@triton.jit
+def mlstm_bwd_dk_kernel(
+    q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr,
+    mpos_ptr, nrm_ptr, dden_ptr, dh_ptr, dcn_ptr, dnn_ptr, ms_ptr,
+    dk_ptr, xs_ptr, gs_ptr,
+    scale, S, SP, NH, NC, L, DQK, DV, NT,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    HAS_RESET: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """dk of one key tile, and its key-side gate gradients (xs: d/d i_s of every weight that
+    uses key s; gs: the part from the chunk-end state, which also feeds b at the chunk end).
+    DV is looped over inside: dA^T accumulates over DV blocks. Grid (NC * NT, BH)."""
+    pid_ct = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    DT = q_ptr.dtype.element_ty
+    c = pid_ct // NT
+    js = pid_ct % NT
+    g_base = pid_bh * SP
+    offs_s, offs_d, md, inl_s, valid_s, bs, gs, seg_s, pos_s, kt, G = _key_side_tile(
+        q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr, ms_ptr,
+        pid_bh, c, js, S, SP, NH, NC, L, DQK, BT, BD, HAS_RESET)
+    # chunk-end state: dk_s = G_s (dC_{c+1} v_s + dn_{c+1}), d log G_s = G_s k_s.(dC v_s + dn)
+    dnn = tl.load(dnn_ptr + (pid_bh * NC + c) * DQK + offs_d, mask=md, other=0.0)
+    vdc = tl.full((BT, BD), 0.0, tl.float32) + dnn[None, :]
+    for v0 in range(0, DV, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        mv = offs_v < DV
+        vt = tl.load(v_ptr + pid_bh * S * DV + pos_s[:, None] * DV + offs_v[None, :],
+                     mask=valid_s[:, None] & mv[None, :], other=0.0)
+        dCn = tl.load(dcn_ptr + (pid_bh * NC + c) * DQK * DV + offs_d[:, None] * DV
+                      + offs_v[None, :], mask=md[:, None] & mv[None, :], other=0.0)
+        vdc += _mm(vt, tl.trans(dCn), DT, UPCAST)
+    dk = vdc * G[:, None]
+    gsum = G * _sum(vdc * kt.to(tl.float32), 1)
+    xs = gsum
+    for jt in range(js, NT):
+        inl_t, valid_t, pos_t, nr, qt, p = _query_rows_t(
+            ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr, q_ptr,
+            pid_bh, c, jt, S, SP, NH, L, DQK, offs_d, md, offs_s, valid_s, bs, gs, seg_s,
+            BT, HAS_RESET)
+        dd = tl.load(dden_ptr + g_base + pos_t, mask=inl_t, other=0.0)
+        a = _mm(kt, tl.trans(qt), DT, UPCAST) * scale * p
+        da = tl.full((BT, BT), 0.0, tl.float32) + dd[None, :]
+        for v0 in range(0, DV, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            mv = offs_v < DV
+            vt = tl.load(v_ptr + pid_bh * S * DV + pos_s[:, None] * DV + offs_v[None, :],
+                         mask=valid_s[:, None] & mv[None, :], other=0.0)
+            dht = tl.load(dh_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :],
+                          mask=valid_t[:, None] & mv[None, :], other=0.0)
+            da += _mm(vt, tl.trans(dht / nr[:, None]), DT, UPCAST)
+        dk += _mm(da * p, qt, DT, UPCAST) * scale
+        xs += _sum(da * a, 1)
+    tl.store(dk_ptr + pid_bh * S * DQK + pos_s[:, None] * DQK + offs_d[None, :], dk,
+             mask=valid_s[:, None] & md[None, :])
+    tl.store(xs_ptr + g_base + pos_s, xs, mask=inl_s)
+    tl.store(gs_ptr + g_base + pos_s, gsum, mask=inl_s)
+
+
+@triton.jit
+def mlstm_bwd_dv_kernel(
+    q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr,
+    mpos_ptr, nrm_ptr, dh_ptr, dcn_ptr, ms_ptr, dv_ptr,
+    scale, S, SP, NH, NC, L, DQK, DV, NT,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    HAS_RESET: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """dv of one key tile and one DV block: from the chunk-end state and from every later
+    query tile of the chunk. Grid (NC * NT, cdiv(DV, BV), BH)."""
+    pid_ct = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
+    DT = q_ptr.dtype.element_ty
+    c = pid_ct // NT
+    js = pid_ct % NT
+    offs_s, offs_d, md, inl_s, valid_s, bs, gs, seg_s, pos_s, kt, G = _key_side_tile(
+        q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr, ms_ptr,
+        pid_bh, c, js, S, SP, NH, NC, L, DQK, BT, BD, HAS_RESET)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mv = offs_v < DV
     dCn = tl.load(dcn_ptr + (pid_bh * NC + c) * DQK * DV + offs_d[:, None] * DV + offs_v[None, :],
                   mask=md[:, None] & mv[None, :], other=0.0)
-    dnn = tl.load(dnn_ptr + (pid_bh * NC + c) * DQK + offs_d, mask=md & (offs_d * 0 + pid_v == 0), other=0.0)
-    kdc = _mm(kt, dCn, DT, UPCAST)  # (BT, BV)
-    dv = kdc * G[:, None]
-    dk = (_mm(vt, tl.trans(dCn), DT, UPCAST) + dnn[None, :]) * G[:, None]
-    gsum = G * (_sum(kdc * vt.to(tl.float32), 1) + _sum(kt.to(tl.float32) * dnn[None, :], 1))
-    xs = gsum
-    # the in-chunk term of every later query tile of the chunk
+    dv = _mm(kt, dCn, DT, UPCAST) * G[:, None]
     for jt in range(js, NT):
-        offs_t = jt * BT + tl.arange(0, BT)
-        inl_t, valid_t, bt, _gt, seg_t, _ct = _load_rows(
-            ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_t, HAS_RESET)
-        pos_t = c * L + offs_t
-        mt = tl.load(mpos_ptr + g_base + pos_t, mask=inl_t, other=0.0)
-        nr = tl.load(nrm_ptr + g_base + pos_t, mask=inl_t, other=1.0)
-        dd = tl.load(dden_ptr + g_base + pos_t, mask=inl_t & (offs_t * 0 + pid_v == 0), other=0.0)
-        qt = tl.load(q_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_d[None, :],
-                     mask=valid_t[:, None] & md[None, :], other=0.0)
+        inl_t, valid_t, pos_t, nr, qt, p = _query_rows_t(
+            ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr, q_ptr,
+            pid_bh, c, jt, S, SP, NH, L, DQK, offs_d, md, offs_s, valid_s, bs, gs, seg_s,
+            BT, HAS_RESET)
         dht = tl.load(dh_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :],
                       mask=valid_t[:, None] & mv[None, :], other=0.0)
-        dnum = dht / nr[:, None]
-        # transposed tiles: rows are keys s, columns queries t
-        ld = bt[None, :] - bs[:, None] + gs[:, None]
-        mask = (offs_t[None, :] >= offs_s[:, None]) & valid_s[:, None] & valid_t[None, :]
-        if HAS_RESET:
-            mask = mask & (seg_t[None, :] == seg_s[:, None])
-        p = tl.where(mask, tl.exp(ld - mt[None, :]), 0.0)
         a = _mm(kt, tl.trans(qt), DT, UPCAST) * scale * p
-        dv += _mm(a, dnum, DT, UPCAST)
-        da = _mm(vt, tl.trans(dnum), DT, UPCAST) + dd[None, :]
-        ds = da * p
-        dk += _mm(ds, qt, DT, UPCAST) * scale
-        xs += _sum(da * a, 1)
-    row = pid_v.to(tl.int64) * BH + pid_bh
-    tl.store(dk_ptr + row * S * DQK + pos_s[:, None] * DQK + offs_d[None, :], dk,
-             mask=valid_s[:, None] & md[None, :])
+        dv += _mm(a, dht / nr[:, None], DT, UPCAST)
     tl.store(dv_ptr + pid_bh * S * DV + pos_s[:, None] * DV + offs_v[None, :], dv,
              mask=valid_s[:, None] & mv[None, :])
-    tl.store(xs_ptr + row * SP + pos_s, xs, mask=inl_s)
-    tl.store(gs_ptr + row * SP + pos_s, gsum, mask=inl_s)
 
 
 @triton.jit
@@ -413,17 +476,15 @@ def mlstm_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr,
     mpos_ptr, nrm_ptr, dden_ptr, dh_ptr, cs_ptr, ns_ptr, ms_ptr,
     dq_ptr, ys_ptr, ws_ptr,
-    scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
+    scale, S, SP, NH, NC, L, DQK, DV, NT,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
     HAS_RESET: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Gradients of one query tile for one DV block: dq (partial over DV blocks) and the
-    query-side gate gradients (ys: d/d b_t of the weights of row t; ws: the part of ys from
-    the carried-state weight w_t, which also feeds m at the chunk start).
-    Grid (NC * NT, cdiv(DV, BV), BH)."""
+    """dq of one query tile and its query-side gate gradients (ys: d/d b_t of the weights of
+    row t; ws: the part from the carried-state weight w_t, which also feeds m at the chunk
+    start). DV is looped over inside. Grid (NC * NT, BH)."""
     pid_ct = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    pid_bh = tl.program_id(2).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
     DT = q_ptr.dtype.element_ty
     c = pid_ct // NT
     jt = pid_ct % NT
@@ -432,27 +493,28 @@ def mlstm_bwd_dq_kernel(
     s_base = bidx * SP
     offs_t = jt * BT + tl.arange(0, BT)
     offs_d = tl.arange(0, BD)
-    offs_v = pid_v * BV + tl.arange(0, BV)
     md = offs_d < DQK
-    mv = offs_v < DV
     inl_t, valid_t, bt, _gt, seg_t, carry_t = _load_rows(
         ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_t, HAS_RESET)
     pos_t = c * L + offs_t
     mt = tl.load(mpos_ptr + g_base + pos_t, mask=inl_t, other=0.0)
     nr = tl.load(nrm_ptr + g_base + pos_t, mask=inl_t, other=1.0)
-    dd = tl.load(dden_ptr + g_base + pos_t, mask=inl_t & (offs_t * 0 + pid_v == 0), other=0.0)
+    dd = tl.load(dden_ptr + g_base + pos_t, mask=inl_t, other=0.0)
     qt = tl.load(q_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_d[None, :],
                  mask=valid_t[:, None] & md[None, :], other=0.0)
-    dht = tl.load(dh_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :],
-                  mask=valid_t[:, None] & mv[None, :], other=0.0)
-    dnum = dht / nr[:, None]
     m_c = tl.load(ms_ptr + pid_bh * (NC + 1) + c)
     w = tl.where(carry_t & valid_t, tl.exp(bt + m_c - mt), 0.0)
     cs_base = (pid_bh * (NC + 1) + c) * DQK * DV
-    Cc = tl.load(cs_ptr + cs_base + offs_d[:, None] * DV + offs_v[None, :],
-                 mask=md[:, None] & mv[None, :], other=0.0)
-    nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_d, mask=md & (offs_d * 0 + pid_v == 0), other=0.0)
-    dqi = _mm(dnum, tl.trans(Cc), DT, UPCAST) + dd[:, None] * nc[None, :]  # (BT, BD)
+    nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_d, mask=md, other=0.0)
+    dqi = dd[:, None] * nc[None, :]  # (BT, BD): d/d q_t of the carried-state term, / w
+    for v0 in range(0, DV, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        mv = offs_v < DV
+        dht = tl.load(dh_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :],
+                      mask=valid_t[:, None] & mv[None, :], other=0.0)
+        Cc = tl.load(cs_ptr + cs_base + offs_d[:, None] * DV + offs_v[None, :],
+                     mask=md[:, None] & mv[None, :], other=0.0)
+        dqi += _mm(dht / nr[:, None], tl.trans(Cc), DT, UPCAST)
     wsum = w * _sum(dqi * qt.to(tl.float32), 1) * scale
     dq = dqi * (w * scale)[:, None]
     ys = wsum
@@ -467,18 +529,22 @@ def mlstm_bwd_dq_kernel(
         pos_s = c * L + offs_s
         kt = tl.load(k_base + pos_s[:, None] * DQK + offs_d[None, :],
                      mask=valid_s[:, None] & md[None, :], other=0.0)
-        vt = tl.load(v_base + pos_s[:, None] * DV + offs_v[None, :],
-                     mask=valid_s[:, None] & mv[None, :], other=0.0)
         a = _mm(qt, tl.trans(kt), DT, UPCAST) * scale * p
-        da = _mm(dnum, tl.trans(vt), DT, UPCAST) + dd[:, None]
-        ds = da * p
-        dq += _mm(ds, kt, DT, UPCAST) * scale
+        da = tl.full((BT, BT), 0.0, tl.float32) + dd[:, None]
+        for v0 in range(0, DV, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            mv = offs_v < DV
+            dht = tl.load(dh_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :],
+                          mask=valid_t[:, None] & mv[None, :], other=0.0)
+            vt = tl.load(v_base + pos_s[:, None] * DV + offs_v[None, :],
+                         mask=valid_s[:, None] & mv[None, :], other=0.0)
+            da += _mm(dht / nr[:, None], tl.trans(vt), DT, UPCAST)
+        dq += _mm(da * p, kt, DT, UPCAST) * scale
         ys += _sum(da * a, 1)
-    row = pid_v.to(tl.int64) * BH + pid_bh
-    tl.store(dq_ptr + row * S * DQK + pos_t[:, None] * DQK + offs_d[None, :], dq,
+    tl.store(dq_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_d[None, :], dq,
              mask=valid_t[:, None] & md[None, :])
-    tl.store(ys_ptr + row * SP + pos_t, ys, mask=inl_t)
-    tl.store(ws_ptr + row * SP + pos_t, wsum, mask=inl_t)
+    tl.store(ys_ptr + g_base + pos_t, ys, mask=inl_t)
+    tl.store(ws_ptr + g_base + pos_t, wsum, mask=inl_t)
 
 
 # ----------------------------------------------------------------------------------------

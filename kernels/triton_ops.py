@@ -255,37 +255,38 @@ class _MLSTMChunkFn(torch.autograd.Function):
             **_opts(BK),
         )
         # --- key side and query side of every chunk, in parallel
-        dk_p = _empty((NVB, BH, S, DQK), f32, dev)
-        dv = _empty((BH, S, DV), f32, dev)
-        xs_p = _empty((NVB, BH, SP), f32, dev)
-        gs_p = _empty((NVB, BH, SP), f32, dev)
-        tm.mlstm_bwd_dkdv_kernel[(NC * NT, NVB, BH)](
+        dk = _empty((BH, S, DQK), f32, dev)
+        xs = _empty((BH, SP), f32, dev)
+        gs = _empty((BH, SP), f32, dev)
+        tm.mlstm_bwd_dk_kernel[(NC * NT, BH)](
             qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dden, dh, dcn, dnn, ms,
-            dk_p, dv, xs_p, gs_p,
-            scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
+            dk, xs, gs,
+            scale, S, SP, NH, NC, L, DQK, DV, NT,
             BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
         )
-        dq_p = _empty((NVB, BH, S, DQK), f32, dev)
-        ys_p = _empty((NVB, BH, SP), f32, dev)
-        ws_p = _empty((NVB, BH, SP), f32, dev)
-        tm.mlstm_bwd_dq_kernel[(NC * NT, NVB, BH)](
+        dv = _empty((BH, S, DV), f32, dev)
+        tm.mlstm_bwd_dv_kernel[(NC * NT, NVB, BH)](
+            qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dh, dcn, ms, dv,
+            scale, S, SP, NH, NC, L, DQK, DV, NT,
+            BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
+        )
+        dq = _empty((BH, S, DQK), f32, dev)
+        ys = _empty((BH, SP), f32, dev)
+        ws = _empty((BH, SP), f32, dev)
+        tm.mlstm_bwd_dq_kernel[(NC * NT, BH)](
             qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dden, dh, cs, ns, ms,
-            dq_p, ys_p, ws_p,
-            scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
+            dq, ys, ws,
+            scale, S, SP, NH, NC, L, DQK, DV, NT,
             BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
         )
-        dq = dq_p.sum(0)
-        dk = dk_p.sum(0)
-        xs = xs_p.sum(0)
-        ys = ys_p.sum(0)
-        gsum = gs_p.sum(0).view(BH, NC, L).sum(-1)
+        gsum = gs.view(BH, NC, L).sum(-1)
         dlw = dlogw.sum((-1, -2))  # (BH, NC)
         # --- gate gradients with stabilizers fixed
         dB = ys - xs
         di = xs.clone()
         ends = torch.arange(NC, device=dev) * L + (L - 1)
         dB[:, ends] += gsum + dlw
-        dm0 = ws_p.sum(0).view(BH, NC, L)[:, 0].sum(-1) + dlw[:, 0]
+        dm0 = ws.view(BH, NC, L)[:, 0].sum(-1) + dlw[:, 0]
         # --- the path through every stabilizer max (see the module docstring)
         dB = dB + dm_pos
         base = (torch.arange(SP, device=dev) // L * L).expand(BH, SP)
