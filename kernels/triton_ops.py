@@ -20,6 +20,13 @@ numerator and denominator only through eps * exp(m_t). So the gradient splits in
    kernels record the winners in the forward.
 Gate gradients arrive at `bc` (the log-forget cumsum restarted at chunk starts and
 resets) and `ig`; torch autograd maps them back to f through cumsum and logsigmoid, O(S).
+
+Memory (per head): the forward keeps the S/L + 1 chunk-boundary states (float32) and O(S)
+rows (m_t, den_t, winners, h in float32); the backward adds the S/L gradients of those
+states. Nothing of size S x S exists, forward or backward.
+Kernels per chunkwise call: forward = state pass (sequential over chunks) + output pass
+(parallel over chunks and tiles); backward = reverse state pass + dk + dv + dq passes.
+The step kernel and the sLSTM kernel have their own Triton backward kernels too.
 """
 
 from __future__ import annotations
