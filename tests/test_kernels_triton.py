@@ -162,6 +162,23 @@ def test_chunkwise_half_precision_is_not_fp32():
     assert 1e-4 < rel(h16, h32) < 2e-2
 
 
+def test_chunkwise_gradient_of_the_last_state_alone():
+    """Only the last state is used (h gets no gradient): the backward starts from dC, dn, dm
+    of the last state alone."""
+    ins = mlstm_inputs(1, 2, 45, 16, 24, seed=4) + mlstm_state(1, 2, 16, 24)
+    rst = random_reset(1, 45)
+    x_tr = [t.clone().requires_grad_() for t in ins]
+    x_64 = [t.detach().double().requires_grad_() for t in ins]
+    for fn, xs, kw in ((kernels.mlstm_chunkwise, x_tr, {"chunk_size": 16, "backend": "triton"}),
+                       (kernels.mlstm_parallel, x_64, {})):
+        _, (C, n, m) = fn(*xs[:5], initial_state=tuple(xs[5:]), reset=rst,
+                          return_last_state=True, **kw)
+        (C.double().square().sum() + n.double().sum() + 3 * m.double().sum()).backward()
+    assert x_64[0].grad is None and torch.equal(x_tr[0].grad, torch.zeros_like(x_tr[0]))
+    for name, a, b in zip(("k", "v", "i", "f", "C0", "n0", "m0"), x_tr[1:], x_64[1:]):
+        assert rel(a.grad, b.grad) < 1e-4, name
+
+
 def test_chunkwise_resets_equal_documents_one_by_one():
     B, NH, DQK, DV = 1, 2, 16, 24
     lens = [13, 40, 1, 29]
