@@ -169,6 +169,13 @@ class DeepSpeedEngine:
         if d.compile:
             for block in model.blocks:
                 block.compile()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # one process without torchrun: DeepSpeed needs a group
+            dist.init_process_group("nccl" if info.device.type == "cuda" else "gloo",
+                                    store=dist.HashStore(), rank=0, world_size=1)
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)  # DeepSpeed reads them; torchrun sets them
         self.ds_config = deepspeed_config(cfg, info.world_size)
         self._inner = build_optimizer(model, cfg.optimizer)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -176,6 +183,7 @@ class DeepSpeedEngine:
             dist_init_required=None,
         )
         self.module = self.engine.module
+        self._micro = 0  # backward calls since the last step
 
     # ------------------------------------------------------------ training
     def forward(self, input_ids: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
@@ -183,12 +191,16 @@ class DeepSpeedEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the trainer divided by grad_accum
+        self._micro += 1
 
     def step(self, lr: float, skip: bool = False) -> tuple[float, bool]:
         """The accumulation boundary: reduce, clip (train.grad_clip), update.
         Returns (global grad norm before clipping, stepped)."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
+        micro, self._micro = self._micro, 0
+        if skip and micro == 0:  # nothing accumulated (the first micro batch was non-finite)
+            return float("nan"), False
         if skip:
             # DeepSpeed's full boundary, inner update disabled: gradients are
             # reduced and dropped as after a step; AdamW state and weights unchanged.
