@@ -276,7 +276,8 @@ class DeepSpeedEngine:
             raise RuntimeError(
                 f"{target / TAG} was saved by {saved_world} process(es), this run has "
                 f"{self.info.world_size}: its optimizer state needs DeepSpeed's universal format, "
-                f"and the conversion failed; convert by hand with: {command}")
+                f"and the automatic conversion failed (see above); convert with: {command} "
+                f"(DeepSpeed's ds_to_universal), then resume again")
         self.engine._config.load_universal_checkpoint = True
         try:
             with _weights_only_loads():
@@ -301,9 +302,13 @@ class DeepSpeedEngine:
             safe_set_full_fp32_param(param, state[name].to(torch.float32))
         if hasattr(opt, "update_lp_params"):
             opt.update_lp_params()
-        elif hasattr(opt, "_partition_all_parameters"):  # ZeRO-3: re-derive compute copies
-            for group_idx in range(len(opt.fp16_groups)):
-                opt._reassign_or_swap_out_partitioned_parameters(group_idx)
+        elif hasattr(opt, "_reassign_or_swap_out_partitioned_parameters"):  # ZeRO-3
+            timers: set[str] = set()  # as DeepSpeed's own ZeRO-3 load_state_dict does
+            opt._partition_all_parameters()
+            for sub_group_id, _ in enumerate(opt.fp16_groups):
+                opt._prepare_sub_group(sub_group_id, timers)
+                opt._reassign_or_swap_out_partitioned_parameters(sub_group_id)
+                opt._release_sub_group(sub_group_id, timers)
 
 
 # ------------------------------------------------------------------ helpers
@@ -316,39 +321,65 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
-def universal_command(folder: str | Path, output: str | Path | None = None) -> str:
-    """The shell command that converts folder/deepspeed/state to the universal format."""
-    target = Path(folder) / SUBDIR
-    output = output or target / UNIVERSAL_TAG
-    accel = "" if torch.cuda.is_available() else "DS_ACCELERATOR=cpu "
-    return (f"{accel}{sys.executable} -m deepspeed.checkpoint.ds_to_universal "
-            f"--input_folder {target / TAG} --output_folder {output} "
-            f"--num_extract_workers 1 --num_merge_workers 1 --inject_missing_state")
+def universal_command(folder: str | Path) -> str:
+    """The shell command that converts folder/deepspeed/state to the universal format
+    (DeepSpeed's `ds_to_universal`, run with weights_only loads; see `main`)."""
+    return f"{sys.executable} -m pretrain.deepspeed_engine to-universal {Path(folder)}"
+
+
+def _ds_to_universal(input_folder: Path, output_folder: Path) -> None:
+    """DeepSpeed's converter in this process, every torch.load weights_only (one
+    worker: no process pool)."""
+    _import_deepspeed()
+    from deepspeed.checkpoint import ds_to_universal
+
+    argv = sys.argv
+    sys.argv = ["ds_to_universal", "--input_folder", str(input_folder), "--output_folder",
+                str(output_folder), "--num_extract_workers", "1", "--num_merge_workers", "1",
+                "--inject_missing_state"]
+    try:
+        args = ds_to_universal.parse_arguments()
+    finally:
+        sys.argv = argv
+    with _weights_only_loads():
+        ds_to_universal.main(args)
 
 
 def convert_to_universal(folder: str | Path) -> bool:
-    """`ds_to_universal` of folder/deepspeed/state into folder/deepspeed/state_universal,
-    written to a temporary name and renamed when complete (a subprocess: DeepSpeed's
-    converter is a script with process pools of its own). True on success."""
-    import shutil
-
+    """folder/deepspeed/state -> folder/deepspeed/state_universal, written to a
+    temporary name and renamed when complete. Runs `universal_command` as a
+    subprocess (DeepSpeed's converter is a script with globals of its own).
+    True on success; a failure is reported on stderr."""
     target = Path(folder) / SUBDIR
-    final, tmp = target / UNIVERSAL_TAG, target / (UNIVERSAL_TAG + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd = universal_command(folder, tmp).split()
-    if cmd[0].startswith("DS_ACCELERATOR="):
-        cmd = cmd[1:]
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x)
+    cmd = [sys.executable, "-m", "pretrain.deepspeed_engine", "to-universal", str(folder)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0 or not (tmp / "zero").is_dir():
+    if proc.returncode != 0 or not (target / UNIVERSAL_TAG / "zero").is_dir():
         print(f"[deepspeed] ds_to_universal failed (exit {proc.returncode}):\n"
               f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
-        shutil.rmtree(tmp, ignore_errors=True)
         return False
-    os.replace(tmp, final)
     return True
+
+
+def to_universal(folder: str | Path) -> Path:
+    """Convert a checkpoint folder's DeepSpeed state in place (idempotent)."""
+    target = Path(folder) / SUBDIR
+    final, tmp = target / UNIVERSAL_TAG, target / (UNIVERSAL_TAG + ".tmp")
+    if (final / "zero").is_dir():
+        return final
+    if not (target / TAG).is_dir():
+        raise FileNotFoundError(f"{target / TAG}: not a DeepSpeed checkpoint folder")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    _ds_to_universal(target / TAG, tmp)
+    os.replace(tmp, final)
+    (target / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; we use tags
+    return final
 
 
 def load_deepspeed_weights(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -364,3 +395,17 @@ def load_deepspeed_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     with _weights_only_loads():
         state = get_fp32_state_dict_from_zero_checkpoint(str(target), tag=TAG)
     return {k: v.contiguous() for k, v in state.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m pretrain.deepspeed_engine to-universal CHECKPOINT_FOLDER"""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "to-universal":
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    print(f"[deepspeed] universal checkpoint: {to_universal(args[1])}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

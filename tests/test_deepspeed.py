@@ -109,7 +109,7 @@ def test_world_size_change_through_universal_checkpoint(tmp_path, corpus, zero2_
         env=env(**DS_ENV), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert check.returncode == 0 and "ENGINE OK" in check.stdout, \
         check.stdout[-3000:] + check.stderr[-3000:]
-    assert "ds_to_universal --input_folder" in universal_command(saved)
+    assert universal_command(saved).endswith(f"-m pretrain.deepspeed_engine to-universal {saved}")
 
 
 # ---------------------------------------------------------------- in-process check
