@@ -123,6 +123,7 @@ class LocalCluster:
             "SwitchType=switch/none",
             "ReturnToService=2",
             "JobRequeue=1",
+            "EnforcePartLimits=ALL",
             "MinJobAge=3600",
             "KillWait=30",
             "InactiveLimit=0",

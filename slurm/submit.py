@@ -37,6 +37,9 @@ HINTS = [
     ("Requested node configuration is not available",
      "the partition has fewer nodes, CPUs or GPUs per node than asked for: compare --nodes, "
      "--gpus-per-node and --cpus-per-task with `sinfo -p PARTITION -o '%D %c %G'`"),
+    ("More processors requested than permitted",
+     "more nodes (or CPUs) than the partition has: compare --nodes and --cpus-per-task with "
+     "`sinfo -p PARTITION -o '%D %c'` (nodes, CPUs per node)"),
     ("Node count specification invalid",
      "more nodes than the partition allows: see `scontrol show partition PARTITION` (MaxNodes)"),
     ("Invalid partition", "no such partition: `sinfo -s` lists them; pass --partition"),
@@ -172,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         command = " ".join([sys.executable, "-u -m submitit.core._submit", str(folder)])
         print(submitit_slurm._make_sbatch_string(command=command, folder=folder, **params))
+        node_cmd = " ".join(task.command("$SLURM_JOB_ID.$SLURM_RESTART_COUNT", 0, "HEAD:PORT"))
+        print(f"# each task (one per node) runs, from slurm/task.py:\n# {node_cmd}")
         return 0
 
     if args.local:

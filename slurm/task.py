@@ -106,6 +106,14 @@ class TrainTask:
         port = int(os.environ.get("XLSTM_MASTER_PORT", 20000 + int(digits) % 20000))
         return job_id, max(restart, self.requeues), node, f"{addr}:{port}"
 
+    def command(self, rdzv_id: str, node: int, endpoint: str) -> list[str]:
+        """The torchrun command line of one node's task."""
+        return [self.python, "-m", "torch.distributed.run", f"--nnodes={self.nodes}",
+                f"--nproc-per-node={self.nproc_per_node}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}",
+                f"--rdzv-conf=is_host={1 if node == 0 else 0}", "--max-restarts=0",
+                "-m", "slurm.rank", "--config", self.config, "--resume", "auto", *self.overrides]
+
     def __call__(self) -> dict:
         job_id, restart, node, endpoint = self._job()
         self._status_dir = Path(self.run_dir) / "slurm" / f"{job_id}.{restart}"
@@ -113,11 +121,7 @@ class TrainTask:
         if node == 0:
             for old in self._status_dir.glob("rank-*.exit"):
                 old.unlink()
-        cmd = [self.python, "-m", "torch.distributed.run", f"--nnodes={self.nodes}",
-               f"--nproc-per-node={self.nproc_per_node}", "--rdzv-backend=c10d",
-               f"--rdzv-endpoint={endpoint}", f"--rdzv-id={job_id}.{restart}",
-               f"--rdzv-conf=is_host={1 if node == 0 else 0}", "--max-restarts=0",
-               "-m", "slurm.rank", "--config", self.config, "--resume", "auto", *self.overrides]
+        cmd = self.command(f"{job_id}.{restart}", node, endpoint)
         env = dict(os.environ, XLSTM_STATUS_DIR=str(self._status_dir),
                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         env.setdefault("OMP_NUM_THREADS", "1")
