@@ -38,8 +38,9 @@ def command(nproc: int, args: list[str], resume: str = "auto", config: str = "ti
 
 
 def env(**extra: str) -> dict[str, str]:
-    out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
-    out.pop("MLFLOW_TRACKING_URI", None)
+    out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    out.pop("MLFLOW_TRACKING_URI", None)  # a local store unless the test names a server
+    out.update(extra)
     return out
 
 

@@ -1,0 +1,67 @@
+"""The trainer against a real `mlflow server` on 127.0.0.1: the server dies mid-run
+and comes back, training never stops, every step arrives once, and a resumed run
+continues the same MLflow run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow_server import MlflowServer
+from trainrun import ROOT, command, env, overrides, run
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def wait_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"training ended (exit {proc.returncode}) before step {step}"
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(x).get("step", 0) >= step
+                                 for x in path.read_text().splitlines() if x.strip()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} in time")
+
+
+def test_server_outage_and_resume_keep_one_run(tmp_path, corpus):
+    from mlflow.tracking import MlflowClient
+
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        run_dir = tmp_path / "run"
+        args = overrides(run_dir, corpus, "data.seq_len=256", "train.steps=40", "checkpoint.every=20",
+                         "tracking.experiment=outage", procs=1)
+        proc = subprocess.Popen(command(0, args), env=env(MLFLOW_TRACKING_URI=server.uri), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_step(run_dir, 8, proc)
+        server.stop()  # the server goes away mid-run
+        wait_step(run_dir, 16, proc)  # training goes on
+        server.start()
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+
+        client = MlflowClient(tracking_uri=server.uri)
+        (exp,) = [e for e in client.search_experiments() if e.name == "outage"]
+        (first,) = client.search_runs([exp.experiment_id])
+        run_id = first.info.run_id
+        assert first.data.params["optimizer.lr"] == "0.003"
+        assert first.data.tags["backend"] == "none"
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+        assert steps == list(range(1, 41))  # every step once, the outage included
+        names = {a.path for a in client.list_artifacts(run_id)}
+        assert {"config.yaml", "tokenizer", "summary.json"} <= names
+
+        # continue the same job for 10 more steps: the same run, steps continue
+        run(command(0, [*args, "train.steps=50"]), MLFLOW_TRACKING_URI=server.uri)
+        assert [r.info.run_id for r in client.search_runs([exp.experiment_id])] == [run_id]
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+        assert steps == list(range(1, 51))
+        assert client.get_run(run_id).info.status == "FINISHED"
+    finally:
+        server.stop()
