@@ -65,10 +65,11 @@ def _variants(quick: bool):
         if not quick:
             for fn in (tm.mlstm_step_fwd_kernel, tm.mlstm_step_bwd_kernel):
                 yield fn, io, {"BD": 256, "BV": ops.STEP_BLOCK_V, "HAS_STATE": True}, {}
-            sl = {"x_ptr": f"*{dt}", "r_ptr": f"*{dt}", **ints}
+        sl = {"x_ptr": f"*{dt}", "r_ptr": f"*{dt}", **ints}
+        for BD in ((512,) if quick else (128, 512)):
             for fn in (ts.slstm_fwd_kernel, ts.slstm_bwd_kernel):
-                yield (fn, sl, {"BD": 128, "HAS_INIT": True, "HAS_RESET": True},
-                       {"num_warps": ops._slstm_warps(128)})
+                yield (fn, sl, {"BD": BD, "BI": ops._slstm_block(BD), "HAS_INIT": True,
+                                "HAS_RESET": True}, {"num_warps": ops._slstm_warps(BD)})
 
 
 def main(argv=None) -> int:

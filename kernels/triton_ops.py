@@ -487,12 +487,17 @@ def mlstm_step_triton(q, k, v, i, f, state, *, eps):
 # sLSTM sequence
 # ========================================================================================
 
-MAX_DH = 256
+MAX_DH = 1024
+SLSTM_TILE = 8192  # elements of R per streamed (BI, DH) block of the sLSTM matvecs
+
+
+def _slstm_block(BD: int) -> int:
+    """Rows (forward) or columns (backward) of R per streamed block: BI * DH <= SLSTM_TILE."""
+    return max(16, min(BD, SLSTM_TILE // BD))
 
 
 def _slstm_warps(BD: int) -> int:
-    """The (DH, DH) recurrent tile of each gate is spread over the program's threads."""
-    return min(16, max(4, BD * BD // 2048))
+    return 8 if BD >= 256 else 4
 
 
 class _SLSTMFn(torch.autograd.Function):
@@ -510,14 +515,15 @@ class _SLSTMFn(torch.autograd.Function):
         if has_init:
             init = [t.reshape(BH, DH).to(f32).contiguous() for t in (h0, c0, n0, m0)]
         else:
-            init = [xc] * 4
+            init = [torch.zeros(BH, DH, dtype=f32, device=dev)] * 4  # h_prev at t = 0
         rst = reset_i if has_reset else xc
         hs, cs, ns, ms = (_empty((BH, S, DH), f32, dev) for _ in range(4))
         raw = _empty((BH, S, 4, DH), f32, dev)
         last = [_empty((BH, DH), f32, dev) for _ in range(4)]
         ts.slstm_fwd_kernel[(BH,)](
             xc, Rc, *init, rst, hs, cs, ns, ms, raw, *last, S, NH, DH,
-            BD=BD, HAS_INIT=has_init, HAS_RESET=has_reset, num_warps=_slstm_warps(BD),
+            BD=BD, BI=_slstm_block(BD), HAS_INIT=has_init, HAS_RESET=has_reset,
+            num_warps=_slstm_warps(BD),
         )
         ctx.save_for_backward(Rc, rst if has_reset else None, *(init if has_init else []),
                               hs, cs, ns, ms, raw)
@@ -544,11 +550,12 @@ class _SLSTMFn(torch.autograd.Function):
         dlast = [grad(t, (BH, DH)).contiguous() for t in (dhl, dcl, dnl, dml)]
         dx = _empty((BH, S, 4, DH), f32, dev)
         d0 = [_empty((BH, DH), f32, dev) for _ in range(4)]
-        init_args = init if has_init else [hs] * 4
+        init_args = init[1:] if has_init else [hs] * 3
         ts.slstm_bwd_kernel[(BH,)](
-            Rc, *init_args, rst if has_reset else hs, hs, cs, ns, ms, raw,
+            Rc, *init_args, rst if has_reset else hs, cs, ns, ms, raw,
             dhs, *dlast, dx, *d0, S, NH, DH,
-            BD=BD, HAS_INIT=has_init, HAS_RESET=has_reset, num_warps=_slstm_warps(BD),
+            BD=BD, BI=_slstm_block(BD), HAS_INIT=has_init, HAS_RESET=has_reset,
+            num_warps=_slstm_warps(BD),
         )
         # dR[head, g] = sum over batch and time of h_prev^T dx_g (one matmul)
         h_init = init[0] if has_init else torch.zeros(BH, DH, device=dev)

@@ -6,7 +6,12 @@ head's block-diagonal weights, exponential gating with the stabilizer m, resets 
 state before a document's first token. Layout (contiguous):
     x: (BH, S, 4, DH) gate pre-activations from the input path, gates (i, f, z, o)
     R: (NH, 4, DH, DH); raw[g] = x[g] + h_prev @ R[head, g]
-    saved rows for the backward: raw (BH, S, 4, DH), h, c, n, m (BH, S, DH)
+    rows kept for the backward: raw (BH, S, 4, DH), h, c, n, m (BH, S, DH)
+
+The state vectors live in registers; the matvecs stream R in (BI, DH) row blocks (the
+forward) or (DH, BI) column blocks (the backward), so DH up to 1024 fits. The vector that
+is contracted (h_{t-1} forward, d raw_t backward) is read back in blocks from the rows the
+program has just written, after a barrier (a CTA-wide sync: other threads wrote them).
 """
 
 from __future__ import annotations
@@ -28,19 +33,30 @@ def _logsigmoid(x):
 
 
 @triton.jit
-def _matvec(h, r_ptr, offs_d, md, DH):
-    """(h @ R_g)[e] = sum_d h[d] R_g[d, e] for one gate's (DH, DH) block."""
-    r = tl.load(r_ptr + offs_d[:, None] * DH + offs_d[None, :],
-                mask=md[:, None] & md[None, :], other=0.0).to(tl.float32)
-    return _sum(h[:, None] * r, 0)
-
-
-@triton.jit
-def _vecmat_t(d, r_ptr, offs_d, md, DH):
-    """(R_g @ d)[e] = sum_j R_g[e, j] d[j]: the gradient of h_prev through one gate."""
-    r = tl.load(r_ptr + offs_d[:, None] * DH + offs_d[None, :],
-                mask=md[:, None] & md[None, :], other=0.0).to(tl.float32)
-    return _sum(r * d[None, :], 1)
+def _gate_rows_matvec(hp_ptr, r_ptr, keep_ptr, DH, offs_d, md,
+                      BD: tl.constexpr, BI: tl.constexpr, HAS_RESET: tl.constexpr):
+    """(h_prev @ R_g) for the 4 gates; h_prev read from memory in blocks of BI (zero where
+    the reset flag at keep_ptr is set); R_g streamed in (BI, DH) row blocks."""
+    a0 = tl.full((BD,), 0.0, tl.float32)
+    a1 = tl.full((BD,), 0.0, tl.float32)
+    a2 = tl.full((BD,), 0.0, tl.float32)
+    a3 = tl.full((BD,), 0.0, tl.float32)
+    for i0 in range(0, DH, BI):
+        rows = i0 + tl.arange(0, BI)
+        mr = rows < DH
+        hb = tl.load(hp_ptr + rows, mask=mr, other=0.0).to(tl.float32)
+        if HAS_RESET:
+            hb = tl.where(tl.load(keep_ptr + rows * 0) == 0, hb, 0.0)
+        rm = mr[:, None] & md[None, :]
+        roff = rows[:, None] * DH + offs_d[None, :]
+        a0 += _sum(hb[:, None] * tl.load(r_ptr + roff, mask=rm, other=0.0).to(tl.float32), 0)
+        a1 += _sum(hb[:, None] * tl.load(r_ptr + DH * DH + roff, mask=rm, other=0.0).to(
+            tl.float32), 0)
+        a2 += _sum(hb[:, None] * tl.load(r_ptr + 2 * DH * DH + roff, mask=rm, other=0.0).to(
+            tl.float32), 0)
+        a3 += _sum(hb[:, None] * tl.load(r_ptr + 3 * DH * DH + roff, mask=rm, other=0.0).to(
+            tl.float32), 0)
+    return a0, a1, a2, a3
 
 
 @triton.jit
@@ -48,40 +64,42 @@ def slstm_fwd_kernel(
     x_ptr, r_ptr, h0_ptr, c0_ptr, n0_ptr, m0_ptr, reset_ptr,
     hs_ptr, cs_ptr, ns_ptr, ms_ptr, raw_ptr, hl_ptr, cl_ptr, nl_ptr, ml_ptr,
     S, NH, DH,
-    BD: tl.constexpr, HAS_INIT: tl.constexpr, HAS_RESET: tl.constexpr,
+    BD: tl.constexpr, BI: tl.constexpr, HAS_INIT: tl.constexpr, HAS_RESET: tl.constexpr,
 ):
+    """Grid (BH,). h0_ptr is always a valid (BH, DH) row (zeros without an initial state)."""
     pid = tl.program_id(0).to(tl.int64)
     head = pid % NH
     bidx = pid // NH
     offs_d = tl.arange(0, BD)
     md = offs_d < DH
     if HAS_INIT:
-        h = tl.load(h0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
         c = tl.load(c0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
         n = tl.load(n0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
         m = tl.load(m0_ptr + pid * DH + offs_d, mask=md, other=0.0).to(tl.float32)
     else:
-        h = tl.full((BD,), 0.0, tl.float32)
         c = tl.full((BD,), 0.0, tl.float32)
         n = tl.full((BD,), 0.0, tl.float32)
         m = tl.full((BD,), 0.0, tl.float32)
+    h = tl.full((BD,), 0.0, tl.float32)
     rh = r_ptr + head * 4 * DH * DH
     for t in range(S):
+        keep_ptr = reset_ptr + bidx * S + t
         if HAS_RESET:
-            keep = tl.load(reset_ptr + bidx * S + t + offs_d * 0) == 0
-            h = tl.where(keep, h, 0.0)
+            keep = tl.load(keep_ptr + offs_d * 0) == 0
             c = tl.where(keep, c, 0.0)
             n = tl.where(keep, n, 0.0)
             m = tl.where(keep, m, 0.0)
+        if t == 0:
+            hp = h0_ptr + pid * DH
+        else:
+            hp = hs_ptr + (pid * S + t - 1) * DH
+        a0, a1, a2, a3 = _gate_rows_matvec(hp, rh, keep_ptr, DH, offs_d, md, BD, BI,
+                                           HAS_RESET)
         xb = x_ptr + (pid * S + t) * 4 * DH
-        ir = tl.load(xb + offs_d, mask=md, other=0.0).to(tl.float32) + _matvec(
-            h, rh, offs_d, md, DH)
-        fr = tl.load(xb + DH + offs_d, mask=md, other=0.0).to(tl.float32) + _matvec(
-            h, rh + DH * DH, offs_d, md, DH)
-        zr = tl.load(xb + 2 * DH + offs_d, mask=md, other=0.0).to(tl.float32) + _matvec(
-            h, rh + 2 * DH * DH, offs_d, md, DH)
-        orr = tl.load(xb + 3 * DH + offs_d, mask=md, other=0.0).to(tl.float32) + _matvec(
-            h, rh + 3 * DH * DH, offs_d, md, DH)
+        ir = tl.load(xb + offs_d, mask=md, other=0.0).to(tl.float32) + a0
+        fr = tl.load(xb + DH + offs_d, mask=md, other=0.0).to(tl.float32) + a1
+        zr = tl.load(xb + 2 * DH + offs_d, mask=md, other=0.0).to(tl.float32) + a2
+        orr = tl.load(xb + 3 * DH + offs_d, mask=md, other=0.0).to(tl.float32) + a3
         logf = _logsigmoid(fr)
         m_new = tl.maximum(logf + m, ir)
         ig = tl.exp(ir - m_new)
@@ -101,6 +119,7 @@ def slstm_fwd_kernel(
         tl.store(cs_ptr + row + offs_d, c, mask=md)
         tl.store(ns_ptr + row + offs_d, n, mask=md)
         tl.store(ms_ptr + row + offs_d, m, mask=md)
+        tl.debug_barrier()  # h_t is read back in blocks by other threads at t + 1
     tl.store(hl_ptr + pid * DH + offs_d, h, mask=md)
     tl.store(cl_ptr + pid * DH + offs_d, c, mask=md)
     tl.store(nl_ptr + pid * DH + offs_d, n, mask=md)
@@ -109,16 +128,16 @@ def slstm_fwd_kernel(
 
 @triton.jit
 def slstm_bwd_kernel(
-    r_ptr, h0_ptr, c0_ptr, n0_ptr, m0_ptr, reset_ptr,
-    hs_ptr, cs_ptr, ns_ptr, ms_ptr, raw_ptr,
+    r_ptr, c0_ptr, n0_ptr, m0_ptr, reset_ptr,
+    cs_ptr, ns_ptr, ms_ptr, raw_ptr,
     dhs_ptr, dhl_ptr, dcl_ptr, dnl_ptr, dml_ptr,
     dx_ptr, dh0_ptr, dc0_ptr, dn0_ptr, dm0_ptr,
     S, NH, DH,
-    BD: tl.constexpr, HAS_INIT: tl.constexpr, HAS_RESET: tl.constexpr,
+    BD: tl.constexpr, BI: tl.constexpr, HAS_INIT: tl.constexpr, HAS_RESET: tl.constexpr,
 ):
     """Reverse time loop: the exact reverse of the forward graph (the max of the stabilizer
     passes its gradient to the candidate that won). Writes dx (= d raw) and the gradient of
-    the initial state; dR is one matmul of h_prev and dx, done by the wrapper."""
+    the initial state; dR is one matmul of h_prev and dx, done by the wrapper. Grid (BH,)."""
     pid = tl.program_id(0).to(tl.int64)
     head = pid % NH
     bidx = pid // NH
@@ -186,18 +205,23 @@ def slstm_bwd_kernel(
         dfr = dlogf * _sigmoid(-fr)
         dzr = dz * (1.0 - z * z)
         dor = do * o * (1.0 - o)
-        dir_ = tl.where(md, dir_, 0.0)
-        dfr = tl.where(md, dfr, 0.0)
-        dzr = tl.where(md, dzr, 0.0)
-        dor = tl.where(md, dor, 0.0)
         xb = dx_ptr + (pid * S + t) * 4 * DH
         tl.store(xb + offs_d, dir_, mask=md)
         tl.store(xb + DH + offs_d, dfr, mask=md)
         tl.store(xb + 2 * DH + offs_d, dzr, mask=md)
         tl.store(xb + 3 * DH + offs_d, dor, mask=md)
-        dh = (_vecmat_t(dir_, rh, offs_d, md, DH) + _vecmat_t(dfr, rh + DH * DH, offs_d, md, DH)
-              + _vecmat_t(dzr, rh + 2 * DH * DH, offs_d, md, DH)
-              + _vecmat_t(dor, rh + 3 * DH * DH, offs_d, md, DH))
+        tl.debug_barrier()  # d raw_t is read back in blocks by other threads just below
+        # d h_prev = sum_g R_g @ d raw_g, R_g streamed in (DH, BI) column blocks
+        dh = tl.full((BD,), 0.0, tl.float32)
+        for j0 in range(0, DH, BI):
+            cols = j0 + tl.arange(0, BI)
+            mc = cols < DH
+            rm = md[:, None] & mc[None, :]
+            roff = offs_d[:, None] * DH + cols[None, :]
+            for g in tl.static_range(4):
+                dg = tl.load(xb + g * DH + cols, mask=mc, other=0.0)
+                rg = tl.load(rh + g * DH * DH + roff, mask=rm, other=0.0).to(tl.float32)
+                dh += _sum(rg * dg[None, :], 1)
         dc = dc_prev
         dn = dn_prev
         dm = dm_prev

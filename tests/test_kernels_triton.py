@@ -299,15 +299,18 @@ def test_step_from_zero_state_and_bf16(i_shift):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("S,init,reset,dtype", [
-    (1, False, False, F32),
-    (17, True, True, F32),
-    (17, False, True, torch.bfloat16),
+@pytest.mark.parametrize("S,DH,init,reset,dtype,tile", [
+    (1, 12, False, False, F32, None),
+    (17, 12, True, True, F32, None),
+    (17, 12, False, True, torch.bfloat16, None),
+    (9, 40, True, True, F32, 256),  # R streamed in 3 blocks of 16 (the last one masked)
 ])
-def test_slstm_sequence_matches_torch(S, init, reset, dtype):
+def test_slstm_sequence_matches_torch(S, DH, init, reset, dtype, tile, monkeypatch):
     """Forward (h and the last state) and the gradients of x, R and the initial state
     against autograd of the float64 torch sLSTM."""
-    B, NH, DH = 2, 2, 12
+    if tile is not None:
+        monkeypatch.setattr(triton_ops, "SLSTM_TILE", tile)
+    B, NH = 2, 2
     g = _gen(11)
     x = (torch.randn(B, NH, S, 4, DH, generator=g) * 1.5).to(dtype)
     R = (torch.randn(NH, 4, DH, DH, generator=g) * 0.3).to(dtype)
