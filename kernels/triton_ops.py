@@ -85,10 +85,10 @@ def _check_dtypes(named: dict[str, torch.Tensor | None]) -> None:
             )
 
 
-def _check_device(t: torch.Tensor) -> None:
+def _check_device(t: torch.Tensor, name: str = "q") -> None:
     if not t.is_cuda and not _interpret():
         raise ValueError(
-            f"q: got a tensor on {t.device}; backend='triton' needs CUDA tensors "
+            f"{name}: got a tensor on {t.device}; backend='triton' needs CUDA tensors "
             f"(or TRITON_INTERPRET=1 for CPU tensors)"
         )
 
@@ -575,7 +575,7 @@ def slstm_sequence_triton(x, R, *, initial_state, reset):
     """sLSTM on Triton, the time loop inside the kernel. Shapes as `kernels.slstm_sequence`;
     returns h (float32, (B, NH, S, DH)) and the last state (h, c, n, m) in float32."""
     _check_dtypes({"x": x, "R": R, **_state_names("initial_state", initial_state, "hcnm")})
-    _check_device(x)
+    _check_device(x, "x")
     B, NH, S, _, DH = x.shape
     if DH > MAX_DH:
         raise ValueError(f"x: got DH={DH}; backend='triton' supports DH <= {MAX_DH}")
