@@ -54,7 +54,8 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
                     f"XLSTM_KERNEL_BACKEND: got {forced!r}, expected one of ('torch', 'triton')"
                 )
             return forced
-        return "triton" if tensor.is_cuda else "torch"
+        # float64 (the oracle precision) stays on torch even on CUDA
+        return "triton" if tensor.is_cuda and tensor.dtype != torch.float64 else "torch"
     return backend
 
 
