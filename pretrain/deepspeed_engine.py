@@ -303,12 +303,9 @@ class DeepSpeedEngine:
         if hasattr(opt, "update_lp_params"):
             opt.update_lp_params()
         elif hasattr(opt, "_reassign_or_swap_out_partitioned_parameters"):  # ZeRO-3
-            timers: set[str] = set()  # as DeepSpeed's own ZeRO-3 load_state_dict does
-            opt._partition_all_parameters()
-            for sub_group_id, _ in enumerate(opt.fp16_groups):
-                opt._prepare_sub_group(sub_group_id, timers)
+            opt._partition_all_parameters()  # copy fp32 partitions to the compute partitions
+            for sub_group_id in range(len(opt.fp16_partitioned_groups_flat)):
                 opt._reassign_or_swap_out_partitioned_parameters(sub_group_id)
-                opt._release_sub_group(sub_group_id, timers)
 
 
 # ------------------------------------------------------------------ helpers

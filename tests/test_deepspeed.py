@@ -118,7 +118,8 @@ def test_world_size_change_through_universal_checkpoint(tmp_path, corpus, zero2_
 def check_engine(folder: Path) -> None:
     """Under torchrun with 1 process: load a 2-process ZeRO-2 checkpoint (universal
     path), compare fp32 weights and Adam moments with the converted files, then
-    step(skip=True) and a non-finite gradient change nothing, and a real step does."""
+    step(skip=True) and a non-finite gradient change nothing, and a real step does;
+    a weights-only load gives the saved weights."""
     import torch
 
     from model import build_model, load_model_config
@@ -174,6 +175,13 @@ def check_engine(folder: Path) -> None:
     micro()
     norm, stepped = engine.step(1e-3)
     assert stepped and math.isfinite(norm) and not same(before, snapshot())
+    # weights only (--fresh-optimizer), here across world sizes too: masters and compute copies
+    torch.manual_seed(321)
+    fresh = DeepSpeedEngine(build_model(load_model_config(cfg.model)), cfg, info)
+    fresh.load(folder, with_optimizer=False)
+    for name, p in fresh.module.named_parameters():
+        assert torch.equal(safe_get_full_fp32_param(p), weights[name]), name
+        assert torch.equal(p.detach(), weights[name]), name
     print("ENGINE OK", flush=True)
 
 
