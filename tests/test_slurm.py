@@ -244,7 +244,8 @@ def test_clear_failures(cluster, server, corpus, tmp_path):
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "Batch job submission failed" in out.stderr
     out = subprocess.run([sys.executable, "-m", "slurm.submit", "--config", "configs/tiny.yaml",
-                          "--nodes", "3", *args], cwd=ROOT, env=env, capture_output=True,
+                          "--nodes", "3", *args, "train.global_batch_size=6"], cwd=ROOT, env=env,
+                         capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "sbatch rejected the job" in out.stderr
