@@ -26,9 +26,11 @@ Decisions:
   AdamW's `step` replaced by a no-op: the already accumulated gradients of the
   earlier micro batches are reduced and then dropped exactly as after a real
   step, AdamW's moments and step count are untouched, and the weights are
-  re-copied from unchanged fp32 masters (bit-identical). So the skip is exact
-  for any grad_accum: the update of that optimizer step is not applied at all,
-  no partial batch is ever applied.
+  re-copied from unchanged fp32 masters (bit-identical). If nothing was
+  accumulated (the first micro batch was the bad one) DeepSpeed is not called
+  at all. So the skip is exact for any grad_accum: nothing of that optimizer
+  step is applied, no partial batch ever is. DeepSpeed's own step counter still
+  advances on a skip (it is not used: the trainer's step and schedule rule).
 - Precision: bf16 = bf16 parameters and activations, fp32 master weights,
   fp32 gradient accumulation and fp32 gradient reduction; fp32 = fp32 throughout.
 - Checkpoints: DeepSpeed's own files under `folder/deepspeed/` with the fixed
@@ -36,13 +38,17 @@ Decisions:
   Every load from a checkpoint goes through `torch.load(weights_only=True)` with
   only DeepSpeed's few plain checkpoint classes allow-listed (see
   `_weights_only_loads`), including DeepSpeed's own internal loads.
-- Another world size: the optimizer state is carried through DeepSpeed's
-  universal checkpoint format. `load` converts `deepspeed/state` once
-  (`ds_to_universal`, rank 0, written beside it as `deepspeed/state_universal`)
-  and loads it with `load_universal`. If the conversion fails the error names
-  the command that converts by hand. Weights only (`with_optimizer=False`,
+- Another world size (the same ZeRO stage and precision): the optimizer state
+  is carried through DeepSpeed's universal checkpoint format. `load` converts
+  `deepspeed/state` once (rank 0 runs `python -m pretrain.deepspeed_engine
+  to-universal CHECKPOINT`, i.e. DeepSpeed's `ds_to_universal` with
+  weights_only loads, into `deepspeed/state_universal`, written to a `.tmp`
+  name and renamed) and loads it with `load_universal`. If the conversion
+  fails the error names that command. Weights only (`with_optimizer=False`,
   e.g. `--fresh-optimizer`) works at any world size through the consolidated
   fp32 weights (`load_deepspeed_weights`).
+- One process without torchrun: a one-rank gloo group (in-process store) is
+  made for DeepSpeed, which always wants one.
 - `load_deepspeed_weights(folder)`: consolidated fp32 model state dict from a
   checkpoint folder, one process, no process group (for conversion and export).
 """
