@@ -1,0 +1,3 @@
+"""Launch pretraining on Slurm: the sbatch template (pretrain.sbatch), the submitit launcher
+(`python -m slurm.submit`), the preemption and requeue glue (rank.py, task.py, job.py), and
+a local test cluster (cluster.py). See slurm/README.md. Imports `pretrain` for config only."""

@@ -14,6 +14,9 @@ other nodes (rank 0 may still be closing its MLflow run). So this wrapper
   as soon as /proc shows the handler (SigCgt). It is sent once: a second one during the
   trainer's interpreter shutdown (handlers back to default) would kill it after its
   checkpoint;
+* writes `$XLSTM_STATUS_DIR/rank-<RANK>.stopping` once the trainer has the stop signal
+  (the batch script and slurm/task.py send it again until some rank has it: a signal sent
+  while the ranks were still being started reaches nobody);
 * writes the trainer's exit code to `$XLSTM_STATUS_DIR/rank-<RANK>.exit` (the batch script
   reads rank 0's to decide: 0 finished, 75 requeue, else failed);
 * exits 0 for 0 and 75 (torchrun and srun see a clean end), the trainer's code otherwise.
@@ -38,6 +41,11 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, *STOP_SIGNALS)
 
 def status_file(status_dir: str | Path, rank: int) -> Path:
     return Path(status_dir) / f"rank-{rank}.exit"
+
+
+def stopping_file(status_dir: str | Path, rank: int) -> Path:
+    """Written when this rank's trainer has been handed a stop signal."""
+    return Path(status_dir) / f"rank-{rank}.stopping"
 
 
 def _child_setup() -> None:
@@ -72,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
+    rank = int(os.environ.get("RANK", "0"))
+    status_dir = os.environ.get("XLSTM_STATUS_DIR")
     held: int | None = None  # a stop signal the trainer does not catch yet
     while True:
         while pending:
@@ -88,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         if held is not None and _catches(child.pid, held):
             try:
                 child.send_signal(held)
+                if status_dir:
+                    Path(status_dir).mkdir(parents=True, exist_ok=True)
+                    stopping_file(status_dir, rank).write_text(f"{signal.Signals(held).name}\n")
                 print(f"[slurm.rank] rank {os.environ.get('RANK', '0')}: "
                       f"{signal.Signals(held).name} passed to the trainer", file=sys.stderr,
                       flush=True)
@@ -96,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
             held = None
         time.sleep(0.05)
     code = child.returncode
-    rank = int(os.environ.get("RANK", "0"))
-    status_dir = os.environ.get("XLSTM_STATUS_DIR")
     if status_dir:
         path = status_file(status_dir, rank)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@
         [--max-requeues R] [--signal USR2] [--signal-delay-s 300] [--folder DIR] \
         [--dry-run | --local] [key=value ...]
 
-One Slurm task per node; each runs torchrun for that node's ranks (GPUs per node, or
-`--nproc-per-node`, or 1 on a CPU partition), c10d rendezvous on the first node. The
+One Slurm task per node; each runs torchrun for that node's ranks (`--nproc-per-node`,
+else the GPUs per node, else on a CPU partition one rank per CPU of the task), c10d rendezvous on the first node. The
 config is loaded and checked here first (with the job's world size), so a bad config fails
 before anything is queued. Prints the job id, the log paths and where the MLflow run is.
 
@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--gpus-per-node", type=int, default=0, help="0: a CPU partition")
     ap.add_argument("--nproc-per-node", type=int, default=None,
-                    help="ranks per node (default: --gpus-per-node, else 1)")
+                    help="ranks per node (default: --gpus-per-node; on a CPU partition "
+                         "--cpus-per-task, one rank per CPU; else 1)")
     ap.add_argument("--cpus-per-task", type=int, default=None, help="CPUs of each node's task")
     ap.add_argument("--partition", default=None)
     ap.add_argument("--time", default="24:00:00", help="time limit (HH:MM:SS, D-HH:MM, minutes)")
@@ -138,7 +139,7 @@ def sbatch_parameters(args: argparse.Namespace, setup: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = args.signal  # read by submitit at import, and by the job
-    nproc = args.nproc_per_node or args.gpus_per_node or 1
+    nproc = args.nproc_per_node or args.gpus_per_node or args.cpus_per_task or 1
     world = args.nodes * nproc
     config = Path(args.config)
     if not config.is_file() and (ROOT / config).is_file():

@@ -119,7 +119,7 @@ class TrainTask:
         self._status_dir = Path(self.run_dir) / "slurm" / f"{job_id}.{restart}"
         self._status_dir.mkdir(parents=True, exist_ok=True)
         if node == 0:
-            for old in self._status_dir.glob("rank-*.exit"):
+            for old in [*self._status_dir.glob("rank-*.exit"), *self._status_dir.glob("rank-*.stopping")]:
                 old.unlink()
         cmd = self.command(f"{job_id}.{restart}", node, endpoint)
         env = dict(os.environ, XLSTM_STATUS_DIR=str(self._status_dir),
@@ -151,11 +151,30 @@ class TrainTask:
         raise TrainingFailed(f"training failed: torchrun exit {rc}, rank 0 trainer exit {code}; "
                              f"not requeued (logs above; checkpoints in {self.run_dir})")
 
-    def _rank0_code(self, timeout: float) -> int | None:
+    def _signal_ranks(self) -> None:
+        """The stop signal to this node's slurm.rank wrappers (Slurm may deliver it only to
+        the task itself; any one rank with it stops them all at the next step boundary)."""
+        if self._proc is not None and self._proc.poll() is None:
+            for pid in _children(self._proc.pid):
+                try:
+                    os.kill(pid, STOP_SIGNALS[-1])
+                except ProcessLookupError:
+                    pass
+
+    def _rank0_code(self, timeout: float, signal_ranks: bool = False) -> int | None:
+        """Rank 0's recorded trainer exit code; with `signal_ranks`, the stop signal is sent
+        (again every 10 s) until some rank's trainer has it."""
         assert self._status_dir is not None
         path = status_file(self._status_dir, 0)
         deadline = time.monotonic() + timeout
+        sent = -1e9
         while not path.exists() and time.monotonic() < deadline:
+            if signal_ranks and time.monotonic() - sent > 10:
+                if any(self._status_dir.glob("rank-*.stopping")):
+                    signal_ranks = False
+                else:
+                    self._signal_ranks()
+                    sent = time.monotonic()
             time.sleep(0.2)
         try:
             return int(path.read_text().strip())
@@ -169,14 +188,8 @@ class TrainTask:
         import submitit
 
         print("[slurm.task] stop signal: waiting for the ranks to checkpoint", flush=True)
-        if self._proc is not None and self._proc.poll() is None:
-            for pid in _children(self._proc.pid):  # the slurm.rank wrappers of this node
-                try:
-                    os.kill(pid, STOP_SIGNALS[-1])
-                except ProcessLookupError:
-                    pass
         started = self._proc is not None
-        code = self._rank0_code(timeout=self.stop_timeout_s) if started else EXIT_RESUMABLE
+        code = self._rank0_code(self.stop_timeout_s, signal_ranks=True) if started else EXIT_RESUMABLE
         if code == 0:
             print("[slurm.task] training had already finished; not requeued", flush=True)
             return None
