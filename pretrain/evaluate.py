@@ -465,10 +465,16 @@ def log_to_mlflow(src: Source, metrics: dict[str, float], json_path: Path,
 # ============================================================================ entry
 
 
-def task_manager(include: Sequence[str], metadata: dict[str, Any]):
+def task_manager(include: Sequence[str], metadata: dict[str, Any], tasks: Sequence[str] = ()):
+    """lm-eval's TaskManager over the project's tasks and `include`; lm-eval's
+    own task index (seconds to build) only when a requested name is not there."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(TASKS_DIR), *map(str, include)], metadata=metadata)
+    paths = [str(TASKS_DIR), *map(str, include)]
+    tm = TaskManager(include_path=paths, metadata=metadata, include_defaults=False)
+    if all(t in tm.all_tasks or Path(t).is_file() for t in tasks):
+        return tm
+    return TaskManager(include_path=paths, metadata=metadata)
 
 
 def evaluate(path: str, *, tasks: Sequence[str] = ("xlstm_heldout",), ppl_shards: str | None = None,
@@ -494,7 +500,7 @@ def evaluate(path: str, *, tasks: Sequence[str] = ("xlstm_heldout",), ppl_shards
         out = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
             bootstrap_iters=bootstrap_iters, log_samples=False,
-            task_manager=task_manager(include, metadata), random_seed=seed,
+            task_manager=task_manager(include, metadata, tasks), random_seed=seed,
             numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
         report["lm_eval"] = {k: out[k] for k in ("results", "n-samples", "configs", "versions")
                              if k in out}

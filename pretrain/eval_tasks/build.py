@@ -14,9 +14,10 @@ Nothing is downloaded. Each function returns ``{"test": datasets.Dataset}``;
 documents are the shards' token ids decoded to text. The tasks:
 
 - ``xlstm_nextword`` (multiple choice, 4 options, chance 25%): a passage cut
-  just before a word, the true word and three distractor words of the same
-  token length drawn from the same documents by frequency; the gold position
-  is random. A model that knows the text prefers the true word; one with
+  just before a word, the true word and three distractor words drawn from the
+  same documents by frequency, each as many tokens long as the true word when
+  it continues this passage (so a model with no knowledge cannot prefer the
+  gold by length); the gold position is random. A model that knows the text prefers the true word; one with
   random weights scores near 25%.
 - ``xlstm_cloze`` (LAMBADA-style loglikelihood): predict the last word of a
   line from the text before it; acc = the greedy continuation is exactly the
@@ -119,7 +120,17 @@ def nextword(**kwargs: Any):
     rows = []
     for d, m in picks:
         word = m.group()
-        pool = [w for w in by_len.get(len(tok.encode(word)), []) if w != word]
+        context = _context(d, m.start())
+        lead = context[-16:].split("\n")[-1]  # the tokens a continuation is cut from
+
+        def size(w: str, lead: str = lead) -> int:  # tokens of w as a continuation
+            return len(tok.encode(lead + w)) - len(tok.encode(lead))
+
+        target = size(word)
+        pool = [w for k in (-1, 0, 1) for w in by_len.get(len(tok.encode(word)) + k, [])
+                if w != word]
+        pool = _spread(rng, pool, 400)
+        pool = [w for w in pool if size(w) == target]
         if len(pool) < 3:
             continue
         weights = [counts[w] for w in pool]
@@ -130,7 +141,7 @@ def nextword(**kwargs: Any):
                 wrong.append(w)
         gold = rng.randrange(4)
         choices = wrong[:gold] + [word] + wrong[gold:]
-        rows.append({"context": _context(d, m.start()), "choices": choices, "gold": gold})
+        rows.append({"context": context, "choices": choices, "gold": gold})
         if len(rows) >= n:
             break
     return _dataset(rows, "xlstm_nextword")
