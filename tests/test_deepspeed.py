@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -26,8 +27,9 @@ from trainrun import ROOT, command, env, kill_after_checkpoint, losses, override
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 STEPS = 16  # 10 steps, a checkpoint, a SIGKILL, a resume, 6 more
-DS_ENV = {"TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
-          "DS_ACCELERATOR": "cpu"}
+DS_ENV = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                 str(ROOT / ".cache" / "torch_extensions")),
+          "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
 
 
 def ds_args(run_dir: Path, corpus, stage: int, precision: str, procs: int = 2) -> list[str]:
@@ -188,8 +190,10 @@ def check_engine(folder: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--check-engine":
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        import torch.distributed
+
         check_engine(Path(sys.argv[2]))
-        if __import__("torch").distributed.is_initialized():
-            __import__("torch").distributed.destroy_process_group()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     else:
         sys.exit("usage: torchrun --nproc_per_node=1 tests/test_deepspeed.py --check-engine CKPT")
