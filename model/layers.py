@@ -167,4 +167,8 @@ class CausalConv1d(nn.Module):
             for k in range(K):
                 keep = (dist >= K - 1 - k).to(x.dtype)[..., None]  # (B, S, 1)
                 y = y + (xs[:, k : k + S] * self.weight[:, k]) * keep
-        return y, xs[:, S:]
+        new_state = xs[:, S:]
+        if reset is not None:  # inputs before the last document start are not its history
+            t = torch.arange(S - (K - 1), S, device=x.device)  # time of each state row
+            new_state = new_state * (t >= start[:, -1:]).to(x.dtype)[..., None]
+        return y, new_state
