@@ -35,8 +35,9 @@ Any task a user has locally works too (``--include-path``). Nothing is
 downloaded: ``HF_HUB_OFFLINE`` and ``HF_DATASETS_OFFLINE`` default to 1.
 
 ``--ppl-shards URL_SPEC``: token-weighted perplexity over every token of those
-shards (packed as in training: state reset at each document, EOS targets
-masked), reported with the token count.
+shards (each document from the zero state as in training, its tokens after the
+first and its EOS the targets, long documents with their full context through
+the carried state), reported with the token and document counts.
 
 Results: a table on stdout, a JSON file (``--output``), and the MLflow run the
 checkpoint came from (its run id is in trainer_state.json): metrics
@@ -58,7 +59,7 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -339,33 +340,57 @@ class XLSTMEvalLM(TemplateLM):
 # ============================================================================ perplexity
 
 
+def iter_documents(spec: str, vocab_size: int | None = None) -> Iterator[list[int]]:
+    """Token ids of every document of the shards `spec` (any source spec), in order."""
+    from data.sources import expand_source, open_shard
+    from data.tarshard import iter_samples
+
+    shards = expand_source(spec)
+    for url in shards.urls:
+        raw = open_shard(url)
+        try:
+            for _key, ids, _off in iter_samples(raw, url, vocab_size=vocab_size,
+                                                expect_sha256=shards.sha256.get(url)):
+                yield ids.tolist()
+        finally:
+            raw.close()
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, tokenizer: Any, spec: str, *, seq_len: int = 1024,
-               batch_size: int = 8, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Token-weighted perplexity over every token of the shards `spec`: packed
-    as in training (state reset at each document, EOS targets masked), one
-    epoch, no shuffling. Returns {"loss" (nats/token), "ppl", "tokens"}."""
-    from data.loader import build_loader
+               batch_size: int = 8, device: torch.device | str = "cpu",
+               docs_per_pass: int = 256) -> dict[str, float]:
+    """Token-weighted perplexity over every document of the shards `spec`.
 
-    loader = build_loader({
-        "sources": [spec], "seq_len": seq_len, "micro_batch_size": batch_size, "epochs": 1,
-        "shuffle_buffer": 1, "shuffle_shards": False, "packing": "pack",
-        "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id, "vocab_size": tokenizer.vocab_size,
-    })
-    nll = torch.zeros((), dtype=torch.float64)
-    count = 0
-    for batch in loader:
-        labels = batch["labels"].to(device)
-        logits = model(batch["input_ids"].to(device), reset=batch["reset"].to(device))
-        keep = labels != -100
-        lp = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                               ignore_index=-100, reduction="sum")
-        nll += lp.double().cpu()
-        count += int(keep.sum())
+    Each document is scored whole, from the zero state as in training (state
+    reset at its first token): every token after the first and the closing EOS
+    is a target (so the count is the shards' token count, as the trainer's
+    packed loss counts them); long documents run in windows of `seq_len` with
+    the recurrent state carried, i.e. with their full context. Returns
+    {"loss" (nats per token), "ppl", "tokens", "documents"}."""
+    nll, count, docs = 0.0, 0, 0
+    pending: list[list[int]] = []
+
+    def flush() -> None:
+        nonlocal nll, count, docs
+        seqs = [d + [tokenizer.eos_id] for d in pending if d]
+        res = score_sequences(model, seqs, [1] * len(seqs), batch_size=batch_size,
+                              window=seq_len, pad_id=tokenizer.pad_id, device=device)
+        nll -= sum(lp for lp, _ in res)
+        count += sum(len(s) - 1 for s in seqs)
+        docs += len(seqs)
+        pending.clear()
+
+    for ids in iter_documents(spec, tokenizer.vocab_size):
+        pending.append(ids)
+        if len(pending) >= docs_per_pass:
+            flush()
+    if pending:
+        flush()
     if count == 0:
         raise ValueError(f"--ppl-shards {spec}: no tokens")
-    loss = float(nll) / count
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+    loss = nll / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count, "documents": docs}
 
 
 # ============================================================================ reporting
@@ -575,8 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(report))
     if report["perplexity"]:
         p = report["perplexity"]
-        print(f"[evaluate] perplexity {p['ppl']:.4f} (loss {p['loss']:.4f}) over "
-              f"{p['tokens']} tokens of {p['shards']}")
+        print(f"[evaluate] perplexity {p['ppl']:.4f} (loss {p['loss']:.4f} nats/token) over "
+              f"{p['tokens']} tokens ({p['documents']} documents) of {p['shards']}")
     print(f"[evaluate] results: {out}")
     if not args.no_mlflow:
         run = log_to_mlflow(src, report["metrics"], out, args.tracking_uri)
