@@ -163,13 +163,13 @@ class TrainTask:
 
     def _rank0_code(self, timeout: float, signal_ranks: bool = False) -> int | None:
         """Rank 0's recorded trainer exit code; with `signal_ranks`, the stop signal is sent
-        (again every 10 s) until some rank's trainer has it."""
+        (again every 5 s) until some rank's trainer has it."""
         assert self._status_dir is not None
         path = status_file(self._status_dir, 0)
         deadline = time.monotonic() + timeout
         sent = -1e9
         while not path.exists() and time.monotonic() < deadline:
-            if signal_ranks and time.monotonic() - sent > 10:
+            if signal_ranks and time.monotonic() - sent > 5:
                 if any(self._status_dir.glob("rank-*.stopping")):
                     signal_ranks = False
                 else:
