@@ -4,9 +4,10 @@ Compares, in one run and at the same shapes (B=1, NH=4, DQK=64, DV=128, fp32):
   ours      kernels.mlstm_chunkwise(backend="torch")
   official  mlstm_kernels "chunkwise--native_autograd"
   parallel  kernels.mlstm_parallel (quadratic form)
-for forward and forward+backward. Each case runs in a fresh subprocess so that
-its peak resident memory (ru_maxrss minus the process's baseline) is its own.
-Prints a table with the best time of the repetitions and ratios to ours. Never used as a test.
+for forward and forward+backward. Times: the best of --reps runs, the
+implementations interleaved round-robin in one process (load from other jobs on
+a shared machine then hits all alike). Memory: one run per case in a fresh
+subprocess, its peak resident memory above the process's baseline. Never used as a test.
 
     .venv/bin/python benchmarks/mlstm_cpu.py [--seq 512 2048 8192] [--reps 5]
 """
@@ -23,49 +24,81 @@ import time
 IMPLS = ("ours", "official", "parallel")
 
 
-def run_case(impl: str, S: int, mode: str, reps: int, chunk: int) -> dict:
-    import resource
-
+def make_inputs(S: int):
     import torch
 
     torch.manual_seed(0)
     B, NH, DQK, DV = 1, 4, 64, 128
-    q = torch.randn(B, NH, S, DQK)
-    k = torch.randn(B, NH, S, DQK)
-    v = torch.randn(B, NH, S, DV)
-    i = torch.randn(B, NH, S)
-    f = torch.randn(B, NH, S) + 3.0
-    if impl == "ours":
-        import kernels
+    return (torch.randn(B, NH, S, DQK), torch.randn(B, NH, S, DQK), torch.randn(B, NH, S, DV),
+            torch.randn(B, NH, S), torch.randn(B, NH, S) + 3.0)
 
-        def fn(*xs):
-            return kernels.mlstm_chunkwise(*xs, chunk_size=chunk, backend="torch")
-    elif impl == "official":
+
+def make_fn(impl: str, chunk: int):
+    if impl == "official":
         from mlstm_kernels.torch import get_mlstm_kernel
 
         official = get_mlstm_kernel("chunkwise--native_autograd")
+        return lambda *xs: official(*xs, chunk_size=chunk)
+    import kernels
 
-        def fn(*xs):
-            return official(*xs, chunk_size=chunk)
+    if impl == "ours":
+        return lambda *xs: kernels.mlstm_chunkwise(*xs, chunk_size=chunk, backend="torch")
+    return kernels.mlstm_parallel
+
+
+def run_once(fn, inputs, mode: str) -> float:
+    import torch
+
+    xs = [t.clone().requires_grad_(mode == "fwd+bwd") for t in inputs]
+    t0 = time.perf_counter()
+    if mode == "fwd":
+        with torch.no_grad():
+            fn(*xs)
     else:
-        import kernels
+        fn(*xs).sum().backward()
+    return time.perf_counter() - t0
 
-        fn = kernels.mlstm_parallel
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for r in range(reps + 1):
-        xs = [t.clone().requires_grad_(mode == "fwd+bwd") for t in (q, k, v, i, f)]
-        t0 = time.perf_counter()
-        if mode == "fwd":
-            with torch.no_grad():
-                fn(*xs)
-        else:
-            fn(*xs).sum().backward()
-        if r:  # the first repetition warms up
-            times.append(time.perf_counter() - t0)
-    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
-    # the best repetition: on a shared machine other load only ever adds time
-    return {"best_s": min(times), "peak_mb": peak_mb}
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_case(impl: str, S: int, mode: str, chunk: int) -> dict:
+    """One run in this (fresh) process: the peak of its resident memory, sampled
+    every 0.5 ms, above what it held before the run, in MB."""
+    import threading
+
+    inputs = make_inputs(S)
+    fn = make_fn(impl, chunk)
+    run_once(fn, make_inputs(min(S, 64)), mode)  # lazy imports and allocator warm-up
+    before, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    run_once(fn, inputs, mode)
+    done.set()
+    sampler.join()
+    return {"peak_mb": max(0, peak[0] - before) / 2**20}
+
+
+def best_times(impls: list[str], S: int, mode: str, reps: int, chunk: int) -> dict[str, float]:
+    """Best time of `reps` runs per implementation, interleaved round-robin so that
+    load from other jobs on a shared machine hits every implementation alike."""
+    inputs = make_inputs(S)
+    fns = {impl: make_fn(impl, chunk) for impl in impls}
+    for fn in fns.values():  # warm-up
+        run_once(fn, inputs, mode)
+    best = {impl: float("inf") for impl in impls}
+    for _ in range(reps):
+        for impl, fn in fns.items():
+            best[impl] = min(best[impl], run_once(fn, inputs, mode))
+    return best
 
 
 def main() -> None:
@@ -83,24 +116,27 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(run_case(impl, int(S), mode, args.reps, args.chunk)))
+        print(json.dumps(peak_memory_case(impl, int(S), mode, args.chunk)))
         return
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS=str(args.threads))
     rows = []
     for S in args.seq:
+        impls = [i for i in IMPLS if not (i == "parallel" and S > args.parallel_max_seq)]
         for mode in ("fwd", "fwd+bwd"):
+            times = best_times(impls, S, mode, args.reps, args.chunk)
             res = {}
-            for impl in IMPLS:
-                if impl == "parallel" and S > args.parallel_max_seq:
-                    continue
+            for impl in impls:
                 out = subprocess.run(
-                    [sys.executable, __file__, "--case", f"{impl},{S},{mode}", "--reps", str(args.reps),
-                     "--chunk", str(args.chunk), "--threads", str(args.threads)],
+                    [sys.executable, __file__, "--case", f"{impl},{S},{mode}", "--chunk",
+                     str(args.chunk), "--threads", str(args.threads)],
                     env=env, capture_output=True, text=True, check=True,
                 )
-                res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+                res[impl] = {"best_s": times[impl], **json.loads(out.stdout.strip().splitlines()[-1])}
             rows.append((S, mode, res))
 
     head = (f"{'S':>6} {'pass':>8} | {'ours ms':>9} {'ours MB':>8} | {'official ms':>11} {'MB':>7} "
