@@ -65,7 +65,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -79,6 +79,9 @@ from model import (
 )
 
 from .checkpoint import MARKER, STATE_FILE, CheckpointManager, write_json_atomic
+
+if TYPE_CHECKING:
+    from data.tokenizer import Tokenizer
 
 SAFETENSORS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -586,9 +589,26 @@ def _out_dtype(src: Source, key: str, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and stored.is_floating_point else stored
 
 
-def _tokenizer_or_refuse(src: Source, target: str):
-    from data.tokenizer import Tokenizer
+def load_tokenizer(folder: str | Path) -> Tokenizer:
+    """The `data.Tokenizer` of a folder holding tokenizer.model: a project tokenizer
+    folder, or a transformers folder (whose tokenizer.json is transformers' own
+    format, not our metadata, and is then not read)."""
+    from data.tokenizer import Tokenizer  # noqa: F811 - the runtime import
 
+    folder = Path(folder)
+    meta: dict[str, Any] = {}
+    meta_file = folder / "tokenizer.json"
+    if meta_file.is_file():
+        try:
+            doc = json.loads(meta_file.read_text())
+        except ValueError:
+            doc = {}
+        if isinstance(doc, dict) and "model" not in doc and "sha256" in doc:
+            meta = doc
+    return Tokenizer((folder / "tokenizer.model").read_bytes(), meta)
+
+
+def _tokenizer_or_refuse(src: Source, target: str) -> Tokenizer:
     where = src.path or "the source"
     if src.tokenizer is None or not (src.tokenizer / "tokenizer.model").is_file():
         looked = src.tokenizer or (src.path / "tokenizer" if src.info.get("step") is not None
@@ -598,7 +618,7 @@ def _tokenizer_or_refuse(src: Source, target: str):
             "the SentencePiece tokenizer (pass --tokenizer DIR with the tokenizer folder)"
         )
     try:
-        tok = Tokenizer.load(str(src.tokenizer))
+        tok = load_tokenizer(src.tokenizer)
     except Exception as err:  # noqa: BLE001
         raise ConvertError(f"{src.tokenizer}: unreadable tokenizer ({err})") from err
     if tok.vocab_size > src.cfg.vocab_size:
@@ -839,6 +859,7 @@ __all__ = [
     "detect_format",
     "expected_shapes",
     "load_model_from",
+    "load_tokenizer",
     "open_source",
     "read_checkpoint_weights",
     "resolve_checkpoint",

@@ -69,7 +69,7 @@ from lm_eval.api.registry import register_model  # noqa: E402
 
 from model import sample_next  # noqa: E402
 
-from .convert import ConvertError, Source, load_model_from  # noqa: E402
+from .convert import ConvertError, Source, load_model_from, load_tokenizer  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
 MODEL_NAME = "xlstm-pretrain"
@@ -237,11 +237,9 @@ class XLSTMEvalLM(TemplateLM):
             if pretrained is None:
                 raise ValueError(f"{MODEL_NAME}: model_args needs pretrained=PATH")
             model, self.source = load_model_from(pretrained, device=str(self.device_))
-            from data.tokenizer import Tokenizer
-
             if self.source.tokenizer is None:
                 raise ValueError(f"{pretrained}: no tokenizer (tokenizer/tokenizer.model) to evaluate with")
-            tokenizer = Tokenizer.load(str(self.source.tokenizer))
+            tokenizer = load_tokenizer(self.source.tokenizer)
         if tokenizer is None:
             raise ValueError(f"{MODEL_NAME}: a model needs its tokenizer")
         dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(dtype)]

@@ -20,7 +20,7 @@ import torch
 
 from model import sample_next
 
-from .convert import ConvertError, load_model_from
+from .convert import ConvertError, load_model_from, load_tokenizer
 
 
 @torch.no_grad()
@@ -67,13 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--no-stop-at-eos", action="store_true", help="keep going after EOS")
     args = ap.parse_args(argv)
-    from data.tokenizer import Tokenizer
-
     try:
         model, src = load_model_from(args.path, device=args.device)
         if src.tokenizer is None:
             raise ConvertError(f"{args.path}: no tokenizer (tokenizer/tokenizer.model)")
-        tok = Tokenizer.load(str(src.tokenizer))
+        tok = load_tokenizer(src.tokenizer)
         model = model.to(getattr(torch, args.dtype))
         text, t = generate_text(model, tok, args.prompt, args.max_new_tokens,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

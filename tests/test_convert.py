@@ -166,6 +166,8 @@ def test_round_trip_ours_hf_ours_is_identical(large_ckpt, hf_dir, tmp_path):
     same_tensors(again.state_dict(), ours.state_dict())
     assert state["step"] == 0 and (back / "COMPLETE").is_file()
     assert again.cfg == ours.cfg  # exact config back (xlstm_pretrain.json)
+    meta = json.loads((back / "tokenizer" / "tokenizer.json").read_text())  # ours, not HF's
+    assert "model" not in meta and meta["sha256"] == Tokenizer.load(str(back / "tokenizer")).sha256
     # our weights read one at a time equal the trainer's loader
     same_tensors(dict(cv.read_checkpoint_weights(large_ckpt)), ours.state_dict())
 
