@@ -31,6 +31,15 @@ def _cast_state(state: MLSTMState, dtype: torch.dtype) -> MLSTMState:
     return tuple(t.to(dtype) for t in state)  # type: ignore[return-value]
 
 
+def _start_state(initial_state: MLSTMState | None, q: torch.Tensor, v: torch.Tensor,
+                 dtype: torch.dtype) -> MLSTMState:
+    """The given initial state in `dtype`, or zeros (m0 = 0) shaped for q (B, NH, S, DQK), v."""
+    if initial_state is not None:
+        return _cast_state(initial_state, dtype)
+    B, NH, _, DQK = q.shape
+    return _zero_state(B, NH, DQK, v.shape[-1], dtype, q.device)
+
+
 def _normalize(num: torch.Tensor, den: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
     """h = num / (max(|den|, exp(-m)) + eps); num (..., DV), den and m (...)."""
     return num / (torch.maximum(den.abs(), torch.exp(-m)) + eps).unsqueeze(-1)
@@ -84,9 +93,7 @@ def mlstm_recurrent_torch(
     cd = compute_dtype(q, k, v, i, f)
     B, NH, S, DQK = q.shape
     DV = v.shape[-1]
-    state = _cast_state(initial_state, cd) if initial_state is not None else _zero_state(
-        B, NH, DQK, DV, cd, q.device
-    )
+    state = _start_state(initial_state, q, v, cd)
     hs = []
     for t in range(S):
         if reset is not None:
@@ -120,11 +127,8 @@ def mlstm_parallel_torch(
     """Quadratic form, the oracle: materializes the (S, S) decay matrix per head."""
     cd = compute_dtype(q, k, v, i, f)
     B, NH, S, DQK = q.shape
-    DV = v.shape[-1]
     q, k, v, i, f = (t.to(cd) for t in (q, k, v, i, f))
-    C0, n0, m0 = _cast_state(initial_state, cd) if initial_state is not None else _zero_state(
-        B, NH, DQK, DV, cd, q.device
-    )
+    C0, n0, m0 = _start_state(initial_state, q, v, cd)
     logf = F.logsigmoid(f)
     Fc = torch.cumsum(logf, dim=-1)  # (B, NH, S)
     Fexcl = Fc - logf
@@ -178,9 +182,7 @@ def mlstm_chunkwise_torch(
     B, NH, S, DQK = q.shape
     DV = v.shape[-1]
     dev = q.device
-    C, n, m = _cast_state(initial_state, cd) if initial_state is not None else _zero_state(
-        B, NH, DQK, DV, cd, dev
-    )
+    C, n, m = _start_state(initial_state, q, v, cd)
     if S == 0:
         return v.new_zeros(B, NH, 0, DV, dtype=cd), (C, n, m)
     L = max(1, min(chunk_size, S))
