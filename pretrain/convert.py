@@ -41,7 +41,11 @@ Targets (``--to``):
 Tensors are read and written one at a time where the formats allow (DCP,
 safetensors; the output of ``--to ours`` is written by DCP one file per
 tensor); peak memory is then about the largest tensor, plus the whole model for
-a DeepSpeed source. Only safetensors and ``weights_only`` loads: DCP's
+a DeepSpeed source. Measured on the 1.3B large preset (1.42B parameters, 5.7 GB
+of float32 weights, a 16 GB checkpoint with AdamW state): ``--to hf`` and
+``--to safetensors`` peak at 1.2 GB RSS (1.0 GB anonymous), ``--from hf --to
+ours`` at 0.2 GB anonymous (its 5.6 GB of file-backed RSS are the safetensors'
+memory-mapped pages, page cache that the kernel reclaims). Only safetensors and ``weights_only`` loads: DCP's
 ``.metadata`` pickle is read with an unpickler that admits only DCP's own
 metadata classes. The output is written to ``OUT.tmp`` and renamed when
 complete. Every refusal is a `ConvertError` whose message names the folder,
