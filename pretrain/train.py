@@ -187,6 +187,10 @@ def run(cfg: TrainConfig, args: argparse.Namespace, info: DistInfo) -> int:
     for cand in candidates:
         try:
             state = ckpt.read_trainer_state(cand.path)
+            if state.get("data") is None and not args.fresh_optimizer:
+                raise ckpt.CheckpointError(
+                    f"{cand.path} holds weights only (an imported model, no optimizer or data "
+                    "state): start from it with --resume PATH --fresh-optimizer")
             engine.load(cand.path, with_optimizer=not args.fresh_optimizer)
             if not args.fresh_optimizer:
                 loader.load_state_dict(state["data"])
