@@ -57,6 +57,13 @@ def hint_for(message: str) -> str:
     return "see the message above; `sbatch --test-only` with the same options shows what Slurm thinks"
 
 
+def job_error(text: str) -> str:
+    """The exception line of a submitit failure report (which ends with log paths)."""
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    found = [x for x in lines if re.match(r"^[\w.]+(Error|Exception|Exceeded|Failed)\b.*: ", x)]
+    return found[-1] if found else (lines[-1] if lines else text)
+
+
 def parse_time(text: str) -> int:
     """Slurm time (MM, HH:MM:SS, D-HH:MM[:SS]) -> minutes (at least 1)."""
     days = 0
@@ -206,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = job.result()
         except Exception as err:  # noqa: BLE001 - the job's own error, shown as one message
-            print(f"error: the local job failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
+            print(f"error: the local job failed: {job_error(str(err))}\nlog: {job.paths.stdout}",
+                  file=sys.stderr)
             return 1
         print(f"done: {result}")
     return 0

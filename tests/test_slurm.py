@@ -331,3 +331,20 @@ def test_submit_local_runs_to_completion(corpus, tmp_path):
     assert "'status': 'finished'" in out.stdout
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]
     assert (run_dir / "checkpoints" / "step-000004" / "COMPLETE").exists()
+
+
+def test_submit_local_signal_with_no_requeue_left_stops_with_a_checkpoint(corpus, tmp_path):
+    """submitit's checkpoint path on the local executor: its timeout signal (USR2, sent
+    `--signal-delay-s` before `--time`) reaches the ranks through TrainTask.checkpoint, the
+    trainer checkpoints, and with no requeue left the job fails saying so."""
+    run_dir = tmp_path / "local-budget"
+    args = overrides(run_dir, corpus, "train.steps=100000", "checkpoint.every=100000", procs=1)
+    out = subprocess.run([sys.executable, "-m", "slurm.submit", "--config", "configs/tiny.yaml",
+                          "--local", "--time", "1", "--signal-delay-s", "40", "--max-requeues", "0",
+                          *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "requeue budget exceeded" in out.stderr and "--max-requeues 0" in out.stderr, out.stderr
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((run_dir / "checkpoints" / latest / "trainer_state.json").read_text())
+    assert 1 <= state["step"] < 100000 and sorted(losses(run_dir)) == list(range(1, state["step"] + 1))
