@@ -142,10 +142,11 @@ class TrainTask:
         if code == EXIT_RESUMABLE:
             import submitit
 
-            if submitit.JobEnvironment().global_rank == 0:
+            job_env = submitit.JobEnvironment()
+            if job_env.global_rank == 0:
                 # the stop reached the trainer without passing through submitit's handler:
                 # run that handler now (checkpoint() below, then submitit requeues)
-                os.kill(os.getpid(), STOP_SIGNALS[-1])
+                os.kill(os.getpid(), job_env._usr_sig())
                 time.sleep(5)
             return {"run_dir": self.run_dir, "status": "stopped"}
         raise TrainingFailed(f"training failed: torchrun exit {rc}, rank 0 trainer exit {code}; "
