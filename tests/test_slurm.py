@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow_server import MlflowServer
+from mlflow_server import MlflowServer, free_port
 from trainrun import ROOT, losses, overrides
 
 from slurm.cluster import LocalCluster, missing_binaries
@@ -54,8 +54,11 @@ def server(tmp_path_factory):
 
 
 def job_env(cluster: LocalCluster, server: MlflowServer, **extra: str) -> dict[str, str]:
+    """The rendezvous port is a free one, not the job-id default: another test cluster on
+    this machine (a parallel CI run) numbers its jobs from 1 too."""
     return cluster.client_env(XLSTM_PYTHON=sys.executable, MLFLOW_TRACKING_URI=server.uri,
-                              OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+                              OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+                              XLSTM_MASTER_PORT=str(free_port()), **extra)
 
 
 def train_args(run_dir: Path, corpus, *extra: str) -> list[str]:
