@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -232,6 +233,53 @@ def load_rng(folder: Path, rank: int) -> bool:
     return True
 
 
+# -------------------------------------------------------------------- safe DCP reads
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` and nothing else: only DCP's metadata
+    classes, torch.Size, dtypes, layouts and paths are admitted."""
+
+    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    _OTHER = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+              ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+              ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self._MODULES and not name.startswith("__"):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                          torch.memory_format)):
+            return getattr(torch, name)
+        if (module, name) in self._OTHER:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"DCP metadata refers to {module}.{name}, which is not a checkpoint metadata class"
+        )
+
+
+def safe_dcp_reader(path: str | Path):
+    """A DCP FileSystemReader whose metadata is read by `_MetadataUnpickler`
+    (tensor data is read by DCP itself with ``torch.load(weights_only=True)``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            file = Path(self.path) / ".metadata"
+            try:
+                with open(file, "rb") as fh:
+                    metadata = _MetadataUnpickler(fh).load()
+            except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as err:
+                raise CheckpointError(f"{file}: unreadable checkpoint metadata ({err})") from err
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
 # -------------------------------------------------------------------- model export
 
 
@@ -250,6 +298,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     if not (folder / "model_optim").is_dir():
         raise CheckpointError(f"{folder}/model_optim: missing (a DeepSpeed checkpoint? use pretrain.convert)")
     weights = {"model": model.state_dict()}
-    dcp.load(weights, checkpoint_id=str(folder / "model_optim"), no_dist=True)
+    dcp.load(weights, storage_reader=safe_dcp_reader(folder / "model_optim"), no_dist=True)
     model.load_state_dict(weights["model"])
     return model.eval(), state

@@ -58,7 +58,6 @@ import argparse
 import contextlib
 import json
 import os
-import pickle
 import re
 import resource
 import shutil
@@ -82,7 +81,14 @@ from model import (
     load_model_config,
 )
 
-from .checkpoint import MARKER, STATE_FILE, CheckpointManager, write_json_atomic
+from .checkpoint import (
+    MARKER,
+    STATE_FILE,
+    CheckpointError,
+    CheckpointManager,
+    write_json_atomic,
+)
+from .checkpoint import safe_dcp_reader as _safe_reader
 
 if TYPE_CHECKING:
     from data.tokenizer import Tokenizer
@@ -104,50 +110,6 @@ class ConvertError(RuntimeError):
 
 
 # ============================================================================ reading
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata`` and nothing else: only DCP's metadata
-    classes, torch.Size, dtypes, layouts and paths are admitted."""
-
-    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    _OTHER = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-              ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-              ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module in self._MODULES and not name.startswith("__"):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                          torch.memory_format)):
-            return getattr(torch, name)
-        if (module, name) in self._OTHER:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"DCP metadata refers to {module}.{name}, which is not a checkpoint metadata class"
-        )
-
-
-def _safe_reader(path: Path):
-    """A DCP FileSystemReader whose metadata is read by `_MetadataUnpickler`
-    (tensor data is read by DCP itself with ``torch.load(weights_only=True)``)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class SafeReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any):
-            file = Path(self.path) / ".metadata"
-            try:
-                with open(file, "rb") as fh:
-                    metadata = _MetadataUnpickler(fh).load()
-            except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as err:
-                raise ConvertError(f"{file}: unreadable checkpoint metadata ({err})") from err
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeReader(str(path))
 
 
 @contextlib.contextmanager
@@ -840,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         out = convert(args.src, args.to, args.out, fmt=args.fmt, dtype=args.dtype,
                       max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
                       overwrite=args.overwrite)
-    except ConvertError as err:
+    except (ConvertError, CheckpointError) as err:
         print(f"[convert] error: {err}", file=sys.stderr)
         return 1
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

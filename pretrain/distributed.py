@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .checkpoint import safe_dcp_reader
 from .config import TrainConfig
 from .optim import build_optimizer, set_lr
 
@@ -213,7 +214,7 @@ class TorchEngine:
             raise FileNotFoundError(f"{path}: no model/optimizer state in this checkpoint")
         msd, osd = get_state_dict(self.module, self.optimizer)
         state = {"model": msd, "optim": osd} if with_optimizer else {"model": msd}
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=safe_dcp_reader(path))  # no arbitrary unpickling
         if not with_optimizer:  # set_state_dict refuses an empty optimizer state
             set_model_state_dict(self.module, state["model"])
             return
