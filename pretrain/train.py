@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # the state is saved (or the run failed): a stop signal landing during
         # interpreter shutdown must not turn a clean exit into a signal death
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        # (SIGTERM keeps its default: the launcher may use it to end the job)
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_IGN)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
