@@ -158,7 +158,6 @@ def params_finite(engine) -> bool:
 
 
 def run(cfg: TrainConfig, args: argparse.Namespace, info: DistInfo) -> int:
-    stop = StopFlag()  # first: a preemption during start-up is honoured at step 1
     run_dir = Path(cfg.run_dir)
     mcfg = load_model_config(cfg.model)
     tok = data.Tokenizer.load(cfg.data.tokenizer)
@@ -233,6 +232,7 @@ def run(cfg: TrainConfig, args: argparse.Namespace, info: DistInfo) -> int:
               f"backend {cfg.distributed.backend}, start at step {step}"
               + (f" (resumed from {found.path})" if found else ""), flush=True)
 
+    stop = StopFlag()
     t = cfg.train
     meter = Meter()
     nonfinite_run = 0
@@ -364,11 +364,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[train] rank {info.rank} error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:
-        # the state is saved (or the run failed): a stop signal landing during
-        # interpreter shutdown must not turn a clean exit into a signal death
-        # (SIGTERM keeps its default: the launcher may use it to end the job)
-        for sig in (signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, signal.SIG_IGN)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
