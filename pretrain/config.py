@@ -229,17 +229,13 @@ def load_train_config(
     return cfg
 
 
-def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
-    return world_size
-
-
 def check_train_config(cfg: TrainConfig, world_size: int) -> None:
     """Consistency checks that the types alone cannot express."""
     t, d = cfg.train, cfg.distributed
     for name in ("steps", "global_batch_size", "micro_batch_size", "grad_accum", "log_every"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name}: got {getattr(t, name)}, allowed values: >= 1")
-    dp = data_parallel_size(cfg, world_size)
+    dp = world_size  # every rank is data-parallel (FSDP and ZeRO shard, they do not split the model)
     if t.global_batch_size != t.micro_batch_size * t.grad_accum * dp:
         raise ValueError(
             f"train.global_batch_size: got {t.global_batch_size}, but micro_batch_size x grad_accum x "

@@ -4,28 +4,15 @@ continues the same MLflow run."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 from mlflow_server import MlflowServer
 from trainrun import ROOT, command, env, overrides, run
 
+from pretrain.demo import wait_for_step
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def wait_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"training ended (exit {proc.returncode}) before step {step}"
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and any(json.loads(x).get("step", 0) >= step
-                                 for x in path.read_text().splitlines() if x.strip()):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no step {step} in time")
 
 
 def test_server_outage_and_resume_keep_one_run(tmp_path, corpus):
@@ -39,9 +26,9 @@ def test_server_outage_and_resume_keep_one_run(tmp_path, corpus):
                          "tracking.experiment=outage", procs=1)
         proc = subprocess.Popen(command(0, args), env=env(MLFLOW_TRACKING_URI=server.uri), cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_step(run_dir, 8, proc)
+        wait_for_step(run_dir / "metrics.jsonl", 8, proc)
         server.stop()  # the server goes away mid-run
-        wait_step(run_dir, 16, proc)  # training goes on
+        wait_for_step(run_dir / "metrics.jsonl", 16, proc)  # training goes on
         server.start()
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out[-3000:]
