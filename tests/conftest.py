@@ -31,3 +31,15 @@ def corpus(tmp_path_factory: pytest.TempPathFactory):
     from pretrain.demo import prepare_data
 
     return prepare_data(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """A whole module skipped at import (e.g. `pytest.importorskip`) fails too under
+    XLSTM_STRICT=1: the per-test hook above never sees it."""
+    outcome = yield
+    report = outcome.get_result()
+    if STRICT and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"XLSTM_STRICT=1: required module was skipped: {reason}"
