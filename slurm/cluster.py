@@ -6,8 +6,8 @@
 munged, slurmctld and N `slurmd -N nX` daemons (Debian's Slurm has multiple-slurmd) on
 127.0.0.1, each node with its own port; key, config, state, spool, pids and logs all under
 one folder. Settings that work without systemd or cgroups: proctrack/linuxproc, task/none,
-select/cons_tres, no accounting, munge credentials that expire after 10 s (so a requeued job
-starts again quickly). `down` cancels every job and then ends every process whose
+select/cons_tres, no accounting, munge credentials that expire after 5 s (so a requeued job
+starts again by itself, ~8 s later). `down` cancels every job and then ends every process whose
 environment names this cluster's `SLURM_CONF` (daemons, slurmstepd, job processes), by pid,
 so nothing is left running.
 
@@ -100,7 +100,7 @@ class LocalCluster:
             f"SlurmctldPort={ctld_port}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket},cred_expire=10",
+            f"AuthInfo=socket={self.munge_socket},cred_expire=5",
             "SlurmUser=root",
             "SlurmdUser=root",
             f"StateSaveLocation={r / 'state'}",
