@@ -95,13 +95,14 @@ def mlstm_recurrent_torch(
     DV = v.shape[-1]
     state = _start_state(initial_state, q, v, cd)
     hs = []
+    # unbind, not q[:, :, t]: indexing's backward zero-fills a full-size gradient per step
+    qs, ks, vs, is_, fs = (t.unbind(2) for t in (q, k, v, i, f))
+    keeps = (~reset).to(cd).unbind(1) if reset is not None else None
     for t in range(S):
-        if reset is not None:
-            keep = (~reset[:, t]).to(cd)[:, None]
+        if keeps is not None:
+            keep = keeps[t][:, None]
             state = (state[0] * keep[..., None, None], state[1] * keep[..., None], state[2] * keep)
-        h, state = mlstm_step_torch(
-            q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], state, eps
-        )
+        h, state = mlstm_step_torch(qs[t], ks[t], vs[t], is_[t], fs[t], state, eps)
         hs.append(h)
     h = torch.stack(hs, dim=2) if hs else v.new_zeros(B, NH, 0, DV, dtype=cd)
     return h, state
@@ -225,24 +226,30 @@ def mlstm_chunkwise_torch(
     kw = kc * wg[..., None]
     C_loc = kw.transpose(-1, -2) @ vc  # (B, NH, NC, DQK, DV)
     n_loc = kw.sum(-2)  # (B, NH, NC, DQK)
-    b_end = b[..., -1]
+    # unbind, not index: the backward of C_loc[:, :, c] would zero-fill a full-size gradient
+    # of C_loc for every chunk (O(NC^2) memory traffic); unbind's backward is one stack
+    C_locs, n_locs = C_loc.unbind(2), n_loc.unbind(2)
+    b_ends, g_maxs = b[..., -1].unbind(-1), g_max.unbind(-1)
+    if carry is not None:
+        keeps = carry[..., -1].unbind(-1)  # (B, 1) each: no reset in that chunk
+        base_ends = base[..., -1].unbind(-1)
     C_starts, n_starts, m_starts = [], [], []
     for c in range(NC):
         C_starts.append(C)
         n_starts.append(n)
         m_starts.append(m)
         if carry is None:
-            a_end = b_end[..., c] + m
-            m_new = torch.maximum(a_end, g_max[..., c])
+            a_end = b_ends[c] + m
+            m_new = torch.maximum(a_end, g_maxs[c])
             w_old = torch.exp(a_end - m_new)
         else:
-            keep = carry[..., c, -1]  # (B, 1): no reset in this chunk
-            a_end = b_end[..., c] - base[..., c, -1] + torch.where(keep, m, torch.zeros_like(m))
-            m_new = torch.maximum(a_end, g_max[..., c])
+            keep = keeps[c]
+            a_end = b_ends[c] - base_ends[c] + torch.where(keep, m, torch.zeros_like(m))
+            m_new = torch.maximum(a_end, g_maxs[c])
             w_old = torch.where(keep, torch.exp(a_end - m_new), torch.zeros_like(m_new))
-        w_new = torch.exp(g_max[..., c] - m_new)
-        C = w_old[..., None, None] * C + w_new[..., None, None] * C_loc[:, :, c]
-        n = w_old[..., None] * n + w_new[..., None] * n_loc[:, :, c]
+        w_new = torch.exp(g_maxs[c] - m_new)
+        C = w_old[..., None, None] * C + w_new[..., None, None] * C_locs[c]
+        n = w_old[..., None] * n + w_new[..., None] * n_locs[c]
         m = m_new
     C_prev = torch.stack(C_starts, dim=2)  # (B, NH, NC, DQK, DV)
     n_prev = torch.stack(n_starts, dim=2)  # (B, NH, NC, DQK)

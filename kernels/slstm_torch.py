@@ -49,11 +49,15 @@ def slstm_sequence_torch(
     state = initial_state if initial_state is not None else _zero_state(B, NH, DH, cd, x.device)
     state = tuple(t.to(cd) for t in state)
     hs = []
+    # unbind, not x[:, :, t]: each indexing op's backward zero-fills a gradient of x's full
+    # size, O(S^2) work over the sequence; unbind's backward is one stack
+    xs = x.unbind(2)
+    keeps = (~reset).to(cd).unbind(1) if reset is not None else None
     for t in range(S):
-        if reset is not None:
-            keep = (~reset[:, t]).to(cd)[:, None, None]
+        if keeps is not None:
+            keep = keeps[t][:, None, None]
             state = tuple(s * keep for s in state)
-        h, state = slstm_step_torch(x[:, :, t], R, state)
+        h, state = slstm_step_torch(xs[t], R, state)
         hs.append(h)
     h = torch.stack(hs, dim=2) if hs else x.new_zeros(B, NH, 0, DH, dtype=cd)
     return h, state
