@@ -32,6 +32,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
+import pickle
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .sources import Shards, SourceError, expand_source, open_shard
+from .sources import Shards, SourceError, expand_source, local_path, map_local, open_shard
 from .tarshard import ShardError, iter_samples
 
 STATE_KIND = "xlstm-data-state"
@@ -190,9 +192,17 @@ class _SourceReader:
         return None
 
     def _samples(self, cur: dict, verify: bool = True) -> Iterator[tuple[int, np.ndarray]]:
-        """(sample index, tokens) of the item's included samples from coordinate cur['w']."""
+        """(sample index, tokens) of the item's included samples from coordinate cur['w'].
+
+        Local files are mapped (zero-copy ids, index and digest checked once per process);
+        HTTP and pipe sources are streamed.
+        """
         url = self.url(cur["e"], cur["p"])
         sha = self.shards.sha256.get(url) if (verify and self.cfg.verify_sha256) else None
+        path = local_path(url)
+        if path is not None and os.path.isfile(path):
+            yield from self._mapped_samples(url, cur, sha)
+            return
         f = open_shard(url, retries=self.cfg.retries, backoff=self.cfg.retry_backoff,
                        timeout=self.cfg.timeout, on_retry=self.slot.on_retry)
         try:
@@ -210,6 +220,29 @@ class _SourceReader:
                 coord += 1
         finally:
             f.close()
+
+    def _mapped_samples(self, url: str, cur: dict, sha: str | None
+                        ) -> Iterator[tuple[int, np.ndarray]]:
+        """`_samples` of a local shard: the same samples, errors and order as the stream."""
+        cfg = self.cfg
+        shard = map_local(url, retries=cfg.retries, backoff=cfg.retry_backoff,
+                          on_retry=self.slot.on_retry, vocab_size=self.slot.vocab_size(self.s),
+                          expect_sha256=sha)
+        n, ranges, w = shard.n, cur["r"], cur["w"]
+        if len(ranges) == 1 and ranges[0][1] < 0:
+            idxs: Any = range(max(0, ranges[0][0]) + w, n)
+        else:
+            keep = np.zeros(n, dtype=bool)
+            for lo, hi in ranges:
+                keep[max(0, lo):n if hi < 0 else hi] = True
+            idxs = np.flatnonzero(keep)[w:].tolist()
+        tokens = shard.tokens
+        for idx in idxs:
+            yield idx, tokens(idx)
+        # a cut or corrupt shard fails where a stream reader would reach the problem
+        if shard.error is not None and (sha is not None or
+                                        any(hi < 0 or hi > n for _lo, hi in ranges)):
+            raise shard.error
 
     def _docs(self) -> Iterator[tuple[tuple, np.ndarray]]:
         st, cfg = self.st, self.cfg
@@ -236,17 +269,18 @@ class _SourceReader:
                             break
                     if not window:
                         break
-                    cur["n"] = len(window)
+                    size = cur["n"] = len(window)
                     perm = (_rng(cfg.seed, 7, self.s, cur["e"], cur["p"], cur["w"])
-                            .permutation(len(window)) if k > 1 else range(len(window)))
-                    while cur["m"] < len(window):
-                        i = perm[cur["m"]]
-                        cur["m"] += 1
-                        idx, tokens = window[i]
-                        off = cur.get("t", 0) if idx == cur["r"][0][0] else 0
+                            .permutation(size).tolist() if k > 1 else range(size))
+                    s, e, p = self.s, cur["e"], cur["p"]
+                    first, t = cur["r"][0][0], cur.get("t", 0)  # a partly-read first sample
+                    if cur["m"] < size:
                         barren = 0
-                        yield (self.s, cur["e"], cur["p"], idx), tokens, off
-                    cur["w"] += len(window)
+                    while (m := cur["m"]) < size:
+                        cur["m"] = m + 1
+                        idx, tokens = window[perm[m]]
+                        yield (s, e, p, idx), tokens, (t if idx == first else 0)
+                    cur["w"] += size
                     cur["m"] = cur["n"] = 0
             except (ShardError, SourceError, OSError) as e:
                 if cfg.on_error != "skip":
@@ -300,6 +334,8 @@ class _Slot:
         warnings.warn(f"data: skipping shard: {err}", RuntimeWarning, stacklevel=2)
 
     def _choose(self) -> _SourceReader | None:
+        if len(self.readers) == 1:
+            return None if self.readers[0].exhausted else self.readers[0]
         alive = [r for r in self.readers if not r.exhausted]
         if len(alive) <= 1:
             return alive[0] if alive else None
@@ -331,12 +367,35 @@ class _Slot:
             return tokens
         raise ShardError(r.url(e, p), None, f"sample {idx} is missing on resume")
 
-    def batches(self) -> Iterator[tuple[dict, dict]]:
-        """Yield (batch, state after it) forever, or until the epochs are read."""
+    def ids_dtype(self, wide: bool) -> np.dtype:
+        """The dtype of the packed ids: int64 (`wide`, the batch dtype) or the most compact
+        one that holds every id, EOS and pad (what a worker sends through the pipe)."""
+        if wide:
+            return np.dtype(np.int64)
+        top = max(self.cfg.eos_id, self.cfg.pad_id) + 1
+        vocabs = [self.vocab_size(s) for s in range(len(self.shards))]
+        if all(v is not None for v in vocabs):
+            top = max(top, *vocabs)
+            if top <= 1 << 16:
+                return np.dtype(np.uint16)
+        return np.dtype(np.int32)
+
+    def batches(self, wide: bool = True) -> Iterator[tuple[tuple | None, bytes, int]]:
+        """Yield (compact batch, pickled state after it, batches so far) forever, or until
+        the epochs are read; the last item has no batch (None), only the final state.
+
+        A compact batch is (ids, starts, end, meta): ids, the (B*S+1,) packed stream of the
+        rows (int64 when `wide`, else `ids_dtype(False)`); starts, the stream positions
+        where a document begins; end, where padding begins (B*S+1 when there is none);
+        meta (`return_meta`) or None. `_finish` turns it into the contract's tensors.
+        """
         cfg, st = self.cfg, self.st
         b, s = cfg.micro_batch_size, cfg.seq_len
         need = b * s + 1
         eos, pad = cfg.eos_id, cfg.pad_id
+        dtype = self.ids_dtype(wide)
+        meta = cfg.return_meta
+        stats = st["stats"]
         pending = None  # (key, tokens, offset) carried into the next batch
         if st["carry"] is not None:
             c = st["carry"]
@@ -348,9 +407,8 @@ class _Slot:
                     raise
                 self.skipped(e)
         while not st["done"]:
-            flat = np.full(need, pad, dtype=np.int32)
-            start = np.zeros(need, dtype=bool)
-            real = np.zeros(need, dtype=bool)
+            flat = np.empty(need, dtype=dtype)
+            starts = []
             pos = 0
             segs = []
             from_carry = pending is not None
@@ -363,14 +421,15 @@ class _Slot:
                 n = len(tokens) + 1  # the document and its EOS
                 take = min(n - off, need - pos)
                 hi = off + take
-                body = tokens[off:min(hi, n - 1)]
-                flat[pos:pos + len(body)] = body
-                if hi == n:
+                if hi == n:  # the document ends in this batch: its EOS too
+                    flat[pos:pos + take - 1] = tokens[off:]
                     flat[pos + take - 1] = eos
+                else:
+                    flat[pos:pos + take] = tokens[off:hi]
                 if off == 0:
-                    start[pos] = True
-                real[pos:pos + take] = True
-                segs.append((pos, key, off, take))
+                    starts.append(pos)
+                if meta:
+                    segs.append((pos, key, off, take))
                 pos += take
                 # the last token of a batch is also the first of the next (rows overlap by one)
                 pending = (key, tokens, hi - 1) if pos == need else None
@@ -379,49 +438,32 @@ class _Slot:
                 st["carry"] = None
                 if pos == 0 or (pos == 1 and from_carry):
                     break  # nothing new: that token was already the last target
+                flat[pos:] = pad
             else:
                 st["carry"] = [*pending[0], pending[2]]
-            st["stats"]["batches"] += 1
-            st["stats"]["tokens"] += b * s
-            batch = self._make_batch(flat, start, real, segs)
-            yield batch, _copy(st)
-        yield None, _copy(st)  # the final state (counters), no batch
+            stats["batches"] += 1
+            stats["tokens"] += b * s
+            batch = (flat, starts, pos, self._meta(segs) if meta else None)
+            yield batch, pickle.dumps(st, protocol=pickle.HIGHEST_PROTOCOL), stats["batches"]
+        # the final state (counters), no batch
+        yield None, pickle.dumps(st, protocol=pickle.HIGHEST_PROTOCOL), stats["batches"]
 
-    def _make_batch(self, flat, start, real, segs) -> dict:
-        """A compact batch (int32 rows, two masks): cheap to send from a worker.
-
-        `_finish` turns it into the int64/bool tensors, in the process that hands it out.
-        """
-        cfg = self.cfg
-        b, s = cfg.micro_batch_size, cfg.seq_len
-
-        def rows_of(a):  # a writable copy (with b == 1 the strided view is already contiguous)
-            return np.array(np.lib.stride_tricks.as_strided(
-                a, (b, s + 1), (s * a.itemsize, a.itemsize), writeable=False))
-
-        rows, st, ok = rows_of(flat), rows_of(start), rows_of(real)
-        ignore = ~ok[:, 1:]
-        if cfg.packing == "pack":
-            ignore |= st[:, 1:]
-            reset = st[:, :-1]
-            reset[:, 0] = True
-        else:
-            reset = np.zeros((b, s), dtype=bool)
-        out = {"_rows": rows, "_ignore": ignore, "_reset": np.ascontiguousarray(reset)}
-        if cfg.return_meta:
-            meta = []
-            for r in range(b):
-                lo, hi = r * s, r * s + s + 1
-                row = []
-                for pos, key, off, take in segs:
-                    a, z = max(pos, lo), min(pos + take, hi)
-                    if a < z:
-                        s_, e, p, i = key
-                        row.append((s_, e, self.readers[s_].url(e, p), i, off + a - pos,
-                                    off + z - pos, a - lo))
-                meta.append(row)
-            out["meta"] = meta
-        return out
+    def _meta(self, segs: list[tuple]) -> list[list[tuple]]:
+        """Per row, the document pieces it holds: (source, epoch, shard url, sample index,
+        token lo, token hi, offset in the row)."""
+        b, s = self.cfg.micro_batch_size, self.cfg.seq_len
+        meta = []
+        for r in range(b):
+            lo, hi = r * s, r * s + s + 1
+            row = []
+            for pos, key, off, take in segs:
+                a, z = max(pos, lo), min(pos + take, hi)
+                if a < z:
+                    s_, e, p, i = key
+                    row.append((s_, e, self.readers[s_].url(e, p), i, off + a - pos,
+                                off + z - pos, a - lo))
+            meta.append(row)
+        return meta
 
 
 def _fresh_slot(j: int, n: int, nsrc: int, gen: int = 0) -> dict:
@@ -555,7 +597,9 @@ def _compress(items: list[dict]) -> list[dict]:
 
 # -- the dataset each dataloader worker iterates --------------------------------------
 class _SlotDataset(torch.utils.data.IterableDataset):
-    def __init__(self, cfg: LoaderConfig, shards, weights, slots: list[dict], phase: int):
+    """Yields (local slot index, [(compact batch | None, pickled state, batches), ...])."""
+
+    def __init__(self, cfg: LoaderConfig, shards, weights, slots: list, phase: int):
         self.cfg, self.shards, self.weights = cfg, shards, weights
         self.slots, self.phase = slots, phase  # this rank's slot states, by local index
 
@@ -564,30 +608,54 @@ class _SlotDataset(torch.utils.data.IterableDataset):
         nw = len(self.slots)
         w = 0 if info is None else info.id
         local = (w + self.phase) % nw
-        slot = _Slot(self.cfg, self.shards, self.weights, copy.deepcopy(self.slots[local]))
+        slot = _Slot(self.cfg, self.shards, self.weights, _state_of(self.slots[local]))
         group = max(1, self.cfg.batches_per_transfer) if info is not None else 1
         out = []
-        for batch, st in slot.batches():
-            out.append((batch, st))
+        # in a worker the ids travel in their compact dtype; in-process they are built wide
+        for item in slot.batches(wide=info is None):
+            out.append(item)
             # groups end at multiples of `group` of the slot's own batch count, so a resume
             # in the middle of a group continues the same interleaving of workers
-            if batch is None or st["stats"]["batches"] % group == 0:
+            if item[0] is None or item[2] % group == 0:
                 yield local, out
                 out = []
         if out:
             yield local, out
 
 
-def _finish(batch: dict, pin: bool = False) -> dict:
-    """Compact batch -> input_ids, labels (-100 where ignored), reset tensors."""
-    rows = torch.from_numpy(batch.pop("_rows")).long()
-    labels = rows[:, 1:].clone()
-    labels[torch.from_numpy(batch.pop("_ignore"))] = IGNORE_INDEX
-    out = {"input_ids": rows[:, :-1].contiguous(), "labels": labels,
-           "reset": torch.from_numpy(batch.pop("_reset"))}
+def _state_of(x: dict | bytes) -> dict:
+    """A private copy of a slot state kept as a dict or as its pickle (as batches carry it)."""
+    return pickle.loads(x) if isinstance(x, bytes) else _copy(x)
+
+
+def _finish(batch: tuple, b: int, s: int, pack: bool, pin: bool = False) -> dict:
+    """Compact batch (see `_Slot.batches`) -> the contract's tensors, in the process that
+    hands it out: input_ids, labels (int64 (b, s), labels -100 where ignored), reset
+    (bool (b, s)), and "meta" when asked for. One widening copy (none when the ids are
+    already int64) and one copy for the labels; the masks touch only the few document
+    starts and the padding."""
+    ids, starts, end, meta = batch
+    if ids.dtype != np.int64:
+        ids = ids.astype(np.int64)
+    n = b * s
+    labels = ids[1:].copy()
+    if end <= n:  # padding from stream position `end`: no target there
+        labels[max(end - 1, 0):] = IGNORE_INDEX
+    reset = np.zeros(n, dtype=bool)
+    if pack:
+        for p in starts:  # a document starts at p: reset there, no target across it
+            if p:
+                labels[p - 1] = IGNORE_INDEX
+            if p < n:
+                reset[p] = True
+        reset[::s] = True
+    out = {"input_ids": torch.from_numpy(ids[:n].reshape(b, s)),
+           "labels": torch.from_numpy(labels.reshape(b, s)),
+           "reset": torch.from_numpy(reset.reshape(b, s))}
     if pin:
         out = {k: v.pin_memory() for k, v in out.items()}
-    out.update(batch)
+    if meta is not None:
+        out["meta"] = meta
     return out
 
 
@@ -647,24 +715,28 @@ class TokenLoader:
 
     def __iter__(self) -> Iterator[dict]:
         mine = self._my_slots()
-        ds = _SlotDataset(self.cfg, self.shards, self.weights,
+        cfg = self.cfg
+        ds = _SlotDataset(cfg, self.shards, self.weights,
                           [self._global["slots"][j] for j in mine], self._phase)
-        kw = {}
-        if self.cfg.num_workers > 0:
-            kw = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
-        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
-                                         collate_fn=_collate_none, **kw)
-        pin = self.cfg.pin_memory and torch.cuda.is_available()
-        group = max(1, self.cfg.batches_per_transfer)
-        for local, items in dl:
-            for batch, st in items:
-                self._global["slots"][mine[local]] = st
+        if cfg.num_workers > 0:
+            source = torch.utils.data.DataLoader(
+                ds, batch_size=None, num_workers=cfg.num_workers, collate_fn=_collate_none,
+                prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
+        else:  # in-process: what a DataLoader without workers would do, minus its overhead
+            source = ds
+        pin = cfg.pin_memory and torch.cuda.is_available()
+        group = max(1, cfg.batches_per_transfer)
+        b, s, pack = cfg.micro_batch_size, cfg.seq_len, cfg.packing == "pack"
+        slots = self._global["slots"]
+        for local, items in source:
+            for batch, st, count in items:
+                slots[mine[local]] = st  # the state after the last batch handed out
                 if batch is None:  # a reader finished; its last state came without a batch
                     self._phase = (local + 1) % self.nw
                     continue
-                done = self.cfg.num_workers == 0 or st["stats"]["batches"] % group == 0
+                done = cfg.num_workers == 0 or count % group == 0
                 self._phase = (local + 1) % self.nw if done else local
-                yield _finish(batch, pin)
+                yield _finish(batch, b, s, pack, pin)
 
     # -- state -------------------------------------------------------------------
     def local_state_dict(self) -> dict:
@@ -672,7 +744,7 @@ class TokenLoader:
         mine = self._my_slots()
         return {"kind": STATE_KIND + "/part", "version": STATE_VERSION, "rank": self.cfg.rank,
                 **self._header(), "phase": self._phase,
-                "slots": {str(j): copy.deepcopy(self._global["slots"][j]) for j in mine}}
+                "slots": {str(j): _state_of(self._global["slots"][j]) for j in mine}}
 
     def _header(self) -> dict:
         c = self.cfg
@@ -747,7 +819,7 @@ class TokenLoader:
     def stats(self) -> dict:
         """This rank's counters: batches, tokens, skipped_shards, skipped (shard names),
         retries, last_error. They live in the state, so they survive a resume."""
-        return _sum_stats([self._global["slots"][j] for j in self._my_slots()])
+        return _sum_stats([_state_of(self._global["slots"][j]) for j in self._my_slots()])
 
 
 def _sum_stats(slots: list[dict]) -> dict:

@@ -9,6 +9,9 @@ A spec is one string:
 - `pipe:COMMAND`, brace-expanded into one command per shard
   (`pipe:aws s3 cp s3://b/shard-{0000..0099}.tar -`); the command's stdout is the shard.
 
+Local files are mapped (`map_local`: zero-copy ids, index and digest checked once
+per process); HTTP and pipe sources are streamed (`open_shard`).
+
 Opening retries with exponential backoff (`retries` times), then raises
 `SourceError` naming the URL; an HTTP body cut off mid-way is reopened at its
 offset with a Range request (same retries), so a flaky link costs no data. A pipe command that exits non-zero fails the
@@ -28,7 +31,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from .tarshard import ShardError
+from .tarshard import MappedShard, ShardError, map_shard
 
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
@@ -256,6 +259,36 @@ def open_shard(url: str, *, retries: int = 3, backoff: float = 0.5, timeout: flo
     for attempt in range(retries + 1):
         try:
             return open(url.removeprefix("file://"), "rb")
+        except OSError as e:
+            last = e
+            if isinstance(e, FileNotFoundError):
+                break  # a missing local file does not come back
+            if attempt < retries:
+                if on_retry is not None:
+                    on_retry(url, e)
+                time.sleep(delay)
+                delay *= 2
+    raise SourceError(f"cannot open {url} after {retries + 1} attempts: {last}")
+
+
+def local_path(url: str) -> str | None:
+    """The file path of a local shard URL (plain path or `file://`), else None."""
+    if url.startswith("pipe:") or _is_url(url):
+        return None
+    return url.removeprefix("file://")
+
+
+def map_local(url: str, *, retries: int = 3, backoff: float = 0.5, on_retry=None,
+              vocab_size: int | None = None, expect_sha256: str | None = None) -> MappedShard:
+    """`tarshard.map_shard` of a local shard, with `open_shard`'s retries on OSError."""
+    path = local_path(url)
+    if path is None:
+        raise ValueError(f"not a local shard: {url!r}")
+    delay = backoff
+    last: Exception | None = None
+    for attempt in range(retries + 1):
+        try:
+            return map_shard(path, url, vocab_size=vocab_size, expect_sha256=expect_sha256)
         except OSError as e:
             last = e
             if isinstance(e, FileNotFoundError):

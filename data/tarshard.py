@@ -6,17 +6,32 @@ reader (tarfile, GNU tar, `webdataset.WebDataset`) reads these shards; the
 ids are `numpy.frombuffer(data, "<u2")`.
 
 The writer emits plain ustar headers with fixed metadata (mtime 0, uid 0,
-mode 0644), so the same samples give byte-identical shards. The reader parses
-headers itself so every problem names the shard and the byte offset: a bad
+mode 0644), so the same samples give byte-identical shards. The readers parse
+headers themselves so every problem names the shard and the byte offset: a bad
 header checksum, a truncated member, an odd-sized token array, an id out of
-range, or (when the manifest's sha256 is known) a digest mismatch at the end.
+range, or (when the manifest's sha256 is known) a digest mismatch.
+
+Two readers, one set of checks:
+- `iter_samples(stream, ...)` reads any `.read(n)` stream (HTTP, `pipe:`) in one
+  pass; a digest mismatch is caught at the end of the stream.
+- `map_shard(path, ...)` maps a local file once (mmap) and hands out zero-copy
+  views of the ids. Its index (where each sample's ids lie) and a digest it has
+  verified are kept per process, keyed by the file's identity (device, inode,
+  size, mtime_ns, ctime_ns), so reading the shard again (the next epoch) neither
+  re-parses nor re-hashes it; a file whose identity changed is checked anew. The
+  digest is checked before any sample of the shard is handed out.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
+import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,7 +43,7 @@ class ShardError(RuntimeError):
     """A shard is truncated or corrupt; `.shard` and `.offset` say where."""
 
     def __init__(self, shard: str, offset: int | None, msg: str):
-        self.shard, self.offset = shard, offset
+        self.shard, self.offset, self.msg = shard, offset, msg
         where = f" at byte offset {offset}" if offset is not None else ""
         super().__init__(f"{shard}{where}: {msg}")
 
@@ -262,3 +277,318 @@ def iter_samples(raw, name: str, *, vocab_size: int | None = None,
         if tokens is None:
             raise ShardError(name, at, f"sample {key!r} has no tokens member")
         yield key, tokens, at
+
+
+# -- local shards: one mmap, an index built once per process, a digest checked once --------
+_ZERO = bytes(BLOCK)
+
+
+@dataclass
+class _Index:
+    """Where the samples of one shard file lie; built by `_walk`, cached by file identity.
+
+    Sample i's ids are elements lo[i]:hi[i] of the file viewed as `<u4` where wide[i],
+    else as `<u2`.
+    """
+
+    n: int  # usable samples; the arrays may hold one more (see `_walk`)
+    lo: np.ndarray  # int64 (n,)
+    hi: np.ndarray  # int64 (n,)
+    wide: np.ndarray | None  # bool (n,); None when every sample is <u2
+    member: np.ndarray  # int64 (n,): header offset of each sample's tokens member
+    peak: np.ndarray  # int64 (n,): the largest id of each sample (-1 when empty)
+    long_keys: dict[int, str]  # keys that came from a GNU/pax long name, by sample
+    error: tuple[int | None, str] | None  # (offset, message) of the problem after sample n-1
+
+
+def _walk(buf, size: int, name: str) -> _Index:
+    """Parse the headers of a whole tar file in memory, with the checks of `iter_samples`.
+
+    The listed samples are exactly those `iter_samples` would yield before it raised;
+    `error` is what it would raise (or None). Header checksums are checked for all
+    headers at once at the end; the first failing one cuts the list where the stream
+    reader would have stopped.
+    """
+    keys: list[str] = []  # per closed sample (and, last, the one left open at an error)
+    start: list[int] = []
+    count: list[int] = []
+    wide: list[bool] = []
+    member: list[int] = []
+    hdr: list[int] = []  # per header: its offset, the checksum it stores, samples closed
+    stored: list[int] = []  # before it, and the open sample's tokens member (key, tok)
+    closed: list[int] = []
+    opened: list[tuple | None] = []
+    err: tuple[int | None, str] | None = None
+    key: str | None = None
+    tok: tuple[int, int, bool, int] | None = None
+    at = off = 0
+    long_name: str | None = None
+    long_at: set[int] = set()  # samples whose key came from a long name
+    from_long = key_long = False  # this member's name / the open sample's key was long
+    try:
+        while True:
+            left = size - off
+            if left < BLOCK:
+                if left == 0:
+                    raise ShardError(name, off, "truncated: no end-of-archive marker")
+                raise ShardError(name, size, f"truncated: wanted {BLOCK} bytes, "
+                                 f"stream ends after {left}")
+            h = bytes(buf[off:off + BLOCK])
+            if h == _ZERO:
+                break
+            chk = _octal(h[148:156], name, off)
+            hdr.append(off)
+            stored.append(chk)
+            closed.append(len(keys))
+            opened.append(None if tok is None else (key, tok, key_long))
+            msize = _octal(h[124:136], name, off)
+            kind = h[156:157]
+            data_at = off + BLOCK
+            nxt = data_at + msize + (-msize % BLOCK)
+            if msize and nxt > size:
+                if size == data_at:
+                    raise ShardError(name, data_at, f"truncated: member at {off} has no data")
+                raise ShardError(name, size, f"truncated: wanted {nxt - data_at} bytes, "
+                                 f"stream ends after {size - data_at}")
+            if kind == b"L":
+                long_name = bytes(buf[data_at:data_at + msize]).rstrip(b"\0").decode(
+                    "utf-8", "replace")
+                off = nxt
+                continue
+            if kind in (b"x", b"g"):
+                for rec in bytes(buf[data_at:data_at + msize]).split(b"\n"):
+                    if b" path=" in rec:
+                        long_name = rec.split(b" path=", 1)[1].decode("utf-8", "replace")
+                off = nxt
+                continue
+            if kind not in (b"0", b"\0"):
+                off = nxt
+                continue
+            from_long = long_name is not None
+            if from_long:
+                mname, long_name = long_name, None
+            else:
+                mname = h[:100].rstrip(b"\0").decode("utf-8", "replace")
+                prefix = h[345:500].rstrip(b"\0")
+                if h[257:262] == b"ustar" and prefix:
+                    mname = prefix.decode("utf-8", "replace") + "/" + mname
+            k, ext = split_key(mname)
+            if k != key:
+                if key is not None:
+                    if tok is None:
+                        raise ShardError(name, at, f"sample {key!r} has no tokens member")
+                    keys.append(key)
+                    start.append(tok[0])
+                    count.append(tok[1])
+                    wide.append(tok[2])
+                    member.append(tok[3])
+                key, tok, at = k, None, off
+                key_long = from_long
+                if from_long:
+                    long_at.add(len(keys))
+            if ext.startswith("tokens."):
+                dt = TOKEN_EXT.get(ext[7:])
+                if dt is None:
+                    raise ShardError(name, off, f"unknown token type {ext!r}")
+                if msize % dt.itemsize:
+                    raise ShardError(name, off, f"corrupt sample {k!r}: {msize} bytes is "
+                                     f"not a whole number of {dt.itemsize}-byte ids")
+                tok = (data_at, msize // dt.itemsize, dt.itemsize == 4, off)
+            off = nxt
+        if key is not None:
+            if tok is None:
+                raise ShardError(name, at, f"sample {key!r} has no tokens member")
+            keys.append(key)
+            start.append(tok[0])
+            count.append(tok[1])
+            wide.append(tok[2])
+            member.append(tok[3])
+    except ShardError as e:
+        err = (e.offset, e.msg)
+    n = len(keys)
+    # the sample in progress at an error: its ids are checked against the vocab first
+    pending = (key, tok, key_long) if err is not None and tok is not None else None
+    if hdr:  # header checksums, all at once: sum of the block with the field as spaces
+        h0 = np.asarray(hdr, dtype=np.int64)
+        cuts = np.stack([h0, h0 + 148, h0 + 156, h0 + BLOCK], 1).ravel()
+        u8 = np.frombuffer(buf, dtype=np.uint8, count=int(cuts[-1]))
+        sums = np.add.reduceat(u8, cuts[:-1], dtype=np.int64)
+        got = sums[0::4] + sums[2::4] + 8 * 32
+        bad = np.flatnonzero(got != np.asarray(stored, dtype=np.int64))
+        if bad.size:
+            i = int(bad[0])
+            n, pending = closed[i], opened[i]
+            keys, start, count, wide, member = (keys[:n], start[:n], count[:n], wide[:n],
+                                                member[:n])
+            err = (hdr[i], "corrupt tar header (checksum mismatch)")
+    if pending is not None:
+        k, tok, long = pending
+        keys.append(k)
+        start.append(tok[0])
+        count.append(tok[1])
+        wide.append(tok[2])
+        member.append(tok[3])
+        if long:
+            long_at.add(n)
+    start_a = np.asarray(start, dtype=np.int64)
+    count_a = np.asarray(count, dtype=np.int64)
+    wide_a = np.asarray(wide, dtype=bool)
+    lo_a = np.where(wide_a, start_a // 4, start_a // 2)
+    hi_a = lo_a + count_a
+    peak = np.full(len(keys), -1, dtype=np.int64)
+    for is_wide, dt in ((False, TOKEN_EXT["u16"]), (True, TOKEN_EXT["u32"])):
+        sel = np.flatnonzero((wide_a == is_wide) & (count_a > 0))
+        if sel.size:  # the max of each sample's ids, in one pass over [lo, hi) segments
+            cuts = np.stack([lo_a[sel], hi_a[sel]], 1).ravel()
+            ids = np.frombuffer(buf, dtype=dt, count=int(cuts[-1]))
+            peak[sel] = np.maximum.reduceat(ids, cuts[:-1])[0::2]
+    long_keys = {i: k for i, k in enumerate(keys) if i in long_at}
+    return _Index(n, lo_a, hi_a, wide_a if wide_a.any() else None,
+                  np.asarray(member, dtype=np.int64), peak, long_keys, err)
+
+
+_INDEX: OrderedDict[tuple, _Index] = OrderedDict()  # file identity -> index, LRU
+_INDEX_SAMPLES = [0]  # samples held in _INDEX
+INDEX_CACHE_SAMPLES = 1 << 21  # at most this many samples' entries are kept (~70 MB)
+_VERIFIED: dict[tuple, str] = {}  # file identity -> the sha256 it was checked to have
+_VERIFIED_MAX = 1 << 20
+MMAP_ABOVE = 64 << 20  # shards larger than this are mapped; smaller ones read in one call
+
+
+_POOL: list[np.ndarray] = []  # read buffers, handed out again once no view of them is alive
+_POOL_MAX = 4
+_POOL_LOCK = threading.Lock()
+
+
+def _read_whole(f, size: int) -> np.ndarray:
+    """The file's `size` bytes as a uint8 (size,) array, read into a pooled buffer.
+
+    Reading into memory that was used before costs no page faults (a fresh buffer
+    of a few MB costs more to fault in than to fill). A pooled buffer is reused only
+    when nothing but the pool refers to it: every view of it (ids of a sample still
+    in a shuffle window, say) holds a reference, so live data is never overwritten.
+    """
+    with _POOL_LOCK:
+        buf = None
+        for b in _POOL:  # references of a free one: the pool's, `b`, getrefcount's argument
+            if b.size >= size and sys.getrefcount(b) <= 3 and (buf is None or b.size < buf.size):
+                buf = b
+        if buf is None:
+            buf = np.empty(max(size + size // 4, 1 << 20), dtype=np.uint8)
+            if len(_POOL) < _POOL_MAX:
+                _POOL.append(buf)
+            else:  # replace a free one, if any; else this buffer is not pooled
+                for i in range(len(_POOL)):
+                    if sys.getrefcount(_POOL[i]) <= 2:  # the pool's and the argument
+                        _POOL[i] = buf
+                        break
+        out = buf[:size]  # a view: holds `buf` until the shard's last view is gone
+    got = 0
+    view = memoryview(out)
+    while got < size:
+        k = f.readinto(view[got:])
+        if not k:
+            break
+        got += k
+    return out[:got]
+
+
+def clear_cache() -> None:
+    """Forget every cached index and verified digest of this process (benchmarks, tests)."""
+    _INDEX.clear()
+    _INDEX_SAMPLES[0] = 0
+    _VERIFIED.clear()
+    with _POOL_LOCK:
+        _POOL.clear()
+
+
+class MappedShard:
+    """A local shard held in memory: `tokens(i)` is a zero-copy view of sample i's ids.
+
+    `n` samples are usable; `error` (a `ShardError` or None) is what reading past
+    them must raise (the shard is cut or corrupt there).
+    """
+
+    def __init__(self, name: str, buf, index: _Index, n: int, error: ShardError | None):
+        self.name, self.n, self.error = name, n, error
+        self._buf, self._index = buf, index
+        self._u2 = np.frombuffer(buf, dtype=TOKEN_EXT["u16"], count=len(buf) // 2)
+        self._u4 = (np.frombuffer(buf, dtype=TOKEN_EXT["u32"], count=len(buf) // 4)
+                    if index.wide is not None else None)
+        self._lo = index.lo[:n].tolist()
+        self._hi = index.hi[:n].tolist()
+        self._wide = index.wide[:n].tolist() if index.wide is not None else None
+
+    def tokens(self, i: int) -> np.ndarray:
+        """Sample i's ids: a read-only (count,) `<u2` or `<u4` view into the shard's bytes."""
+        if self._wide is not None and self._wide[i]:
+            return self._u4[self._lo[i]:self._hi[i]]
+        return self._u2[self._lo[i]:self._hi[i]]
+
+    def key(self, i: int) -> str:
+        """Sample i's key (the member name up to the first dot of its basename)."""
+        return _key_of(self._buf, self._index, i)
+
+
+def _key_of(buf, index: _Index, i: int) -> str:
+    if i in index.long_keys:
+        return index.long_keys[i]
+    h = bytes(buf[int(index.member[i]):int(index.member[i]) + BLOCK])
+    mname = h[:100].rstrip(b"\0").decode("utf-8", "replace")
+    prefix = h[345:500].rstrip(b"\0")
+    if h[257:262] == b"ustar" and prefix:
+        mname = prefix.decode("utf-8", "replace") + "/" + mname
+    return split_key(mname)[0]
+
+
+def map_shard(path: str, name: str | None = None, *, vocab_size: int | None = None,
+              expect_sha256: str | None = None) -> MappedShard:
+    """Open a local shard for random access, with the checks of `iter_samples`.
+
+    The file is read in one call (mapped when larger than `MMAP_ABOVE`). Its
+    index and a verified digest are reused while the file's identity is unchanged.
+    A digest mismatch raises `ShardError` here, before any sample is used (a
+    structural problem of the same shard is raised instead: it says where).
+    Problems that only cut the shard short come back as `.error`, to be raised
+    after the `.n` good samples, as a stream reader would.
+    """
+    name = name or path
+    with open(path, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if st.st_size > MMAP_ABOVE:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        else:
+            buf = _read_whole(f, st.st_size)
+            if len(buf) != st.st_size:  # changed under us: index what is there, never cache
+                ident = None
+    size = len(buf)
+    buf = memoryview(buf)
+    index = _INDEX.get(ident) if ident is not None else None
+    if index is None:
+        index = _walk(buf, size, name)
+        if ident is not None:
+            _INDEX[ident] = index
+            _INDEX_SAMPLES[0] += index.n
+            while _INDEX_SAMPLES[0] > INDEX_CACHE_SAMPLES and len(_INDEX) > 1:
+                _INDEX_SAMPLES[0] -= _INDEX.popitem(last=False)[1].n
+    else:
+        _INDEX.move_to_end(ident)
+    n = index.n
+    error = None if index.error is None else ShardError(name, *index.error)
+    if vocab_size is not None and index.peak.size and int(index.peak.max()) >= vocab_size:
+        i = int(np.argmax(index.peak >= vocab_size))  # == n: the sample open at the error
+        n = min(n, i)
+        error = ShardError(name, int(index.member[i]),
+                           f"corrupt sample {_key_of(buf, index, i)!r}: "
+                           f"id {int(index.peak[i])} >= vocab size {vocab_size}")
+    if expect_sha256 is not None and (ident is None or _VERIFIED.get(ident) != expect_sha256):
+        digest = hashlib.sha256(buf).hexdigest()
+        if digest != expect_sha256:
+            raise error or ShardError(name, None, f"sha256 mismatch after {size} bytes "
+                                      f"(corrupt data; manifest says {expect_sha256[:16]}...)")
+        if ident is not None:
+            if len(_VERIFIED) >= _VERIFIED_MAX:
+                _VERIFIED.clear()
+            _VERIFIED[ident] = digest
+    return MappedShard(name, buf, index, n, error)
