@@ -20,13 +20,15 @@ mid-write) is never loaded and is removed by the next save.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import random
 import re
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,6 +282,53 @@ def safe_dcp_reader(path: str | Path):
     return SafeReader(str(path))
 
 
+@contextlib.contextmanager
+def quiet_dcp() -> Iterator[None]:
+    """DCP's warnings about reads without a process group (what we ask for) silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        warnings.filterwarnings("ignore", message=".*Detected an existing checkpoint.*")
+        yield
+
+
+class DCPWeights(Mapping[str, torch.Tensor]):
+    """The tensors under `prefix` of a ``model_optim/`` DCP folder (saved by any
+    number of ranks), read lazily: ``weights[key]`` loads that one tensor, full
+    size, on CPU, in this process alone (no collective: any rank may read)."""
+
+    def __init__(self, path: str | Path, prefix: str = "model.") -> None:
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path = Path(path)
+        meta = safe_dcp_reader(self.path).read_metadata()
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for fqn, md in meta.state_dict_metadata.items():
+            if fqn.startswith(prefix) and isinstance(md, TensorStorageMetadata):
+                self._meta[fqn[len(prefix):]] = (tuple(md.size), md.properties.dtype)
+        if not self._meta:
+            raise CheckpointError(f"{self.path}: no tensors (keys '{prefix}*') in this checkpoint")
+        self.prefix = prefix
+
+    def shape_dtype(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return self._meta[key]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        import torch.distributed.checkpoint as dcp
+
+        shape, dtype = self._meta[key]
+        out = torch.empty(shape, dtype=dtype)
+        with quiet_dcp():
+            dcp.load({self.prefix[:-1]: {key: out}}, storage_reader=safe_dcp_reader(self.path),
+                     no_dist=True)
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+
 # -------------------------------------------------------------------- model export
 
 
@@ -298,6 +347,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     if not (folder / "model_optim").is_dir():
         raise CheckpointError(f"{folder}/model_optim: missing (a DeepSpeed checkpoint? use pretrain.convert)")
     weights = {"model": model.state_dict()}
-    dcp.load(weights, storage_reader=safe_dcp_reader(folder / "model_optim"), no_dist=True)
+    with quiet_dcp():
+        dcp.load(weights, storage_reader=safe_dcp_reader(folder / "model_optim"), no_dist=True)
     model.load_state_dict(weights["model"])
     return model.eval(), state

@@ -36,7 +36,8 @@ Targets (``--to``):
 - ``ours``: a checkpoint folder (COMPLETE marker, trainer_state.json at step 0,
   model_optim/ with the weights in float32 and no optimizer state, tokenizer/,
   config.yaml) that the trainer continues from with
-  ``--resume OUT_DIR --fresh-optimizer`` (backend none or fsdp).
+  ``--resume OUT_DIR --fresh-optimizer`` (any backend: none, fsdp, deepspeed at
+  every ZeRO stage), from step 0 with a fresh optimizer and schedule.
 
 Tensors are read and written one at a time where the formats allow (DCP,
 safetensors; the output of ``--to ours`` is written by DCP one file per
@@ -64,7 +65,6 @@ import shutil
 import struct
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,9 +86,10 @@ from .checkpoint import (
     STATE_FILE,
     CheckpointError,
     CheckpointManager,
+    DCPWeights,
+    quiet_dcp,
     write_json_atomic,
 )
-from .checkpoint import safe_dcp_reader as _safe_reader
 
 if TYPE_CHECKING:
     from data.tokenizer import Tokenizer
@@ -110,51 +111,6 @@ class ConvertError(RuntimeError):
 
 
 # ============================================================================ reading
-
-
-@contextlib.contextmanager
-def _quiet_dcp() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        warnings.filterwarnings("ignore", message=".*Detected an existing checkpoint.*")
-        yield
-
-
-class DCPWeights(Mapping[str, torch.Tensor]):
-    """The model tensors of a ``model_optim/`` DCP folder (saved by any number of
-    ranks), read lazily: ``weights[key]`` loads that one tensor, full size, on CPU."""
-
-    def __init__(self, path: str | Path, prefix: str = "model.") -> None:
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        self.path = Path(path)
-        meta = _safe_reader(self.path).read_metadata()
-        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        for fqn, md in meta.state_dict_metadata.items():
-            if fqn.startswith(prefix) and isinstance(md, TensorStorageMetadata):
-                self._meta[fqn[len(prefix):]] = (tuple(md.size), md.properties.dtype)
-        if not self._meta:
-            raise ConvertError(f"{self.path}: no model tensors (keys '{prefix}*') in this checkpoint")
-        self.prefix = prefix
-
-    def shape_dtype(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        return self._meta[key]
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        import torch.distributed.checkpoint as dcp
-
-        shape, dtype = self._meta[key]
-        out = torch.empty(shape, dtype=dtype)
-        with _quiet_dcp():
-            dcp.load({self.prefix[:-1]: {key: out}}, storage_reader=_safe_reader(self.path),
-                     no_dist=True)
-        return out
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._meta)
-
-    def __len__(self) -> int:
-        return len(self._meta)
 
 
 class SafetensorsWeights(Mapping[str, torch.Tensor]):
@@ -269,7 +225,10 @@ def read_checkpoint_weights(folder: str | Path) -> Mapping[str, torch.Tensor]:
     if not (folder / MARKER).is_file():
         raise ConvertError(f"{folder}: no {MARKER} marker; an incomplete checkpoint is never converted")
     if (folder / "model_optim").is_dir():
-        return DCPWeights(folder / "model_optim")
+        try:
+            return DCPWeights(folder / "model_optim")
+        except CheckpointError as err:  # refusals of this module are ConvertErrors
+            raise ConvertError(str(err)) from err
     if (folder / "deepspeed").is_dir():
         try:
             from .deepspeed_engine import load_deepspeed_weights
@@ -719,7 +678,7 @@ def _write_dcp_model(folder: Path, cfg: ModelConfig, get: Callable[[str], torch.
                       for k, (s, _) in shapes.items()}}
     writer = FileSystemWriter(str(folder), single_file_per_rank=False, thread_count=1,
                               per_thread_copy_ahead=0)
-    with _quiet_dcp():
+    with quiet_dcp():
         dcp.save(plan, storage_writer=writer, planner=LazyPlanner(), no_dist=True)
 
 

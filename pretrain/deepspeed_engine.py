@@ -38,15 +38,25 @@ Decisions:
   Every load from a checkpoint goes through `torch.load(weights_only=True)` with
   only DeepSpeed's few plain checkpoint classes allow-listed (see
   `_weights_only_loads`), including DeepSpeed's own internal loads.
-- Another world size (the same ZeRO stage and precision): the optimizer state
-  is carried through DeepSpeed's universal checkpoint format. `load` converts
+- Another world size, ZeRO-3 <-> ZeRO-1/2, or another precision (fp32 <->
+  bf16), in any combination (`layout_changes`; ZeRO-1 <-> ZeRO-2 alone is no
+  change: DeepSpeed loads those partitions directly): the optimizer state is
+  carried through DeepSpeed's universal checkpoint format. `load` converts
   `deepspeed/state` once (rank 0 runs `python -m pretrain.deepspeed_engine
   to-universal CHECKPOINT`, i.e. DeepSpeed's `ds_to_universal` with
   weights_only loads, into `deepspeed/state_universal`, written to a `.tmp`
-  name and renamed) and loads it with `load_universal`. If the conversion
-  fails the error names that command. Weights only (`with_optimizer=False`,
-  e.g. `--fresh-optimizer`) works at any world size through the consolidated
-  fp32 weights (`load_deepspeed_weights`).
+  name and renamed); every rank then sets fp32 masters, both AdamW moments and
+  the step parameter by parameter with DeepSpeed's full-tensor setters
+  (`_load_universal`; DeepSpeed's own universal loader cannot change the stage
+  and, at ZeRO-3, gives every group the first group's weight decay). Group
+  hyperparameters but lr come from the checkpoint, as in a direct load. If the
+  conversion fails the error names that command and what changed.
+- Weights only (`with_optimizer=False`, i.e. `--fresh-optimizer`): from any
+  checkpoint at any world size, stage and precision: `deepspeed/` through the
+  consolidated fp32 weights (`load_deepspeed_weights`), `model_optim/` (an FSDP
+  or single-process run, or a model imported with `python -m pretrain.convert
+  --from hf --to ours`) one tensor at a time (`checkpoint.DCPWeights`). A full
+  load of a `model_optim/` checkpoint is refused naming --fresh-optimizer.
 - One process without torchrun: a one-rank gloo group (in-process store) is
   made for DeepSpeed, which always wants one.
 - `load_deepspeed_weights(folder)`: consolidated fp32 model state dict from a
@@ -58,15 +68,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoint import DCPWeights, read_trainer_state
 from .config import TrainConfig
 from .optim import build_optimizer
 
@@ -257,14 +270,22 @@ class DeepSpeedEngine:
 
         folder = Path(folder)
         target = folder / SUBDIR
+        if not with_optimizer:  # weights of any backend's checkpoint (an imported one included)
+            self._load_weights(checkpoint_weights(folder))
+            return
         if not (target / TAG).is_dir():
+            if (folder / "model_optim").is_dir():
+                backend = read_trainer_state(folder).get("backend", "fsdp or none")
+                raise RuntimeError(
+                    f"{folder} was written by distributed.backend {backend} (model_optim/), this "
+                    "run uses deepspeed: its optimizer state cannot be carried over; start from "
+                    "its weights with --resume PATH --fresh-optimizer, or resume with "
+                    f"distributed.backend={backend}")
             raise FileNotFoundError(f"{target / TAG}: no DeepSpeed state in this checkpoint")
         meta = read_meta(folder)
-        if not with_optimizer:
-            self._load_weights(load_deepspeed_weights(folder))
-            return
-        saved_world = meta.get("world_size")
-        if saved_world is None or saved_world == self.info.world_size:
+        changes = layout_changes(meta, self.info.world_size, self.cfg.distributed.zero_stage,
+                                 self.cfg.distributed.precision)
+        if not changes:
             with _weights_only_loads():
                 path, _ = self.engine.load_checkpoint(
                     str(target), tag=TAG, load_optimizer_states=True,
@@ -272,40 +293,114 @@ class DeepSpeedEngine:
             if path is None:
                 raise RuntimeError(f"{target / TAG}: DeepSpeed could not load this checkpoint")
             return
-        # another world size: through DeepSpeed's universal checkpoint format
+        # another world size, ZeRO-3 <-> 1/2 or another precision: the partitioned files
+        # do not fit this run; DeepSpeed's universal format (one file per parameter) does
         universal = target / UNIVERSAL_TAG
-        command = universal_command(folder)
+        what = "; ".join(changes)
         if self.info.is_main and not (universal / "zero").is_dir():
             convert_to_universal(folder)
         barrier()
         if not (universal / "zero").is_dir():
             raise RuntimeError(
-                f"{target / TAG} was saved by {saved_world} process(es), this run has "
-                f"{self.info.world_size}: its optimizer state needs DeepSpeed's universal format, "
-                f"and the automatic conversion failed (see above); convert with: {command} "
-                f"(DeepSpeed's ds_to_universal), then resume again")
-        self.engine._config.load_universal_checkpoint = True
-        try:
-            with _weights_only_loads():
-                path, _ = self.engine.load_checkpoint(
-                    str(target), tag=UNIVERSAL_TAG, load_optimizer_states=True,
-                    load_lr_scheduler_states=False, load_module_only=False)
-        finally:
-            self.engine._config.load_universal_checkpoint = False
-        if path is None:
-            raise RuntimeError(f"{universal}: DeepSpeed could not load the universal checkpoint")
+                f"{target / TAG} does not fit this run ({what}): its optimizer state needs "
+                "DeepSpeed's universal format, and the automatic conversion failed (see above); "
+                f"convert with: {universal_command(folder)} (DeepSpeed's ds_to_universal), then "
+                "resume again")
+        self._load_universal(universal / "zero")
 
-    def _load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Set fp32 master weights (and the compute copies) from a full state dict."""
+    def _load_universal(self, zero: Path) -> None:
+        """fp32 master weights, AdamW moments and step, parameter by parameter, from
+        a universal checkpoint's `zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt`,
+        through DeepSpeed's stage-independent full-tensor setters; group
+        hyperparameters (but lr, which the trainer sets) from `zero/optimizer_state.pt`.
+        Ours rather than DeepSpeed's `load_universal` loader: that one needs the
+        saved stage's model-states file name (ZeRO-3 <-> 1/2 fails) and, at ZeRO-3,
+        gives every parameter group the first group's weight decay."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        def read(name: str, key: str) -> torch.Tensor:
+            file = zero / name / f"{key}.pt"
+            try:
+                value = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - any failure names the file
+                raise RuntimeError(f"{file}: unreadable universal checkpoint file ({err})") from err
+            return value["param"] if isinstance(value, dict) else value
+
+        with _weights_only_loads():  # mmap: a ZeRO-3 source also holds rank 0's flat weights
+            saved = torch.load(zero / "optimizer_state.pt", map_location="cpu", mmap=True)
+        inner_sd = saved.get("optimizer_state_dict") or {}  # ZeRO-3 sources keep AdamW's here
+        self._init_optimizer_state()
+        steps = {float(s["step"]) for s in inner_sd.get("state", {}).values() if "step" in s}
+        for name, param in self.module.named_parameters():
+            shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3: the full shape
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                value = read(name, key)
+                if value.numel() != math.prod(shape):
+                    raise ValueError(f"{zero / name / key}.pt: {value.numel()} values, this "
+                                     f"model's {name} has shape {shape} (another model config?)")
+                value = value.to(torch.float32).reshape(shape)
+                if key == "fp32":
+                    safe_set_full_fp32_param(param, value)
+                else:
+                    safe_set_full_optimizer_state(param, value, key)
+            if (zero / name / "step.pt").is_file():  # ZeRO-1/2 sources: a step per parameter
+                steps.add(float(read(name, "step")))
+        if len(steps) != 1:
+            raise RuntimeError(f"{zero}: optimizer steps {sorted(steps)} (expected one value)")
+        step = steps.pop()
+        for hp in self._master_flats():
+            self._inner.state[hp]["step"] = torch.tensor(step)
+        groups = saved.get("param_groups") or inner_sd.get("param_groups")
+        if groups and len(groups) == len(self._inner.param_groups):
+            for group, old in zip(self._inner.param_groups, groups):
+                group.update({k: v for k, v in old.items() if k not in ("params", "lr")})
+        self._refresh_compute_copies()
+
+    def _init_optimizer_state(self) -> None:
+        """AdamW's state as its first step would create it (zeros, step 0), where it
+        does not exist yet, and linked to DeepSpeed's per-parameter views, so that
+        the full-tensor setters have something to write into."""
+        for hp in self._master_flats():
+            state = self._inner.state[hp]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(hp, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(hp, memory_format=torch.preserve_format)
+        opt = self.engine.optimizer
+        if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2; ZeRO-3 reads
+            opt._hp_optimizer_states_linked = False  # the state dict itself. A load relinks
+            opt._lazy_init_hp_params_optimizer_state()  # the views without the states.
+
+    def _master_flats(self) -> list[torch.Tensor]:
+        """The flat fp32 partitions AdamW keeps its state for. ZeRO-3 hands them to
+        the inner optimizer only for the duration of its step (its groups are
+        empty in between); ZeRO-1/2 leave them in the groups."""
+        flats = getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None)
+        if flats is not None:
+            return list(flats)
+        return [hp for group in self._inner.param_groups for hp in group["params"]]
+
+    def _load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Set fp32 master weights (and the compute copies) from full tensors, read
+        one at a time from `state` (a lazy mapping keeps the peak at one tensor)."""
         from deepspeed.utils import safe_set_full_fp32_param
 
-        opt = self.engine.optimizer
         names = dict(self.module.named_parameters())
         missing = sorted(set(names) - set(state))
         if missing:
             raise KeyError(f"weights missing from the checkpoint: {missing[:5]}")
         for name, param in names.items():
-            safe_set_full_fp32_param(param, state[name].to(torch.float32))
+            tensor = state[name]
+            shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3: the full shape
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"checkpoint tensor {name}: shape {tuple(tensor.shape)}, "
+                                 f"this model's is {shape} (another model config?)")
+            safe_set_full_fp32_param(param, tensor.to(torch.float32))
+        self._refresh_compute_copies()
+
+    def _refresh_compute_copies(self) -> None:
+        """Copy the fp32 masters to the parameters the model computes with."""
+        opt = self.engine.optimizer
         if hasattr(opt, "update_lp_params"):
             opt.update_lp_params()
         elif hasattr(opt, "_reassign_or_swap_out_partitioned_parameters"):  # ZeRO-3
@@ -315,6 +410,36 @@ class DeepSpeedEngine:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def layout_changes(meta: dict[str, Any], world_size: int, zero_stage: int,
+                   precision: str) -> list[str]:
+    """How a saved DeepSpeed checkpoint (its meta.json) differs from this run in
+    what DeepSpeed's own loader cannot bridge; [] when it loads directly. ZeRO-1
+    and ZeRO-2 keep the same flat fp32 partitions, so 1 <-> 2 is no change."""
+    out = []
+    saved_world, saved_stage = meta.get("world_size"), meta.get("zero_stage")
+    saved_precision = meta.get("precision")
+    if saved_world is not None and saved_world != world_size:
+        out.append(f"saved by {saved_world} process(es), this run has {world_size}")
+    if saved_stage is not None and (saved_stage == 3) != (zero_stage == 3):
+        out.append(f"saved with distributed.zero_stage={saved_stage}, this run has {zero_stage}")
+    if saved_precision is not None and saved_precision != precision:
+        out.append(f"saved with distributed.precision={saved_precision}, this run has {precision}")
+    return out
+
+
+def checkpoint_weights(folder: str | Path) -> Mapping[str, torch.Tensor]:
+    """Full model tensors of a complete checkpoint folder of any backend, for a
+    weights-only start: deepspeed/ (consolidated fp32) or model_optim/ (DCP, one
+    tensor per access: an FSDP or single-process checkpoint, or one imported with
+    `python -m pretrain.convert --from hf --to ours`)."""
+    folder = Path(folder)
+    if (folder / SUBDIR / TAG).is_dir():
+        return load_deepspeed_weights(folder)
+    if (folder / "model_optim").is_dir():
+        return DCPWeights(folder / "model_optim")
+    raise FileNotFoundError(f"{folder}: neither {SUBDIR}/{TAG}/ nor model_optim/ (no weights)")
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
