@@ -286,7 +286,7 @@ def safe_dcp_reader(path: str | Path):
 def quiet_dcp() -> Iterator[None]:
     """DCP's warnings about reads without a process group (what we ask for) silenced."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        warnings.filterwarnings("ignore", message=".*torch.distributed is (disabled|unavailable).*")
         warnings.filterwarnings("ignore", message=".*Detected an existing checkpoint.*")
         yield
 

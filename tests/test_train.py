@@ -14,7 +14,9 @@ import pytest
 import torch
 from trainrun import (
     ROOT,
+    assert_same_state,
     command,
+    dcp_state,
     env,
     kill_after_checkpoint,
     kill_tree,
@@ -22,6 +24,7 @@ from trainrun import (
     mlflow_loss_steps,
     overrides,
     run,
+    run_resave,
 )
 
 from pretrain import train
@@ -48,7 +51,10 @@ def test_fsdp_sigkill_resume_is_bitwise_exact(tmp_path, corpus):
 
 @pytest.mark.multiprocess
 def test_fsdp_world_size_change(tmp_path, corpus):
-    """2 -> 1 and 1 -> 2 processes: weights identical after load, training goes on."""
+    """2 -> 1 and 1 -> 2 processes: weights identical after load, training goes on;
+    the state loaded at the new world size, written again with no step in between,
+    is the saved one tensor by tensor (weights, AdamW's exp_avg, exp_avg_sq and step
+    of every parameter, the parameter groups)."""
     for first, second, name in ((2, 1, "two_to_one"), (0, 2, "one_to_two")):
         run_dir = tmp_path / name
 
@@ -73,6 +79,15 @@ def test_fsdp_world_size_change(tmp_path, corpus):
         state = json.loads((CheckpointManager(run_dir / "checkpoints").latest().path
                             / "trainer_state.json").read_text())
         assert state["data"]["world_size"] == max(1, second) and state["step"] == 14
+        resaved = tmp_path / f"{name}_resaved"
+        run_resave(saved.path, resaved, second, "fsdp" if second else "none")
+        before_state = dcp_state(saved.path / "model_optim")
+        after_state = dcp_state(resaved / "model_optim")
+        names = {n for n, _ in model.named_parameters()}
+        adam = before_state["optim"]["state"]
+        assert set(adam) == names and all(set(adam[n]) == {"exp_avg", "exp_avg_sq", "step"} for n in names)
+        assert all(float(adam[n]["step"]) == 10 and adam[n]["exp_avg_sq"].abs().sum() > 0 for n in names)
+        assert_same_state(before_state, after_state, name)
 
 
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path, corpus):

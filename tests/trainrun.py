@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
 def overrides(run_dir: Path, corpus, *extra: str, procs: int = 2) -> list[str]:
     """Global batch 4 = micro batch 2 x grad_accum x procs."""
     tok, shards = corpus
@@ -92,3 +94,81 @@ def mlflow_loss_steps(run_dir: Path) -> tuple[list[str], list[int]]:
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     history = client.get_metric_history(runs[0].info.run_id, "loss")
     return [r.info.run_id for r in runs], sorted(m.step for m in history)
+
+
+# ---------------------------------------------------------------- optimizer state checks
+
+
+def dcp_state(path: Path) -> dict:
+    """The whole state of a `model_optim/` DCP folder as full tensors, in this process
+    ({"model": ..., "optim": {"state": {fqn: {...}}, "param_groups": [...]}})."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    from pretrain.checkpoint import quiet_dcp, safe_dcp_reader
+
+    with quiet_dcp():
+        return _load_state_dict_from_keys(storage_reader=safe_dcp_reader(path))
+
+
+def assert_same_state(a, b, where: str = "") -> None:
+    """Nested dicts/lists equal, tensors bitwise (dtype and shape included)."""
+    import torch
+
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), f"{where}: keys differ"
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape \
+            and torch.equal(a, b), f"{where}: tensors differ"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def resave(folder: Path, out: Path, backend: str) -> None:
+    """Under torchrun (or one process): the trainer's engine at this world size
+    loads checkpoint `folder` (model and optimizer) as a resume does and writes
+    its state again to out/model_optim, without a step in between."""
+    import torch
+
+    from model import build_model, load_model_config
+    from pretrain.checkpoint import read_trainer_state
+    from pretrain.config import load_train_config
+    from pretrain.distributed import init_distributed, make_engine
+
+    info = init_distributed()
+    cfg_dict = read_trainer_state(folder)["config"]
+    t = cfg_dict["train"]
+    t["grad_accum"] = t["global_batch_size"] // (t["micro_batch_size"] * info.world_size)
+    cfg_dict["distributed"]["backend"] = backend
+    cfg = load_train_config(cfg_dict, world_size=info.world_size)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(load_model_config(cfg.model),
+                        device="meta" if cfg.distributed.meta_init else info.device)
+    engine = make_engine(model, cfg, info)
+    engine.load(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    engine.save(out)
+
+
+def run_resave(folder: Path, out: Path, nproc: int, backend: str) -> None:
+    """`resave` with nproc processes (0: one plain process)."""
+    head = [sys.executable] if nproc == 0 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    run([*head, str(Path(__file__)), "--resave", str(folder), str(out), backend])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--resave":
+        sys.path.insert(0, str(ROOT))
+        import torch.distributed
+
+        resave(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    else:
+        sys.exit("usage: torchrun --nproc_per_node=N tests/trainrun.py --resave CKPT OUT BACKEND")
