@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.demo import stdlib_sources  # noqa: E402
 from data.loader import build_loader  # noqa: E402
 from data.prepare import prepare  # noqa: E402
+from data.tarshard import clear_cache  # noqa: E402
 from data.tokenizer import train_tokenizer  # noqa: E402
 
 
@@ -137,6 +138,7 @@ def main(argv=None) -> int:
                "num_workers": nw, "epochs": a.epochs, "shuffle_buffer": 1024, "seed": 0}
         best = None
         for _ in range(2):
+            clear_cache()  # each run verifies and indexes every shard anew (cold, per process)
             t0 = time.perf_counter()
             it = iter(build_loader(cfg))
             n = next(it)["input_ids"].numel()

@@ -409,11 +409,9 @@ def _walk(buf, size: int, name: str) -> _Index:
     # the sample in progress at an error: its ids are checked against the vocab first
     pending = (key, tok, key_long) if err is not None and tok is not None else None
     if hdr:  # header checksums, all at once: sum of the block with the field as spaces
-        h0 = np.asarray(hdr, dtype=np.int64)
-        cuts = np.stack([h0, h0 + 148, h0 + 156, h0 + BLOCK], 1).ravel()
-        u8 = np.frombuffer(buf, dtype=np.uint8, count=int(cuts[-1]))
-        sums = np.add.reduceat(u8, cuts[:-1], dtype=np.int64)
-        got = sums[0::4] + sums[2::4] + 8 * 32
+        blocks = np.frombuffer(buf, dtype=np.uint8, count=hdr[-1] + BLOCK).reshape(-1, BLOCK)
+        h = blocks[np.asarray(hdr, dtype=np.int64) // BLOCK]  # headers sit on block bounds
+        got = (h.sum(1, dtype=np.int64) - h[:, 148:156].sum(1, dtype=np.int64) + 8 * 32)
         bad = np.flatnonzero(got != np.asarray(stored, dtype=np.int64))
         if bad.size:
             i = int(bad[0])
