@@ -34,6 +34,8 @@ import hashlib
 import json
 import os
 import pickle
+import sys
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -367,33 +369,20 @@ class _Slot:
             return tokens
         raise ShardError(r.url(e, p), None, f"sample {idx} is missing on resume")
 
-    def ids_dtype(self, wide: bool) -> np.dtype:
-        """The dtype of the packed ids: int64 (`wide`, the batch dtype) or the most compact
-        one that holds every id, EOS and pad (what a worker sends through the pipe)."""
-        if wide:
-            return np.dtype(np.int64)
-        top = max(self.cfg.eos_id, self.cfg.pad_id) + 1
-        vocabs = [self.vocab_size(s) for s in range(len(self.shards))]
-        if all(v is not None for v in vocabs):
-            top = max(top, *vocabs)
-            if top <= 1 << 16:
-                return np.dtype(np.uint16)
-        return np.dtype(np.int32)
-
-    def batches(self, wide: bool = True) -> Iterator[tuple[tuple | None, bytes, int]]:
+    def batches(self, alloc=None) -> Iterator[tuple[tuple | None, bytes, int]]:
         """Yield (compact batch, pickled state after it, batches so far) forever, or until
         the epochs are read; the last item has no batch (None), only the final state.
 
         A compact batch is (ids, starts, end, meta): ids, the (B*S+1,) packed stream of the
-        rows (int64 when `wide`, else `ids_dtype(False)`); starts, the stream positions
-        where a document begins; end, where padding begins (B*S+1 when there is none);
-        meta (`return_meta`) or None. `_finish` turns it into the contract's tensors.
+        rows, a new int64 array, or the buffer `alloc()` returns (a worker packs straight
+        into shared memory); starts, the stream positions where a document begins; end,
+        where padding begins (B*S+1 when there is none); meta (`return_meta`) or None.
+        `_finish` turns it into the contract's tensors.
         """
         cfg, st = self.cfg, self.st
         b, s = cfg.micro_batch_size, cfg.seq_len
         need = b * s + 1
         eos, pad = cfg.eos_id, cfg.pad_id
-        dtype = self.ids_dtype(wide)
         meta = cfg.return_meta
         stats = st["stats"]
         pending = None  # (key, tokens, offset) carried into the next batch
@@ -407,7 +396,7 @@ class _Slot:
                     raise
                 self.skipped(e)
         while not st["done"]:
-            flat = np.empty(need, dtype=dtype)
+            flat = np.empty(need, dtype=np.int64) if alloc is None else alloc()
             starts = []
             pos = 0
             segs = []
@@ -464,6 +453,17 @@ class _Slot:
                                 off + z - pos, a - lo))
             meta.append(row)
         return meta
+
+
+def _compact_dtype(cfg: LoaderConfig, shards: list[Shards]) -> np.dtype:
+    """The most compact dtype that holds every id, EOS and pad: what workers send."""
+    top = max(cfg.eos_id, cfg.pad_id) + 1
+    vocabs = [cfg.vocab_size or sh.vocab_size for sh in shards]
+    if all(v is not None for v in vocabs):
+        top = max(top, *vocabs)
+        if top <= 1 << 16:
+            return np.dtype(np.uint16)
+    return np.dtype(np.int32)
 
 
 def _fresh_slot(j: int, n: int, nsrc: int, gen: int = 0) -> dict:
@@ -596,12 +596,50 @@ def _compress(items: list[dict]) -> list[dict]:
 
 
 # -- the dataset each dataloader worker iterates --------------------------------------
-class _SlotDataset(torch.utils.data.IterableDataset):
-    """Yields (local slot index, [(compact batch | None, pickled state, batches), ...])."""
+class _Ring:
+    """Shared memory through which workers hand packed ids to the main process.
 
-    def __init__(self, cfg: LoaderConfig, shards, weights, slots: list, phase: int):
+    Worker w owns `depth` slots of `group` batches each: its g-th message (a group of
+    batches) is packed in place into slot g % depth, and the message itself carries only
+    the small parts (document starts, states). The main process widens each batch into
+    new int64 tensors, then counts the group as consumed; a worker waits before reusing
+    a slot the main process has not consumed yet (the DataLoader's own prefetch limit
+    normally keeps it from ever waiting). This keeps the bulk of the data out of the
+    worker -> main pipe, which costs more than the packing itself.
+    """
+
+    def __init__(self, workers: int, depth: int, group: int, need: int, dtype: np.dtype):
+        self.depth, self.group, self.need, self.dtype = depth, group, need, np.dtype(dtype)
+        store = torch.int16 if self.dtype.itemsize == 2 else torch.int32
+        self.ids = torch.empty((workers, depth, group, need), dtype=store).share_memory_()
+        # consumed[w]: messages of worker w the main process is done with; [-1]: closed
+        self.flags = torch.zeros(workers + 1, dtype=torch.int64).share_memory_()
+
+    def view(self, w: int) -> np.ndarray:
+        """Worker w's slots, (depth, group, need) of the compact dtype."""
+        return self.ids[w].numpy().view(self.dtype)
+
+    def wait(self, w: int, g: int, ppid: int) -> bool:
+        """Block until message g of worker w may be packed; False: the reader has gone."""
+        flags = self.flags.numpy()
+        delay = 1e-5
+        while g - flags[w] >= self.depth:
+            if flags[-1] or os.getppid() != ppid:
+                return False
+            time.sleep(delay)
+            delay = min(2 * delay, 1e-3)
+        return True
+
+
+class _SlotDataset(torch.utils.data.IterableDataset):
+    """Yields (local slot index, worker id, message number, [(compact batch | None,
+    pickled state, batches), ...]); in a worker the batches' ids live in the ring."""
+
+    def __init__(self, cfg: LoaderConfig, shards, weights, slots: list, phase: int,
+                 ring: _Ring | None = None):
         self.cfg, self.shards, self.weights = cfg, shards, weights
         self.slots, self.phase = slots, phase  # this rank's slot states, by local index
+        self.ring = ring
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -609,18 +647,40 @@ class _SlotDataset(torch.utils.data.IterableDataset):
         w = 0 if info is None else info.id
         local = (w + self.phase) % nw
         slot = _Slot(self.cfg, self.shards, self.weights, _state_of(self.slots[local]))
-        group = max(1, self.cfg.batches_per_transfer) if info is not None else 1
-        out = []
-        # in a worker the ids travel in their compact dtype; in-process they are built wide
-        for item in slot.batches(wide=info is None):
-            out.append(item)
-            # groups end at multiples of `group` of the slot's own batch count, so a resume
-            # in the middle of a group continues the same interleaving of workers
-            if item[0] is None or item[2] % group == 0:
-                yield local, out
-                out = []
-        if out:
-            yield local, out
+        ring = self.ring if info is not None else None
+        group = ring.group if ring is not None else 1
+        out: list = []
+        at = [0]  # the message being filled
+        alloc = None
+        if ring is not None:
+            view, ppid = ring.view(w), os.getppid()
+            # this process only packs for us: let the queue's feeder thread (which sends our
+            # messages) take the GIL soon after each message, not after the default 5 ms
+            sys.setswitchinterval(2e-4)
+
+            def alloc():
+                if not out and not ring.wait(w, at[0], ppid):
+                    raise _ReaderGone
+                return view[at[0] % ring.depth, len(out)]
+        try:
+            for item in slot.batches(alloc):
+                if ring is not None and item[0] is not None:
+                    item = ((None, *item[0][1:]), *item[1:])  # the ids stay in the ring
+                out.append(item)
+                # groups end at multiples of `group` of the slot's own batch count, so a
+                # resume in the middle of a group continues the same interleaving of workers
+                if item[0] is None or item[2] % group == 0:
+                    yield local, w, at[0], out
+                    out = []
+                    at[0] += 1
+            if out:
+                yield local, w, at[0], out
+        except _ReaderGone:
+            return
+
+
+class _ReaderGone(Exception):
+    """The main process stopped reading (or died): a worker ends its stream quietly."""
 
 
 def _state_of(x: dict | bytes) -> dict:
@@ -635,7 +695,9 @@ def _finish(batch: tuple, b: int, s: int, pack: bool, pin: bool = False) -> dict
     already int64) and one copy for the labels; the masks touch only the few document
     starts and the padding."""
     ids, starts, end, meta = batch
-    if ids.dtype != np.int64:
+    if ids.dtype == np.uint16:  # torch widens 16-bit ids faster than numpy
+        ids = torch.from_numpy(ids).to(torch.int64).numpy()
+    elif ids.dtype != np.int64:
         ids = ids.astype(np.int64)
     n = b * s
     labels = ids[1:].copy()
@@ -716,27 +778,43 @@ class TokenLoader:
     def __iter__(self) -> Iterator[dict]:
         mine = self._my_slots()
         cfg = self.cfg
-        ds = _SlotDataset(cfg, self.shards, self.weights,
-                          [self._global["slots"][j] for j in mine], self._phase)
+        b, s, pack = cfg.micro_batch_size, cfg.seq_len, cfg.packing == "pack"
+        group = max(1, cfg.batches_per_transfer)
+        ring = None
         if cfg.num_workers > 0:
+            ring = _Ring(cfg.num_workers, max(2, cfg.prefetch_factor) + 2, group, b * s + 1,
+                         _compact_dtype(cfg, self.shards))
+        ds = _SlotDataset(cfg, self.shards, self.weights,
+                          [self._global["slots"][j] for j in mine], self._phase, ring)
+        if ring is not None:
             source = torch.utils.data.DataLoader(
                 ds, batch_size=None, num_workers=cfg.num_workers, collate_fn=_collate_none,
                 prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
+            views = [ring.view(w) for w in range(cfg.num_workers)]
+            consumed = ring.flags.numpy()
         else:  # in-process: what a DataLoader without workers would do, minus its overhead
             source = ds
         pin = cfg.pin_memory and torch.cuda.is_available()
-        group = max(1, cfg.batches_per_transfer)
-        b, s, pack = cfg.micro_batch_size, cfg.seq_len, cfg.packing == "pack"
         slots = self._global["slots"]
-        for local, items in source:
-            for batch, st, count in items:
-                slots[mine[local]] = st  # the state after the last batch handed out
-                if batch is None:  # a reader finished; its last state came without a batch
-                    self._phase = (local + 1) % self.nw
-                    continue
-                done = cfg.num_workers == 0 or count % group == 0
-                self._phase = (local + 1) % self.nw if done else local
-                yield _finish(batch, b, s, pack, pin)
+        try:
+            for local, w, g, items in source:
+                if ring is not None:  # widen the group out of the ring, then free its slot
+                    depth = ring.depth
+                    items = [(None if bt is None else
+                              _finish((views[w][g % depth, i], *bt[1:]), b, s, pack, pin),
+                              st, count) for i, (bt, st, count) in enumerate(items)]
+                    consumed[w] = g + 1
+                for batch, st, count in items:
+                    slots[mine[local]] = st  # the state after the last batch handed out
+                    if batch is None:  # a reader finished; its last state came without a batch
+                        self._phase = (local + 1) % self.nw
+                        continue
+                    done = ring is None or count % group == 0
+                    self._phase = (local + 1) % self.nw if done else local
+                    yield batch if ring is not None else _finish(batch, b, s, pack, pin)
+        finally:
+            if ring is not None:
+                ring.flags[-1] = 1  # workers waiting for a slot stop (before shutdown)
 
     # -- state -------------------------------------------------------------------
     def local_state_dict(self) -> dict:
