@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import pickle
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -632,11 +631,12 @@ class _Ring:
 
 
 class _SlotDataset(torch.utils.data.IterableDataset):
-    """Yields (local slot index, worker id, message number, [(compact batch | None,
-    pickled state, batches), ...]); in a worker the batches' ids live in the ring."""
+    """What each DataLoader worker iterates: (local slot index, worker id, message number,
+    [(compact batch without its ids | None, pickled state, batches), ...]); the ids of
+    message g of worker w are in the ring's slot g % depth."""
 
     def __init__(self, cfg: LoaderConfig, shards, weights, slots: list, phase: int,
-                 ring: _Ring | None = None):
+                 ring: _Ring):
         self.cfg, self.shards, self.weights = cfg, shards, weights
         self.slots, self.phase = slots, phase  # this rank's slot states, by local index
         self.ring = ring
@@ -647,29 +647,22 @@ class _SlotDataset(torch.utils.data.IterableDataset):
         w = 0 if info is None else info.id
         local = (w + self.phase) % nw
         slot = _Slot(self.cfg, self.shards, self.weights, _state_of(self.slots[local]))
-        ring = self.ring if info is not None else None
-        group = ring.group if ring is not None else 1
+        ring, group = self.ring, self.ring.group
+        view, ppid = ring.view(w), os.getppid()
         out: list = []
         at = [0]  # the message being filled
-        alloc = None
-        if ring is not None:
-            view, ppid = ring.view(w), os.getppid()
-            # this process only packs for us: let the queue's feeder thread (which sends our
-            # messages) take the GIL soon after each message, not after the default 5 ms
-            sys.setswitchinterval(2e-4)
 
-            def alloc():
-                if not out and not ring.wait(w, at[0], ppid):
-                    raise _ReaderGone
-                return view[at[0] % ring.depth, len(out)]
+        def alloc():
+            if not out and not ring.wait(w, at[0], ppid):
+                raise _ReaderGone
+            return view[at[0] % ring.depth, len(out)]
+
         try:
-            for item in slot.batches(alloc):
-                if ring is not None and item[0] is not None:
-                    item = ((None, *item[0][1:]), *item[1:])  # the ids stay in the ring
-                out.append(item)
+            for bt, st, count in slot.batches(alloc):
+                out.append((None if bt is None else (None, *bt[1:]), st, count))  # ids: ring
                 # groups end at multiples of `group` of the slot's own batch count, so a
                 # resume in the middle of a group continues the same interleaving of workers
-                if item[0] is None or item[2] % group == 0:
+                if bt is None or count % group == 0:
                     yield local, w, at[0], out
                     out = []
                     at[0] += 1
@@ -779,42 +772,43 @@ class TokenLoader:
         mine = self._my_slots()
         cfg = self.cfg
         b, s, pack = cfg.micro_batch_size, cfg.seq_len, cfg.packing == "pack"
-        group = max(1, cfg.batches_per_transfer)
-        ring = None
-        if cfg.num_workers > 0:
-            ring = _Ring(cfg.num_workers, max(2, cfg.prefetch_factor) + 2, group, b * s + 1,
-                         _compact_dtype(cfg, self.shards))
-        ds = _SlotDataset(cfg, self.shards, self.weights,
-                          [self._global["slots"][j] for j in mine], self._phase, ring)
-        if ring is not None:
-            source = torch.utils.data.DataLoader(
-                ds, batch_size=None, num_workers=cfg.num_workers, collate_fn=_collate_none,
-                prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
-            views = [ring.view(w) for w in range(cfg.num_workers)]
-            consumed = ring.flags.numpy()
-        else:  # in-process: what a DataLoader without workers would do, minus its overhead
-            source = ds
         pin = cfg.pin_memory and torch.cuda.is_available()
         slots = self._global["slots"]
+        if cfg.num_workers == 0:  # in-process: one slot, no DataLoader in between
+            j = mine[0]
+            slot = _Slot(cfg, self.shards, self.weights, _state_of(slots[j]))
+            for batch, st, _count in slot.batches():
+                slots[j] = st  # the state after the last batch handed out
+                if batch is not None:
+                    yield _finish(batch, b, s, pack, pin)
+            return
+        group = max(1, cfg.batches_per_transfer)
+        ring = _Ring(cfg.num_workers, max(2, cfg.prefetch_factor) + 2, group, b * s + 1,
+                     _compact_dtype(cfg, self.shards))
+        ds = _SlotDataset(cfg, self.shards, self.weights,
+                          [self._global["slots"][j] for j in mine], self._phase, ring)
+        source = torch.utils.data.DataLoader(
+            ds, batch_size=None, num_workers=cfg.num_workers, collate_fn=_collate_none,
+            prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
+        views = [ring.view(w) for w in range(cfg.num_workers)]
+        consumed = ring.flags.numpy()
+        depth = ring.depth
         try:
             for local, w, g, items in source:
-                if ring is not None:  # widen the group out of the ring, then free its slot
-                    depth = ring.depth
-                    items = [(None if bt is None else
-                              _finish((views[w][g % depth, i], *bt[1:]), b, s, pack, pin),
-                              st, count) for i, (bt, st, count) in enumerate(items)]
-                    consumed[w] = g + 1
+                # widen the group out of the ring, then free its slot there
+                items = [(None if bt is None else
+                          _finish((views[w][g % depth, i], *bt[1:]), b, s, pack, pin),
+                          st, count) for i, (bt, st, count) in enumerate(items)]
+                consumed[w] = g + 1
                 for batch, st, count in items:
                     slots[mine[local]] = st  # the state after the last batch handed out
                     if batch is None:  # a reader finished; its last state came without a batch
                         self._phase = (local + 1) % self.nw
                         continue
-                    done = ring is None or count % group == 0
-                    self._phase = (local + 1) % self.nw if done else local
-                    yield batch if ring is not None else _finish(batch, b, s, pack, pin)
+                    self._phase = (local + 1) % self.nw if count % group == 0 else local
+                    yield batch
         finally:
-            if ring is not None:
-                ring.flags[-1] = 1  # workers waiting for a slot stop (before shutdown)
+            ring.flags[-1] = 1  # workers waiting for a slot stop (before the shutdown)
 
     # -- state -------------------------------------------------------------------
     def local_state_dict(self) -> dict:
