@@ -164,6 +164,45 @@ def mlstm_parallel_torch(
     return h, (C, n, m[:, :, -1])
 
 
+class _ChunkStateScan(torch.autograd.Function):
+    """States at every chunk boundary of S_{c+1} = a_c S_c + b_c (kw_c^T @ va_c), S_0 = S0.
+
+    S0: (B, NH, DQK, E); kw: (B, NH, NC, L, DQK); va: (B, NH, NC, L, E); a, b: (B, NH, NC).
+    Returns the state entering each chunk (B, NH, NC, DQK, E) and the last one
+    (B, NH, DQK, E). Autograd through a Python loop would keep every
+    intermediate state twice plus each chunk's kw^T @ va; this keeps only the output
+    and recomputes the rest in a reverse scan (same math, exact gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, S0, kw, va, a, b):  # noqa: D102
+        local = kw.transpose(-1, -2) @ va  # (B, NH, NC, DQK, E), freed after the scan
+        prev = torch.empty_like(local)  # contiguous: the output matmul reads it as is
+        state = S0
+        for c, (loc, ac, bc) in enumerate(zip(local.unbind(2), a.unbind(-1), b.unbind(-1))):
+            prev[:, :, c] = state
+            state = ac[..., None, None] * state + bc[..., None, None] * loc
+        ctx.save_for_backward(prev, kw, va, a, b)
+        return prev, state
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gprev, glast):  # noqa: D102
+        prev, kw, va, a, b = ctx.saved_tensors
+        NC = kw.shape[2]
+        carried = torch.empty_like(prev)  # total gradient of the state after chunk c
+        g = glast
+        for c in range(NC - 1, -1, -1):
+            carried[:, :, c] = g
+            g = gprev[:, :, c] + a[..., c, None, None] * g
+        da = (carried * prev).sum((-1, -2))
+        t = kw @ carried  # (B, NH, NC, L, E)
+        db = (t * va).sum((-1, -2))
+        dva = b[..., None, None] * t
+        dkw = va @ (b[..., None, None] * carried).transpose(-1, -2)
+        return g, dkw, dva, da, db
+
+
 def mlstm_chunkwise_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -224,19 +263,17 @@ def mlstm_chunkwise_torch(
     g_max = g.max(dim=-1).values  # (B, NH, NC)
     wg = torch.exp(g - g_max[..., None])
     kw = kc * wg[..., None]
-    C_loc = kw.transpose(-1, -2) @ vc  # (B, NH, NC, DQK, DV)
-    n_loc = kw.sum(-2)  # (B, NH, NC, DQK)
-    # unbind, not index: the backward of C_loc[:, :, c] would zero-fill a full-size gradient
-    # of C_loc for every chunk (O(NC^2) memory traffic); unbind's backward is one stack
-    C_locs, n_locs = C_loc.unbind(2), n_loc.unbind(2)
+    # the normalizer state n rides along as one more value column (n = sum of k weights
+    # = k^T @ 1), so one scan and one matmul serve both C and n
+    va = torch.cat([vc, vc.new_ones(B, NH, NC, L, 1)], dim=-1)  # (B, NH, NC, L, DV + 1)
+
+    # stabilizers and the two weights of each chunk's state update: a scan over scalars
     b_ends, g_maxs = b[..., -1].unbind(-1), g_max.unbind(-1)
     if carry is not None:
         keeps = carry[..., -1].unbind(-1)  # (B, 1) each: no reset in that chunk
         base_ends = base[..., -1].unbind(-1)
-    C_starts, n_starts, m_starts = [], [], []
+    m_starts, w_olds, w_news = [], [], []
     for c in range(NC):
-        C_starts.append(C)
-        n_starts.append(n)
         m_starts.append(m)
         if carry is None:
             a_end = b_ends[c] + m
@@ -247,13 +284,13 @@ def mlstm_chunkwise_torch(
             a_end = b_ends[c] - base_ends[c] + torch.where(keep, m, torch.zeros_like(m))
             m_new = torch.maximum(a_end, g_maxs[c])
             w_old = torch.where(keep, torch.exp(a_end - m_new), torch.zeros_like(m_new))
-        w_new = torch.exp(g_maxs[c] - m_new)
-        C = w_old[..., None, None] * C + w_new[..., None, None] * C_locs[c]
-        n = w_old[..., None] * n + w_new[..., None] * n_locs[c]
+        w_olds.append(w_old)
+        w_news.append(torch.exp(g_maxs[c] - m_new))
         m = m_new
-    C_prev = torch.stack(C_starts, dim=2)  # (B, NH, NC, DQK, DV)
-    n_prev = torch.stack(n_starts, dim=2)  # (B, NH, NC, DQK)
     m_prev = torch.stack(m_starts, dim=2)  # (B, NH, NC)
+    Ca0 = torch.cat([C, n[..., None]], dim=-1)  # (B, NH, DQK, DV + 1)
+    Ca_prev, last = _ChunkStateScan.apply(Ca0, kw, va, torch.stack(w_olds, -1),
+                                          torch.stack(w_news, -1))
 
     # --- outputs of all chunks at once
     logD = b[..., :, None] - b[..., None, :] + ic[..., None, :]  # (B, NH, NC, L, L)
@@ -268,11 +305,11 @@ def mlstm_chunkwise_torch(
     if carry is not None:
         w_inter = torch.where(carry, w_inter, torch.zeros_like(w_inter))
     P = (qc @ kc.transpose(-1, -2)) * torch.exp(logD - mt[..., None])
-    num = torch.baddbmm(
-        (w_inter[..., None] * qc).flatten(0, 2) @ C_prev.flatten(0, 2),
+    out = torch.baddbmm(
+        (w_inter[..., None] * qc).flatten(0, 2) @ Ca_prev.flatten(0, 2),
         P.flatten(0, 2),
-        vc.flatten(0, 2),
-    ).view(B, NH, NC, L, DV)
-    den = P.sum(-1) + w_inter * (qc @ n_prev[..., None]).squeeze(-1)
-    h = _normalize(num, den, mt, eps).reshape(B, NH, NC * L, DV)[:, :, :S]
+        va.flatten(0, 2),
+    ).view(B, NH, NC, L, DV + 1)  # numerator | denominator
+    h = _normalize(out[..., :DV], out[..., DV], mt, eps).reshape(B, NH, NC * L, DV)[:, :, :S]
+    C, n = last[..., :DV].contiguous(), last[..., DV].contiguous()
     return h, (C, n, m)
