@@ -793,8 +793,9 @@ class TokenLoader:
         views = [ring.view(w) for w in range(cfg.num_workers)]
         consumed = ring.flags.numpy()
         depth = ring.depth
-        try:
-            for local, w, g, items in source:
+        batches = iter(source)  # held here: a `for` would drop it (shutting the workers down)
+        try:  # before the `finally` below told them to stop waiting
+            for local, w, g, items in batches:
                 # widen the group out of the ring, then free its slot there
                 items = [(None if bt is None else
                           _finish((views[w][g % depth, i], *bt[1:]), b, s, pack, pin),
@@ -808,7 +809,8 @@ class TokenLoader:
                     self._phase = (local + 1) % self.nw if count % group == 0 else local
                     yield batch
         finally:
-            ring.flags[-1] = 1  # workers waiting for a slot stop (before the shutdown)
+            ring.flags[-1] = 1  # workers waiting for a slot stop, then the DataLoader ends
+            del batches
 
     # -- state -------------------------------------------------------------------
     def local_state_dict(self) -> dict:

@@ -513,6 +513,9 @@ class MappedShard:
         self._u2 = np.frombuffer(buf, dtype=TOKEN_EXT["u16"], count=len(buf) // 2)
         self._u4 = (np.frombuffer(buf, dtype=TOKEN_EXT["u32"], count=len(buf) // 4)
                     if index.wide is not None else None)
+        for a in (self._u2, self._u4):  # views into a shared (pooled) buffer: read-only
+            if a is not None:
+                a.flags.writeable = False
         self._lo = index.lo[:n].tolist()
         self._hi = index.hi[:n].tolist()
         self._wide = index.wide[:n].tolist() if index.wide is not None else None

@@ -1,0 +1,225 @@
+"""The local shard reader (`map_shard`) against the stream reader (`iter_samples`), its
+per-process caches, its pooled buffers, and the workers' shared-memory ring.
+
+The stream reader is the reference: for every shard, intact or damaged, the mapped
+reader must hand out the same samples and fail with the same message at the same byte
+offset; only a digest mismatch moves (it is caught before any sample, not at the end).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import shutil
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import doc_hashes, reassemble, samples_of, shard_paths, shards_dir
+
+from data import ShardError, build_loader, tarshard
+from data import loader as loader_mod
+from data.tarshard import ShardWriter, clear_cache, iter_samples, map_shard
+
+
+def _stream(data: bytes, vocab: int | None):
+    got, err = [], None
+    try:
+        for key, ids, _off in iter_samples(io.BytesIO(data), "s", vocab_size=vocab):
+            got.append((key, ids.dtype.str, ids.tobytes()))
+    except ShardError as e:
+        err = (e.offset, e.msg)
+    return got, err
+
+
+def _mapped(path: str, vocab: int | None):
+    clear_cache()
+    try:
+        sh = map_shard(path, "s", vocab_size=vocab)
+    except ShardError as e:
+        return [], (e.offset, e.msg)
+    got = [(sh.key(i), sh.tokens(i).dtype.str, sh.tokens(i).tobytes()) for i in range(sh.n)]
+    return got, None if sh.error is None else (sh.error.offset, sh.error.msg)
+
+
+def _odd_shard(path: str) -> None:
+    """A tar that data.prepare never writes: GNU and pax long names, u32 ids, an extra
+    member, an empty document, a sample without ids."""
+    rng = np.random.default_rng(0)
+
+    def add(tf, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+    for fmt, suffix in ((tarfile.GNU_FORMAT, "gnu"), (tarfile.PAX_FORMAT, "pax")):
+        with tarfile.open(f"{path}-{suffix}.tar", "w", format=fmt) as tf:
+            for i in range(12):
+                key = f"doc{i:03d}" if i % 3 else "d/" + "x" * 120 + f"{i:03d}"  # long names
+                ids = rng.integers(0, 700 if i == 7 else 500, size=int(rng.integers(0, 90)))
+                ext = "u32" if i % 4 == 1 else "u16"
+                add(tf, f"{key}.tokens.{ext}", ids.astype("<u4" if ext == "u32" else "<u2")
+                    .tobytes())
+                add(tf, f"{key}.source.txt", b"where it came from")
+                if i == 5:
+                    add(tf, f"{key}.extra.json", b"{}")
+            add(tf, "lonely.source.txt", b"no ids")  # a sample without a tokens member
+
+
+def _damage(data: bytearray, rng: random.Random) -> bytearray:
+    how = rng.choice(["flip", "truncate", "headers", "zero-block", "none"])
+    if how == "flip":
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    elif how == "truncate":
+        data = data[:rng.randrange(len(data) + 1)]
+    elif how == "headers":
+        for _ in range(3):
+            data[rng.randrange(min(len(data), 2048))] ^= rng.randrange(1, 256)
+    elif how == "zero-block":
+        i = rng.randrange(len(data) // 512) * 512
+        data[i:i + 512] = bytes(512)
+    return data
+
+
+def test_mapped_reader_matches_stream_reader_on_damaged_shards(tmp_path):
+    _odd_shard(str(tmp_path / "odd"))
+    sources = shard_paths(shards_dir())[:4] + [str(tmp_path / "odd-gnu.tar"),
+                                               str(tmp_path / "odd-pax.tar")]
+    rng = random.Random(0)
+    victim = str(tmp_path / "victim.tar")
+    errors = 0
+    for trial in range(300):
+        src = sources[trial % len(sources)]
+        data = _damage(bytearray(open(src, "rb").read()), rng)
+        with open(victim, "wb") as f:
+            f.write(data)
+        vocab = rng.choice([None, 512, 300])
+        want = _stream(bytes(data), vocab)
+        assert _mapped(victim, vocab) == want, (trial, src, vocab, want[1])
+        errors += want[1] is not None
+    assert 60 < errors < 290  # both kinds were exercised
+
+
+def test_odd_tars_read_like_tarfile(tmp_path):
+    _odd_shard(str(tmp_path / "odd"))
+    for fmt in ("gnu", "pax"):
+        path = str(tmp_path / f"odd-{fmt}.tar")
+        sh = map_shard(path)
+        with tarfile.open(path) as tf:
+            names = [m.name for m in tf.getmembers() if ".tokens." in m.name]
+        assert [sh.key(i) for i in range(sh.n)] == [n.split(".tokens.")[0] for n in names]
+        assert "has no tokens member" in str(sh.error)  # the lonely sample at the end
+        with pytest.raises(ShardError, match="id 6[0-9][0-9] >= vocab size 600"):
+            s = map_shard(path, vocab_size=600)
+            assert s.n == 7
+            raise s.error
+
+
+def test_digest_checked_before_any_sample_and_once_per_unchanged_file(tmp_path, monkeypatch):
+    folder = str(tmp_path / "shards")
+    shutil.copytree(shards_dir(), folder)
+    path = shard_paths(folder)[3]
+    good = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(tarshard.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    clear_cache()
+    n = map_shard(path, expect_sha256=good).n
+    map_shard(path, expect_sha256=good)
+    assert len(calls) == 1  # the second open trusts the digest it checked
+    map_shard(path)
+    assert len(calls) == 1
+    data = bytearray(open(path, "rb").read())
+    data[512] ^= 1  # the first id of the first sample: a valid id, a wrong digest
+    time.sleep(0.01)
+    with open(path, "wb") as f:  # same size, new mtime/ctime: checked again
+        f.write(data)
+    with pytest.raises(ShardError, match="sha256 mismatch") as ei:
+        map_shard(path, expect_sha256=good)
+    assert len(calls) == 2 and ei.value.shard == path
+    with pytest.raises(ShardError, match="sha256 mismatch"):  # and never trusted after that
+        map_shard(path, expect_sha256=good)
+    assert len(calls) == 3
+    assert map_shard(path).n == n  # without a digest to check it reads as before
+
+
+def test_pooled_buffers_never_overwrite_live_views():
+    clear_cache()
+    paths = shard_paths(shards_dir())
+    first = map_shard(paths[0])
+    kept = [first.tokens(i) for i in range(first.n)]
+    want = [k.copy() for k in kept]
+    del first
+    for p in paths[1:] * 3:  # many more shards through the pool while `kept` is alive
+        sh = map_shard(p)
+        assert sh.n and sh.tokens(0).size >= 0
+    assert all(np.array_equal(a, b) for a, b in zip(kept, want))
+    assert not any(k.flags.writeable for k in kept)
+
+
+def test_writer_and_reader_agree_on_u32(tmp_path):
+    path = str(tmp_path / "wide.tar")
+    w = ShardWriter(path, ext="u32")
+    docs = [np.arange(n, dtype=np.int64) * 70001 for n in (0, 1, 5, 1000)]
+    for i, d in enumerate(docs):
+        w.add(f"{i:04d}", d, "src")
+    w.close()
+    sh = map_shard(path)
+    assert sh.error is None and sh.n == len(docs)
+    for i, d in enumerate(docs):
+        assert sh.tokens(i).dtype == np.dtype("<u4") and np.array_equal(sh.tokens(i), d)
+
+
+@pytest.mark.multiprocess
+def test_workers_waiting_on_a_full_ring_give_the_same_stream(monkeypatch, tmp_path):
+    """Ring slots fewer than the DataLoader keeps in flight: workers must wait for the main
+    process, and the stream must not change. Also: shards without a manifest (vocab
+    unknown) travel as int32."""
+    folder = str(tmp_path / "bare")
+    os.makedirs(folder)
+    for p in shard_paths(shards_dir()):
+        shutil.copy(p, folder)
+    base = {"sources": folder, "seq_len": 64, "micro_batch_size": 4, "seed": 1,
+            "shuffle_buffer": 16, "epochs": 1, "return_meta": True}
+    want = list(build_loader({**base, "num_workers": 0}))
+    real_ring = loader_mod._Ring
+
+    def tight(workers, depth, group, need, dtype):
+        assert np.dtype(dtype) == np.int32
+        return real_ring(workers, 1, group, need, dtype)
+
+    workers = {**base, "num_workers": 2, "prefetch_factor": 4, "batches_per_transfer": 3}
+    two = list(build_loader(workers))
+    monkeypatch.setattr(loader_mod, "_Ring", tight)
+    got = list(build_loader(workers))
+    monkeypatch.undo()
+    assert len(got) == len(two)
+    for a, b in zip(got, two):
+        for k in ("input_ids", "labels", "reset"):
+            assert torch.equal(a[k], b[k])
+    # and every document of the epoch exactly once, as in-process
+    docs, problems = doc_hashes(reassemble(got))
+    assert not problems
+    assert docs == doc_hashes(reassemble(want))[0] == {
+        (name, i, 0, 0): h for (name, i), h in samples_of(folder).items()}
+
+
+@pytest.mark.multiprocess
+def test_stopping_early_with_waiting_workers_shuts_down_quickly(monkeypatch):
+    real_ring = loader_mod._Ring
+    monkeypatch.setattr(loader_mod, "_Ring", lambda w, d, g, n, dt: real_ring(w, 1, g, n, dt))
+    ld = build_loader({"sources": shards_dir(), "seq_len": 64, "micro_batch_size": 4,
+                       "num_workers": 2, "seed": 0, "shuffle_buffer": 16})
+    for _ in range(2):
+        it = iter(ld)
+        for _ in range(5):
+            next(it)
+        time.sleep(0.3)  # the workers fill their ring slot and wait
+        t0 = time.perf_counter()
+        del it
+        assert time.perf_counter() - t0 < 3.0  # not the DataLoader's 5 s kill timeout
+    assert ld.stats["batches"] == 10
