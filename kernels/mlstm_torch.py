@@ -176,7 +176,10 @@ class _ChunkStateScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, S0, kw, va, a, b):  # noqa: D102
-        local = kw.transpose(-1, -2) @ va  # (B, NH, NC, DQK, E), freed after the scan
+        # the states stay in the compute dtype under autocast too (the backward runs
+        # without autocast and must see the same dtypes)
+        with torch.autocast(kw.device.type, enabled=False):
+            local = kw.transpose(-1, -2) @ va  # (B, NH, NC, DQK, E), freed after the scan
         prev = torch.empty_like(local)  # contiguous: the output matmul reads it as is
         state = S0
         for c, (loc, ac, bc) in enumerate(zip(local.unbind(2), a.unbind(-1), b.unbind(-1))):
