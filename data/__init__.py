@@ -85,8 +85,17 @@ epoch is read exactly once. Its size is N small dicts; after a resume at another
 shape, the leftover pieces of partly-read units are listed as index ranges (at most a
 shuffle window per unit) until they are read. A few KB for tens of readers.
 
+Reading: local shard files are read with one call each (zero-copy views of the ids);
+their header index and a digest verified against the manifest are kept per process
+while the file's identity (device, inode, size, mtime_ns, ctime_ns) is unchanged, so a
+later epoch neither re-parses nor re-hashes them. HTTP and `pipe:` shards are streamed
+and checked on every read. With `num_workers > 0` each worker packs ids (uint16 when
+the vocabulary allows, else int32) into a shared-memory ring; the DataLoader pipe only
+carries document starts and states, and batches are widened to int64 in the main process.
+
 Faults: a truncated or corrupt shard raises `ShardError` naming the shard and byte
-offset (a digest mismatch against the manifest is caught at the end of the shard);
+offset (a digest mismatch against the manifest is caught before any sample of a local
+shard is used, at the end of a streamed one);
 `on_error="skip"` skips the rest of that shard with a warning and counts it in
 `loader.stats["skipped_shards"]` (names in `stats["skipped"]`). Unreachable URLs are
 retried `retries` times with exponential backoff, then `SourceError` names them; an HTTP

@@ -9,8 +9,9 @@ A spec is one string:
 - `pipe:COMMAND`, brace-expanded into one command per shard
   (`pipe:aws s3 cp s3://b/shard-{0000..0099}.tar -`); the command's stdout is the shard.
 
-Local files are mapped (`map_local`: zero-copy ids, index and digest checked once
-per process); HTTP and pipe sources are streamed (`open_shard`).
+Local files are read whole (`map_local`: zero-copy ids; index and digest checked once
+per process while the file is unchanged); HTTP and pipe sources are streamed
+(`open_shard`), since they cannot be re-read or mapped.
 
 Opening retries with exponential backoff (`retries` times), then raises
 `SourceError` naming the URL; an HTTP body cut off mid-way is reopened at its

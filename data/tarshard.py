@@ -1,4 +1,4 @@
-"""WebDataset tar shards of token ids: a deterministic writer and a checked streaming reader.
+"""WebDataset tar shards of token ids: a deterministic writer and two checked readers.
 
 A sample is one document: `<key>.tokens.u16` (or `.u32`), the raw
 little-endian token ids, and `<key>.source.txt`, where it came from. Any tar
@@ -14,12 +14,15 @@ range, or (when the manifest's sha256 is known) a digest mismatch.
 Two readers, one set of checks:
 - `iter_samples(stream, ...)` reads any `.read(n)` stream (HTTP, `pipe:`) in one
   pass; a digest mismatch is caught at the end of the stream.
-- `map_shard(path, ...)` maps a local file once (mmap) and hands out zero-copy
-  views of the ids. Its index (where each sample's ids lie) and a digest it has
-  verified are kept per process, keyed by the file's identity (device, inode,
-  size, mtime_ns, ctime_ns), so reading the shard again (the next epoch) neither
-  re-parses nor re-hashes it; a file whose identity changed is checked anew. The
-  digest is checked before any sample of the shard is handed out.
+- `map_shard(path, ...)` reads a local file with one call into a pooled buffer
+  (files above `MMAP_ABOVE` are mapped instead) and hands out zero-copy,
+  read-only views of the ids. Its index (where each sample's ids lie, the largest
+  id of each) and a digest it has verified are kept per process, keyed by the
+  file's identity (device, inode, size, mtime_ns, ctime_ns), so reading the shard
+  again (the next epoch) neither re-parses nor re-hashes it; a file whose identity
+  changed is checked anew, and a digest that did not match is never kept. The
+  digest is checked before any sample of the shard is handed out. On the same
+  bytes both readers give the same samples and the same errors (message, offset).
 """
 
 from __future__ import annotations
