@@ -28,6 +28,7 @@ resume design. In short:
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import hashlib
@@ -595,27 +596,30 @@ def _compress(items: list[dict]) -> list[dict]:
 
 
 # -- the dataset each dataloader worker iterates --------------------------------------
+_MESSAGE_BATCHES = 16  # a worker's message holds whole groups, about this many batches
+
+
 class _Ring:
     """Shared memory through which workers hand packed ids to the main process.
 
-    Worker w owns `depth` slots of `group` batches each: its g-th message (a group of
-    batches) is packed in place into slot g % depth, and the message itself carries only
-    the small parts (document starts, states). The main process widens each batch into
-    new int64 tensors, then counts the group as consumed; a worker waits before reusing
-    a slot the main process has not consumed yet (the DataLoader's own prefetch limit
-    normally keeps it from ever waiting). This keeps the bulk of the data out of the
-    worker -> main pipe, which costs more than the packing itself.
+    Worker w owns `depth` slots of `per` batches each: its g-th message is packed in
+    place into slot g % depth, and the message itself carries only the small parts
+    (document starts, states). The main process widens each batch into new int64
+    tensors and, once all of a message's are, counts it as consumed; a worker waits
+    before reusing a slot the main process has not consumed yet (the DataLoader's own
+    prefetch limit normally keeps it from ever waiting). This keeps the bulk of the data
+    out of the worker -> main pipe, which costs more than the packing itself.
     """
 
-    def __init__(self, workers: int, depth: int, group: int, need: int, dtype: np.dtype):
-        self.depth, self.group, self.need, self.dtype = depth, group, need, np.dtype(dtype)
+    def __init__(self, workers: int, depth: int, per: int, need: int, dtype: np.dtype):
+        self.depth, self.per, self.need, self.dtype = depth, per, need, np.dtype(dtype)
         store = torch.int16 if self.dtype.itemsize == 2 else torch.int32
-        self.ids = torch.empty((workers, depth, group, need), dtype=store).share_memory_()
+        self.ids = torch.empty((workers, depth, per, need), dtype=store).share_memory_()
         # consumed[w]: messages of worker w the main process is done with; [-1]: closed
         self.flags = torch.zeros(workers + 1, dtype=torch.int64).share_memory_()
 
     def view(self, w: int) -> np.ndarray:
-        """Worker w's slots, (depth, group, need) of the compact dtype."""
+        """Worker w's slots, (depth, per, need) of the compact dtype."""
         return self.ids[w].numpy().view(self.dtype)
 
     def wait(self, w: int, g: int, ppid: int) -> bool:
@@ -631,15 +635,16 @@ class _Ring:
 
 
 class _SlotDataset(torch.utils.data.IterableDataset):
-    """What each DataLoader worker iterates: (local slot index, worker id, message number,
-    [(compact batch without its ids | None, pickled state, batches), ...]); the ids of
-    message g of worker w are in the ring's slot g % depth."""
+    """What each DataLoader worker iterates: (worker id, message number, [(compact batch
+    without its ids | None, pickled state, batches), ...]), `groups` whole groups of
+    batches per message (fewer at the end); the ids of message g of worker w are in
+    the ring's slot g % depth."""
 
     def __init__(self, cfg: LoaderConfig, shards, weights, slots: list, phase: int,
-                 ring: _Ring):
+                 ring: _Ring, groups: int):
         self.cfg, self.shards, self.weights = cfg, shards, weights
         self.slots, self.phase = slots, phase  # this rank's slot states, by local index
-        self.ring = ring
+        self.ring, self.groups = ring, groups
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -647,10 +652,11 @@ class _SlotDataset(torch.utils.data.IterableDataset):
         w = 0 if info is None else info.id
         local = (w + self.phase) % nw
         slot = _Slot(self.cfg, self.shards, self.weights, _state_of(self.slots[local]))
-        ring, group = self.ring, self.ring.group
+        ring, group = self.ring, max(1, self.cfg.batches_per_transfer)
         view, ppid = ring.view(w), os.getppid()
         out: list = []
         at = [0]  # the message being filled
+        whole = 0  # groups complete in it
 
         def alloc():
             if not out and not ring.wait(w, at[0], ppid):
@@ -662,12 +668,14 @@ class _SlotDataset(torch.utils.data.IterableDataset):
                 out.append((None if bt is None else (None, *bt[1:]), st, count))  # ids: ring
                 # groups end at multiples of `group` of the slot's own batch count, so a
                 # resume in the middle of a group continues the same interleaving of workers
-                if bt is None or count % group == 0:
-                    yield local, w, at[0], out
+                whole += bt is None or count % group == 0
+                if bt is None or whole == self.groups:
+                    yield w, at[0], out
                     out = []
                     at[0] += 1
+                    whole = 0
             if out:
-                yield local, w, at[0], out
+                yield w, at[0], out
         except _ReaderGone:
             return
 
@@ -783,34 +791,63 @@ class TokenLoader:
                     yield _finish(batch, b, s, pack, pin)
             return
         group = max(1, cfg.batches_per_transfer)
-        ring = _Ring(cfg.num_workers, max(2, cfg.prefetch_factor) + 2, group, b * s + 1,
-                     _compact_dtype(cfg, self.shards))
+        groups = max(1, _MESSAGE_BATCHES // group)  # groups per message
+        ring = _Ring(cfg.num_workers, max(2, cfg.prefetch_factor) + 2, groups * group,
+                     b * s + 1, _compact_dtype(cfg, self.shards))
         ds = _SlotDataset(cfg, self.shards, self.weights,
-                          [self._global["slots"][j] for j in mine], self._phase, ring)
+                          [self._global["slots"][j] for j in mine], self._phase, ring, groups)
         source = torch.utils.data.DataLoader(
             ds, batch_size=None, num_workers=cfg.num_workers, collate_fn=_collate_none,
             prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
         views = [ring.view(w) for w in range(cfg.num_workers)]
         consumed = ring.flags.numpy()
-        depth = ring.depth
-        batches = iter(source)  # held here: a `for` would drop it (shutting the workers down)
+        phase0 = self._phase  # worker w reads local slot (w + phase0) % nw
+        messages = iter(source)  # held here: a `for` would drop it (shutting the workers down)
         try:  # before the `finally` below told them to stop waiting
-            for local, w, g, items in batches:
-                # widen the group out of the ring, then free its slot there
-                items = [(None if bt is None else
-                          _finish((views[w][g % depth, i], *bt[1:]), b, s, pack, pin),
-                          st, count) for i, (bt, st, count) in enumerate(items)]
-                consumed[w] = g + 1
-                for batch, st, count in items:
-                    slots[mine[local]] = st  # the state after the last batch handed out
-                    if batch is None:  # a reader finished; its last state came without a batch
-                        self._phase = (local + 1) % self.nw
-                        continue
-                    self._phase = (local + 1) % self.nw if count % group == 0 else local
-                    yield batch
+            # A message holds several groups. The DataLoader hands messages out round-robin
+            # over the workers still running; groups are handed out in that same order, so
+            # the stream is the one of one group per message.
+            queued: list[collections.deque] = [collections.deque() for _ in views]
+            running = list(range(len(views)))
+            w, more = 0, True
+            while running:
+                while not queued[w] and more:
+                    try:
+                        mw, g, items = next(messages)
+                    except StopIteration:
+                        more = False
+                        break
+                    grp: list = []
+                    for i, item in enumerate(items):  # split into groups
+                        grp.append((i, item))
+                        if item[0] is None or item[2] % group == 0 or i == len(items) - 1:
+                            queued[mw].append((g, grp, i == len(items) - 1))
+                            grp = []
+                ended = not queued[w]
+                if queued[w]:
+                    g, grp, last = queued[w].popleft()
+                    local = (w + phase0) % self.nw
+                    for i, (bt, st, count) in grp:
+                        batch = None if bt is None else _finish((views[w][g % ring.depth, i],
+                                                                 *bt[1:]), b, s, pack, pin)
+                        if last and i == grp[-1][0]:
+                            consumed[w] = g + 1  # its ids are all widened: the slot is free
+                        slots[mine[local]] = st  # the state after the last batch handed out
+                        if batch is None:  # the reader finished: its final state, no batch
+                            self._phase = (local + 1) % self.nw
+                            ended = True
+                            continue
+                        self._phase = (local + 1) % self.nw if count % group == 0 else local
+                        yield batch
+                nxt = [v for v in running if v > w] or running  # the next worker in turn
+                if ended:
+                    running.remove(w)
+                    nxt = [v for v in nxt if v != w] or running
+                if running:
+                    w = nxt[0]
         finally:
             ring.flags[-1] = 1  # workers waiting for a slot stop, then the DataLoader ends
-            del batches
+            del messages
 
     # -- state -------------------------------------------------------------------
     def local_state_dict(self) -> dict:
