@@ -177,10 +177,12 @@ def run(cfg: TrainConfig, args: argparse.Namespace, info: DistInfo) -> int:
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = build_model(mcfg, device="meta" if cfg.distributed.meta_init else info.device)
+    n_params = count_parameters(model)  # before the engine: ZeRO-3 partitions them away
     engine = make_engine(model, cfg, info)
     loader = build_data(cfg, info, tok, "train")
 
     state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "run_id": None}
+    saved_world = None
     candidates = [found] if found else []
     if found and args.fallback_on_corrupt and args.resume == "auto":
         candidates = [c for c in reversed(manager.complete()) if c.step <= found.step]
@@ -194,7 +196,8 @@ def run(cfg: TrainConfig, args: argparse.Namespace, info: DistInfo) -> int:
             engine.load(cand.path, with_optimizer=not args.fresh_optimizer)
             if not args.fresh_optimizer:
                 loader.load_state_dict(state["data"])
-            same_world = state.get("world_size") == info.world_size
+            saved_world = state.get("world_size")
+            same_world = saved_world == info.world_size
             if not (same_world and ckpt.load_rng(cand.path, info.rank)):
                 torch.manual_seed(cfg.train.seed + 1000003 * info.rank + state["step"])
             if args.fresh_optimizer:
@@ -211,10 +214,10 @@ def run(cfg: TrainConfig, args: argparse.Namespace, info: DistInfo) -> int:
     if found is not None:
         checksum = parameter_sumsq(engine)
         if info.is_main:
-            print(f"[train] loaded {found.path} (saved by {state.get('world_size')} process(es)): "
+            by = f"saved by {saved_world} process(es)" if saved_world else "weights only"
+            print(f"[train] loaded {found.path} ({by}): "
                   f"parameter sum of squares {checksum:.12e}", flush=True)
 
-    n_params = count_parameters(model)
     fpt = 3 * flops_per_token(mcfg, cfg.data.seq_len)  # forward + backward
     peak = cfg.hardware.peak_flops or measure_matmul_flops(info.device)
     tracker = Tracker.create(

@@ -172,6 +172,9 @@ def test_imported_checkpoint_trains_and_its_checkpoints_resume_exactly(tmp_path,
 
     out = run([*command(2, args(first), resume=str(imported)), "--fresh-optimizer"], **DS_ENV)
     assert f"start at step 0 (resumed from {imported})" in out.stdout
+    # counted before ZeRO-3 partitions the parameters away
+    n_params = sum(p.numel() for p in model.parameters())
+    assert f"{n_params:,} parameters" in out.stdout, out.stdout
     assert loaded_sumsq(out) == pytest.approx(want, rel=1e-12)
     state = json.loads((first / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["data"] is not None
