@@ -353,6 +353,9 @@ class _Slot:
 
     def _draw(self) -> tuple | None:
         """The next document: ((source, epoch, position, index), tokens, token offset)."""
+        if len(self.readers) == 1:  # one source: no mixing draw
+            r = self.readers[0]
+            return None if r.exhausted else r.next_doc()
         while True:
             r = self._choose()
             if r is None:
@@ -395,15 +398,16 @@ class _Slot:
                 if cfg.on_error != "skip":
                     raise
                 self.skipped(e)
+        draw, empty, i64 = self._draw, np.empty, np.int64
         while not st["done"]:
-            flat = np.empty(need, dtype=np.int64) if alloc is None else alloc()
+            flat = empty(need, dtype=i64) if alloc is None else alloc()
             starts = []
             pos = 0
             segs = []
             from_carry = pending is not None
             while pos < need:
                 if pending is None:
-                    pending = self._draw()
+                    pending = draw()
                     if pending is None:
                         break
                 key, tokens, off = pending
@@ -696,9 +700,9 @@ def _finish(batch: tuple, b: int, s: int, pack: bool, pin: bool = False) -> dict
     already int64) and one copy for the labels; the masks touch only the few document
     starts and the padding."""
     ids, starts, end, meta = batch
-    if ids.dtype == np.uint16:  # torch widens 16-bit ids faster than numpy
+    if ids.itemsize == 2:  # uint16 from a worker: torch widens it faster than numpy
         ids = torch.from_numpy(ids).to(torch.int64).numpy()
-    elif ids.dtype != np.int64:
+    elif ids.itemsize != 8:  # int32 from a worker
         ids = ids.astype(np.int64)
     n = b * s
     labels = ids[1:].copy()
