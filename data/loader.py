@@ -600,7 +600,8 @@ def _compress(items: list[dict]) -> list[dict]:
 
 
 # -- the dataset each dataloader worker iterates --------------------------------------
-_MESSAGE_BATCHES = 16  # a worker's message holds whole groups, about this many batches
+_MESSAGE_BATCHES = 16  # a worker's message holds whole groups: about this many batches,
+_MESSAGE_BYTES = 1 << 20  # or about this many bytes of ids, whichever is fewer (>= 1 group)
 
 
 class _Ring:
@@ -795,9 +796,11 @@ class TokenLoader:
                     yield _finish(batch, b, s, pack, pin)
             return
         group = max(1, cfg.batches_per_transfer)
-        groups = max(1, _MESSAGE_BATCHES // group)  # groups per message
+        dtype = _compact_dtype(cfg, self.shards)
+        groups = max(1, min(_MESSAGE_BATCHES // group,  # groups per message
+                            _MESSAGE_BYTES // (group * (b * s + 1) * dtype.itemsize)))
         ring = _Ring(cfg.num_workers, max(2, cfg.prefetch_factor) + 2, groups * group,
-                     b * s + 1, _compact_dtype(cfg, self.shards))
+                     b * s + 1, dtype)
         ds = _SlotDataset(cfg, self.shards, self.weights,
                           [self._global["slots"][j] for j in mine], self._phase, ring, groups)
         source = torch.utils.data.DataLoader(
