@@ -196,8 +196,8 @@ class _SourceReader:
     def _samples(self, cur: dict, verify: bool = True) -> Iterator[tuple[int, np.ndarray]]:
         """(sample index, tokens) of the item's included samples from coordinate cur['w'].
 
-        Local files are mapped (zero-copy ids, index and digest checked once per process);
-        HTTP and pipe sources are streamed.
+        Local files are read whole (zero-copy ids; index and digest checked once per
+        process while the file is unchanged); HTTP and pipe sources are streamed.
         """
         url = self.url(cur["e"], cur["p"])
         sha = self.shards.sha256.get(url) if (verify and self.cfg.verify_sha256) else None
