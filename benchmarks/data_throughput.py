@@ -12,7 +12,8 @@ tokenizer settings), in one run:
   and 2 workers over several epochs: steady rate after the first batch, the time to the
   first batch, and the rate with start-up included. Each run starts with the loader's
   per-process caches cleared, so it indexes and verifies every shard again (in its
-  first epoch, in each process that reads it); best of two runs;
+  first epoch, in each process that reads it); the run with the best steady rate of
+  `--runs` (5; a busy machine slows some runs a lot, as it does some cat runs);
 - the tiny preset's training step (forward + backward + AdamW, batch 4 x seq 128, one
   thread, like one rank of `make demo`), when the `model` package is importable.
 Goals from the issue: loader >= 0.5 x raw read rate; loader >= 100 x the tiny step's
@@ -88,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=5, help="loader runs per worker count")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
     a = ap.parse_args(argv)
 
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
         cfg = {"sources": shards, "seq_len": a.seq_len, "micro_batch_size": a.batch,
                "num_workers": nw, "epochs": a.epochs, "shuffle_buffer": 1024, "seed": 0}
         best = None
-        for _ in range(2):
+        for _ in range(a.runs):
             clear_cache()  # each run verifies and indexes every shard anew (cold, per process)
             t0 = time.perf_counter()
             it = iter(build_loader(cfg))
