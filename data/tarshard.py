@@ -282,7 +282,7 @@ def iter_samples(raw, name: str, *, vocab_size: int | None = None,
         yield key, tokens, at
 
 
-# -- local shards: one mmap, an index built once per process, a digest checked once --------
+# -- local shards: one read each, an index built and a digest checked once per process --
 _ZERO = bytes(BLOCK)
 
 
@@ -450,7 +450,7 @@ def _walk(buf, size: int, name: str) -> _Index:
 
 _INDEX: OrderedDict[tuple, _Index] = OrderedDict()  # file identity -> index, LRU
 _INDEX_SAMPLES = [0]  # samples held in _INDEX
-INDEX_CACHE_SAMPLES = 1 << 21  # at most this many samples' entries are kept (~70 MB)
+INDEX_CACHE_SAMPLES = 1 << 20  # at most this many samples' entries are kept (~35 MB)
 _VERIFIED: dict[tuple, str] = {}  # file identity -> the sha256 it was checked to have
 _VERIFIED_MAX = 1 << 20
 MMAP_ABOVE = 64 << 20  # shards larger than this are mapped; smaller ones read in one call
@@ -592,7 +592,7 @@ def map_shard(path: str, name: str | None = None, *, vocab_size: int | None = No
             raise error or ShardError(name, None, f"sha256 mismatch after {size} bytes "
                                       f"(corrupt data; manifest says {expect_sha256[:16]}...)")
         if ident is not None:
-            if len(_VERIFIED) >= _VERIFIED_MAX:
+            if len(_VERIFIED) >= _VERIFIED_MAX:  # a bound, not an LRU: it only costs a re-hash
                 _VERIFIED.clear()
             _VERIFIED[ident] = digest
     return MappedShard(name, buf, index, n, error)
