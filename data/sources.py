@@ -255,15 +255,22 @@ def open_shard(url: str, *, retries: int = 3, backoff: float = 0.5, timeout: flo
         return _PipeStream(url[5:])
     if _is_url(url):
         return _HttpStream(url, retries, backoff, timeout, on_retry)
+    return _retry_local(url, lambda: open(url.removeprefix("file://"), "rb"), retries, backoff,
+                        on_retry)
+
+
+def _retry_local(url: str, opener, retries: int, backoff: float, on_retry):
+    """`opener()`, retried with doubling backoff on OSError (not on a missing file, which
+    does not come back); SourceError naming `url` when every attempt failed."""
     delay = backoff
     last: Exception | None = None
     for attempt in range(retries + 1):
         try:
-            return open(url.removeprefix("file://"), "rb")
+            return opener()
         except OSError as e:
             last = e
             if isinstance(e, FileNotFoundError):
-                break  # a missing local file does not come back
+                break
             if attempt < retries:
                 if on_retry is not None:
                     on_retry(url, e)
@@ -285,18 +292,6 @@ def map_local(url: str, *, retries: int = 3, backoff: float = 0.5, on_retry=None
     path = local_path(url)
     if path is None:
         raise ValueError(f"not a local shard: {url!r}")
-    delay = backoff
-    last: Exception | None = None
-    for attempt in range(retries + 1):
-        try:
-            return map_shard(path, url, vocab_size=vocab_size, expect_sha256=expect_sha256)
-        except OSError as e:
-            last = e
-            if isinstance(e, FileNotFoundError):
-                break  # a missing local file does not come back
-            if attempt < retries:
-                if on_retry is not None:
-                    on_retry(url, e)
-                time.sleep(delay)
-                delay *= 2
-    raise SourceError(f"cannot open {url} after {retries + 1} attempts: {last}")
+    return _retry_local(
+        url, lambda: map_shard(path, url, vocab_size=vocab_size, expect_sha256=expect_sha256),
+        retries, backoff, on_retry)

@@ -199,6 +199,15 @@ def _octal(field: bytes, name: str, offset: int) -> int:
         raise ShardError(name, offset, f"corrupt tar header (bad number {field!r})") from None
 
 
+def _header_name(h: bytes) -> str:
+    """The member name in a 512-byte tar header (ustar prefix joined)."""
+    mname = h[:100].rstrip(b"\0").decode("utf-8", "replace")
+    prefix = h[345:500].rstrip(b"\0")
+    if h[257:262] == b"ustar" and prefix:
+        mname = prefix.decode("utf-8", "replace") + "/" + mname
+    return mname
+
+
 def iter_members(raw, name: str, *, expect_sha256: str | None = None
                  ) -> Iterator[tuple[str, bytes, int]]:
     """Yield `(member name, data, header offset)` of the regular files of a tar stream."""
@@ -234,10 +243,7 @@ def iter_members(raw, name: str, *, expect_sha256: str | None = None
         if long_name is not None:
             mname, long_name = long_name, None
         else:
-            mname = h[:100].rstrip(b"\0").decode("utf-8", "replace")
-            prefix = h[345:500].rstrip(b"\0")
-            if h[257:262] == b"ustar" and prefix:
-                mname = prefix.decode("utf-8", "replace") + "/" + mname
+            mname = _header_name(h)
         yield mname, data, off
     if expect_sha256 is not None and s.sha.hexdigest() != expect_sha256:
         raise ShardError(name, None, f"sha256 mismatch after {s.offset} bytes "
@@ -328,6 +334,16 @@ def _walk(buf, size: int, name: str) -> _Index:
     long_name: str | None = None
     long_at: set[int] = set()  # samples whose key came from a long name
     from_long = key_long = False  # this member's name / the open sample's key was long
+
+    def close(key: str, tok: tuple[int, int, bool, int] | None, at: int) -> None:
+        """Record the finished sample `key` (its tokens member `tok`, header at `at`)."""
+        if tok is None:
+            raise ShardError(name, at, f"sample {key!r} has no tokens member")
+        keys.append(key)
+        start.append(tok[0])
+        count.append(tok[1])
+        wide.append(tok[2])
+        member.append(tok[3])
     try:
         while True:
             left = size - off
@@ -371,20 +387,11 @@ def _walk(buf, size: int, name: str) -> _Index:
             if from_long:
                 mname, long_name = long_name, None
             else:
-                mname = h[:100].rstrip(b"\0").decode("utf-8", "replace")
-                prefix = h[345:500].rstrip(b"\0")
-                if h[257:262] == b"ustar" and prefix:
-                    mname = prefix.decode("utf-8", "replace") + "/" + mname
+                mname = _header_name(h)
             k, ext = split_key(mname)
             if k != key:
                 if key is not None:
-                    if tok is None:
-                        raise ShardError(name, at, f"sample {key!r} has no tokens member")
-                    keys.append(key)
-                    start.append(tok[0])
-                    count.append(tok[1])
-                    wide.append(tok[2])
-                    member.append(tok[3])
+                    close(key, tok, at)
                 key, tok, at = k, None, off
                 key_long = from_long
                 if from_long:
@@ -399,13 +406,7 @@ def _walk(buf, size: int, name: str) -> _Index:
                 tok = (data_at, msize // dt.itemsize, dt.itemsize == 4, off)
             off = nxt
         if key is not None:
-            if tok is None:
-                raise ShardError(name, at, f"sample {key!r} has no tokens member")
-            keys.append(key)
-            start.append(tok[0])
-            count.append(tok[1])
-            wide.append(tok[2])
-            member.append(tok[3])
+            close(key, tok, at)
     except ShardError as e:
         err = (e.offset, e.msg)
     n = len(keys)
