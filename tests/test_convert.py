@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from trainrun import ROOT, env, run
+from trainrun import ROOT, env, random_checkpoint, run
 
 from data.tokenizer import Tokenizer
 from model import LargeConfig, build_model, load_model_config
@@ -85,15 +85,6 @@ def hf_dir(large_ckpt, tmp_path_factory) -> Path:
     proc = convert_cli(large_ckpt.parent, "--to", "hf", out)  # a checkpoint root: its latest
     assert "peak RSS" in proc.stdout
     return out
-
-
-def random_checkpoint(tmp: Path, model_cfg: dict, tok_dir: Path, seed: int = 0) -> Path:
-    """A complete checkpoint folder of a freshly initialized model (no training)."""
-    cfg = load_model_config(model_cfg)
-    torch.manual_seed(seed)
-    sd = build_model(cfg).state_dict()
-    return cv.write_checkpoint(tmp, cfg, lambda k: sd[k], Tokenizer.load(str(tok_dir)),
-                               overwrite=True)
 
 
 # ------------------------------------------------------------------ --to hf

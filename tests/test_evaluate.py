@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from trainrun import ROOT, env, run
+from trainrun import ROOT, env, random_checkpoint, run
 
 from data.tokenizer import Tokenizer
 from model import build_model, load_model_config
@@ -59,14 +59,6 @@ def trained(tmp_path_factory, corpus, small_text) -> Path:
          "train.log_every=50", "checkpoint.every=200", "schedule.warmup_steps=5",
          "optimizer.lr=5e-3", "eval.batches=1", "hardware.peak_flops=1e11"])
     return run_dir / "checkpoints" / "step-000200"
-
-
-def random_checkpoint(tmp: Path, model_cfg: dict, tok_dir: Path, seed: int = 0) -> Path:
-    cfg = load_model_config(model_cfg)
-    torch.manual_seed(seed)
-    sd = build_model(cfg).state_dict()
-    return cv.write_checkpoint(tmp, cfg, lambda k: sd[k], Tokenizer.load(str(tok_dir)),
-                               overwrite=True)
 
 
 def direct_doc_nll(model: torch.nn.Module, ids: list[int], eos: int) -> float:

@@ -1,6 +1,6 @@
 """Helpers for tests that run the real trainer: commands, environments, kills, logs.
 
-Used by test_train.py and the backend/launcher/conversion tests; the `corpus`
+Used by test_train.py and the backend/launcher/conversion/evaluation tests; the `corpus`
 fixture (tokenizer + shards of the demo corpus) is in conftest.py.
 """
 
@@ -17,6 +17,21 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def random_checkpoint(tmp: Path, model_cfg: dict, tok_dir: Path, seed: int = 0) -> Path:
+    """A complete checkpoint folder of a freshly initialized model (no training)."""
+    import torch
+
+    from data.tokenizer import Tokenizer
+    from model import build_model, load_model_config
+    from pretrain import convert
+
+    cfg = load_model_config(model_cfg)
+    torch.manual_seed(seed)
+    sd = build_model(cfg).state_dict()
+    return convert.write_checkpoint(tmp, cfg, lambda k: sd[k], Tokenizer.load(str(tok_dir)),
+                                    overwrite=True)
 
 
 def overrides(run_dir: Path, corpus, *extra: str, procs: int = 2) -> list[str]:
