@@ -55,8 +55,9 @@ Decisions:
   checkpoint at any world size, stage and precision: `deepspeed/` through the
   consolidated fp32 weights (`load_deepspeed_weights`), `model_optim/` (an FSDP
   or single-process run, or a model imported with `python -m pretrain.convert
-  --from hf --to ours`) one tensor at a time (`checkpoint.DCPWeights`). A full
-  load of a `model_optim/` checkpoint is refused naming --fresh-optimizer.
+  --from hf --to ours`) one tensor at a time; both through the reader that
+  conversion uses (`convert.read_checkpoint_weights`). A full load of a
+  `model_optim/` checkpoint is refused naming --fresh-optimizer.
 - One process without torchrun: a one-rank gloo group (in-process store) is
   made for DeepSpeed, which always wants one.
 - `load_deepspeed_weights(folder)`: consolidated fp32 model state dict from a
@@ -79,7 +80,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import DCPWeights, read_trainer_state
+from .checkpoint import read_trainer_state
 from .config import TrainConfig
 from .optim import build_optimizer
 
@@ -271,7 +272,9 @@ class DeepSpeedEngine:
         folder = Path(folder)
         target = folder / SUBDIR
         if not with_optimizer:  # weights of any backend's checkpoint (an imported one included)
-            self._load_weights(checkpoint_weights(folder))
+            from .convert import read_checkpoint_weights
+
+            self._load_weights(read_checkpoint_weights(folder))
             return
         if not (target / TAG).is_dir():
             if (folder / "model_optim").is_dir():
@@ -427,19 +430,6 @@ def layout_changes(meta: dict[str, Any], world_size: int, zero_stage: int,
     if saved_precision is not None and saved_precision != precision:
         out.append(f"saved with distributed.precision={saved_precision}, this run has {precision}")
     return out
-
-
-def checkpoint_weights(folder: str | Path) -> Mapping[str, torch.Tensor]:
-    """Full model tensors of a complete checkpoint folder of any backend, for a
-    weights-only start: deepspeed/ (consolidated fp32) or model_optim/ (DCP, one
-    tensor per access: an FSDP or single-process checkpoint, or one imported with
-    `python -m pretrain.convert --from hf --to ours`)."""
-    folder = Path(folder)
-    if (folder / SUBDIR / TAG).is_dir():
-        return load_deepspeed_weights(folder)
-    if (folder / "model_optim").is_dir():
-        return DCPWeights(folder / "model_optim")
-    raise FileNotFoundError(f"{folder}: neither {SUBDIR}/{TAG}/ nor model_optim/ (no weights)")
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
