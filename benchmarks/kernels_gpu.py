@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import kernels  # noqa: E402
+import xlstm_kernels  # noqa: E402
 
 DRY = ARGS.cpu_dry_run
 
@@ -93,8 +93,8 @@ def _check_chunkwise(rn, g, dev, B, NH, S, DQK, DV, L, dtype) -> float:
 
     xt = [t.clone().requires_grad_() for t in ins]
     x64 = [t.detach().double().requires_grad_() for t in ins]
-    lt, ot = loss(kernels.mlstm_chunkwise, xt, chunk_size=L, backend="triton")
-    l64, o64 = loss(kernels.mlstm_parallel, x64)
+    lt, ot = loss(xlstm_kernels.mlstm_chunkwise, xt, chunk_size=L, backend="triton")
+    l64, o64 = loss(xlstm_kernels.mlstm_parallel, x64)
     lt.backward()
     l64.backward()
     return max([rel(a, b) for a, b in zip(ot, o64)]
@@ -117,10 +117,10 @@ def check_all(dev) -> list[tuple[str, float, float]]:
     # step vs recurrent, token by token
     q, k, v = rn(B, NH, 6, DQK), rn(B, NH, 6, DQK), rn(B, NH, 6, DV)
     i, f = rn(B, NH, 6, scale=2.0), rn(B, NH, 6, shift=2.0)
-    href = kernels.mlstm_recurrent(q.double(), k.double(), v.double(), i.double(), f.double())
+    href = xlstm_kernels.mlstm_recurrent(q.double(), k.double(), v.double(), i.double(), f.double())
     state, hs = None, []
     for t in range(6):
-        h, state = kernels.mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t],
+        h, state = xlstm_kernels.mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t],
                                       f[:, :, t], state, backend="triton")
         hs.append(h)
     out.append(("step vs recurrent", rel(torch.stack(hs, 2), href), 1e-5))
@@ -130,8 +130,8 @@ def check_all(dev) -> list[tuple[str, float, float]]:
     R = rn(NH, 4, DH, DH, scale=0.3)
     xt, Rt = x.clone().requires_grad_(), R.clone().requires_grad_()
     x64, R64 = x.double().requires_grad_(), R.double().requires_grad_()
-    ht = kernels.slstm_sequence(xt, Rt, backend="triton")
-    h64 = kernels.slstm_sequence(x64, R64, backend="torch")
+    ht = xlstm_kernels.slstm_sequence(xt, Rt, backend="triton")
+    h64 = xlstm_kernels.slstm_sequence(x64, R64, backend="torch")
     wt = rn(*h64.shape).double()
     (ht.double() * wt).sum().backward()
     (h64 * wt).sum().backward()
@@ -285,7 +285,7 @@ def bench_shape(rows, dev, official, chunks, reps, warmup, tokens, NH, S, DQK, D
 
     for L in chunks:
         add(f"ours triton chunk={L}",
-            lambda L=L: kernels.mlstm_chunkwise(*ins, chunk_size=L, backend="triton"),
+            lambda L=L: xlstm_kernels.mlstm_chunkwise(*ins, chunk_size=L, backend="triton"),
             mlstm_flops(B, NH, S, DQK, DV, L))
     for name, fn in official.items():
         call, chunk = _official_call(fn, name)

@@ -1,9 +1,9 @@
 """CPU speed and memory of the torch mLSTM chunkwise op against its competitors.
 
 Compares, in one run and at the same shapes (B=1, NH=4, DQK=64, DV=128, fp32):
-  ours      kernels.mlstm_chunkwise(backend="torch")
+  ours      xlstm_kernels.mlstm_chunkwise(backend="torch")
   official  mlstm_kernels "chunkwise--native_autograd"
-  parallel  kernels.mlstm_parallel (quadratic form)
+  parallel  xlstm_kernels.mlstm_parallel (quadratic form)
 for forward and forward+backward. Times: the best of --reps runs, the
 implementations interleaved round-robin in one process (load from other jobs on
 a shared machine then hits all alike). Memory: one run per case in a fresh
@@ -39,11 +39,11 @@ def make_fn(impl: str, chunk: int):
 
         official = get_mlstm_kernel("chunkwise--native_autograd")
         return lambda *xs: official(*xs, chunk_size=chunk)
-    import kernels
+    import xlstm_kernels
 
     if impl == "ours":
-        return lambda *xs: kernels.mlstm_chunkwise(*xs, chunk_size=chunk, backend="torch")
-    return kernels.mlstm_parallel
+        return lambda *xs: xlstm_kernels.mlstm_chunkwise(*xs, chunk_size=chunk, backend="torch")
+    return xlstm_kernels.mlstm_parallel
 
 
 def run_once(fn, inputs, mode: str) -> float:

@@ -43,7 +43,7 @@ Each batch is a dict:
     input_ids  LongTensor (B, S)
     labels     LongTensor (B, S)   next-token targets, already shifted
     reset      BoolTensor (B, S)   True where the recurrent state must be zeroed
-                                   (pass to kernels.mlstm_chunkwise(..., reset=reset))
+                                   (pass to xlstm_kernels.mlstm_chunkwise(..., reset=reset))
 Rows are cut from a stream `doc0 EOS doc1 EOS ...`: the loader takes S+1 tokens per
 row and returns input_ids = row[:-1], labels = row[1:]; consecutive rows overlap by one
 token, so every token is an input exactly once. The loss must use

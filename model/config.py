@@ -83,7 +83,7 @@ class XLSTMConfig:
     mlstm: MLSTMBlockConfig = field(default_factory=MLSTMBlockConfig)
     slstm: SLSTMBlockConfig = field(default_factory=SLSTMBlockConfig)
     backend: Backend = "auto"
-    """Kernel backend passed to the `kernels` ops."""
+    """Kernel backend passed to the `xlstm_kernels` ops."""
     chunk_size: int = 64
     """Chunk length of the chunkwise mLSTM op."""
     cell_eps: float = 1e-6

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+import xlstm_kernels
 
 from .config import LargeConfig
 from .generate import GenerationMixin
@@ -80,13 +80,13 @@ class MLSTMLayer(nn.Module):
         i = soft_cap(self.igate(x), cap).transpose(1, 2)  # (B, NH, S)
         f = soft_cap(self.fgate(x), cap).transpose(1, 2)
         if step:
-            h, state = kernels.mlstm_step(
+            h, state = xlstm_kernels.mlstm_step(
                 q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state,
                 eps=eps, backend=backend,
             )
             h = h[:, :, None]
         else:
-            h, state = kernels.mlstm_chunkwise(
+            h, state = xlstm_kernels.mlstm_chunkwise(
                 q, k, v, i, f, chunk_size=self.cfg.chunk_size, initial_state=state,
                 return_last_state=True, reset=reset, eps=eps, backend=backend,
             )

@@ -16,7 +16,7 @@ sLSTM block (post up-projection):
     x = x + GroupNorm_heads(sLSTM(i~, f~, z~, o~; R))
     x = x + W_down(act(W_gate LN(x)) * W_up LN(x))               (gated MLP)
 
-The cell math is in `kernels` (mlstm_chunkwise / mlstm_step, slstm_sequence /
+The cell math is in `xlstm_kernels` (mlstm_chunkwise / mlstm_step, slstm_sequence /
 slstm_step); every block carries a recurrent state for generation:
 mLSTM (conv buffer, (C, n, m)), sLSTM (conv buffer, (h, c, n, m)).
 Initialization mirrors the official `xlstm` package (`reset_parameters`).
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+import xlstm_kernels
 
 from .config import XLSTMConfig
 from .generate import GenerationMixin
@@ -93,13 +93,13 @@ class MLSTMLayer(nn.Module):
         q, k, v, i, f = heads(q), heads(k), heads(v), i.transpose(1, 2), f.transpose(1, 2)
         eps, backend = self.cfg.cell_eps, self.cfg.backend
         if step:
-            h, cell_state = kernels.mlstm_step(
+            h, cell_state = xlstm_kernels.mlstm_step(
                 q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], cell_state,
                 eps=eps, backend=backend,
             )
             h = h[:, :, None]
         else:
-            h, cell_state = kernels.mlstm_chunkwise(
+            h, cell_state = xlstm_kernels.mlstm_chunkwise(
                 q, k, v, i, f, chunk_size=self.cfg.chunk_size, initial_state=cell_state,
                 return_last_state=True, reset=reset, eps=eps, backend=backend,
             )
@@ -154,10 +154,10 @@ class SLSTMLayer(nn.Module):
         gates = gates.unflatten(-1, (self.num_heads, self.head_dim))  # (B, S, 4, NH, DH)
         gates = gates.permute(0, 3, 1, 2, 4) + self.bias[:, None]  # (B, NH, S, 4, DH)
         if step:
-            h, cell_state = kernels.slstm_step(gates[:, :, 0], self.R, cell_state, backend=self.cfg.backend)
+            h, cell_state = xlstm_kernels.slstm_step(gates[:, :, 0], self.R, cell_state, backend=self.cfg.backend)
             h = h[:, :, None]
         else:
-            h, cell_state = kernels.slstm_sequence(
+            h, cell_state = xlstm_kernels.slstm_sequence(
                 gates, self.R, initial_state=cell_state, return_last_state=True, reset=reset,
                 backend=self.cfg.backend,
             )

@@ -1,4 +1,4 @@
 """The training job: config, distributed engines, checkpoints, tracking, evaluation, conversion.
 
-Imports run one way: pretrain -> model -> kernels, pretrain -> data.
+Imports run one way: pretrain -> model -> xlstm_kernels, pretrain -> data.
 """

@@ -475,9 +475,9 @@ def test_endless_stream_over_unreadable_shards_fails_instead_of_hanging():
 
 
 def test_reset_mask_makes_packed_rows_equal_documents_run_alone():
-    """The batch's `reset` fed to kernels.mlstm_chunkwise gives, on every document piece
+    """The batch's `reset` fed to xlstm_kernels.mlstm_chunkwise gives, on every document piece
     of a row, exactly the output of that piece run alone (the state restarts)."""
-    import kernels
+    import xlstm_kernels
 
     batches = take(build_loader(cfg(seq_len=80, micro_batch_size=3)), 20)
     b = max(batches, key=lambda x: int(x["reset"].sum()))  # the most documents
@@ -486,13 +486,13 @@ def test_reset_mask_makes_packed_rows_equal_documents_run_alone():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(bsz, 2, s, 8, generator=g, dtype=torch.float64) for _ in range(3))
     i, f = (torch.randn(bsz, 2, s, generator=g, dtype=torch.float64) * 2 for _ in range(2))
-    h = kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, reset=reset)
+    h = xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, reset=reset)
     pieces = 0
     for r in range(bsz):
         cuts = torch.nonzero(reset[r]).flatten().tolist() + [s]
         assert cuts[0] == 0
         for lo, hi in zip(cuts, cuts[1:]):
-            alone = kernels.mlstm_chunkwise(q[r:r + 1, :, lo:hi], k[r:r + 1, :, lo:hi],
+            alone = xlstm_kernels.mlstm_chunkwise(q[r:r + 1, :, lo:hi], k[r:r + 1, :, lo:hi],
                                             v[r:r + 1, :, lo:hi], i[r:r + 1, :, lo:hi],
                                             f[r:r + 1, :, lo:hi], chunk_size=16)
             torch.testing.assert_close(h[r:r + 1, :, lo:hi], alone, rtol=1e-9, atol=1e-10)

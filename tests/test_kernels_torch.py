@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import xlstm_kernels
 
 F64 = torch.float64
 
@@ -56,18 +56,18 @@ def unstabilized_mlstm(q, k, v, i, f):
 def test_stabilized_math_equals_unstabilized_recurrence():
     q, k, v, i, f = make_inputs(S=20, gate_scale=1.0)
     ref = unstabilized_mlstm(q, k, v, i, f)
-    for fn in (kernels.mlstm_parallel, kernels.mlstm_recurrent):
+    for fn in (xlstm_kernels.mlstm_parallel, xlstm_kernels.mlstm_recurrent):
         assert rel(fn(q, k, v, i, f, eps=0.0), ref) < 1e-12
-    assert rel(kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=7, eps=0.0), ref) < 1e-12
+    assert rel(xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=7, eps=0.0), ref) < 1e-12
 
 
 @pytest.mark.parametrize("S", [1, 7, 63, 64, 65, 200])
 @pytest.mark.parametrize("chunk", [1, 16, 48, 64])
 def test_three_forms_agree_float64(S, chunk):
     q, k, v, i, f = make_inputs(S=S, seed=S)
-    hp, sp = kernels.mlstm_parallel(q, k, v, i, f, return_last_state=True)
-    hr, sr = kernels.mlstm_recurrent(q, k, v, i, f, return_last_state=True)
-    hc, sc = kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=chunk, return_last_state=True)
+    hp, sp = xlstm_kernels.mlstm_parallel(q, k, v, i, f, return_last_state=True)
+    hr, sr = xlstm_kernels.mlstm_recurrent(q, k, v, i, f, return_last_state=True)
+    hc, sc = xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=chunk, return_last_state=True)
     assert rel(hc, hp) < 1e-6 and rel(hr, hp) < 1e-6
     for a, b, c in zip(sc, sp, sr):
         assert rel(a, b) < 1e-6 and rel(c, b) < 1e-6
@@ -96,9 +96,9 @@ def test_gradients_match_float64_oracle(S, chunk, with_state, with_reset):
         loss.backward()
         return [x.grad for x in xs] + ([t.grad for t in st] if st is not None else [])
 
-    ref = grads(kernels.mlstm_parallel)
-    got = grads(kernels.mlstm_chunkwise, chunk_size=chunk)
-    rec = grads(kernels.mlstm_recurrent)
+    ref = grads(xlstm_kernels.mlstm_parallel)
+    got = grads(xlstm_kernels.mlstm_chunkwise, chunk_size=chunk)
+    rec = grads(xlstm_kernels.mlstm_recurrent)
     for name, a, b, c in zip(["q", "k", "v", "i", "f", "C0", "n0", "m0"], got, ref, rec):
         assert rel(a, b) < 1e-6, name
         assert rel(c, b) < 1e-6, name
@@ -109,9 +109,9 @@ def test_gradient_through_normalizer_denominator_is_kept():
     the raw h with no norm after it, gates chosen so that the max picks |q.n|."""
     q, k, v, i, f = make_inputs(S=24, gate_scale=0.5)
     xs = [t.clone().requires_grad_() for t in (q, k, v, i, f)]
-    kernels.mlstm_chunkwise(*xs, chunk_size=8).pow(2).sum().backward()
+    xlstm_kernels.mlstm_chunkwise(*xs, chunk_size=8).pow(2).sum().backward()
     numeric = torch.autograd.gradcheck(
-        lambda q_: kernels.mlstm_chunkwise(q_, k, v, i, f, chunk_size=8).pow(2).sum(),
+        lambda q_: xlstm_kernels.mlstm_chunkwise(q_, k, v, i, f, chunk_size=8).pow(2).sum(),
         (q.clone().requires_grad_(),),
     )
     assert numeric
@@ -121,11 +121,11 @@ def test_gradient_through_normalizer_denominator_is_kept():
 @pytest.mark.parametrize("split", [1, 17, 32, 50])
 def test_state_passing_equals_full_run(split):
     q, k, v, i, f = make_inputs(S=51, seed=11)
-    full, full_state = kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, return_last_state=True)
-    h1, s1 = kernels.mlstm_chunkwise(
+    full, full_state = xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, return_last_state=True)
+    h1, s1 = xlstm_kernels.mlstm_chunkwise(
         *(t[:, :, :split] for t in (q, k, v, i, f)), chunk_size=16, return_last_state=True
     )
-    h2, s2 = kernels.mlstm_chunkwise(
+    h2, s2 = xlstm_kernels.mlstm_chunkwise(
         *(t[:, :, split:] for t in (q, k, v, i, f)), chunk_size=16, initial_state=s1,
         return_last_state=True,
     )
@@ -143,16 +143,16 @@ def test_reset_equals_documents_run_alone(fn):
     for b, st in enumerate(starts):
         reset[b, st] = True
     op = {
-        "chunkwise": lambda *a, **kw: kernels.mlstm_chunkwise(*a, chunk_size=16, **kw),
-        "parallel": kernels.mlstm_parallel,
-        "recurrent": kernels.mlstm_recurrent,
+        "chunkwise": lambda *a, **kw: xlstm_kernels.mlstm_chunkwise(*a, chunk_size=16, **kw),
+        "parallel": xlstm_kernels.mlstm_parallel,
+        "recurrent": xlstm_kernels.mlstm_recurrent,
     }[fn]
     # a non-zero initial state must be dropped by the reset at position 0
     packed = op(q, k, v, i, f, reset=reset, initial_state=make_state(B, NH, 8, 12))
     for b, st in enumerate(starts):
         bounds = st + [S]
         for s0, s1 in zip(bounds[:-1], bounds[1:]):
-            alone = kernels.mlstm_parallel(*(t[b : b + 1, :, s0:s1] for t in (q, k, v, i, f)))
+            alone = xlstm_kernels.mlstm_parallel(*(t[b : b + 1, :, s0:s1] for t in (q, k, v, i, f)))
             assert rel(packed[b : b + 1, :, s0:s1], alone) < 1e-10, (b, s0, s1)
 
 
@@ -163,7 +163,7 @@ def test_bf16_inputs_extreme_gates_long_sequence_are_finite():
     sign = torch.where(torch.rand(B, NH, S, generator=g) < 0.5, -1.0, 1.0)
     i = (50 * sign).bfloat16().requires_grad_()
     f = (-50 * sign.flip(-1)).bfloat16().requires_grad_()
-    h, (C, n, m) = kernels.mlstm_chunkwise(q, k, v, i, f, return_last_state=True)
+    h, (C, n, m) = xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, return_last_state=True)
     assert h.dtype == torch.bfloat16 and C.dtype == torch.float32 and m.dtype == torch.float32
     assert torch.isfinite(h).all() and torch.isfinite(C).all()
     (h.float().sum() + C.sum() + n.sum()).backward()
@@ -177,18 +177,18 @@ def test_low_precision_inputs_track_float64():
     inputs = make_inputs(S=100, seed=2)
     for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)):
         low = [t.to(dt) for t in inputs]
-        ref = kernels.mlstm_parallel(*(t.double() for t in low))
-        h = kernels.mlstm_chunkwise(*low, chunk_size=32)
+        ref = xlstm_kernels.mlstm_parallel(*(t.double() for t in low))
+        h = xlstm_kernels.mlstm_chunkwise(*low, chunk_size=32)
         assert h.dtype == dt
         assert rel(h, ref) < tol, dt
 
 
 def test_step_equals_sequence():
     q, k, v, i, f = make_inputs(S=9)
-    seq, seq_state = kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=4, return_last_state=True)
+    seq, seq_state = xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=4, return_last_state=True)
     state = None
     for t in range(9):
-        h, state = kernels.mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], state)
+        h, state = xlstm_kernels.mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], state)
         assert rel(h, seq[:, :, t]) < 1e-10
     for a, b in zip(state, seq_state):
         assert rel(a, b) < 1e-10
@@ -221,34 +221,34 @@ def unstabilized_slstm(x, R):
 
 def test_slstm_matches_unstabilized_recurrence():
     x, R = slstm_inputs()
-    assert rel(kernels.slstm_sequence(x, R), unstabilized_slstm(x, R)) < 1e-12
+    assert rel(xlstm_kernels.slstm_sequence(x, R), unstabilized_slstm(x, R)) < 1e-12
 
 
 def test_slstm_state_passing_reset_and_step():
     x, R = slstm_inputs(S=30)
-    full, last = kernels.slstm_sequence(x, R, return_last_state=True)
-    h1, s1 = kernels.slstm_sequence(x[:, :, :11], R, return_last_state=True)
-    h2, s2 = kernels.slstm_sequence(x[:, :, 11:], R, initial_state=s1, return_last_state=True)
+    full, last = xlstm_kernels.slstm_sequence(x, R, return_last_state=True)
+    h1, s1 = xlstm_kernels.slstm_sequence(x[:, :, :11], R, return_last_state=True)
+    h2, s2 = xlstm_kernels.slstm_sequence(x[:, :, 11:], R, initial_state=s1, return_last_state=True)
     assert rel(torch.cat([h1, h2], 2), full) < 1e-12
     state = None
     for t in range(30):
-        h, state = kernels.slstm_step(x[:, :, t], R, state)
+        h, state = xlstm_kernels.slstm_step(x[:, :, t], R, state)
         assert rel(h, full[:, :, t]) < 1e-12
     reset = torch.zeros(2, 30, dtype=torch.bool)
     reset[:, [0, 11]] = True
-    packed = kernels.slstm_sequence(x, R, reset=reset, initial_state=s1)
-    assert rel(packed[:, :, 11:], kernels.slstm_sequence(x[:, :, 11:], R)) < 1e-12
+    packed = xlstm_kernels.slstm_sequence(x, R, reset=reset, initial_state=s1)
+    assert rel(packed[:, :, 11:], xlstm_kernels.slstm_sequence(x[:, :, 11:], R)) < 1e-12
     assert rel(packed[:, :, :11], h1) < 1e-12
 
 
 def test_slstm_gradcheck_and_extreme_gates():
     x, R = slstm_inputs(B=1, NH=2, S=6, DH=3)
     assert torch.autograd.gradcheck(
-        lambda a, b: kernels.slstm_sequence(a, b), (x.requires_grad_(), R.requires_grad_())
+        lambda a, b: xlstm_kernels.slstm_sequence(a, b), (x.requires_grad_(), R.requires_grad_())
     )
     xb = (torch.sign(torch.randn(1, 2, 512, 4, 8)) * 50).bfloat16().requires_grad_()
     Rb = torch.randn(2, 4, 8, 8).requires_grad_()
-    h = kernels.slstm_sequence(xb, Rb)
+    h = xlstm_kernels.slstm_sequence(xb, Rb)
     h.float().sum().backward()
     assert torch.isfinite(h).all() and torch.isfinite(xb.grad).all() and torch.isfinite(Rb.grad).all()
 
@@ -259,43 +259,43 @@ def test_slstm_gradcheck_and_extreme_gates():
 def test_bad_inputs_name_argument_and_shapes():
     q, k, v, i, f = make_inputs(B=2, NH=2, S=10, DQK=8, DV=12)
     with pytest.raises(ValueError, match=r"q: got shape \(2, 10, 8\), expected \(B, NH, S, DQK\)"):
-        kernels.mlstm_chunkwise(q[:, 0], k, v, i, f)
+        xlstm_kernels.mlstm_chunkwise(q[:, 0], k, v, i, f)
     with pytest.raises(ValueError, match=r"k: got shape \(2, 2, 9, 8\)"):
-        kernels.mlstm_chunkwise(q, k[:, :, :9], v, i, f)
+        xlstm_kernels.mlstm_chunkwise(q, k[:, :, :9], v, i, f)
     with pytest.raises(ValueError, match=r"v: got shape \(2, 3, 10, 12\).*\(2, 2, 10\)"):
-        kernels.mlstm_chunkwise(q, k, torch.cat([v, v[:, :1]], 1), i, f)
+        xlstm_kernels.mlstm_chunkwise(q, k, torch.cat([v, v[:, :1]], 1), i, f)
     with pytest.raises(ValueError, match=r"f: got shape \(2, 2, 11\), expected \(B, NH, S\) = \(2, 2, 10\)"):
-        kernels.mlstm_chunkwise(q, k, v, i, F.pad(f, (0, 1)))
+        xlstm_kernels.mlstm_chunkwise(q, k, v, i, F.pad(f, (0, 1)))
     bad_state = make_state(2, 2, 8, 11)
     with pytest.raises(ValueError, match=r"initial_state.C: got shape \(2, 2, 8, 11\).*\(2, 2, 8, 12\)"):
-        kernels.mlstm_chunkwise(q, k, v, i, f, initial_state=bad_state)
+        xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, initial_state=bad_state)
     with pytest.raises(ValueError, match=r"reset: got shape \(2, 9\), expected \(B, S\) = \(2, 10\)"):
-        kernels.mlstm_chunkwise(q, k, v, i, f, reset=torch.zeros(2, 9, dtype=torch.bool))
+        xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, reset=torch.zeros(2, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match="reset: got dtype torch.int64"):
-        kernels.mlstm_chunkwise(q, k, v, i, f, reset=torch.zeros(2, 10, dtype=torch.long))
+        xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, reset=torch.zeros(2, 10, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk_size: got 0"):
-        kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=0)
+        xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=0)
     with pytest.raises(ValueError, match="backend: got 'cuda'"):
-        kernels.mlstm_chunkwise(q, k, v, i, f, backend="cuda")
+        xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, backend="cuda")
     with pytest.raises(ValueError, match=r"state.m: got shape \(2,\)"):
-        kernels.mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
+        xlstm_kernels.mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
                            (torch.zeros(2, 2, 8, 12), torch.zeros(2, 2, 8), torch.zeros(2)))
     x, R = slstm_inputs(NH=3, DH=4)
     with pytest.raises(ValueError, match=r"R: got shape \(3, 4, 4, 5\), expected \(NH, 4, DH, DH\)"):
-        kernels.slstm_sequence(x, torch.zeros(3, 4, 4, 5, dtype=F64))
+        xlstm_kernels.slstm_sequence(x, torch.zeros(3, 4, 4, 5, dtype=F64))
     with pytest.raises(ValueError, match=r"x: got shape .* with 4 gates"):
-        kernels.slstm_sequence(x[:, :, :, :3], R)
+        xlstm_kernels.slstm_sequence(x[:, :, :, :3], R)
 
 
 def test_backend_env_override(monkeypatch):
     q = torch.zeros(1, 1, 1, 1)
     monkeypatch.setenv("XLSTM_KERNEL_BACKEND", "torch")
-    assert kernels.resolve_backend("auto", q) == "torch"
+    assert xlstm_kernels.resolve_backend("auto", q) == "torch"
     monkeypatch.setenv("XLSTM_KERNEL_BACKEND", "triton")
-    assert kernels.resolve_backend("auto", q) == "triton"
-    assert kernels.resolve_backend("torch", q) == "torch"
+    assert xlstm_kernels.resolve_backend("auto", q) == "triton"
+    assert xlstm_kernels.resolve_backend("torch", q) == "torch"
     monkeypatch.setenv("XLSTM_KERNEL_BACKEND", "tpu")
     with pytest.raises(ValueError, match="XLSTM_KERNEL_BACKEND: got 'tpu'"):
-        kernels.resolve_backend("auto", q)
+        xlstm_kernels.resolve_backend("auto", q)
     monkeypatch.delenv("XLSTM_KERNEL_BACKEND")
-    assert kernels.resolve_backend("auto", q) == "torch"
+    assert xlstm_kernels.resolve_backend("auto", q) == "torch"

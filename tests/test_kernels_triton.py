@@ -12,8 +12,8 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import triton_ops  # noqa: E402
+import xlstm_kernels  # noqa: E402
+from xlstm_kernels import triton_ops  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -89,9 +89,9 @@ def check_chunkwise(B, NH, S, DQK, DV, L, init, reset, dtype=F32, tol=1e-4, eps=
                torch.randn(B, NH, generator=g, dtype=F64)]
     x_tr = [t.clone().requires_grad_() for t in ins]
     x_64 = [t.detach().double().requires_grad_() for t in ins]
-    l_tr, out_tr = _mlstm_loss(kernels.mlstm_chunkwise, x_tr, init, rst, weights, eps,
+    l_tr, out_tr = _mlstm_loss(xlstm_kernels.mlstm_chunkwise, x_tr, init, rst, weights, eps,
                                chunk_size=L, backend="triton")
-    l_64, out_64 = _mlstm_loss(kernels.mlstm_parallel, x_64, init, rst, weights, eps)
+    l_64, out_64 = _mlstm_loss(xlstm_kernels.mlstm_parallel, x_64, init, rst, weights, eps)
     l_tr.backward()
     l_64.backward()
     assert out_tr[0].dtype == dtype
@@ -156,8 +156,8 @@ def test_chunkwise_half_precision_is_not_fp32():
     """The bf16 path really rounds its operands (the test above is not fp32 in disguise)."""
     q, k, v, i, f = mlstm_inputs(1, 1, 40, 16, 16)
     qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
-    h16 = kernels.mlstm_chunkwise(qb, kb, vb, i, f, chunk_size=16, backend="triton")
-    h32 = kernels.mlstm_chunkwise(qb.float(), kb.float(), vb.float(), i, f, chunk_size=16,
+    h16 = xlstm_kernels.mlstm_chunkwise(qb, kb, vb, i, f, chunk_size=16, backend="triton")
+    h32 = xlstm_kernels.mlstm_chunkwise(qb.float(), kb.float(), vb.float(), i, f, chunk_size=16,
                                   backend="triton")
     assert 1e-4 < rel(h16, h32) < 2e-2
 
@@ -169,8 +169,8 @@ def test_chunkwise_gradient_of_the_last_state_alone():
     rst = random_reset(1, 45)
     x_tr = [t.clone().requires_grad_() for t in ins]
     x_64 = [t.detach().double().requires_grad_() for t in ins]
-    for fn, xs, kw in ((kernels.mlstm_chunkwise, x_tr, {"chunk_size": 16, "backend": "triton"}),
-                       (kernels.mlstm_parallel, x_64, {})):
+    for fn, xs, kw in ((xlstm_kernels.mlstm_chunkwise, x_tr, {"chunk_size": 16, "backend": "triton"}),
+                       (xlstm_kernels.mlstm_parallel, x_64, {})):
         _, (C, n, m) = fn(*xs[:5], initial_state=tuple(xs[5:]), reset=rst,
                           return_last_state=True, **kw)
         (C.double().square().sum() + n.double().sum() + 3 * m.double().sum()).backward()
@@ -188,12 +188,12 @@ def test_chunkwise_resets_equal_documents_one_by_one():
     starts = [sum(lens[:j]) for j in range(len(lens))]
     reset[0, starts] = True
     xs = [t.clone().requires_grad_() for t in (q, k, v, i, f)]
-    h = kernels.mlstm_chunkwise(*xs, chunk_size=16, reset=reset, backend="triton")
+    h = xlstm_kernels.mlstm_chunkwise(*xs, chunk_size=16, reset=reset, backend="triton")
     h.square().sum().backward()
     grads = [x.grad for x in xs]
     for s0, n in zip(starts, lens):
         part = [t[:, :, s0:s0 + n].clone().requires_grad_() for t in (q, k, v, i, f)]
-        hd = kernels.mlstm_chunkwise(*part, chunk_size=16, backend="triton")
+        hd = xlstm_kernels.mlstm_chunkwise(*part, chunk_size=16, backend="triton")
         hd.square().sum().backward()
         assert rel(h[:, :, s0:s0 + n], hd) < 1e-5
         for gfull, p in zip(grads, part):
@@ -202,20 +202,20 @@ def test_chunkwise_resets_equal_documents_one_by_one():
 
 def test_chunkwise_dispatch_env_and_auto(monkeypatch):
     q, k, v, i, f = mlstm_inputs(1, 1, 20, 16, 16)
-    ref = kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, backend="torch")
+    ref = xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, backend="torch")
     calls = []
     real = triton_ops.mlstm_chunkwise_triton
     monkeypatch.setattr(triton_ops, "mlstm_chunkwise_triton",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setenv("XLSTM_KERNEL_BACKEND", "triton")
-    out = kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=16)
+    out = xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, chunk_size=16)
     assert calls and rel(out, ref) < 1e-5
 
 
 def test_chunkwise_empty_sequence():
     q, k, v, i, f = mlstm_inputs(1, 2, 0, 16, 8)
     st = mlstm_state(1, 2, 16, 8)
-    h, (C, n, m) = kernels.mlstm_chunkwise(q, k, v, i, f, initial_state=tuple(st),
+    h, (C, n, m) = xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, initial_state=tuple(st),
                                            return_last_state=True, backend="triton")
     assert h.shape == (1, 2, 0, 8) and torch.equal(C, st[0]) and torch.equal(m, st[2])
 
@@ -223,20 +223,20 @@ def test_chunkwise_empty_sequence():
 def test_triton_errors_name_the_argument():
     q, k, v, i, f = mlstm_inputs(1, 1, 8, 16, 8)
     with pytest.raises(ValueError, match=r"^q: .*float64"):
-        kernels.mlstm_chunkwise(q.double(), k, v, i, f, backend="triton")
+        xlstm_kernels.mlstm_chunkwise(q.double(), k, v, i, f, backend="triton")
     with pytest.raises(ValueError, match=r"^f: .*float64"):
-        kernels.mlstm_chunkwise(q, k, v, i, f.double(), backend="triton")
+        xlstm_kernels.mlstm_chunkwise(q, k, v, i, f.double(), backend="triton")
     st = mlstm_state(1, 1, 16, 8)
     st[0] = st[0].double()
     with pytest.raises(ValueError, match=r"^initial_state\.C: .*float64"):
-        kernels.mlstm_chunkwise(q, k, v, i, f, initial_state=tuple(st), backend="triton")
+        xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, initial_state=tuple(st), backend="triton")
     with pytest.raises(ValueError, match=r"one dtype"):
-        kernels.mlstm_chunkwise(q, k.half(), v, i, f, backend="triton")
+        xlstm_kernels.mlstm_chunkwise(q, k.half(), v, i, f, backend="triton")
     big = torch.randn(1, 1, 8, 512)
     with pytest.raises(ValueError, match=r"^q: got DQK=512; .*DQK <= 256"):
-        kernels.mlstm_chunkwise(big, big, v, i, f, backend="triton")
+        xlstm_kernels.mlstm_chunkwise(big, big, v, i, f, backend="triton")
     with pytest.raises(ValueError, match=r"^q: .*float64"):
-        kernels.mlstm_step(q[:, :, 0].double(), k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
+        xlstm_kernels.mlstm_step(q[:, :, 0].double(), k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
                            None, backend="triton")
 
 
@@ -247,7 +247,7 @@ def test_triton_errors_name_the_argument():
 
 def test_step_equals_recurrent_token_by_token():
     """Generation: a chain of fused steps (with resets done by zeroing the state, as the
-    recurrent form does) equals kernels.mlstm_recurrent, forward and gradients."""
+    recurrent form does) equals xlstm_kernels.mlstm_recurrent, forward and gradients."""
     B, NH, S, DQK, DV = 2, 2, 9, 16, 40
     ins = mlstm_inputs(B, NH, S, DQK, DV, seed=5, i_scale=3.0) + mlstm_state(B, NH, DQK, DV)
     x_tr = [t.clone().requires_grad_() for t in ins]
@@ -256,11 +256,11 @@ def test_step_equals_recurrent_token_by_token():
     state = (C, n, m)
     hs = []
     for t in range(S):
-        h, state = kernels.mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t],
+        h, state = xlstm_kernels.mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t],
                                       f[:, :, t], state, backend="triton")
         hs.append(h)
     h_tr = torch.stack(hs, 2)
-    h_64, st_64 = kernels.mlstm_recurrent(*x_64[:5], initial_state=tuple(x_64[5:]),
+    h_64, st_64 = xlstm_kernels.mlstm_recurrent(*x_64[:5], initial_state=tuple(x_64[5:]),
                                           return_last_state=True)
     g = _gen(9)
     w = [torch.randn(B, NH, S, DV, generator=g, dtype=F64)] + [
@@ -284,8 +284,8 @@ def test_step_from_zero_state_and_bf16(i_shift):
         xs = [t.to(dtype) if j < 3 else t for j, t in enumerate((q, k, v, i, f))]
         xs = [t.clone().requires_grad_() for t in xs]
         x64 = [t.detach().double().requires_grad_() for t in xs]
-        h, st = kernels.mlstm_step(*xs, None, eps=0.05, backend="triton")
-        h64, st64 = kernels.mlstm_step(*x64, None, eps=0.05, backend="torch")
+        h, st = xlstm_kernels.mlstm_step(*xs, None, eps=0.05, backend="triton")
+        h64, st64 = xlstm_kernels.mlstm_step(*x64, None, eps=0.05, backend="torch")
         assert h.dtype == dtype
         (h.double().sum() + st[2].double().sum() + st[0].double().sum()).backward()
         (h64.sum() + st64[2].sum() + st64[0].sum()).backward()
@@ -324,7 +324,7 @@ def test_slstm_sequence_matches_torch(S, DH, init, reset, dtype, tile, monkeypat
         torch.randn(B, NH, DH, generator=g, dtype=F64) for _ in range(4)]
 
     def loss(xs, **kw):
-        h, state = kernels.slstm_sequence(xs[0], xs[1], initial_state=tuple(xs[2:]) or None,
+        h, state = xlstm_kernels.slstm_sequence(xs[0], xs[1], initial_state=tuple(xs[2:]) or None,
                                           reset=rst, return_last_state=True, **kw)
         return sum((a.double() * b).sum() for a, b in zip((h, *state), w)), (h, *state)
 
@@ -348,14 +348,14 @@ def test_slstm_step_via_triton_equals_torch_step():
     x = torch.randn(B, NH, 4, DH, generator=g)
     R = torch.randn(NH, 4, DH, DH, generator=g) * 0.3
     st = tuple(torch.rand(B, NH, DH, generator=g) + 0.5 for _ in range(4))
-    h, s = kernels.slstm_step(x, R, st, backend="triton")
-    h64, s64 = kernels.slstm_step(x.double(), R.double(), tuple(t.double() for t in st),
+    h, s = xlstm_kernels.slstm_step(x, R, st, backend="triton")
+    h64, s64 = xlstm_kernels.slstm_step(x.double(), R.double(), tuple(t.double() for t in st),
                                   backend="torch")
     assert rel(h, h64) < 1e-5
     for a, b in zip(s, s64):
         assert rel(a, b) < 1e-5
     with pytest.raises(ValueError, match=r"^x: .*float64"):
-        kernels.slstm_sequence(x[:, :, None].double(), R, backend="triton")
+        xlstm_kernels.slstm_sequence(x[:, :, None].double(), R, backend="triton")
 
 
 # ----------------------------------------------------------------------------------------
@@ -392,7 +392,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1", TRITON_CACHE_DIR=str(tmp_path))
     proc = subprocess.run(
-        [sys.executable, "-W", "ignore", "-m", "kernels.triton_compile_check", "--quick"],
+        [sys.executable, "-W", "ignore", "-m", "xlstm_kernels.triton_compile_check", "--quick"],
         capture_output=True, text=True, env=env, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 failure(s)" in proc.stdout
@@ -408,13 +408,13 @@ def test_interpreter_works_when_triton_was_imported_first():
     code = (
         "import os, triton, triton.language\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
-        "import torch, kernels\n"
+        "import torch, xlstm_kernels\n"
         "q = torch.randn(1, 1, 5, 16, requires_grad=True)\n"
         "i = torch.randn(1, 1, 5)\n"
-        "h = kernels.mlstm_chunkwise(q, q, q, i, i, backend='triton')\n"
+        "h = xlstm_kernels.mlstm_chunkwise(q, q, q, i, i, backend='triton')\n"
         "h.sum().backward()\n"
         "x = torch.randn(1, 1, 3, 4, 8)\n"
-        "kernels.slstm_sequence(x, torch.randn(1, 4, 8, 8), backend='triton')\n"
+        "xlstm_kernels.slstm_sequence(x, torch.randn(1, 4, 8, 8), backend='triton')\n"
         "print('fine', bool(torch.isfinite(q.grad).all()))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

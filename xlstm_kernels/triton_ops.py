@@ -1,6 +1,6 @@
 """Triton backend of the mLSTM and sLSTM ops: autograd wrappers around the raw kernels in
-`triton_mlstm.py` and `triton_slstm.py`. The dispatch in `kernels/__init__.py` imports
-this module lazily; callers use `kernels.mlstm_chunkwise(..., backend="triton")`.
+`triton_mlstm.py` and `triton_slstm.py`. The dispatch in `xlstm_kernels/__init__.py` imports
+this module lazily; callers use `xlstm_kernels.mlstm_chunkwise(..., backend="triton")`.
 
 Supported: q, k, v in float32, bfloat16 or float16 (one dtype for the three), gates in
 any of those, DQK <= 256, any DV (split across programs), any S, any chunk size >= 1.
@@ -340,7 +340,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
 
 
 def mlstm_chunkwise_triton(q, k, v, i, f, *, chunk_size, initial_state, reset, eps):
-    """Chunkwise mLSTM on Triton. Shapes as `kernels.mlstm_chunkwise`; returns h (float32,
+    """Chunkwise mLSTM on Triton. Shapes as `xlstm_kernels.mlstm_chunkwise`; returns h (float32,
     (B, NH, S, DV)) and the last state (C, n, m) in float32."""
     _check_dtypes({"q": q, "k": k, "v": v, "i": i, "f": f,
                    **_state_names("initial_state", initial_state, "Cnm")})
@@ -468,7 +468,7 @@ class _MLSTMStepFn(torch.autograd.Function):
 
 
 def mlstm_step_triton(q, k, v, i, f, state, *, eps):
-    """One fused mLSTM step on Triton. Shapes as `kernels.mlstm_step`; returns h (float32,
+    """One fused mLSTM step on Triton. Shapes as `xlstm_kernels.mlstm_step`; returns h (float32,
     (B, NH, DV)) and the new state (C, n, m) in fresh float32 tensors."""
     _check_dtypes({"q": q, "k": k, "v": v, "i": i, "f": f, **_state_names("state", state, "Cnm")})
     _check_device(q)
@@ -572,7 +572,7 @@ class _SLSTMFn(torch.autograd.Function):
 
 
 def slstm_sequence_triton(x, R, *, initial_state, reset):
-    """sLSTM on Triton, the time loop inside the kernel. Shapes as `kernels.slstm_sequence`;
+    """sLSTM on Triton, the time loop inside the kernel. Shapes as `xlstm_kernels.slstm_sequence`;
     returns h (float32, (B, NH, S, DH)) and the last state (h, c, n, m) in float32."""
     _check_dtypes({"x": x, "R": R, **_state_names("initial_state", initial_state, "hcnm")})
     _check_device(x, "x")

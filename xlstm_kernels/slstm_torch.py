@@ -1,5 +1,5 @@
 """sLSTM recurrence in plain PyTorch (scalar memory, exponential gating with
-the stabilizer, per-head block-diagonal recurrent weights). Math: shared/DESIGN.md.
+the stabilizer, per-head block-diagonal recurrent weights). Math: docs/design.md.
 """
 
 from __future__ import annotations

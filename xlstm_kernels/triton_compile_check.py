@@ -1,7 +1,7 @@
 """Compile every Triton kernel ahead of time for a CUDA target, without a GPU.
 
-    python -m kernels.triton_compile_check            # sm_90 (H100/H200), the benchmark shapes
-    python -m kernels.triton_compile_check --quick    # the widest variant of each kernel
+    python -m xlstm_kernels.triton_compile_check            # sm_90 (H100/H200), the benchmark shapes
+    python -m xlstm_kernels.triton_compile_check --quick    # the widest variant of each kernel
 
 The interpreter (TRITON_INTERPRET=1, how the tests run the kernels on CPU) never lowers a
 kernel to PTX, so it cannot see what only the compiler sees: typing of loop-carried values,

@@ -1,5 +1,5 @@
 """Raw Triton kernels for the sLSTM sequence (forward and backward), the time loop inside
-the kernel. No autograd here: `kernels/triton_ops.py` wraps them.
+the kernel. No autograd here: `xlstm_kernels/triton_ops.py` wraps them.
 
 One program per (batch, head): the recurrent matvec h_{t-1} @ R[head, gate] runs on the
 head's block-diagonal weights, exponential gating with the stabilizer m, resets zero the

@@ -1,7 +1,7 @@
 """Raw Triton kernels for the chunkwise mLSTM (forward and backward) and the fused step.
 
-No autograd here: `kernels/triton_ops.py` wraps these in torch.autograd.Function.
-Math and notation: shared/DESIGN.md, and the derivation in triton_ops.py.
+No autograd here: `xlstm_kernels/triton_ops.py` wraps these in torch.autograd.Function.
+Math and notation: docs/design.md, and the derivation in triton_ops.py.
 
 Layout (all contiguous, one row per (batch, head) = "bh"):
     q, k: (BH, S, DQK); v: (BH, S, DV); h out: (BH, S, DV) float32

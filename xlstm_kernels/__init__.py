@@ -1,6 +1,6 @@
 """mLSTM and sLSTM sequence ops: one public entry per op, backends behind it.
 
-Shapes (per the shared convention, shared/DESIGN.md):
+Shapes (per the shared convention, docs/design.md):
     q, k: (B, NH, S, DQK)   v: (B, NH, S, DV)   i, f: (B, NH, S) gate pre-activations
     mLSTM state (C, n, m): (B, NH, DQK, DV), (B, NH, DQK), (B, NH), float32
     sLSTM input x: (B, NH, S, 4, DH) in gate order (i, f, z, o); R: (NH, 4, DH, DH)

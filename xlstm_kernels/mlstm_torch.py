@@ -1,5 +1,5 @@
 """mLSTM sequence ops in plain PyTorch: the parallel oracle, the recurrent loop,
-one step, and the chunkwise form. Math and conventions: shared/DESIGN.md.
+one step, and the chunkwise form. Math and conventions: docs/design.md.
 
 All three sequence forms use the same stabilizer convention (zero initial state
 has m0 = 0, and the initial state enters the running max as F_t + m0), so they
