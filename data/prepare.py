@@ -37,7 +37,7 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from .readers import ReadStats, expand_inputs, iter_documents
+from .readers import ReadStats, expand_inputs, iter_documents, progress_bar
 from .tarshard import ShardWriter, file_sha256, token_dtype
 from .tokenizer import Tokenizer
 
@@ -222,7 +222,9 @@ def prepare(inputs: list[str] | str, tokenizer: str | Tokenizer, out_dir: str, *
         _init_worker(tok.model_proto)
         results = ((meta, _encode_batch(texts)) for meta, texts in batches())
 
-    bar = _progress(progress)
+    # two bars on a terminal: input files read, tokens written
+    files_bar = progress_bar(progress, total=len(paths), unit="file", desc="prepare")
+    tokens_bar = progress_bar(progress, unit="tok", unit_scale=True, desc="tokens", position=1)
     t0 = time.time()
     try:
         for meta, encoded in results:
@@ -234,7 +236,8 @@ def prepare(inputs: list[str] | str, tokenizer: str | Tokenizer, out_dir: str, *
                 counts["tokenized_tokens"] += int(ids.size)
                 if (val if is_val else train).add(index, ids, source):
                     save_partial()
-            bar(counts["tokenized_documents"], counts["tokenized_tokens"], stats.bytes, time.time() - t0)
+            files_bar.update(stats.files + stats.unreadable_files - files_bar.n)
+            tokens_bar.update(counts["tokenized_tokens"] - tokens_bar.n)
         train.close()
         val.close()
     except BaseException:
@@ -242,11 +245,11 @@ def prepare(inputs: list[str] | str, tokenizer: str | Tokenizer, out_dir: str, *
         val.abort()
         raise
     finally:
+        tokens_bar.close()
+        files_bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
-    if progress:
-        print(file=sys.stderr)
     if not train.done and not val.done:
         raise ValueError(f"empty input: no documents with tokens in {len(paths)} files "
                          f"({stats.problems() or 'nothing to read'})")
@@ -300,17 +303,6 @@ def _ordered_map(pool, items, window: int):
         m, r = pending.popleft()
         yield m, r.get()
 
-
-def _progress(enabled: bool):
-    last = [0.0]
-
-    def show(docs: int, tokens: int, nbytes: int, dt: float) -> None:
-        if not enabled or time.time() - last[0] < 0.5:
-            return
-        last[0] = time.time()
-        print(f"\rprepare: {docs} docs, {tokens / 1e6:.2f}M tokens, "
-              f"{nbytes / 1e6 / max(dt, 1e-9):.1f} MB/s", end="", file=sys.stderr, flush=True)
-    return show
 
 
 def _print_summary(m: dict, dt: float) -> None:

@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -41,6 +42,17 @@ class ReadStats:
     def problems(self) -> dict:
         return {k: v for k, v in self.to_dict().items()
                 if k not in ("files", "documents", "bytes") and v}
+
+
+def progress_bar(enabled: bool = True, **kw):
+    """A `tqdm` bar on stderr for a person who waits: shown only on a terminal (tqdm's
+    `disable=None`), never when `enabled` is False or under CI (`CI` set and not
+    false), so logs get no carriage-return noise. `kw` goes to `tqdm` (total, unit...)."""
+    from tqdm import tqdm
+
+    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    return tqdm(file=sys.stderr, disable=True if (ci or not enabled) else None,
+                dynamic_ncols=True, **kw)
 
 
 def expand_inputs(patterns: list[str] | str) -> list[str]:

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
 
-from .readers import ReadStats, expand_inputs, iter_documents
+from .readers import ReadStats, expand_inputs, iter_documents, progress_bar
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
@@ -181,7 +181,8 @@ def sample_sentences(paths: list[str], *, max_sentences: int, seed: int,
     rng = random.Random(seed)
     reservoir: list[str] = []
     seen = 0
-    t0 = last = time.time()
+    stats = stats if stats is not None else ReadStats()
+    bar = progress_bar(progress, total=len(paths), unit="file", desc="sampling")
     for text, _src in iter_documents(paths, text_field=text_field, text_mode=text_mode,
                                      on_error="skip", stats=stats):
         for chunk in _chunks(text, sentence_chars):
@@ -192,12 +193,12 @@ def sample_sentences(paths: list[str], *, max_sentences: int, seed: int,
                 j = rng.randrange(seen)
                 if j < max_sentences:
                     reservoir[j] = chunk
-        if progress and time.time() - last > 1.0:
-            last = time.time()
-            print(f"\rsampling: {seen} sentences read, {len(reservoir)} kept, "
-                  f"{time.time() - t0:.0f}s", end="", file=sys.stderr, flush=True)
+        bar.update(stats.files + stats.unreadable_files - bar.n)
+        bar.set_postfix(sentences=seen, kept=len(reservoir), refresh=False)
+    bar.update(len(paths) - bar.n)
+    bar.close()
     if progress:
-        print(f"\rsampling: {seen} sentences read, {len(reservoir)} kept", file=sys.stderr)
+        print(f"sampling: {seen} sentences read, {len(reservoir)} kept", file=sys.stderr)
     return reservoir
 
 

@@ -220,3 +220,56 @@ def test_demo_corpus_from_stdlib(tmp_path):
     m = json.load(open(os.path.join(shards, "manifest.json")))
     assert m["totals"]["shards"] >= 4 and "val" in m
     assert Tokenizer.load(tok_dir).sha256 == m["tokenizer"]["sha256"]
+
+
+def _run(cmd: list[str], env: dict, terminal: bool) -> tuple[int, str]:
+    """Run cmd with stderr (and stdout) on a pipe, or on a pseudo-terminal; its output."""
+    if not terminal:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        return r.returncode, r.stdout + r.stderr
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    # a terminal of 24 x 100 characters (a fresh pty has size 0 x 0: an empty bar)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 1 << 16)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=180), b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("tool", ["prepare", "tokenizer"])
+def test_progress_bars_on_a_terminal_only(tmp_path, tool):
+    files = stdlib_files(4)
+    if tool == "prepare":
+        cmd = [sys.executable, "-m", "data.prepare", "--input", *files, "--tokenizer",
+               tokenizer_dir(), "--out", str(tmp_path / "out"), "--text-mode", "paragraph"]
+        summary = "prepare: "
+    else:
+        cmd = [sys.executable, "-m", "data.tokenizer", "train", "--input", *files,
+               "--vocab-size", "420", "--max-sentences", "300", "--out", str(tmp_path / "tok")]
+        summary = "trained bpe vocab"
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TQDM_DISABLE")}
+    env.update(PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    bar = "file/s"  # the rate tqdm shows on the files bar
+    rc, term = _run(cmd, env, terminal=True)
+    assert rc == 0, term
+    assert bar in term and "\r" in term and summary in term  # a person sees the bars
+    for e, terminal in (({}, False), ({"CI": "true"}, False), ({"CI": "true"}, True)):
+        rc, out = _run(cmd, {**env, **e}, terminal)
+        assert rc == 0, out
+        # a log (a pipe, or CI even on a terminal) gets the summary and no bar
+        assert summary in out
+        assert bar not in out and "\r" not in out.replace("\r\n", "\n"), (e, terminal, out)
