@@ -191,3 +191,40 @@ def doc_hashes(docs: dict, eos: int = 2) -> tuple[dict, list]:
             ids = ids[:-1]
         out[key] = hashlib.sha256(ids.tobytes()).digest()
     return out, problems
+
+
+def synthetic_shards(folder: str, shards: int = 6, docs: int = 10, seed: int = 0,
+                     vocab_size: int = 1000) -> str:
+    """Small shards of seeded random documents (4..200 ids each), written with `tarfile`
+    (ustar, fixed metadata: the same bytes on every machine and with any writer of ours),
+    and a `manifest.json` with their sha256; returns `folder`."""
+    import io
+    import json
+    import tarfile
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    entries = []
+    for i in range(shards):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for d in range(docs):
+                ids = rng.integers(4, vocab_size, size=int(rng.integers(4, 200)), dtype="<u2")
+                for name, data in ((f"{i:03d}{d:04d}.tokens.u16", ids.tobytes()),
+                                   (f"{i:03d}{d:04d}.source.txt", f"synthetic {i} {d}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    info.uname = info.gname = ""
+                    tf.addfile(info, io.BytesIO(data))
+        data = buf.getvalue()
+        name = f"shard-{i:06d}.tar"
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+        entries.append({"name": name, "samples": docs, "bytes": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest()})
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump({"format": "xlstm-token-shards/1", "shards": entries,
+                   "tokenizer": {"vocab_size": vocab_size}}, f, indent=1)
+    return folder

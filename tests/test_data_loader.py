@@ -7,6 +7,8 @@ HTTP server on 127.0.0.1 and real `pipe:cat` commands.
 from __future__ import annotations
 
 import collections
+import copy
+import hashlib
 import json
 import os
 import random
@@ -26,6 +28,7 @@ from data_fixtures import (
     shard_paths,
     shards_dir,
     stdlib_files,
+    synthetic_shards,
     tokenizer_dir,
 )
 
@@ -536,3 +539,42 @@ def test_leftover_ranges_partition_an_item():
         owed = [i for lo, hi in r for i in range(lo, length if hi < 0 else hi)]
         want = [included[c] for c in left_coords] + included[w + n:]
         assert owed == sorted(owed) and owed == sorted(want), (ranges, w, n, left_coords, r)
+
+
+# -- checkpoints written before the typed state ---------------------------------------
+def _batches_sha256(batches) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        for k in ("input_ids", "labels", "reset"):
+            h.update(b[k].numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.multiprocess
+def test_states_saved_by_the_version_1_loader_still_load(tmp_path):
+    """tests/data_state_v1.json: states saved by the loader of commit 69c3dab (untyped
+    one-letter dicts, version 1) over `synthetic_shards`, with what that loader produced
+    after loading them: the next batches at the same shape (bitwise) and the whole rest
+    of the epoch at another shape (bitwise, and which documents)."""
+    fixture = json.load(open(os.path.join(os.path.dirname(__file__), "data_state_v1.json")))
+    folder = synthetic_shards(str(tmp_path / "s"))
+    manifest = json.load(open(os.path.join(folder, "manifest.json")))
+    assert [e["sha256"] for e in manifest["shards"]] == fixture["shard_sha256"]
+    base = {**fixture["config"], "sources": folder}
+    for case in fixture["cases"]:
+        state = case["state"]
+        assert state["version"] == 1 and "slots" in state
+        ws, nw = case["world_size"], case["num_workers"]
+        again = [build_loader(base, rank=r, world_size=ws, num_workers=nw) for r in range(ws)]
+        for ld in again:
+            ld.load_state_dict(copy.deepcopy(state))
+        assert [_batches_sha256(take(ld, 6)) for ld in again] == case["next_batches_sha256"]
+        ows = case["other_world_size"]
+        rest = []
+        for r in range(ows):
+            ld = build_loader(base, rank=r, world_size=ows, num_workers=0)
+            ld.load_state_dict(copy.deepcopy(state))
+            rest += list(ld)
+        want = case["rest_at_other_shape"]
+        assert sorted(f"{k[0]}:{k[1]}" for k in reassemble(rest)) == want["documents"]
+        assert len(rest) == want["batches"] and _batches_sha256(rest) == want["sha256"]
