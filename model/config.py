@@ -86,6 +86,8 @@ class XLSTMConfig:
     """Kernel backend passed to the `xlstm_kernels` ops."""
     chunk_size: int = 64
     """Chunk length of the chunkwise mLSTM op."""
+    recompute_states: bool = False
+    """Triton mLSTM: rebuild the chunk states in the backward instead of saving them."""
     cell_eps: float = 1e-6
     """eps in the mLSTM normalizer."""
 
@@ -128,6 +130,7 @@ class LargeConfig:
     norm_eps: float = 1e-6
     backend: Backend = "auto"
     chunk_size: int = 64
+    recompute_states: bool = False
     cell_eps: float = 1e-6
 
     @property

@@ -89,6 +89,7 @@ class MLSTMLayer(nn.Module):
             h, state = xlstm_kernels.mlstm_chunkwise(
                 q, k, v, i, f, chunk_size=self.cfg.chunk_size, initial_state=state,
                 return_last_state=True, reset=reset, eps=eps, backend=backend,
+                recompute_states=self.cfg.recompute_states,
             )
         h = self.outnorm(h.transpose(1, 2))  # (B, S, v dim)
         return self.proj_down(torch.sigmoid(self.ogate(x)) * h), state

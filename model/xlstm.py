@@ -102,6 +102,7 @@ class MLSTMLayer(nn.Module):
             h, cell_state = xlstm_kernels.mlstm_chunkwise(
                 q, k, v, i, f, chunk_size=self.cfg.chunk_size, initial_state=cell_state,
                 return_last_state=True, reset=reset, eps=eps, backend=backend,
+                recompute_states=self.cfg.recompute_states,
             )
         h = self.outnorm(h.transpose(1, 2))  # (B, S, e)
         h = (h + self.skip * c) * F.silu(z)

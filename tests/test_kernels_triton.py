@@ -162,6 +162,102 @@ def test_chunkwise_half_precision_is_not_fp32():
     assert 1e-4 < rel(h16, h32) < 2e-2
 
 
+BF16_U = 2.0**-8  # bf16 spacing at 1 (8 significant bits): twice the unit roundoff
+
+
+def test_chunkwise_bf16_error_is_bf16_rounding_only():
+    """bf16 inputs, fp32 math, chunk states and gradients stored in bf16. Against autograd of
+    the float64 oracle on the same (bf16) inputs, every output must be within one bf16 step
+    (BF16_U) per rounding on its path: the stored operands of a tensor-core product (chunk
+    state C or dC, the weighted A = (QK^T * D) or dA, dh / N), the bf16 output itself and
+    the bf16 dh autograd hands in. One step per rounding (not half) leaves room for the
+    cancellation in the sums. A state pass that carried C in bf16 across chunks (rounding
+    compounding along the sequence) or any fp32 -> fp8-like loss breaks these bounds."""
+    B, NH, S, DQK, DV, L = 1, 2, 130, 32, 48, 16
+    ins = mlstm_inputs(B, NH, S, DQK, DV, seed=3)
+    ins = [t.to(torch.bfloat16) if j < 3 else t for j, t in enumerate(ins)]
+    ins += mlstm_state(B, NH, DQK, DV)
+    rst = random_reset(B, S, p=0.01)
+    g = _gen(8)
+    w = torch.randn(B, NH, S, DV, generator=g, dtype=F64)
+    wc = torch.randn(B, NH, DQK, DV, generator=g, dtype=F64)
+    grads, outs = [], []
+    for fn, xs, kw in (
+            (xlstm_kernels.mlstm_chunkwise, [t.clone().requires_grad_() for t in ins],
+             {"chunk_size": L, "backend": "triton"}),
+            (xlstm_kernels.mlstm_parallel, [t.detach().double().requires_grad_() for t in ins], {})):
+        h, (C, n, m) = fn(*xs[:5], initial_state=tuple(xs[5:]), reset=rst,
+                          return_last_state=True, **kw)
+        ((h.double() * w).sum() + (C.double() * wc).sum() + n.double().sum()
+         + m.double().sum()).backward()
+        outs.append((h, C, n))
+        grads.append([x.grad for x in xs])
+    assert outs[0][0].dtype == torch.bfloat16 and grads[0][0].dtype == torch.bfloat16
+    # roundings on each path (see the docstring)
+    sites = {"h": 2, "C": 1, "n": 1, "dq": 4, "dk": 4, "dv": 4, "di": 3, "df": 3,
+             "dC0": 2, "dn0": 2, "dm0": 3}
+    errs = {"h": rel(outs[0][0], outs[1][0]), "C": rel(outs[0][1], outs[1][1]),
+            "n": rel(outs[0][2], outs[1][2])}
+    for name, a, b in zip(("dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0"), *grads):
+        errs[name] = rel(a, b)
+    bad = {k: f"{e / BF16_U:.2f} steps > {sites[k]}" for k, e in errs.items()
+           if not e < sites[k] * BF16_U}
+    assert not bad, bad
+    # and it is bf16, not fp32 in disguise
+    assert errs["h"] > BF16_U / 16
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+def test_chunkwise_recompute_states_is_bitwise_the_saved_path(dtype):
+    """recompute_states=True rebuilds the chunk states in the backward with the same state
+    pass: every gradient equals the saved-states path bit for bit."""
+    ins = mlstm_inputs(1, 2, 70, 16, 24, seed=6)
+    ins = [t.to(dtype) if j < 3 else t for j, t in enumerate(ins)] + mlstm_state(1, 2, 16, 24)
+    rst = random_reset(1, 70)
+    res = []
+    for rec in (False, True):
+        xs = [t.clone().requires_grad_() for t in ins]
+        h, (C, n, m) = xlstm_kernels.mlstm_chunkwise(
+            *xs[:5], initial_state=tuple(xs[5:]), reset=rst, return_last_state=True,
+            chunk_size=16, backend="triton", recompute_states=rec)
+        (h.float().square().sum() + C.sum() + n.sum() + m.sum()).backward()
+        res.append([h, C] + [x.grad for x in xs])
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def _saved(fn) -> tuple[int, dict]:
+    """(total bytes, {shape: dtype}) of the tensors autograd keeps from fn()."""
+    seen = []
+
+    def pack(t):
+        seen.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    uniq = {(t.data_ptr(), t.dtype, tuple(t.shape)): t for t in seen}
+    return (sum(t.numel() * t.element_size() for t in uniq.values()),
+            {tuple(t.shape): t.dtype for t in uniq.values()})
+
+
+def test_chunkwise_saved_states_are_input_dtype_or_recomputed():
+    """bf16 inputs: the chunk states kept for the backward are bf16 (half the bytes of
+    fp32), and recompute_states=True keeps none of them."""
+    B, NH, S, DQK, DV, L = 1, 2, 64, 32, 32, 16
+    q, k, v, i, f = mlstm_inputs(B, NH, S, DQK, DV)
+    q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+    NC = S // L
+    runs = {rec: _saved(lambda rec=rec: xlstm_kernels.mlstm_chunkwise(
+        q, k, v, i, f, chunk_size=L, backend="triton", recompute_states=rec))
+        for rec in (False, True)}
+    state_shape = (B * NH, NC, DQK, DV)
+    assert runs[False][1][state_shape] == torch.bfloat16
+    assert state_shape not in runs[True][1]
+    state_bytes = B * NH * NC * DQK * DV * 2
+    assert runs[False][0] - runs[True][0] == state_bytes
+
+
 def test_chunkwise_gradient_of_the_last_state_alone():
     """Only the last state is used (h gets no gradient): the backward starts from dC, dn, dm
     of the last state alone."""

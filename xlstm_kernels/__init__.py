@@ -90,6 +90,7 @@ def mlstm_chunkwise(
     reset: torch.Tensor | None = None,
     eps: float = 1e-6,
     backend: str = "auto",
+    recompute_states: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, MLSTMState]:
     """Chunkwise-parallel mLSTM over a sequence.
 
@@ -97,6 +98,10 @@ def mlstm_chunkwise(
     v: (B, NH, S, DV); i, f: (B, NH, S) input/forget gate pre-activations;
     initial_state: (C, n, m) or None for zeros; reset: bool (B, S), True at the
     first token of a document (the state is zeroed before it).
+    recompute_states: Triton backend: the backward recomputes the chunk-boundary states
+    (one more sequential state pass) instead of keeping them from the forward, which
+    saves B * NH * (S / chunk_size) * DQK * DV elements of activations per call. The torch
+    backend keeps its states either way.
     Returns h: (B, NH, S, DV) in v's dtype, and the last state (float32) when
     `return_last_state`.
     """
@@ -104,7 +109,8 @@ def mlstm_chunkwise(
     _check_chunk_size(chunk_size)
     if resolve_backend(backend, q) == "triton":
         h, state = _triton().mlstm_chunkwise_triton(
-            q, k, v, i, f, chunk_size=chunk_size, initial_state=initial_state, reset=reset, eps=eps
+            q, k, v, i, f, chunk_size=chunk_size, initial_state=initial_state, reset=reset, eps=eps,
+            recompute_states=recompute_states,
         )
     else:
         h, state = mlstm_chunkwise_torch(q, k, v, i, f, chunk_size, initial_state, reset, eps)

@@ -4,11 +4,15 @@ No autograd here: `xlstm_kernels/triton_ops.py` wraps these in torch.autograd.Fu
 Math and notation: docs/design.md, and the derivation in triton_ops.py.
 
 Layout (all contiguous, one row per (batch, head) = "bh"):
-    q, k: (BH, S, DQK); v: (BH, S, DV); h out: (BH, S, DV) float32
+    q, k: (BH, S, DQK); v: (BH, S, DV); h out: (BH, S, DV) in the input dtype
     per-position gate rows padded to SP = NC * L: ig (input gate pre-activation),
     bc (log forget cumsum restarted at every chunk start and at every reset);
     seg / carry: (B, SP) int32 (segment id; 1 where the carried state still reaches)
-    chunk states: cs (BH, NC + 1, DQK, DV), ns (BH, NC + 1, DQK), ms (BH, NC + 1)
+    chunk states: cs (BH, NC, DQK, DV) in the input dtype (the state entering each chunk;
+    it is only ever a tl.dot operand, which is cast to that dtype anyway), ns (BH, NC + 1,
+    DQK) and ms (BH, NC + 1) float32; the last state C in its own float32 buffer cl.
+    The state pass carries C in float32 registers across chunks: only the stored copies
+    are rounded, so rounding errors do not compound along the sequence.
 
 Every matmul goes through `_mm`, which casts both operands to the input dtype (the
 tensor-core path for bf16/fp16, IEEE fp32 otherwise) and, under the interpreter
@@ -33,12 +37,13 @@ from .triton_common import _max, _min, _mm, _sum
 def mlstm_fwd_state_kernel(
     k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr,
     c0_ptr, n0_ptr, m0_ptr,
-    cs_ptr, ns_ptr, ms_ptr, amax_ptr,
+    cs_ptr, ns_ptr, ms_ptr, amax_ptr, cl_ptr,
     S, SP, NH, NC, L, DQK, DV,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_RESET: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Inter-chunk pass: the (C, n, m) state at every chunk boundary, sequential over chunks.
+    cs gets the state entering each chunk (input dtype), cl the last state (float32).
     Grid (BH, cdiv(DQK, BK), cdiv(DV, BV)). Also stores, per chunk, which candidate won the
     max that defines m at the chunk end (-1: the carried state, else the local key index)."""
     pid_bh = tl.program_id(0).to(tl.int64)
@@ -65,8 +70,8 @@ def mlstm_fwd_state_kernel(
     v_base = v_ptr + pid_bh * S * DV
     g_base = pid_bh * SP
     for c in range(NC):
-        cs_base = (pid_bh * (NC + 1) + c) * DQK * DV
-        tl.store(cs_ptr + cs_base + kv_off, C, mask=mkv)
+        cs_base = (pid_bh * NC + c) * DQK * DV
+        tl.store(cs_ptr + cs_base + kv_off, C.to(cs_ptr.dtype.element_ty), mask=mkv)
         tl.store(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_k, n, mask=mk & (offs_k * 0 + pid_v == 0))
         if first:
             tl.store(ms_ptr + pid_bh * (NC + 1) + c, m)
@@ -125,8 +130,7 @@ def mlstm_fwd_state_kernel(
             C += _mm(tl.trans(kw), vt, DT, UPCAST)
             n += _sum(kw, 0)
         m = m_new
-    cs_base = (pid_bh * (NC + 1) + NC) * DQK * DV
-    tl.store(cs_ptr + cs_base + kv_off, C, mask=mkv)
+    tl.store(cl_ptr + pid_bh * DQK * DV + kv_off, C, mask=mkv)
     tl.store(ns_ptr + (pid_bh * (NC + 1) + NC) * DQK + offs_k, n, mask=mk & (offs_k * 0 + pid_v == 0))
     if first:
         tl.store(ms_ptr + pid_bh * (NC + 1) + NC, m)
@@ -209,7 +213,7 @@ def mlstm_fwd_out_kernel(
     q = tl.load(q_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_d[None, :],
                 mask=valid_t[:, None] & md[None, :], other=0.0)
     # carried state
-    cs_base = (pid_bh * (NC + 1) + c) * DQK * DV
+    cs_base = (pid_bh * NC + c) * DQK * DV
     Cc = tl.load(cs_ptr + cs_base + offs_d[:, None] * DV + offs_v[None, :],
                  mask=md[:, None] & mv[None, :], other=0.0)
     nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_d, mask=md, other=0.0)
@@ -234,7 +238,8 @@ def mlstm_fwd_out_kernel(
         den += _sum(a, 1)
     nrm = tl.maximum(tl.abs(den), tl.exp(-mt)) + eps
     h = num / nrm[:, None]
-    tl.store(h_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :], h,
+    tl.store(h_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :],
+             h.to(h_ptr.dtype.element_ty),
              mask=valid_t[:, None] & mv[None, :])
     row = inl_t & (offs_t * 0 + pid_v == 0)
     tl.store(mpos_ptr + g_base + pos_t, mt, mask=row)
@@ -245,6 +250,41 @@ def mlstm_fwd_out_kernel(
 # ----------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def mlstm_bwd_rows_kernel(
+    dh_ptr, h_ptr, den_ptr, mpos_ptr, nrm_ptr, dden_ptr, dm_ptr,
+    eps, S, SP, DV,
+    BR: tl.constexpr, BV: tl.constexpr,
+):
+    """Per-position scalars of the backward, with h and dh read in their own dtype (no
+    full-size temporaries): N_t = max(|den_t|, exp(-m_t)) + eps, r_t = dh_t . h_t,
+    dden_t = -r_t / N_t * sign(den_t) where |den_t| > exp(-m_t) (else 0), and
+    dm_t = -eps r_t / N_t (the path through the stabilizer). Rows t >= S get r_t = 0.
+    All outputs (BH, SP) float32. Grid (cdiv(SP, BR), BH)."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    offs = pid_r * BR + tl.arange(0, BR)
+    inr = offs < SP
+    valid = offs < S
+    r = tl.full((BR,), 0.0, tl.float32)
+    for v0 in range(0, DV, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        msk = valid[:, None] & (offs_v < DV)[None, :]
+        off = pid_bh * S * DV + offs[:, None] * DV + offs_v[None, :]
+        dht = tl.load(dh_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        ht = tl.load(h_ptr + off, mask=msk, other=0.0).to(tl.float32)
+        r += _sum(dht * ht, 1)
+    den = tl.load(den_ptr + pid_bh * SP + offs, mask=inr, other=0.0)
+    mt = tl.load(mpos_ptr + pid_bh * SP + offs, mask=inr, other=0.0)
+    emin = tl.exp(-mt)
+    nrm = tl.maximum(tl.abs(den), emin) + eps
+    sgn = tl.where(den > 0, 1.0, tl.where(den < 0, -1.0, 0.0))
+    dden = tl.where(tl.abs(den) > emin, -r / nrm * sgn, 0.0)
+    tl.store(nrm_ptr + pid_bh * SP + offs, nrm, mask=inr)
+    tl.store(dden_ptr + pid_bh * SP + offs, dden, mask=inr)
+    tl.store(dm_ptr + pid_bh * SP + offs, -eps * r / nrm, mask=inr)
 
 
 @triton.jit
@@ -283,7 +323,8 @@ def mlstm_bwd_state_kernel(
     g_base = pid_bh * SP
     for cc in range(NC):
         c = NC - 1 - cc
-        tl.store(dcn_ptr + (pid_bh * NC + c) * DQK * DV + kv_off, dC, mask=mkv)
+        tl.store(dcn_ptr + (pid_bh * NC + c) * DQK * DV + kv_off, dC.to(dcn_ptr.dtype.element_ty),
+                 mask=mkv)
         tl.store(dnn_ptr + (pid_bh * NC + c) * DQK + offs_k, dn, mask=mk & (offs_k * 0 + pid_v == 0))
         m_c = tl.load(ms_ptr + pid_bh * (NC + 1) + c)
         m_next = tl.load(ms_ptr + pid_bh * (NC + 1) + c + 1)
@@ -292,8 +333,8 @@ def mlstm_bwd_state_kernel(
         W = tl.exp(b_end + m_c - m_next)
         if HAS_RESET:
             W = tl.where(tl.load(carry_ptr + bidx * SP + end) != 0, W, 0.0)
-        cs_base = (pid_bh * (NC + 1) + c) * DQK * DV
-        Cc = tl.load(cs_ptr + cs_base + kv_off, mask=mkv, other=0.0)
+        cs_base = (pid_bh * NC + c) * DQK * DV
+        Cc = tl.load(cs_ptr + cs_base + kv_off, mask=mkv, other=0.0).to(tl.float32)
         nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_k, mask=mk, other=0.0)
         part = _sum(_sum(dC * Cc, 1), 0) + tl.where(nfirst, _sum(dn * nc, 0), 0.0)
         tl.store(dlogw_ptr + (pid_bh * NC + c) * NKB * NVB + pid_k * NVB + pid_v, W * part)
@@ -428,7 +469,8 @@ def mlstm_bwd_dk_kernel(
             da += _mm(vt, tl.trans(dht / nr[:, None]), DT, UPCAST)
         dk += _mm(da * p, qt, DT, UPCAST) * scale
         xs += _sum(da * a, 1)
-    tl.store(dk_ptr + pid_bh * S * DQK + pos_s[:, None] * DQK + offs_d[None, :], dk,
+    tl.store(dk_ptr + pid_bh * S * DQK + pos_s[:, None] * DQK + offs_d[None, :],
+             dk.to(dk_ptr.dtype.element_ty),
              mask=valid_s[:, None] & md[None, :])
     tl.store(xs_ptr + g_base + pos_s, xs, mask=inl_s)
     tl.store(gs_ptr + g_base + pos_s, gsum, mask=inl_s)
@@ -467,7 +509,8 @@ def mlstm_bwd_dv_kernel(
                       mask=valid_t[:, None] & mv[None, :], other=0.0)
         a = _mm(kt, tl.trans(qt), DT, UPCAST) * scale * p
         dv += _mm(a, dht / nr[:, None], DT, UPCAST)
-    tl.store(dv_ptr + pid_bh * S * DV + pos_s[:, None] * DV + offs_v[None, :], dv,
+    tl.store(dv_ptr + pid_bh * S * DV + pos_s[:, None] * DV + offs_v[None, :],
+             dv.to(dv_ptr.dtype.element_ty),
              mask=valid_s[:, None] & mv[None, :])
 
 
@@ -504,7 +547,7 @@ def mlstm_bwd_dq_kernel(
                  mask=valid_t[:, None] & md[None, :], other=0.0)
     m_c = tl.load(ms_ptr + pid_bh * (NC + 1) + c)
     w = tl.where(carry_t & valid_t, tl.exp(bt + m_c - mt), 0.0)
-    cs_base = (pid_bh * (NC + 1) + c) * DQK * DV
+    cs_base = (pid_bh * NC + c) * DQK * DV
     nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_d, mask=md, other=0.0)
     dqi = dd[:, None] * nc[None, :]  # (BT, BD): d/d q_t of the carried-state term, / w
     for v0 in range(0, DV, BV):
@@ -541,7 +584,8 @@ def mlstm_bwd_dq_kernel(
             da += _mm(dht / nr[:, None], tl.trans(vt), DT, UPCAST)
         dq += _mm(da * p, kt, DT, UPCAST) * scale
         ys += _sum(da * a, 1)
-    tl.store(dq_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_d[None, :], dq,
+    tl.store(dq_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_d[None, :],
+             dq.to(dq_ptr.dtype.element_ty),
              mask=valid_t[:, None] & md[None, :])
     tl.store(ys_ptr + g_base + pos_t, ys, mask=inl_t)
     tl.store(ws_ptr + g_base + pos_t, wsum, mask=inl_t)

@@ -4,7 +4,9 @@ this module lazily; callers use `xlstm_kernels.mlstm_chunkwise(..., backend="tri
 
 Supported: q, k, v in float32, bfloat16 or float16 (one dtype for the three), gates in
 any of those, DQK <= 256, any DV (split across programs), any S, any chunk size >= 1.
-States and accumulation are float32. float64 is refused (ValueError naming the argument):
+Accumulators and stabilizers are float32; what is stored at full size (h, the chunk
+states, dh is read as it comes, dq, dk, dv, the chunk-state gradients) is in the input
+dtype, written by the kernels. float64 is refused (ValueError naming the argument):
 the torch backend is the float64 path. Tensors must be on CUDA, or on CPU under
 TRITON_INTERPRET=1 (the interpreter, used by the tests).
 
@@ -21,11 +23,13 @@ numerator and denominator only through eps * exp(m_t). So the gradient splits in
 Gate gradients arrive at `bc` (the log-forget cumsum restarted at chunk starts and
 resets) and `ig`; torch autograd maps them back to f through cumsum and logsigmoid, O(S).
 
-Memory (per head): the forward keeps the S/L + 1 chunk-boundary states (float32) and O(S)
-rows (m_t, den_t, winners, h in float32); the backward adds the S/L gradients of those
-states. Nothing of size S x S exists, forward or backward.
+Memory (per head): the forward keeps the S/L chunk-entry states C (input dtype; none with
+recompute_states=True, where the backward reruns the state pass), n and m per boundary
+(float32, O(S/L * DQK)) and O(S) rows (m_t, den_t, winners; h in the input dtype); the
+backward adds the S/L gradients of the states (input dtype). Nothing of size S x S exists.
 Kernels per chunkwise call: forward = state pass (sequential over chunks) + output pass
-(parallel over chunks and tiles); backward = reverse state pass + dk + dv + dq passes.
+(parallel over chunks and tiles); backward = [state pass again] + per-position scalars +
+reverse state pass + dk + dv + dq passes.
 The step kernel and the sLSTM kernel have their own Triton backward kernels too.
 """
 
@@ -46,6 +50,7 @@ BLOCK_T_BWD_MAX = 64  # the same for the backward's dk/dv and dq passes (32 for 
 BLOCK_V_MAX = 128  # DV block per program; larger DV is split across programs
 BLOCK_V_BWD_MAX = 64  # the same for the backward passes
 BLOCK_K_MAX = 64  # DQK block of the state passes
+ROWS_BLOCK = 64  # positions per program of the backward's per-position scalars
 STEP_BLOCK_V = 32  # DV block of the step kernels (a (DQK, 32) slice of C per program)
 POISON = False  # tests: fill every output buffer with NaN / a bad index before a launch
 
@@ -162,9 +167,32 @@ def chunk_blocks(L: int, DQK: int, DV: int) -> dict[str, int]:
             "BV_B": min(BV, BLOCK_V_BWD_MAX)}
 
 
+def _fwd_states(kc, vc, ig, bc, segc, carc, init, NH, NC, L, DQK, DV, blk, has_reset, up):
+    """Launch the forward state pass: cs (BH, NC, DQK, DV) in the input dtype, ns, ms,
+    the winners amax_c and the last state cl (BH, DQK, DV) float32."""
+    BH, S = kc.shape[0], kc.shape[1]
+    SP = ig.shape[-1]
+    dev = kc.device
+    f32 = torch.float32
+    BK, BV, BT = blk["BK"], blk["BV"], blk["BT"]
+    cs = _empty((BH, NC, DQK, DV), kc.dtype, dev)
+    ns = _empty((BH, NC + 1, DQK), f32, dev)
+    ms = _empty((BH, NC + 1), f32, dev)
+    amax_c = _empty((BH, NC), torch.int32, dev)
+    cl = _empty((BH, DQK, DV), f32, dev)
+    has_init = init is not None
+    C0c, n0c, m0c = init if has_init else (ig, ig, ig)  # unused placeholders
+    tm.mlstm_fwd_state_kernel[(BH, triton.cdiv(DQK, BK), triton.cdiv(DV, BV))](
+        kc, vc, ig, bc, segc, carc, C0c, n0c, m0c, cs, ns, ms, amax_c, cl,
+        S, SP, NH, NC, L, DQK, DV,
+        BK=BK, BV=BV, BT=BT, HAS_INIT=has_init, HAS_RESET=has_reset, UPCAST=up, **_opts(BK),
+    )
+    return cs, ns, ms, amax_c, cl
+
+
 class _MLSTMChunkFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ig, bc, seg, carry, C0, n0, m0, L, eps):
+    def forward(ctx, q, k, v, ig, bc, seg, carry, C0, n0, m0, L, eps, recompute):
         B, NH, S, DQK = q.shape
         DV = v.shape[-1]
         BH = B * NH
@@ -172,33 +200,23 @@ class _MLSTMChunkFn(torch.autograd.Function):
         NC = SP // L
         dev = q.device
         blk = chunk_blocks(L, DQK, DV)
-        BT, BD, BV, BK = blk["BT"], blk["BD"], blk["BV"], blk["BK"]
+        BT, BD, BV = blk["BT"], blk["BD"], blk["BV"]
         NT = triton.cdiv(L, BT)
         NVB = triton.cdiv(DV, BV)
-        NKB = triton.cdiv(DQK, BK)
         qc, kc, vc = (t.reshape(BH, S, t.shape[-1]).contiguous() for t in (q, k, v))
         has_init = C0 is not None
         has_reset = seg is not None
         f32 = torch.float32
+        init = None
         if has_init:
-            C0c = C0.reshape(BH, DQK, DV).to(f32).contiguous()
-            n0c = n0.reshape(BH, DQK).to(f32).contiguous()
-            m0c = m0.reshape(BH).to(f32).contiguous()
-        else:
-            C0c = n0c = m0c = ig  # unused placeholders
+            init = (C0.reshape(BH, DQK, DV).to(f32).contiguous(),
+                    n0.reshape(BH, DQK).to(f32).contiguous(), m0.reshape(BH).to(f32).contiguous())
         segc = seg if has_reset else ig
         carc = carry if has_reset else ig
-        cs = _empty((BH, NC + 1, DQK, DV), f32, dev)
-        ns = _empty((BH, NC + 1, DQK), f32, dev)
-        ms = _empty((BH, NC + 1), f32, dev)
-        amax_c = _empty((BH, NC), torch.int32, dev)
         up = _interpret()
-        tm.mlstm_fwd_state_kernel[(BH, NKB, NVB)](
-            kc, vc, ig, bc, segc, carc, C0c, n0c, m0c, cs, ns, ms, amax_c,
-            S, SP, NH, NC, L, DQK, DV,
-            BK=BK, BV=BV, BT=BT, HAS_INIT=has_init, HAS_RESET=has_reset, UPCAST=up, **_opts(BK),
-        )
-        h = _empty((BH, S, DV), f32, dev)
+        cs, ns, ms, amax_c, cl = _fwd_states(kc, vc, ig, bc, segc, carc, init, NH, NC, L, DQK,
+                                             DV, blk, has_reset, up)
+        h = _empty((BH, S, DV), q.dtype, dev)
         mpos = _empty((BH, SP), f32, dev)
         den = _empty((BH, SP), f32, dev)
         amax_p = _empty((BH, SP), torch.int32, dev)
@@ -208,25 +226,32 @@ class _MLSTMChunkFn(torch.autograd.Function):
             scale, eps, S, SP, NH, NC, L, DQK, DV, NT,
             BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
         )
-        ctx.save_for_backward(qc, kc, vc, ig, bc, seg, carry, cs, ns, ms, amax_c, h, mpos, den,
-                              amax_p)
-        ctx.meta = (B, NH, S, DQK, DV, L, NC, SP, blk, NKB, eps, has_init, q.dtype, None if C0 is None else (C0.dtype, n0.dtype, m0.dtype))
-        C = cs[:, NC].reshape(B, NH, DQK, DV).clone()
+        # recompute: the (NC, DQK, DV) states are dropped here and rebuilt by the backward
+        # (one more state pass); ns, ms and the winners are O(NC * DQK) and kept
+        saved_cs = None if recompute else cs
+        ctx.save_for_backward(qc, kc, vc, ig, bc, seg, carry, saved_cs, ns, ms, amax_c, h, mpos,
+                              den, amax_p, cl, *(init if has_init else ()))
+        ctx.meta = (B, NH, S, DQK, DV, L, NC, SP, blk, eps, has_init, recompute,
+                    None if C0 is None else (C0.dtype, n0.dtype, m0.dtype))
+        C = cl.view(B, NH, DQK, DV)
         n = ns[:, NC].reshape(B, NH, DQK).clone()
         m = ms[:, NC].reshape(B, NH).clone()
         return h.view(B, NH, S, DV), C, n, m
 
     @staticmethod
     def backward(ctx, dh, dC_last, dn_last, dm_last):
-        (qc, kc, vc, ig, bc, seg, carry, cs, ns, ms, amax_c, h, mpos, den,
-         amax_p) = ctx.saved_tensors
-        B, NH, S, DQK, DV, L, NC, SP, blk, NKB, eps, has_init, qdtype, sdtypes = ctx.meta
+        saved = ctx.saved_tensors
+        (qc, kc, vc, ig, bc, seg, carry, cs, ns, ms, amax_c, h, mpos, den, amax_p,
+         cl) = saved[:16]
+        B, NH, S, DQK, DV, L, NC, SP, blk, eps, has_init, recompute, sdtypes = ctx.meta
         BT, BD, BV, BK = blk["BT_B"], blk["BD"], blk["BV_B"], blk["BK"]
+        NKB = triton.cdiv(DQK, BK)
         NT = triton.cdiv(L, BT)
         NVB = triton.cdiv(DV, BV)
         BH = B * NH
         dev = qc.device
         f32 = torch.float32
+        dt = qc.dtype
         has_reset = seg is not None
         up = _interpret()
         scale = DQK**-0.5
@@ -234,22 +259,30 @@ class _MLSTMChunkFn(torch.autograd.Function):
         bcf = bc.view(BH, SP)
         segc = seg if has_reset else igf
         carc = carry if has_reset else igf
+        if recompute:
+            init = tuple(saved[16:19]) if has_init else None
+            cs = _fwd_states(kc, vc, igf, bcf, segc, carc, init, NH, NC, L, DQK, DV, blk,
+                             has_reset, up)[0]
+        # dh is read by the kernels in its own dtype (no float32 copy)
         if dh is None:
-            dh = torch.zeros(BH, S, DV, dtype=f32, device=dev)
-        dh = dh.reshape(BH, S, DV).to(f32).contiguous()
+            dh = torch.zeros(BH, S, DV, dtype=dt, device=dev)
+        dh = dh.reshape(BH, S, DV).contiguous()
         # --- per-position scalars (O(S)): normalizer, d(den), d(m_t)
-        rowdot = F.pad((dh * h).sum(-1), (0, SP - S))
-        emin = torch.exp(-mpos)
-        nrm = torch.maximum(den.abs(), emin) + eps
-        dden = (-rowdot / nrm) * torch.sign(den) * (den.abs() > emin).to(f32)
-        dm_pos = -eps * rowdot / nrm
+        nrm = _empty((BH, SP), f32, dev)
+        dden = _empty((BH, SP), f32, dev)
+        dm_pos = _empty((BH, SP), f32, dev)
+        BR = ROWS_BLOCK
+        tm.mlstm_bwd_rows_kernel[(triton.cdiv(SP, BR), BH)](
+            dh, h, den, mpos, nrm, dden, dm_pos, eps, S, SP, DV,
+            BR=BR, BV=min(BLOCK_V_MAX, _pow2(DV)),
+        )
         has_dlast = dC_last is not None or dn_last is not None
         dcl = (dC_last if dC_last is not None else torch.zeros(BH, DQK, DV, device=dev))
         dnl = (dn_last if dn_last is not None else torch.zeros(BH, DQK, device=dev))
         dcl = dcl.reshape(BH, DQK, DV).to(f32).contiguous()
         dnl = dnl.reshape(BH, DQK).to(f32).contiguous()
         # --- reverse state pass
-        dcn = _empty((BH, NC, DQK, DV), f32, dev)
+        dcn = _empty((BH, NC, DQK, DV), dt, dev)
         dnn = _empty((BH, NC, DQK), f32, dev)
         dc0 = _empty((BH, DQK, DV), f32, dev)
         dn0 = _empty((BH, DQK), f32, dev)
@@ -262,7 +295,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
             **_opts(BK),
         )
         # --- key side and query side of every chunk, in parallel
-        dk = _empty((BH, S, DQK), f32, dev)
+        dk = _empty((BH, S, DQK), dt, dev)
         xs = _empty((BH, SP), f32, dev)
         gs = _empty((BH, SP), f32, dev)
         tm.mlstm_bwd_dk_kernel[(NC * NT, BH)](
@@ -271,13 +304,13 @@ class _MLSTMChunkFn(torch.autograd.Function):
             scale, S, SP, NH, NC, L, DQK, DV, NT,
             BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
         )
-        dv = _empty((BH, S, DV), f32, dev)
+        dv = _empty((BH, S, DV), dt, dev)
         tm.mlstm_bwd_dv_kernel[(NC * NT, NVB, BH)](
             qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dh, dcn, ms, dv,
             scale, S, SP, NH, NC, L, DQK, DV, NT,
             BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
         )
-        dq = _empty((BH, S, DQK), f32, dev)
+        dq = _empty((BH, S, DQK), dt, dev)
         ys = _empty((BH, SP), f32, dev)
         ws = _empty((BH, SP), f32, dev)
         tm.mlstm_bwd_dq_kernel[(NC * NT, BH)](
@@ -310,7 +343,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
             car_end = torch.ones(BH, NC, dtype=torch.bool, device=dev)
         dm_chunk = torch.where(~key & car_bh, dm_pos, torch.zeros_like(dm_pos))
         dm_chunk = dm_chunk.view(BH, NC, L).sum(-1)
-        C_last, n_last = cs[:, NC], ns[:, NC]
+        C_last, n_last = cl, ns[:, NC]
         x_last = torch.zeros(BH, device=dev, dtype=f32)
         if dm_last is not None:
             x_last = x_last + dm_last.reshape(BH).to(f32)
@@ -327,21 +360,24 @@ class _MLSTMChunkFn(torch.autograd.Function):
         dB.scatter_add_(1, idxc, -srcc)
         di.scatter_add_(1, idxc, srcc)
         dm0 = dm0 + X[:, 0]
-        dq = dq.view(B, NH, S, DQK).to(qdtype)
-        dk = dk.view(B, NH, S, DQK).to(qdtype)
-        dv = dv.view(B, NH, S, DV).to(qdtype)
+        dq = dq.view(B, NH, S, DQK)
+        dk = dk.view(B, NH, S, DQK)
+        dv = dv.view(B, NH, S, DV)
         dC0 = dn0_ = dm0_ = None
         if has_init:
             dC0 = dc0.view(B, NH, DQK, DV).to(sdtypes[0])
             dn0_ = dn0.view(B, NH, DQK).to(sdtypes[1])
             dm0_ = dm0.view(B, NH).to(sdtypes[2])
         return (dq, dk, dv, di.view(B, NH, SP), dB.view(B, NH, SP), None, None, dC0, dn0_, dm0_,
-                None, None)
+                None, None, None)
 
 
-def mlstm_chunkwise_triton(q, k, v, i, f, *, chunk_size, initial_state, reset, eps):
-    """Chunkwise mLSTM on Triton. Shapes as `xlstm_kernels.mlstm_chunkwise`; returns h (float32,
-    (B, NH, S, DV)) and the last state (C, n, m) in float32."""
+def mlstm_chunkwise_triton(q, k, v, i, f, *, chunk_size, initial_state, reset, eps,
+                           recompute_states=False):
+    """Chunkwise mLSTM on Triton. Shapes as `xlstm_kernels.mlstm_chunkwise`; returns h
+    ((B, NH, S, DV) in the input dtype) and the last state (C, n, m) in float32.
+    recompute_states: the backward rebuilds the chunk-boundary states with one more state
+    pass instead of keeping them from the forward (saves NC * DQK * DV per head)."""
     _check_dtypes({"q": q, "k": k, "v": v, "i": i, "f": f,
                    **_state_names("initial_state", initial_state, "Cnm")})
     if not (q.dtype == k.dtype == v.dtype):
@@ -361,14 +397,15 @@ def mlstm_chunkwise_triton(q, k, v, i, f, *, chunk_size, initial_state, reset, e
                      torch.zeros(B, NH, device=dev))
         else:
             state = tuple(t.float() for t in initial_state)
-        return v.new_zeros(B, NH, 0, DV, dtype=torch.float32), state
+        return v.new_zeros(B, NH, 0, DV), state
     L = max(1, min(int(chunk_size), S))
     NC = triton.cdiv(S, L)
     ig, bc, seg, carry = _gate_rows(i, f, reset, L, NC)
     C0 = n0 = m0 = None
     if initial_state is not None:
         C0, n0, m0 = initial_state
-    h, C, n, m = _MLSTMChunkFn.apply(q, k, v, ig, bc, seg, carry, C0, n0, m0, L, float(eps))
+    h, C, n, m = _MLSTMChunkFn.apply(q, k, v, ig, bc, seg, carry, C0, n0, m0, L, float(eps),
+                                     bool(recompute_states))
     return h, (C, n, m)
 
 
