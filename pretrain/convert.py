@@ -72,6 +72,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from model import (
     ModelConfig,
@@ -90,6 +91,7 @@ from .checkpoint import (
     quiet_dcp,
     write_json_atomic,
 )
+from .extras import require
 
 if TYPE_CHECKING:
     from data.tokenizer import Tokenizer
@@ -437,7 +439,8 @@ class Entry:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _write_safetensors_file(path: Path, entries: list[Entry], metadata: dict[str, str]) -> None:
+def _write_safetensors_file(path: Path, entries: list[Entry], metadata: dict[str, str],
+                            bar: tqdm) -> None:
     """Stream one safetensors file: the header from shapes alone, then each tensor
     in turn (only one in memory)."""
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
@@ -456,6 +459,7 @@ def _write_safetensors_file(path: Path, entries: list[Entry], metadata: dict[str
             if tuple(t.shape) != e.shape:
                 raise ConvertError(f"{e.name}: got shape {tuple(t.shape)}, expected {e.shape}")
             fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            bar.update(e.nbytes)
             del t
         fh.flush()
         os.fsync(fh.fileno())
@@ -475,14 +479,16 @@ def write_safetensors(folder: Path, entries: list[Entry], max_shard_bytes: int,
         shards[-1].append(e)
         size += e.nbytes
     meta = {"format": "pt", **(metadata or {})}
-    if len(shards) == 1:
-        _write_safetensors_file(folder / SAFETENSORS_NAME, entries, meta)
-        return [SAFETENSORS_NAME]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        _write_safetensors_file(folder / name, shard, meta)
-        weight_map.update({e.name: name for e in shard})
+    # bytes written; shown on a terminal only (tqdm's disable=None)
+    with tqdm(total=total, desc="convert", unit="B", unit_scale=True, disable=None) as bar:
+        if len(shards) == 1:
+            _write_safetensors_file(folder / SAFETENSORS_NAME, entries, meta, bar)
+            return [SAFETENSORS_NAME]
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {}
+        for name, shard in zip(names, shards):
+            _write_safetensors_file(folder / name, shard, meta, bar)
+            weight_map.update({e.name: name for e in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return [*names, INDEX_NAME]
@@ -559,8 +565,8 @@ def _provenance(src: Source, fmt: str, dtype: torch.dtype | None) -> dict[str, A
 
 
 def write_hf_tokenizer(tok, folder: Path, model_max_length: int) -> None:
-    """tokenizer.model + tokenizer_config.json (+ tokenizer.json when transformers
-    is importable) that ``AutoTokenizer`` loads offline; checked against `tok`."""
+    """tokenizer.model + tokenizer_config.json + tokenizer.json that ``AutoTokenizer``
+    loads offline; checked against `tok`."""
     (folder / "tokenizer.model").write_bytes(tok.model_proto)
     sp = tok.sp
     special = {"unk_token": sp.id_to_piece(tok.unk_id), "bos_token": sp.id_to_piece(tok.bos_id),
@@ -571,10 +577,7 @@ def write_hf_tokenizer(tok, folder: Path, model_max_length: int) -> None:
             "legacy": True}
     (folder / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:  # transformers converts tokenizer.model itself at load time
-        return
+    AutoTokenizer = require("transformers", "pretrain.convert --to hf").AutoTokenizer
     hf_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     hf_tok.save_pretrained(str(folder))
     saved = json.loads((folder / "tokenizer_config.json").read_text())
@@ -593,6 +596,10 @@ def write_hf_tokenizer(tok, folder: Path, model_max_length: int) -> None:
 def to_hf(src: Source, out: Path, dtype: torch.dtype | None = None,
           max_shard_bytes: int = parse_size(DEFAULT_SHARD), overwrite: bool = False) -> Path:
     """Write `src` as a transformers xLSTM folder (see the module docstring)."""
+    try:
+        require("transformers", "pretrain.convert --to hf")
+    except ModuleNotFoundError as err:
+        raise ConvertError(str(err)) from err
     try:
         hf_adapter.check_hf_supported(src.cfg)
     except ValueError as err:

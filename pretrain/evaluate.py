@@ -64,8 +64,20 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-from lm_eval.api.model import TemplateLM  # noqa: E402
-from lm_eval.api.registry import register_model  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from .extras import missing_extra_message  # noqa: E402
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ModuleNotFoundError as _err:
+    if _err.name is None or _err.name.split(".")[0] != "lm_eval":
+        raise
+    _line = missing_extra_message("lm_eval", "pretrain.evaluate")
+    if __name__ == "__main__":  # a command line gets one line, no traceback
+        raise SystemExit(_line) from None
+    raise ModuleNotFoundError(_line, name="lm_eval") from None
 
 from model import sample_next  # noqa: E402
 
@@ -106,15 +118,18 @@ def score_sequences(
     pad_id: int = 0,
     reset_at: Sequence[int | None] | None = None,
     device: torch.device | str = "cpu",
+    progress: str | None = None,
 ) -> list[tuple[float, bool]]:
     """For each token sequence s: (sum_{t >= start} log p(s[t] | s[:t]), whether
     every such s[t] is the argmax). `starts[i] >= 1`. `reset_at[i]`: a position
     where the state is reset (a document start), or None.
 
     Batches of `batch_size` sequences of similar length, right-padded with
-    `pad_id`; windows of `window` tokens with the state carried."""
+    `pad_id`; windows of `window` tokens with the state carried. `progress`: a label for
+    a progress bar over the sequences (shown on a terminal only), or None for none."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     out: list[tuple[float, bool]] = [(0.0, True)] * len(seqs)
+    bar = tqdm(total=len(seqs), desc=progress, unit="req", disable=None if progress else True)
     for b in range(0, len(order), batch_size):
         rows = order[b:b + batch_size]
         L = max(len(seqs[i]) for i in rows)
@@ -150,6 +165,8 @@ def score_sequences(
         _run_windows(model, inp, reset, window, take)
         for r, i in enumerate(rows):
             out[i] = (float(logp_sum[r]), bool(greedy[r]))
+        bar.update(len(rows))
+    bar.close()
     return out
 
 
@@ -277,7 +294,8 @@ class XLSTMEvalLM(TemplateLM):
         seqs = [list(ctx) + list(cont) for _, ctx, cont in requests]
         starts = [len(ctx) for _, ctx, _ in requests]
         res = score_sequences(self.model, seqs, starts, batch_size=self.batch_size,
-                              window=self.max_length, pad_id=self.tok.pad_id, device=self.device)
+                              window=self.max_length, pad_id=self.tok.pad_id, device=self.device,
+                              progress=None if disable_tqdm else "loglikelihood")
         for (key, _, _), r in zip(requests, res):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, r)
@@ -288,7 +306,8 @@ class XLSTMEvalLM(TemplateLM):
         seqs = [[self.eot_token_id, *self.tok_encode(t)] for t in texts]
         res = score_sequences(self.model, seqs, [1] * len(seqs), batch_size=self.batch_size,
                               window=self.max_length, pad_id=self.tok.pad_id,
-                              reset_at=[1 if len(s) > 1 else None for s in seqs], device=self.device)
+                              reset_at=[1 if len(s) > 1 else None for s in seqs], device=self.device,
+                              progress=None if disable_tqdm else "loglikelihood_rolling")
         out = [lp for lp, _ in res]
         for req, lp in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), lp)
@@ -299,6 +318,8 @@ class XLSTMEvalLM(TemplateLM):
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        bar = tqdm(total=len(requests), desc="generate_until", unit="req",
+                   disable=True if disable_tqdm else None)
         for key, members in groups.items():
             kw = dict(json.loads(key))
             until = kw.pop("until", None) or []
@@ -332,6 +353,8 @@ class XLSTMEvalLM(TemplateLM):
                             text = text.split(u)[0]
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                bar.update(len(rows))
+        bar.close()
         return [r or "" for r in results]
 
 

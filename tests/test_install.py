@@ -29,20 +29,20 @@ def _shipped_names() -> list[str]:
 
 def test_every_top_level_name_belongs_to_this_project_alone():
     names = _shipped_names()
-    assert {"pretrain", "model", "xlstm_kernels", "data", "slurm"} <= set(names), names
     owners = md.packages_distributions()
     clashes = {n: sorted(set(owners.get(n, [])) - {DIST}) for n in names}
     clashes = {n: d for n, d in clashes.items() if d}
     assert not clashes, (
         f"top-level import names shared with other installed distributions: {clashes} "
         "(one shadows the other depending on the working directory)")
+    assert {"pretrain", "model", "xlstm_kernels", "data", "slurm"} <= set(names), names
 
 
-# A forward of the model (the torch and the auto backend), then transformers' AutoModel
+# A forward of the model (torch backend), then transformers' AutoModel
 # import, in one process. Prints where each package came from.
 _PROBE = r"""
 import sys, torch
-import model, xlstm_kernels
+import model
 cfg = model.load_model_config({"arch": "xlstm", "vocab_size": 64, "embedding_dim": 32,
     "num_blocks": 2, "slstm_at": [1], "context_length": 16,
     "mlstm": {"num_heads": 2}, "slstm": {"num_heads": 2}, "chunk_size": 8})
@@ -52,7 +52,7 @@ assert logits.shape == (2, 16, 64), logits.shape
 from transformers import AutoModelForCausalLM
 import kernels  # Hugging Face's kernel hub, a dependency of transformers
 assert hasattr(kernels, "CUDAProperties"), kernels.__file__
-print("ok", xlstm_kernels.__file__, kernels.__file__)
+print("ok", model.__file__, kernels.__file__)
 """
 
 
@@ -67,7 +67,7 @@ def test_model_and_transformers_in_one_process(where: str, tmp_path: Path):
     assert out.returncode == 0, out.stderr[-3000:]
     line = out.stdout.strip().splitlines()[-1].split()
     assert line[0] == "ok"
-    assert Path(line[1]).resolve().is_relative_to(REPO), f"xlstm_kernels from {line[1]}"
+    assert Path(line[1]).resolve().is_relative_to(REPO), f"model from {line[1]}"
     assert "site-packages" in Path(line[2]).parts, f"Hugging Face's kernels from {line[2]}"
 
 
