@@ -23,7 +23,9 @@ Shards (`data.prepare`)
 writes `out/shard-NNNNNN.tar` (WebDataset: `<key>.tokens.u16` raw little-endian
 ids of one document without BOS/EOS, `<key>.source.txt`), `out/val/...` when
 val_fraction > 0, and `out/manifest.json` (per shard: samples, tokens, bytes,
-sha256; totals; tokenizer hash; command). Deterministic and restartable.
+sha256, xxh3_128; totals; tokenizer hash; command). Deterministic and restartable.
+Inputs: text, JSONL, parquet, and WebDataset tar shards of text (`.txt` members, or
+`.json` ones with the text field), local, `pipe:` or http(s), brace-expanded.
 CLI: `python -m data.prepare --input GLOB... --tokenizer DIR --out DIR ...`.
 
 Demo corpus (the standard library's own sources), without subprocesses:
@@ -35,8 +37,9 @@ Loader (`data.loader`)
                            "rank": r, "world_size": w, "num_workers": 2, "seed": 0,
                            "packing": "pack"})      # or LoaderConfig(...)
     for batch in loader: ...
-Sources: a folder (its manifest), a glob, brace ranges (`shard-{000000..000099}.tar`),
-`http(s)://` URLs, `pipe:CMD`, or a list of `{"url": ..., "weight": 0.7}` mixed by weight;
+Sources: a folder (its manifest), a glob, brace ranges (`shard-{000000..000099}.tar`,
+WebDataset's conventions, `::` joins lists), `http(s)://` URLs, `pipe:CMD` (opened with
+`webdataset.gopen`), or a list of `{"url": ..., "weight": 0.7}` mixed by weight;
 `DIR#val` or `.../manifest.json#val` names the validation shards.
 
 Each batch is a dict:
@@ -56,10 +59,12 @@ token, so every token is an input exactly once. The loss must use
   * With finite `epochs`, the last batch of a reader is padded with pad_id, label -100.
 With `return_meta=True` a batch also has "meta": per row, the document pieces it holds.
 
-Resume: `state = loader.state_dict()` (JSON-able; a collective when
-world_size > 1: it all-gathers the ranks' parts, so call it on every rank, e.g.
-at checkpoint time; identical on all ranks) and `loader.load_state_dict(state)`
-on a fresh loader, at the same or another world size / worker count.
+Resume: `state = loader.state_dict()` (a `data.state.LoaderState` as a JSON-able
+dict, version 2, every field documented there; a collective when world_size > 1: it
+all-gathers the ranks' parts, so call it on every rank, e.g. at checkpoint time;
+identical on all ranks) and `loader.load_state_dict(state)` on a fresh loader, at the
+same or another world size / worker count. States of version 1 (checkpoints written
+before 2026-12) still load; another version is an error.
 
 How exactly-once resume works
 -----------------------------
@@ -81,21 +86,22 @@ shape: the state is turned into the exact remaining work (unemitted window
 samples, rest of partly-read units, the partly-written documents from their
 token offset, untouched units of the current epochs) which is dealt round-robin
 to the new slots; later epochs use the new stride. Every remaining sample of the
-epoch is read exactly once. Its size is N small dicts; after a resume at another
+epoch is read exactly once. Its size is N small records; after a resume at another
 shape, the leftover pieces of partly-read units are listed as index ranges (at most a
 shuffle window per unit) until they are read. A few KB for tens of readers.
 
-Reading: local shard files are read with one call each (zero-copy views of the ids);
-their header index and a digest verified against the manifest are kept per process
-while the file's identity (device, inode, size, mtime_ns, ctime_ns) is unchanged, so a
-later epoch neither re-parses nor re-hashes them. HTTP and `pipe:` shards are streamed
-and checked on every read. With `num_workers > 0` each worker packs ids (uint16 when
-the vocabulary allows, else int32) into a shared-memory ring; the DataLoader pipe only
-carries document starts and states, and batches are widened to int64 in the main process.
+Reading: a shard is read whole: a local file is mapped (zero-copy views of the ids), a
+stream (HTTP, `pipe:`) read to its end; one tar parser indexes it. A local file's index
+and a digest verified against the manifest (its xxh3-128 when it has one and `xxhash`
+is installed, else its sha256) are kept per process while the file's identity (device,
+inode, size, mtime_ns, ctime_ns) is unchanged, so a later epoch neither re-parses nor
+re-hashes it. With `num_workers > 0` each worker packs ids (uint16 when the vocabulary
+allows, else int32) into a shared-memory ring; the DataLoader pipe only carries document
+starts and states, and batches are widened to int64 in the main process.
 
 Faults: a truncated or corrupt shard raises `ShardError` naming the shard and byte
-offset (a digest mismatch against the manifest is caught before any sample of a local
-shard is used, at the end of a streamed one);
+offset (a digest mismatch against the manifest is caught before any sample of the
+shard is used);
 `on_error="skip"` skips the rest of that shard with a warning and counts it in
 `loader.stats["skipped_shards"]` (names in `stats["skipped"]`). Unreachable URLs are
 retried `retries` times with exponential backoff, then `SourceError` names them; an HTTP
@@ -110,6 +116,7 @@ _EXPORTS = {
     "prepare_shards": "prepare", "make_demo_corpus": "demo",
     "LoaderConfig": "loader", "SourceSpec": "loader", "TokenLoader": "loader",
     "build_loader": "loader", "merge_states": "loader", "IGNORE_INDEX": "loader",
+    "LoaderState": "state",
     "ShardError": "tarshard", "SourceError": "sources", "InputError": "readers",
     "expand_source": "sources",
 }

@@ -1,7 +1,7 @@
 """Streaming, packing, exactly-once resumable loader over token shards.
 
 See the package docstring (`data/__init__.py`) for the batch contract and the
-resume design. In short:
+resume design, and `data.state` for the state. In short:
 
 * Each source's shards are "units". Epoch e of source s visits them in a
   seeded permutation; *position* p of epoch e means unit `perm_{s,e}[p]`.
@@ -17,19 +17,19 @@ resume design. In short:
   counter-based RNG) into rows and emits whole micro-batches; every batch
   carries the slot's state *after* it, and the main process keeps the state
   of the last batch it handed out per slot.
-* The state is the list of all N slot states (a few numbers each) plus the
-  world size and worker count: that *is* the global position. Loading it
-  with the same world size and worker count restores every slot as it was
-  (bitwise the same stream). Loading it with another shape turns it into the
-  exact set of remaining work (unread windows, partly-read documents,
-  untouched units) and deals that round-robin to the new slots; every
-  remaining sample of the epoch is then read exactly once.
+* The state (`data.state.LoaderState`) is all N slot states plus the shape:
+  that *is* the global position. The same world size and worker count restore
+  every slot as it was (bitwise the same stream); another shape turns it into
+  the exact remaining work and deals that round-robin to the new slots.
+* Workers pack ids into a shared-memory ring (`_Ring`); measured against a plain
+  DataLoader that moves each group of batches as one tensor (one shared-memory
+  hand-off per group): 1.7-3.8x as fast at 1-4 workers on 2 cores
+  (benchmarks/results/data_throughput-2026-12-06-cpu.md), so it stays.
 """
 
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 import hashlib
 import json
@@ -44,11 +44,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from .sources import Shards, SourceError, expand_source, local_path, map_local, open_shard
-from .tarshard import ShardError, iter_samples
+from .sources import Shards, SourceError, expand_source, load_shard
+from .state import (
+    STATE_KIND,
+    STATE_VERSION,
+    DocRef,
+    LoaderState,
+    SlotState,
+    SlotStats,
+    Unit,
+    deal,
+    remaining_work,
+    rng,
+    slot_from_dict,
+    window_order,
+)
+from .tarshard import ShardError
 
-STATE_KIND = "xlstm-data-state"
-STATE_VERSION = 1
 PACKING = ("pack", "concat")
 IGNORE_INDEX = -100
 _MIX_BLOCK = 4096
@@ -142,95 +154,61 @@ class LoaderConfig:
             raise ValueError(f"on_error must be raise or skip, got {self.on_error!r}")
 
 
-def _copy(x):
-    """Deep copy of a JSON-like state (dicts, lists, scalars): much cheaper than deepcopy."""
-    if isinstance(x, dict):
-        return {k: _copy(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_copy(v) for v in x]
-    return int(x) if isinstance(x, np.integer) else x
-
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
+def _state_of(x: SlotState | bytes) -> SlotState:
+    """A private copy of a slot state kept as is or pickled (as batches carry it)."""
+    return pickle.loads(x if isinstance(x, bytes) else pickle.dumps(x))
 
 
 # -- one slot: reading, shuffling, mixing, packing --------------------------------
 class _SourceReader:
     """The sample stream of one source inside one slot."""
 
-    def __init__(self, slot: _Slot, s: int, st: dict):
-        self.slot, self.s, self.st = slot, s, st
+    def __init__(self, slot: _Slot, s: int):
+        self.slot, self.s = slot, s
+        self.st = slot.st.sources[s]
         self.cfg = slot.cfg
         self.shards: Shards = slot.shards[s]
         self.units = len(self.shards.urls)
         self._gen: Iterator | None = None
-        self.exhausted = bool(st.get("exhausted", False))
 
-    # the unit (url) at position p of epoch e
     def url(self, e: int, p: int) -> str:
+        """The unit (url) at position p of epoch e."""
         return self.shards.urls[self.slot.perm(self.s, e)[p]]
 
-    def _next_item(self) -> dict | None:
+    def _next_unit(self) -> Unit | None:
         st = self.st
-        while st["items"]:
-            it = st["items"][0]
-            if "run" in it:
-                a, b, step = it["run"]
+        while st.items:
+            it = st.items[0]
+            if it.run is not None:
+                a, b, step = it.run
                 if a >= b:
-                    st["items"].pop(0)
+                    st.items.pop(0)
                     continue
-                it["run"] = [a + step, b, step]
-                return {"e": it["e"], "p": a, "r": [[0, -1]]}
-            return st["items"].pop(0)
-        j, n = self.slot.st["j"], self.slot.st["N"]
-        while self.cfg.epochs is None or st["epoch"] < self.cfg.epochs:
-            p = j + st["cursor"] * n
+                it.run = [a + step, b, step]
+                return Unit(it.epoch, a)
+            return st.items.pop(0)
+        j, n = self.slot.st.index, self.slot.st.count
+        while self.cfg.epochs is None or st.epoch < self.cfg.epochs:
+            p = j + st.cursor * n
             if p < self.units:
-                st["cursor"] += 1
-                return {"e": st["epoch"], "p": p, "r": [[0, -1]]}
-            st["epoch"] += 1
-            st["cursor"] = 0
+                st.cursor += 1
+                return Unit(st.epoch, p)
+            st.epoch += 1
+            st.cursor = 0
         return None
 
-    def _samples(self, cur: dict, verify: bool = True) -> Iterator[tuple[int, np.ndarray]]:
-        """(sample index, tokens) of the item's included samples from coordinate cur['w'].
+    def _samples(self, cur: Unit, verify: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+        """(sample index, tokens) of the unit's included samples from `cur.window_start`.
 
-        Local files are read whole (zero-copy ids; index and digest checked once per
-        process while the file is unchanged); HTTP and pipe sources are streamed.
-        """
-        url = self.url(cur["e"], cur["p"])
-        sha = self.shards.sha256.get(url) if (verify and self.cfg.verify_sha256) else None
-        path = local_path(url)
-        if path is not None and os.path.isfile(path):
-            yield from self._mapped_samples(url, cur, sha)
-            return
-        f = open_shard(url, retries=self.cfg.retries, backoff=self.cfg.retry_backoff,
-                       timeout=self.cfg.timeout, on_retry=self.slot.on_retry)
-        try:
-            coord = 0
-            ranges = cur["r"]
-            for idx, (_key, tokens, _off) in enumerate(
-                    iter_samples(f, url, vocab_size=self.slot.vocab_size(self.s),
-                                 expect_sha256=sha)):
-                if not any(lo <= idx and (hi < 0 or idx < hi) for lo, hi in ranges):
-                    if all(hi >= 0 and idx >= hi for _lo, hi in ranges) and sha is None:
-                        return  # past the last range; no digest to finish
-                    continue
-                if coord >= cur["w"]:
-                    yield idx, tokens
-                coord += 1
-        finally:
-            f.close()
-
-    def _mapped_samples(self, url: str, cur: dict, sha: str | None
-                        ) -> Iterator[tuple[int, np.ndarray]]:
-        """`_samples` of a local shard: the same samples, errors and order as the stream."""
+        A shard is read whole (`sources.load_shard`: a local file mapped, zero-copy ids;
+        index and digest checked once per process while the file is unchanged)."""
         cfg = self.cfg
-        shard = map_local(url, retries=cfg.retries, backoff=cfg.retry_backoff,
-                          on_retry=self.slot.on_retry, vocab_size=self.slot.vocab_size(self.s),
-                          expect_sha256=sha)
-        n, ranges, w = shard.n, cur["r"], cur["w"]
+        url = self.url(cur.epoch, cur.position)
+        digest = self.shards.digest(url) if (verify and cfg.verify_sha256) else None
+        shard = load_shard(url, retries=cfg.retries, backoff=cfg.retry_backoff,
+                           timeout=cfg.timeout, on_retry=self.slot.on_retry,
+                           vocab_size=self.slot.vocab_size(self.s), digest=digest)
+        n, ranges, w = shard.n, cur.ranges, cur.window_start
         if len(ranges) == 1 and ranges[0][1] < 0:
             idxs: Any = range(max(0, ranges[0][0]) + w, n)
         else:
@@ -241,26 +219,25 @@ class _SourceReader:
         tokens = shard.tokens
         for idx in idxs:
             yield idx, tokens(idx)
-        # a cut or corrupt shard fails where a stream reader would reach the problem
-        if shard.error is not None and (sha is not None or
+        # a cut or corrupt shard fails where a sequential reader would reach the problem
+        if shard.error is not None and (digest is not None or
                                         any(hi < 0 or hi > n for _lo, hi in ranges)):
             raise shard.error
 
-    def _docs(self) -> Iterator[tuple[tuple, np.ndarray]]:
+    def _docs(self) -> Iterator[tuple[tuple, np.ndarray, int]]:
         st, cfg = self.st, self.cfg
         k = max(1, int(cfg.shuffle_buffer))
         barren = 0  # units in a row that gave nothing (empty, or skipped after errors)
         while True:
-            cur = st["cur"]
+            cur = st.current
             if cur is None:
-                it = self._next_item()
-                if it is None:
+                cur = st.current = self._next_unit()
+                if cur is None:
                     return
-                cur = st["cur"] = {**it, "w": 0, "m": 0, "n": 0}
             barren += 1
             if barren > 2 * self.units + 2:
                 raise RuntimeError(f"source {self.s}: {barren} shards in a row gave no sample "
-                                   f"(last error: {self.slot.st['stats']['last_error']})")
+                                   f"(last error: {self.slot.st.stats.last_error})")
             try:
                 stream = self._samples(cur)
                 while True:
@@ -271,24 +248,23 @@ class _SourceReader:
                             break
                     if not window:
                         break
-                    size = cur["n"] = len(window)
-                    perm = (_rng(cfg.seed, 7, self.s, cur["e"], cur["p"], cur["w"])
-                            .permutation(size).tolist() if k > 1 else range(size))
-                    s, e, p = self.s, cur["e"], cur["p"]
-                    first, t = cur["r"][0][0], cur.get("t", 0)  # a partly-read first sample
-                    if cur["m"] < size:
+                    size = cur.window_size = len(window)
+                    order = window_order(cfg.seed, self.s, cur, k)
+                    key = (self.s, cur.epoch, cur.position)
+                    first, t = cur.ranges[0][0], cur.token_offset  # a partly-read first sample
+                    if cur.emitted < size:
                         barren = 0
-                    while (m := cur["m"]) < size:
-                        cur["m"] = m + 1
-                        idx, tokens = window[perm[m]]
-                        yield (s, e, p, idx), tokens, (t if idx == first else 0)
-                    cur["w"] += size
-                    cur["m"] = cur["n"] = 0
+                    while (m := cur.emitted) < size:
+                        cur.emitted = m + 1
+                        idx, tokens = window[order[m]]
+                        yield (*key, idx), tokens, (t if idx == first else 0)
+                    cur.window_start += size
+                    cur.emitted = cur.window_size = 0
             except (ShardError, SourceError, OSError) as e:
                 if cfg.on_error != "skip":
                     raise
                 self.slot.skipped(e)
-            st["cur"] = None
+            st.current = None
 
     def next_doc(self):
         if self._gen is None:
@@ -296,7 +272,7 @@ class _SourceReader:
         try:
             return next(self._gen)
         except StopIteration:
-            self.exhausted = self.st["exhausted"] = True  # kept, so a resume draws the same
+            self.st.exhausted = True  # kept, so a resume draws the same
             return None
 
 
@@ -304,12 +280,12 @@ class _Slot:
     """One reader of the global stream (a rank, or one dataloader worker of a rank)."""
 
     def __init__(self, cfg: LoaderConfig, shards: list[Shards], weights: list[float],
-                 state: dict):
+                 state: SlotState):
         self.cfg, self.shards, self.weights = cfg, shards, weights
         self.st = state
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._mix_block: tuple[int, np.ndarray] | None = None
-        self.readers = [_SourceReader(self, s, state["src"][s]) for s in range(len(shards))]
+        self.readers = [_SourceReader(self, s) for s in range(len(shards))]
 
     def vocab_size(self, s: int) -> int | None:
         return self.cfg.vocab_size or self.shards[s].vocab_size
@@ -318,36 +294,34 @@ class _Slot:
         key = (s, e)
         if key not in self._perms:
             n = len(self.shards[s].urls)
-            self._perms[key] = (_rng(self.cfg.seed, 3, s, e).permutation(n)
+            self._perms[key] = (rng(self.cfg.seed, 3, s, e).permutation(n)
                                 if self.cfg.shuffle_shards else np.arange(n))
             if len(self._perms) > 8:
                 self._perms.pop(next(iter(self._perms)))
         return self._perms[key]
 
     def on_retry(self, url, err) -> None:
-        self.st["stats"]["retries"] += 1
+        self.st.stats.retries += 1
 
     def skipped(self, err: Exception) -> None:
-        stats = self.st["stats"]
-        stats["skipped_shards"] += 1
-        stats["last_error"] = str(err)
+        stats = self.st.stats
+        stats.skipped_shards += 1
+        stats.last_error = str(err)
         name = getattr(err, "shard", None) or str(err).split(" ")[0]
-        stats["skipped"] = (stats.get("skipped", []) + [name])[-16:]  # the last 16 names
+        stats.skipped = (stats.skipped + [name])[-16:]  # the last 16 names
         warnings.warn(f"data: skipping shard: {err}", RuntimeWarning, stacklevel=2)
 
     def _choose(self) -> _SourceReader | None:
-        if len(self.readers) == 1:
-            return None if self.readers[0].exhausted else self.readers[0]
-        alive = [r for r in self.readers if not r.exhausted]
+        alive = [r for r in self.readers if not r.st.exhausted]
         if len(alive) <= 1:
             return alive[0] if alive else None
-        k = self.st["mix"]
+        k = self.st.mix_draws
         b = k // _MIX_BLOCK
         if self._mix_block is None or self._mix_block[0] != b:
-            self._mix_block = (b, _rng(self.cfg.seed, 5, self.st["gen"], self.st["j"], b)
+            self._mix_block = (b, rng(self.cfg.seed, 5, self.st.generation, self.st.index, b)
                                .random(_MIX_BLOCK))
         u = self._mix_block[1][k % _MIX_BLOCK]
-        self.st["mix"] = k + 1
+        self.st.mix_draws = k + 1
         w = np.cumsum([self.weights[r.s] for r in alive])
         return alive[int(np.searchsorted(w, u * w[-1], side="right"))]
 
@@ -355,7 +329,7 @@ class _Slot:
         """The next document: ((source, epoch, position, index), tokens, token offset)."""
         if len(self.readers) == 1:  # one source: no mixing draw
             r = self.readers[0]
-            return None if r.exhausted else r.next_doc()
+            return None if r.st.exhausted else r.next_doc()
         while True:
             r = self._choose()
             if r is None:
@@ -367,8 +341,7 @@ class _Slot:
     def _read_one(self, key: tuple) -> np.ndarray:
         s, e, p, idx = key
         r = self.readers[s]
-        cur = {"e": e, "p": p, "r": [[idx, idx + 1]], "w": 0}
-        for _i, tokens in r._samples(cur, verify=False):
+        for _i, tokens in r._samples(Unit(e, p, [[idx, idx + 1]]), verify=False):
             return tokens
         raise ShardError(r.url(e, p), None, f"sample {idx} is missing on resume")
 
@@ -387,19 +360,19 @@ class _Slot:
         need = b * s + 1
         eos, pad = cfg.eos_id, cfg.pad_id
         meta = cfg.return_meta
-        stats = st["stats"]
+        stats = st.stats
         pending = None  # (key, tokens, offset) carried into the next batch
-        if st["carry"] is not None:
-            c = st["carry"]
-            key = tuple(c[:4])
+        if st.carry is not None:
+            c = st.carry
+            key = (c.source, c.epoch, c.position, c.sample)
             try:
-                pending = (key, self._read_one(key), c[4])
+                pending = (key, self._read_one(key), c.token_offset)
             except (ShardError, SourceError, OSError) as e:
                 if cfg.on_error != "skip":
                     raise
                 self.skipped(e)
         draw, empty, i64 = self._draw, np.empty, np.int64
-        while not st["done"]:
+        while not st.done:
             flat = empty(need, dtype=i64) if alloc is None else alloc()
             starts = []
             pos = 0
@@ -427,19 +400,19 @@ class _Slot:
                 # the last token of a batch is also the first of the next (rows overlap by one)
                 pending = (key, tokens, hi - 1) if pos == need else None
             if pos < need:  # the stream has ended (finite epochs)
-                st["done"] = True
-                st["carry"] = None
+                st.done = True
+                st.carry = None
                 if pos == 0 or (pos == 1 and from_carry):
                     break  # nothing new: that token was already the last target
                 flat[pos:] = pad
             else:
-                st["carry"] = [*pending[0], pending[2]]
-            stats["batches"] += 1
-            stats["tokens"] += b * s
+                st.carry = DocRef(*pending[0], pending[2])
+            stats.batches += 1
+            stats.tokens += b * s
             batch = (flat, starts, pos, self._meta(segs) if meta else None)
-            yield batch, pickle.dumps(st, protocol=pickle.HIGHEST_PROTOCOL), stats["batches"]
+            yield batch, pickle.dumps(st, protocol=pickle.HIGHEST_PROTOCOL), stats.batches
         # the final state (counters), no batch
-        yield None, pickle.dumps(st, protocol=pickle.HIGHEST_PROTOCOL), stats["batches"]
+        yield None, pickle.dumps(st, protocol=pickle.HIGHEST_PROTOCOL), stats.batches
 
     def _meta(self, segs: list[tuple]) -> list[list[tuple]]:
         """Per row, the document pieces it holds: (source, epoch, shard url, sample index,
@@ -459,6 +432,7 @@ class _Slot:
         return meta
 
 
+
 def _compact_dtype(cfg: LoaderConfig, shards: list[Shards]) -> np.dtype:
     """The most compact dtype that holds every id, EOS and pad: what workers send."""
     top = max(cfg.eos_id, cfg.pad_id) + 1
@@ -468,135 +442,6 @@ def _compact_dtype(cfg: LoaderConfig, shards: list[Shards]) -> np.dtype:
         if top <= 1 << 16:
             return np.dtype(np.uint16)
     return np.dtype(np.int32)
-
-
-def _fresh_slot(j: int, n: int, nsrc: int, gen: int = 0) -> dict:
-    return {"j": j, "N": n, "gen": gen, "mix": 0, "carry": None, "done": False,
-            "src": [{"items": [], "epoch": 0, "cursor": 0, "cur": None} for _ in range(nsrc)],
-            "stats": {"batches": 0, "tokens": 0, "skipped_shards": 0, "retries": 0,
-                      "last_error": None}}
-
-
-# -- redistribution: a state of N slots -> the work of N' new slots ----------------
-def _coords_to_ranges(ranges: list[list[int]], coords: list[int]) -> list[list[int]]:
-    """Sample indices of item coordinates `coords` (sorted), as [lo, lo+1] ranges."""
-    out, coord, ci = [], 0, 0
-    for lo, hi in ranges:
-        if ci >= len(coords):
-            break
-        span = (hi - lo) if hi >= 0 else None
-        while ci < len(coords) and (span is None or coords[ci] < coord + span):
-            i = lo + coords[ci] - coord
-            out.append([i, i + 1])
-            ci += 1
-        coord += span or 0
-    return out
-
-
-def _merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for lo, hi in ranges:
-        if out and out[-1][1] == lo and lo >= 0:
-            out[-1][1] = hi
-        else:
-            out.append([lo, hi])
-    return out
-
-
-def _tail_ranges(ranges: list[list[int]], start: int) -> list[list[int]]:
-    """Ranges of the item coordinates >= start."""
-    out, coord = [], 0
-    for lo, hi in ranges:
-        span = (hi - lo) if hi >= 0 else None
-        if span is not None and coord + span <= start:
-            coord += span
-            continue
-        skip = max(0, start - coord)
-        out.append([lo + skip, hi])
-        if span is not None:
-            coord += span
-    return out
-
-
-def _remaining_work(state: dict, units: list[int], shuffle_buffer: int, seed: int
-                    ) -> list[list[dict]]:
-    """Per source: the ordered list of work items nobody has consumed yet."""
-    slots = state["slots"]
-    nsrc = len(units)
-    work: list[list[dict]] = [[] for _ in range(nsrc)]
-    emax = [max(sl["src"][s]["epoch"] for sl in slots) for s in range(nsrc)]
-    k = max(1, int(shuffle_buffer))
-    for sl in slots:
-        if sl["carry"] is not None:
-            s, e, p, idx, off = sl["carry"]
-            work[s].append({"e": e, "p": p, "r": [[idx, idx + 1]], "t": off})
-        for s in range(nsrc):
-            ss = sl["src"][s]
-            cur = ss["cur"]
-            if cur is not None:
-                left = []
-                if cur["n"]:
-                    perm = (_rng(seed, 7, s, cur["e"], cur["p"], cur["w"]).permutation(cur["n"])
-                            if k > 1 else np.arange(cur["n"]))
-                    left = sorted(cur["w"] + int(i) for i in perm[cur["m"]:])
-                    tail_from = cur["w"] + cur["n"]
-                else:
-                    tail_from = cur["w"]
-                r = _merge_ranges(_coords_to_ranges(cur["r"], left)
-                                  + _tail_ranges(cur["r"], tail_from))
-                if r:
-                    item = {"e": cur["e"], "p": cur["p"], "r": r}
-                    if "t" in cur and r[0][0] == cur["r"][0][0]:
-                        item["t"] = cur["t"]
-                    work[s].append(item)
-            work[s].extend(copy.deepcopy(ss["items"]))
-            j, n = sl["j"], sl["N"]
-            if sl["done"]:
-                continue
-            first = j + ss["cursor"] * n
-            if first < units[s]:
-                work[s].append({"e": ss["epoch"], "run": [first, units[s], n]})
-            for e in range(ss["epoch"] + 1, emax[s] + 1):
-                if j < units[s]:
-                    work[s].append({"e": e, "run": [j, units[s], n]})
-    for s in range(nsrc):
-        work[s].sort(key=lambda it: it["e"])  # stable: keeps each epoch's order
-    return work
-
-
-def _deal(work: list[dict], n: int) -> list[list[dict]]:
-    """Round-robin the items (runs expanded) over n slots; re-compress whole units to runs."""
-    flat = []
-    for it in work:
-        if "run" in it:
-            a, b, step = it["run"]
-            flat.extend({"e": it["e"], "p": p} for p in range(a, b, step))
-        else:
-            flat.append(it)
-    per: list[list[dict]] = [[] for _ in range(n)]
-    for i, it in enumerate(flat):
-        per[i % n].append(it)
-    return [_compress(items) for items in per]
-
-
-def _compress(items: list[dict]) -> list[dict]:
-    """Turn consecutive whole units of one epoch with a common stride into runs."""
-    out: list[dict] = []
-    run: list[int] = []
-    run_e = None
-    for it in items + [None]:
-        whole = it is not None and "r" not in it
-        if run and (not whole or it["e"] != run_e or it["p"] <= run[-1] or
-                    (len(run) > 1 and it["p"] - run[-1] != run[1] - run[0])):
-            step = run[1] - run[0] if len(run) > 1 else 1
-            out.append({"e": run_e, "run": [run[0], run[-1] + 1, step]})
-            run = []
-        if whole:
-            run_e = it["e"]
-            run.append(it["p"])
-        elif it is not None:
-            out.append(it)
-    return out
 
 
 # -- the dataset each dataloader worker iterates --------------------------------------
@@ -689,11 +534,6 @@ class _ReaderGone(Exception):
     """The main process stopped reading (or died): a worker ends its stream quietly."""
 
 
-def _state_of(x: dict | bytes) -> dict:
-    """A private copy of a slot state kept as a dict or as its pickle (as batches carry it)."""
-    return pickle.loads(x) if isinstance(x, bytes) else _copy(x)
-
-
 def _finish(batch: tuple, b: int, s: int, pack: bool, pin: bool = False) -> dict:
     """Compact batch (see `_Slot.batches`) -> the contract's tensors, in the process that
     hands it out: input_ids, labels (int64 (b, s), labels -100 where ignored), reset
@@ -757,8 +597,8 @@ class TokenLoader:
                         "shards, or use fewer workers")
         self.fingerprint = self._fingerprint()
         self.content = self._content_fingerprint()
-        self._global = {"slots": [_fresh_slot(j, self.n_slots, len(specs))
-                                  for j in range(self.n_slots)]}
+        self._slots: list[SlotState | bytes] = [  # pickled: as the batches carry them
+            SlotState.fresh(j, self.n_slots, len(specs)) for j in range(self.n_slots)]
         self._phase = 0
 
     def _fingerprint(self) -> str:
@@ -786,7 +626,7 @@ class TokenLoader:
         cfg = self.cfg
         b, s, pack = cfg.micro_batch_size, cfg.seq_len, cfg.packing == "pack"
         pin = cfg.pin_memory and torch.cuda.is_available()
-        slots = self._global["slots"]
+        slots = self._slots
         if cfg.num_workers == 0:  # in-process: one slot, no DataLoader in between
             j = mine[0]
             slot = _Slot(cfg, self.shards, self.weights, _state_of(slots[j]))
@@ -802,7 +642,7 @@ class TokenLoader:
         ring = _Ring(cfg.num_workers, max(2, cfg.prefetch_factor) + 2, groups * group,
                      b * s + 1, dtype)
         ds = _SlotDataset(cfg, self.shards, self.weights,
-                          [self._global["slots"][j] for j in mine], self._phase, ring, groups)
+                          [slots[j] for j in mine], self._phase, ring, groups)
         source = torch.utils.data.DataLoader(
             ds, batch_size=None, num_workers=cfg.num_workers, collate_fn=_collate_none,
             prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
@@ -859,10 +699,10 @@ class TokenLoader:
     # -- state -------------------------------------------------------------------
     def local_state_dict(self) -> dict:
         """This rank's part of the state (its slots); combine ranks with `merge_states`."""
-        mine = self._my_slots()
         return {"kind": STATE_KIND + "/part", "version": STATE_VERSION, "rank": self.cfg.rank,
                 **self._header(), "phase": self._phase,
-                "slots": {str(j): _state_of(self._global["slots"][j]) for j in mine}}
+                "slots": {str(j): dataclasses.asdict(_state_of(self._slots[j]))
+                          for j in self._my_slots()}}
 
     def _header(self) -> dict:
         c = self.cfg
@@ -874,7 +714,8 @@ class TokenLoader:
                 "sources": self.names, "units": [len(s.urls) for s in self.shards]}
 
     def state_dict(self, gather=None) -> dict:
-        """The global data position: identical on every rank, JSON-able, small.
+        """The global data position (`data.state.LoaderState` as a dict): identical on
+        every rank, JSON-able, small.
 
         With world_size > 1 this is a collective: it all-gathers the ranks' parts
         with `gather(obj) -> list` (default: torch.distributed.all_gather_object).
@@ -895,74 +736,77 @@ class TokenLoader:
                 return out
         return merge_states(gather(part))
 
-    def load_state_dict(self, state: dict) -> None:
-        """Resume from a global state saved at any world size / worker count."""
-        if state.get("kind") != STATE_KIND:
-            raise ValueError("not a data loader state (use state_dict(), not a local part)")
-        if state["fingerprint"] != self.fingerprint:
+    def load_state_dict(self, state: dict | LoaderState) -> None:
+        """Resume from a global state saved at any world size / worker count (a dict of
+        state version 1 or 2, or a `LoaderState`)."""
+        st = LoaderState.from_dict(state)
+        head = self._header()
+        if st.fingerprint != self.fingerprint:
             raise ValueError("data state was saved over other shards "
-                             f"({state['fingerprint']} != {self.fingerprint})")
-        if state.get("content") and self.content and state["content"] != self.content:
+                             f"({st.fingerprint} != {self.fingerprint})")
+        if st.content and self.content and st.content != self.content:
             raise ValueError("data state was saved over shards with the same names but other "
                              "contents (manifest digests differ)")
         for k in ("seed", "shuffle_shards", "sources"):
-            if state[k] != self._header()[k]:
-                raise ValueError(f"data state has {k}={state[k]!r}, loader has "
-                                 f"{self._header()[k]!r}")
-        same = all(state[k] == self._header()[k] for k in
-                   ("world_size", "num_workers", "seq_len", "micro_batch_size", "packing",
-                    "shuffle_buffer"))
-        if same:
-            self._global = {"slots": copy.deepcopy(state["slots"])}
-            self._phase = int(state["phases"][self.cfg.rank])
+            if getattr(st, k) != head[k]:
+                raise ValueError(f"data state has {k}={getattr(st, k)!r}, loader has {head[k]!r}")
+        if all(getattr(st, k) == head[k] for k in
+               ("world_size", "num_workers", "seq_len", "micro_batch_size", "packing",
+                "shuffle_buffer")):
+            self._slots = list(st.slots)
+            self._phase = int(st.phases[self.cfg.rank])
             return
         units = [len(s.urls) for s in self.shards]
-        work = _remaining_work(state, units, state["shuffle_buffer"], state["seed"])
-        gen = max(sl["gen"] for sl in state["slots"]) + 1
-        slots = [_fresh_slot(j, self.n_slots, len(units), gen) for j in range(self.n_slots)]
-        emax = [max(sl["src"][s]["epoch"] for sl in state["slots"]) for s in range(len(units))]
+        work = remaining_work(st, units)
+        gen = max(sl.generation for sl in st.slots) + 1
+        slots = [SlotState.fresh(j, self.n_slots, len(units), gen) for j in range(self.n_slots)]
         limit = self.cfg.epochs
         for s in range(len(units)):
-            todo = [it for it in work[s] if limit is None or it["e"] < limit]
-            for j, items in enumerate(_deal(todo, self.n_slots)):
-                slots[j]["src"][s]["items"] = items
-                slots[j]["src"][s]["epoch"] = emax[s] + 1
-        totals = _sum_stats(state["slots"])
-        for k in ("skipped_shards", "retries", "batches", "tokens", "skipped"):
-            slots[0]["stats"][k] = totals[k]
-        self._global = {"slots": slots}
+            emax = max(sl.sources[s].epoch for sl in st.slots)
+            todo = [u for u in work[s] if limit is None or u.epoch < limit]
+            for j, items in enumerate(deal(todo, self.n_slots)):
+                slots[j].sources[s].items = items
+                slots[j].sources[s].epoch = emax + 1
+        totals = _sum_stats(st.slots)
+        slots[0].stats = SlotStats(totals.batches, totals.tokens, totals.skipped_shards,
+                                   totals.retries, None, totals.skipped)
+        self._slots = slots
         self._phase = 0
 
     @property
     def stats(self) -> dict:
         """This rank's counters: batches, tokens, skipped_shards, skipped (shard names),
         retries, last_error. They live in the state, so they survive a resume."""
-        return _sum_stats([_state_of(self._global["slots"][j]) for j in self._my_slots()])
+        return dataclasses.asdict(_sum_stats([_state_of(self._slots[j])
+                                              for j in self._my_slots()]))
 
 
-def _sum_stats(slots: list[dict]) -> dict:
-    out = {"batches": 0, "tokens": 0, "skipped_shards": 0, "retries": 0, "last_error": None,
-           "skipped": []}
+def _sum_stats(slots: list[SlotState]) -> SlotStats:
+    out = SlotStats()
     for sl in slots:
-        for k in ("batches", "tokens", "skipped_shards", "retries"):
-            out[k] += sl["stats"][k]
-        out["last_error"] = sl["stats"]["last_error"] or out["last_error"]
-        out["skipped"] += sl["stats"].get("skipped", [])
+        x = sl.stats
+        out.batches += x.batches
+        out.tokens += x.tokens
+        out.skipped_shards += x.skipped_shards
+        out.retries += x.retries
+        out.last_error = x.last_error or out.last_error
+        out.skipped += x.skipped
     return out
 
 
 def merge_states(parts: list[dict]) -> dict:
-    """Combine the ranks' `local_state_dict()`s into the global state."""
+    """Combine the ranks' `local_state_dict()`s into the global state (as a dict)."""
     parts = sorted(parts, key=lambda p: p["rank"])
-    head = {k: v for k, v in parts[0].items() if k not in ("slots", "rank", "phase", "kind")}
+    head = {k: v for k, v in parts[0].items()
+            if k not in ("slots", "rank", "phase", "kind", "version")}
     if [p["rank"] for p in parts] != list(range(head["world_size"])):
         raise ValueError(f"need one part per rank 0..{head['world_size'] - 1}, "
                          f"got {[p['rank'] for p in parts]}")
     slots = {}
     for p in parts:
         slots.update({int(j): s for j, s in p["slots"].items()})
-    return {"kind": STATE_KIND, **head, "phases": [p["phase"] for p in parts],
-            "slots": [slots[j] for j in range(len(slots))]}
+    return LoaderState(**head, phases=[p["phase"] for p in parts],
+                       slots=[slot_from_dict(slots[j]) for j in range(len(slots))]).to_dict()
 
 
 def build_loader(config: LoaderConfig | dict, **overrides) -> TokenLoader:

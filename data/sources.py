@@ -1,22 +1,22 @@
 """Shard sources: expand a source spec into shard URLs, and open one shard as a byte stream.
 
-A spec is one string:
+A spec is one string, in WebDataset's conventions:
 - a local folder (its `manifest.json` lists the shards, else every `*.tar`),
-  a `manifest.json` path, a glob, or a path with brace ranges
-  (`shards/shard-{000000..000099}.tar`, `{a,b}` lists too);
+  a `manifest.json` path, a glob, or a brace-expanded path
+  (`shards/shard-{000000..000099}.tar`, `{a,b}` lists; `::` joins several);
 - an `http://` / `https://` URL, brace-expanded, or ending in `.json` to name
   a manifest whose shards lie beside it;
 - `pipe:COMMAND`, brace-expanded into one command per shard
   (`pipe:aws s3 cp s3://b/shard-{0000..0099}.tar -`); the command's stdout is the shard.
 
-Local files are read whole (`map_local`: zero-copy ids; index and digest checked once
-per process while the file is unchanged); HTTP and pipe sources are streamed
-(`open_shard`), since they cannot be re-read or mapped.
-
-Opening retries with exponential backoff (`retries` times), then raises
-`SourceError` naming the URL; an HTTP body cut off mid-way is reopened at its
-offset with a Range request (same retries), so a flaky link costs no data. A pipe command that exits non-zero fails the
-shard with its exit status.
+Opening is `webdataset.gopen` (local paths, `pipe:`, and its other schemes), except
+for http(s): `gopen` runs curl, which cannot resume a body cut off mid-way, so ours
+reopens it at its offset with a Range request (with backoff, `retries` times) and a
+flaky link costs no data. Opening a local file or URL retries with exponential backoff
+(`retries` times), then raises `SourceError` naming it. A pipe command that exits
+non-zero fails the shard with its exit status. Brace expansion is `braceexpand` (what
+webdataset uses) without webdataset's `${WDS_...}` substitution, so a `pipe:` command
+keeps its shell variables.
 """
 
 from __future__ import annotations
@@ -25,41 +25,24 @@ import glob
 import http.client
 import json
 import os
-import re
-import subprocess
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from .tarshard import MappedShard, ShardError, map_shard
-
-_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
-_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
+from .tarshard import MappedShard, ShardError, have_digest, map_shard, read_shard
 
 
 class SourceError(RuntimeError):
     """A shard could not be opened after all retries."""
 
 
-def brace_expand(s: str) -> list[str]:
-    """Expand `{000..012}` numeric ranges (zero-padded to the width written) and `{a,b}` lists."""
-    m = _RANGE.search(s)
-    if m:
-        lo, hi = m.group(1), m.group(2)
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        out = []
-        for i in range(int(lo), int(hi) + step, step):
-            out.extend(brace_expand(s[:m.start()] + str(i).zfill(width) + s[m.end():]))
-        return out
-    m = _LIST.search(s)
-    if m:
-        out = []
-        for part in m.group(1).split(","):
-            out.extend(brace_expand(s[:m.start()] + part + s[m.end():]))
-        return out
-    return [s]
+def brace_expand(spec: str) -> list[str]:
+    """Shard URLs of `spec`: `::`-separated parts, each brace-expanded (`{000..012}`
+    ranges keep the zero padding written, `{a,b}` lists)."""
+    from braceexpand import braceexpand
+
+    return [u for part in spec.split("::") for u in braceexpand(part)]
 
 
 def _is_url(s: str) -> bool:
@@ -74,6 +57,14 @@ class Shards:
     sha256: dict[str, str] = field(default_factory=dict)  # url -> digest from the manifest
     vocab_size: int | None = None
     manifest: str | None = None
+    xxh3: dict[str, str] = field(default_factory=dict)  # url -> xxh3-128 from the manifest
+
+    def digest(self, url: str) -> tuple[str, str] | None:
+        """(algorithm, hex digest) to check a shard against: the manifest's xxh3-128 when
+        it has one (ten times faster to check) and `xxhash` is installed, else its sha256."""
+        if url in self.xxh3 and have_digest("xxh3_128"):
+            return "xxh3_128", self.xxh3[url]
+        return ("sha256", self.sha256[url]) if url in self.sha256 else None
 
 
 def _fetch(url: str, retries: int, backoff: float, timeout: float) -> bytes:
@@ -91,13 +82,15 @@ def _from_manifest(path_or_url: str, text: bytes, val: bool = False) -> Shards:
     folder = part.get("folder") if val else None
     if folder:
         base = f"{base}/{folder}"
-    urls, sha = [], {}
+    urls, sha, xxh = [], {}, {}
     for e in part.get("shards", []):
         u = f"{base}/{e['name']}"
         urls.append(u)
         sha[u] = e["sha256"]
+        if "xxh3_128" in e:
+            xxh[u] = e["xxh3_128"]
     vocab = m.get("tokenizer", {}).get("vocab_size")
-    return Shards(urls, sha, vocab, path_or_url)
+    return Shards(urls, sha, vocab, path_or_url, xxh)
 
 
 def _val_folder(manifest_path: str) -> str | None:
@@ -147,38 +140,44 @@ def expand_source(spec: str, *, retries: int = 3, backoff: float = 0.5,
             if os.path.exists(mpath):
                 with open(mpath, "rb") as f:
                     m = _from_manifest(mpath, f.read())
-                by_name = {os.path.basename(u): d for u, d in m.sha256.items()}
-                out.sha256 = {p: by_name[os.path.basename(p)] for p in paths
-                              if os.path.basename(p) in by_name}
+                for mine, theirs in ((out.sha256, m.sha256), (out.xxh3, m.xxh3)):
+                    by_name = {os.path.basename(u): d for u, d in theirs.items()}
+                    mine.update({p: by_name[os.path.basename(p)] for p in paths
+                                 if os.path.basename(p) in by_name})
                 out.vocab_size, out.manifest = m.vocab_size, mpath
     if not out.urls:
         raise SourceError(f"source {spec!r} names no shards")
     return out
 
 
-class _PipeStream:
-    def __init__(self, cmd: str):
-        self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL)
-        self.offset = 0
+class _Pipe:
+    """`webdataset.gopen` of a `pipe:` URL whose failure names the exit status: at the end
+    of its output the command is waited for, and a non-zero status is a `ShardError`."""
+
+    def __init__(self, url: str):
+        from webdataset import gopen
+
+        self.url, self.offset = url, 0
+        self.pipe = gopen(url, "rb")
 
     def read(self, n: int = -1) -> bytes:
-        data = self.proc.stdout.read(n)
+        try:
+            data = self.pipe.read(n)
+            if not data:  # the end: a failing command must not look like a short shard
+                self.pipe.close()
+        except OSError:
+            raise ShardError(self.url, self.offset, "pipe command exited with status "
+                             f"{self.pipe.proc.wait()}") from None
         self.offset += len(data)
-        if not data or (n is not None and n >= 0 and len(data) < n):
-            # at the end: a failing command must not look like a clean, short shard
-            rc = self.proc.wait()
-            if rc != 0:
-                raise ShardError(f"pipe:{self.cmd}", self.offset,
-                                 f"pipe command exited with status {rc}")
         return data
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.stdout.close()
-        self.proc.wait()
+        if self.pipe.proc.poll() is None:
+            self.pipe.proc.kill()
+        try:
+            self.pipe.close()
+        except OSError:  # killed, or failed: already reported, or not read to the end
+            pass
 
 
 class _HttpStream:
@@ -252,11 +251,12 @@ def open_shard(url: str, *, retries: int = 3, backoff: float = 0.5, timeout: flo
                on_retry=None):
     """Open a shard for sequential reading: an object with `.read(n)` and `.close()`."""
     if url.startswith("pipe:"):
-        return _PipeStream(url[5:])
+        return _Pipe(url)
     if _is_url(url):
         return _HttpStream(url, retries, backoff, timeout, on_retry)
-    return _retry_local(url, lambda: open(url.removeprefix("file://"), "rb"), retries, backoff,
-                        on_retry)
+    from webdataset import gopen
+
+    return _retry_local(url, lambda: gopen(url, "rb"), retries, backoff, on_retry)
 
 
 def _retry_local(url: str, opener, retries: int, backoff: float, on_retry):
@@ -286,12 +286,18 @@ def local_path(url: str) -> str | None:
     return url.removeprefix("file://")
 
 
-def map_local(url: str, *, retries: int = 3, backoff: float = 0.5, on_retry=None,
-              vocab_size: int | None = None, expect_sha256: str | None = None) -> MappedShard:
-    """`tarshard.map_shard` of a local shard, with `open_shard`'s retries on OSError."""
+def load_shard(url: str, *, retries: int = 3, backoff: float = 0.5, timeout: float = 30.0,
+               on_retry=None, vocab_size: int | None = None,
+               digest: tuple[str, str] | None = None) -> MappedShard:
+    """One shard, indexed and checked (`tarshard`): a local file is mapped (with
+    `open_shard`'s retries on OSError), any other source is read to its end."""
     path = local_path(url)
-    if path is None:
-        raise ValueError(f"not a local shard: {url!r}")
-    return _retry_local(
-        url, lambda: map_shard(path, url, vocab_size=vocab_size, expect_sha256=expect_sha256),
-        retries, backoff, on_retry)
+    if path is not None and os.path.isfile(path):
+        return _retry_local(
+            url, lambda: map_shard(path, url, vocab_size=vocab_size, digest=digest),
+            retries, backoff, on_retry)
+    f = open_shard(url, retries=retries, backoff=backoff, timeout=timeout, on_retry=on_retry)
+    try:
+        return read_shard(f, url, vocab_size=vocab_size, digest=digest)
+    finally:
+        f.close()

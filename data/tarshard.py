@@ -1,37 +1,32 @@
-"""WebDataset tar shards of token ids: a deterministic writer and two checked readers.
+"""WebDataset tar shards of token ids: the writer, and the one reader with its checks.
 
-A sample is one document: `<key>.tokens.u16` (or `.u32`), the raw
-little-endian token ids, and `<key>.source.txt`, where it came from. Any tar
-reader (tarfile, GNU tar, `webdataset.WebDataset`) reads these shards; the
-ids are `numpy.frombuffer(data, "<u2")`.
+A sample is one document: `<key>.tokens.u16` (or `.u32`), the raw little-endian
+token ids, and `<key>.source.txt`, where it came from. Any tar reader (tarfile, GNU
+tar, `webdataset.WebDataset`) reads these shards; the ids are
+`numpy.frombuffer(data, "<u2")`.
 
-The writer emits plain ustar headers with fixed metadata (mtime 0, uid 0,
-mode 0644), so the same samples give byte-identical shards. The readers parse
-headers themselves so every problem names the shard and the byte offset: a bad
-header checksum, a truncated member, an odd-sized token array, an id out of
-range, or (when the manifest's sha256 is known) a digest mismatch.
+Writer: `webdataset.TarWriter` with fixed metadata (mtime 0, uid/gid 0, no user
+names, mode 0644, ustar), so the same samples give byte-identical shards; it hashes
+what it writes (sha256 for the manifest, xxh3-128 for the loader's per-run check).
 
-Two readers, one set of checks:
-- `iter_samples(stream, ...)` reads any `.read(n)` stream (HTTP, `pipe:`) in one
-  pass; a digest mismatch is caught at the end of the stream.
-- `map_shard(path, ...)` reads a local file with one call into a pooled buffer
-  (files above `MMAP_ABOVE` are mapped instead) and hands out zero-copy,
-  read-only views of the ids. Its index (where each sample's ids lie, the largest
-  id of each) and a digest it has verified are kept per process, keyed by the
-  file's identity (device, inode, size, mtime_ns, ctime_ns), so reading the shard
-  again (the next epoch) neither re-parses nor re-hashes it; a file whose identity
-  changed is checked anew, and a digest that did not match is never kept. The
-  digest is checked before any sample of the shard is handed out. On the same
-  bytes both readers give the same samples and the same errors (message, offset).
+Reader: one tar parser (`_walk`) over a whole shard in memory: a local file is mapped
+(`map_shard`), a stream (HTTP, `pipe:`) is read to its end first (`read_shard`), so
+a digest mismatch is caught before any sample is used, wherever the shard lives.
+The parser is ours, not tarfile's or webdataset's, because every problem must name
+the shard and the byte offset: a bad header checksum, a truncated member, an
+odd-sized token array, an id out of range. A local shard's index (where each
+sample's ids lie, the largest id of each) and a digest it has verified are kept per
+process, keyed by the file's identity (device, inode, size, mtime_ns, ctime_ns), so
+the next epoch neither re-parses nor re-hashes it; a changed file is checked anew,
+and a digest that did not match is never kept.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import mmap
 import os
-import sys
-import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +35,7 @@ import numpy as np
 
 BLOCK = 512
 TOKEN_EXT = {"u16": np.dtype("<u2"), "u32": np.dtype("<u4")}
+DIGESTS = ("xxh3_128", "sha256")  # the loader checks the first one a manifest entry has
 
 
 class ShardError(RuntimeError):
@@ -56,71 +52,78 @@ def token_dtype(vocab_size: int) -> tuple[str, np.dtype]:
     return ("u16", TOKEN_EXT["u16"]) if vocab_size <= 1 << 16 else ("u32", TOKEN_EXT["u32"])
 
 
-def _header(name: str, size: int) -> bytes:
-    raw = name.encode()
-    if len(raw) > 100:
-        raise ValueError(f"member name too long for ustar: {name!r}")
-    h = bytearray(BLOCK)
-    h[0:len(raw)] = raw
-    h[100:108] = b"0000644\0"
-    h[108:116] = b"0000000\0"
-    h[116:124] = b"0000000\0"
-    h[124:136] = b"%011o\0" % size
-    h[136:148] = b"00000000000\0"
-    h[148:156] = b" " * 8
-    h[156:157] = b"0"
-    h[257:265] = b"ustar\x0000"
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
+def hasher(algo: str):
+    """A new hashlib-like object: "sha256", or "xxh3_128" (needs the `xxhash` package)."""
+    if algo == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    return hashlib.new(algo)
+
+
+def have_digest(algo: str) -> bool:
+    try:
+        hasher(algo)
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
+class _Hashing(io.RawIOBase):
+    """A write-only file that hashes and counts what goes through it."""
+
+    def __init__(self, f):
+        self.f, self.bytes = f, 0
+        self.h = {a: hasher(a) for a in DIGESTS if have_digest(a)}
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.f.write(data)
+        for h in self.h.values():
+            h.update(data)
+        self.bytes += len(data)
+        return len(data)
 
 
 class ShardWriter:
     """Write one tar shard to `<path>.tmp`, renamed to `path` by `close()`.
 
-    Tracks samples, tokens, bytes and the sha256 of everything written, so the
-    manifest entry costs no second read. `abort()` removes the temporary file.
+    Counts samples, tokens and bytes and digests everything written, so the manifest
+    entry costs no second read. `abort()` removes the temporary file.
     """
 
     def __init__(self, path: str, ext: str = "u16"):
-        self.path, self.ext = path, ext
-        self.dtype = TOKEN_EXT[ext]
+        from webdataset import TarWriter
+
+        self.path, self.ext, self.dtype = path, ext, TOKEN_EXT[ext]
         self.tmp = path + ".tmp"
-        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
-        self._sha = hashlib.sha256()
-        self.samples = self.tokens = self.bytes = 0
-
-    def _write(self, data: bytes) -> None:
-        self._f.write(data)
-        self._sha.update(data)
-        self.bytes += len(data)
-
-    def _member(self, name: str, data: bytes) -> None:
-        self._write(_header(name, len(data)))
-        self._write(data)
-        pad = -len(data) % BLOCK
-        if pad:
-            self._write(b"\0" * pad)
+        self._f = _Hashing(open(self.tmp, "wb"))  # noqa: SIM115 - closed in close()/abort()
+        self._tar = TarWriter(self._f, user="", group="", mode=0o644, mtime=0, encoder=False)
+        self.samples = self.tokens = 0
 
     def add(self, key: str, tokens: np.ndarray, source: str) -> None:
+        """One document: its ids (any integer array, stored as `ext`) and where it came from."""
         arr = np.ascontiguousarray(tokens, dtype=self.dtype)
-        self._member(f"{key}.tokens.{self.ext}", arr.tobytes())
-        self._member(f"{key}.source.txt", source.encode("utf-8", errors="replace"))
+        self._tar.write({"__key__": key, f"tokens.{self.ext}": arr.tobytes(),
+                         "source.txt": source.encode("utf-8", errors="replace")})
         self.samples += 1
         self.tokens += int(arr.size)
 
     def close(self) -> dict:
         """Finish the archive, fsync, rename into place; return its manifest entry."""
-        self._write(b"\0" * (2 * BLOCK))
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        self._tar.close()
+        self._f.f.flush()
+        os.fsync(self._f.f.fileno())
+        self._f.f.close()
         os.replace(self.tmp, self.path)
         return {"name": os.path.basename(self.path), "samples": self.samples,
-                "tokens": self.tokens, "bytes": self.bytes, "sha256": self._sha.hexdigest()}
+                "tokens": self.tokens, "bytes": self._f.bytes,
+                **{a: h.hexdigest() for a, h in self._f.h.items()}}
 
     def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+        self._f.f.close()
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
 
@@ -131,64 +134,6 @@ def file_sha256(path: str) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-class _Buffered:
-    """Exact reads over any `.read(n)` stream, counting the offset and hashing."""
-
-    def __init__(self, raw, name: str, hash_it: bool):
-        self.raw, self.name = raw, name
-        self.buf = b""
-        self.pos = 0  # offset in buf
-        self.offset = 0  # bytes consumed from the start of the stream
-        self.sha = hashlib.sha256() if hash_it else None
-
-    def _fill(self, need: int) -> bool:
-        while len(self.buf) - self.pos < need:
-            try:
-                chunk = self.raw.read(max(1 << 20, need))
-            except ShardError:
-                raise
-            except Exception as e:  # e.g. a connection reset: name the shard and the offset
-                raise ShardError(self.name, self.offset + len(self.buf) - self.pos,
-                                 f"read failed: {e!r}") from e
-            if not chunk:
-                return False
-            if self.sha is not None:
-                self.sha.update(chunk)
-            self.buf = self.buf[self.pos:] + chunk
-            self.pos = 0
-        return True
-
-    def read(self, n: int) -> bytes | None:
-        """Exactly n bytes, or None at a clean end (nothing left); raises when cut short."""
-        if not self._fill(n):
-            if len(self.buf) == self.pos:
-                return None
-            left = len(self.buf) - self.pos
-            raise ShardError(self.name, self.offset + left,
-                             f"truncated: wanted {n} bytes, stream ends after {left}")
-        out = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        self.offset += n
-        return out
-
-    def drain(self) -> None:
-        """Read to the end (so the digest covers the whole stream)."""
-        self.offset += len(self.buf) - self.pos
-        self.buf, self.pos = b"", 0
-        while True:
-            try:
-                chunk = self.raw.read(1 << 20)
-            except ShardError:
-                raise
-            except Exception as e:
-                raise ShardError(self.name, self.offset, f"read failed: {e!r}") from e
-            if not chunk:
-                break
-            self.offset += len(chunk)
-            if self.sha is not None:
-                self.sha.update(chunk)
 
 
 def _octal(field: bytes, name: str, offset: int) -> int:
@@ -208,48 +153,6 @@ def _header_name(h: bytes) -> str:
     return mname
 
 
-def iter_members(raw, name: str, *, expect_sha256: str | None = None
-                 ) -> Iterator[tuple[str, bytes, int]]:
-    """Yield `(member name, data, header offset)` of the regular files of a tar stream."""
-    s = _Buffered(raw, name, hash_it=expect_sha256 is not None)
-    long_name: str | None = None
-    while True:
-        off = s.offset
-        h = s.read(BLOCK)
-        if h is None:
-            raise ShardError(name, off, "truncated: no end-of-archive marker")
-        if h == b"\0" * BLOCK:
-            s.drain()
-            break
-        stored = _octal(h[148:156], name, off)
-        if stored != sum(h[:148]) + 256 + sum(h[156:]):
-            raise ShardError(name, off, "corrupt tar header (checksum mismatch)")
-        size = _octal(h[124:136], name, off)
-        kind = h[156:157]
-        data = s.read(size + (-size % BLOCK)) if size else b""
-        if data is None:
-            raise ShardError(name, s.offset, f"truncated: member at {off} has no data")
-        data = data[:size]
-        if kind == b"L":  # GNU long name for the next member
-            long_name = data.rstrip(b"\0").decode("utf-8", "replace")
-            continue
-        if kind in (b"x", b"g"):  # pax headers: take a path= record, ignore the rest
-            for rec in data.split(b"\n"):
-                if b" path=" in rec:
-                    long_name = rec.split(b" path=", 1)[1].decode("utf-8", "replace")
-            continue
-        if kind not in (b"0", b"\0"):
-            continue
-        if long_name is not None:
-            mname, long_name = long_name, None
-        else:
-            mname = _header_name(h)
-        yield mname, data, off
-    if expect_sha256 is not None and s.sha.hexdigest() != expect_sha256:
-        raise ShardError(name, None, f"sha256 mismatch after {s.offset} bytes "
-                         f"(corrupt data; manifest says {expect_sha256[:16]}...)")
-
-
 def split_key(member: str) -> tuple[str, str]:
     """WebDataset convention: key is the path up to the first dot of the basename."""
     d, _, base = member.rpartition("/")
@@ -257,41 +160,11 @@ def split_key(member: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext
 
 
-def iter_samples(raw, name: str, *, vocab_size: int | None = None,
-                 expect_sha256: str | None = None) -> Iterator[tuple[str, np.ndarray, int]]:
-    """Yield `(key, token ids, offset)` per sample, in shard order (other fields ignored)."""
-    key = None
-    tokens = None
-    at = 0
-    for mname, data, off in iter_members(raw, name, expect_sha256=expect_sha256):
-        k, ext = split_key(mname)
-        if k != key:
-            if key is not None:
-                if tokens is None:
-                    raise ShardError(name, at, f"sample {key!r} has no tokens member")
-                yield key, tokens, at
-            key, tokens, at = k, None, off
-        if ext.startswith("tokens."):
-            dt = TOKEN_EXT.get(ext[7:])
-            if dt is None:
-                raise ShardError(name, off, f"unknown token type {ext!r}")
-            if len(data) % dt.itemsize:
-                raise ShardError(name, off, f"corrupt sample {k!r}: {len(data)} bytes is "
-                                 f"not a whole number of {dt.itemsize}-byte ids")
-            tokens = np.frombuffer(data, dtype=dt)
-            if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
-                raise ShardError(name, off, f"corrupt sample {k!r}: id {int(tokens.max())} "
-                                 f">= vocab size {vocab_size}")
-    if key is not None:
-        if tokens is None:
-            raise ShardError(name, at, f"sample {key!r} has no tokens member")
-        yield key, tokens, at
 
-
-# -- local shards: one read each, an index built and a digest checked once per process --
 _ZERO = bytes(BLOCK)
 
 
+# -- the parser ----------------------------------------------------------------------
 @dataclass
 class _Index:
     """Where the samples of one shard file lie; built by `_walk`, cached by file identity.
@@ -311,12 +184,12 @@ class _Index:
 
 
 def _walk(buf, size: int, name: str) -> _Index:
-    """Parse the headers of a whole tar file in memory, with the checks of `iter_samples`.
+    """Parse the headers of a whole tar file in memory, the one tar parser of `data`.
 
-    The listed samples are exactly those `iter_samples` would yield before it raised;
-    `error` is what it would raise (or None). Header checksums are checked for all
-    headers at once at the end; the first failing one cuts the list where the stream
-    reader would have stopped.
+    The listed samples are those a sequential reader yields before it meets a problem;
+    `error` is that problem (or None). Header checksums are checked for all headers at
+    once at the end; the first failing one cuts the list where a sequential reader
+    would have stopped.
     """
     keys: list[str] = []  # per closed sample (and, last, the one left open at an error)
     start: list[int] = []
@@ -452,47 +325,8 @@ def _walk(buf, size: int, name: str) -> _Index:
 _INDEX: OrderedDict[tuple, _Index] = OrderedDict()  # file identity -> index, LRU
 _INDEX_SAMPLES = [0]  # samples held in _INDEX
 INDEX_CACHE_SAMPLES = 1 << 20  # at most this many samples' entries are kept (~35 MB)
-_VERIFIED: dict[tuple, str] = {}  # file identity -> the sha256 it was checked to have
+_VERIFIED: dict[tuple, tuple[str, str]] = {}  # file identity -> (algorithm, digest) checked
 _VERIFIED_MAX = 1 << 20
-MMAP_ABOVE = 64 << 20  # shards larger than this are mapped; smaller ones read in one call
-
-
-_POOL: list[np.ndarray] = []  # read buffers, handed out again once no view of them is alive
-_POOL_MAX = 4
-_POOL_LOCK = threading.Lock()
-
-
-def _read_whole(f, size: int) -> np.ndarray:
-    """The file's `size` bytes as a uint8 (size,) array, read into a pooled buffer.
-
-    Reading into memory that was used before costs no page faults (a fresh buffer
-    of a few MB costs more to fault in than to fill). A pooled buffer is reused only
-    when nothing but the pool refers to it: every view of it (ids of a sample still
-    in a shuffle window, say) holds a reference, so live data is never overwritten.
-    """
-    with _POOL_LOCK:
-        buf = None
-        for b in _POOL:  # references of a free one: the pool's, `b`, getrefcount's argument
-            if b.size >= size and sys.getrefcount(b) <= 3 and (buf is None or b.size < buf.size):
-                buf = b
-        if buf is None:
-            buf = np.empty(max(size + size // 4, 1 << 20), dtype=np.uint8)
-            if len(_POOL) < _POOL_MAX:
-                _POOL.append(buf)
-            else:  # replace a free one, if any; else this buffer is not pooled
-                for i in range(len(_POOL)):
-                    if sys.getrefcount(_POOL[i]) <= 2:  # the pool's and the argument
-                        _POOL[i] = buf
-                        break
-        out = buf[:size]  # a view: holds `buf` until the shard's last view is gone
-    got = 0
-    view = memoryview(out)
-    while got < size:
-        k = f.readinto(view[got:])
-        if not k:
-            break
-        got += k
-    return out[:got]
 
 
 def clear_cache() -> None:
@@ -500,12 +334,10 @@ def clear_cache() -> None:
     _INDEX.clear()
     _INDEX_SAMPLES[0] = 0
     _VERIFIED.clear()
-    with _POOL_LOCK:
-        _POOL.clear()
 
 
 class MappedShard:
-    """A local shard held in memory: `tokens(i)` is a zero-copy view of sample i's ids.
+    """A shard held in memory: `tokens(i)` is a zero-copy, read-only view of sample i's ids.
 
     `n` samples are usable; `error` (a `ShardError` or None) is what reading past
     them must raise (the shard is cut or corrupt there).
@@ -517,7 +349,7 @@ class MappedShard:
         self._u2 = np.frombuffer(buf, dtype=TOKEN_EXT["u16"], count=len(buf) // 2)
         self._u4 = (np.frombuffer(buf, dtype=TOKEN_EXT["u32"], count=len(buf) // 4)
                     if index.wide is not None else None)
-        for a in (self._u2, self._u4):  # views into a shared (pooled) buffer: read-only
+        for a in (self._u2, self._u4):  # a stream's bytes are writable: hand out read-only
             if a is not None:
                 a.flags.writeable = False
         self._lo = index.lo[:n].tolist()
@@ -538,37 +370,13 @@ class MappedShard:
 def _key_of(buf, index: _Index, i: int) -> str:
     if i in index.long_keys:
         return index.long_keys[i]
-    h = bytes(buf[int(index.member[i]):int(index.member[i]) + BLOCK])
-    mname = h[:100].rstrip(b"\0").decode("utf-8", "replace")
-    prefix = h[345:500].rstrip(b"\0")
-    if h[257:262] == b"ustar" and prefix:
-        mname = prefix.decode("utf-8", "replace") + "/" + mname
-    return split_key(mname)[0]
+    return split_key(_header_name(bytes(buf[int(index.member[i]):int(index.member[i]) + BLOCK])))[0]
 
 
-def map_shard(path: str, name: str | None = None, *, vocab_size: int | None = None,
-              expect_sha256: str | None = None) -> MappedShard:
-    """Open a local shard for random access, with the checks of `iter_samples`.
-
-    The file is read in one call (mapped when larger than `MMAP_ABOVE`). Its
-    index and a verified digest are reused while the file's identity is unchanged.
-    A digest mismatch raises `ShardError` here, before any sample is used (a
-    structural problem of the same shard is raised instead: it says where).
-    Problems that only cut the shard short come back as `.error`, to be raised
-    after the `.n` good samples, as a stream reader would.
-    """
-    name = name or path
-    with open(path, "rb", buffering=0) as f:
-        st = os.fstat(f.fileno())
-        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if st.st_size > MMAP_ABOVE:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        else:
-            buf = _read_whole(f, st.st_size)
-            if len(buf) != st.st_size:  # changed under us: index what is there, never cache
-                ident = None
+def _open(name: str, buf, ident: tuple | None, vocab_size: int | None,
+          digest: tuple[str, str] | None) -> MappedShard:
+    """Index `buf` (cached by `ident` when given), check ids and digest: a MappedShard."""
     size = len(buf)
-    buf = memoryview(buf)
     index = _INDEX.get(ident) if ident is not None else None
     if index is None:
         index = _walk(buf, size, name)
@@ -587,13 +395,67 @@ def map_shard(path: str, name: str | None = None, *, vocab_size: int | None = No
         error = ShardError(name, int(index.member[i]),
                            f"corrupt sample {_key_of(buf, index, i)!r}: "
                            f"id {int(index.peak[i])} >= vocab size {vocab_size}")
-    if expect_sha256 is not None and (ident is None or _VERIFIED.get(ident) != expect_sha256):
-        digest = hashlib.sha256(buf).hexdigest()
-        if digest != expect_sha256:
+    if digest is not None and (ident is None or _VERIFIED.get(ident) != digest):
+        algo, want = digest
+        h = hasher(algo)
+        h.update(buf)
+        if h.hexdigest() != want:
+            # a structural problem says where; else name the manifest's sha256 (a mismatch
+            # of any digest is one of the sha256, of the same bytes)
             raise error or ShardError(name, None, f"sha256 mismatch after {size} bytes "
-                                      f"(corrupt data; manifest says {expect_sha256[:16]}...)")
+                                      f"(corrupt data; {algo} differs from the manifest's)")
         if ident is not None:
             if len(_VERIFIED) >= _VERIFIED_MAX:  # a bound, not an LRU: it only costs a re-hash
                 _VERIFIED.clear()
             _VERIFIED[ident] = digest
     return MappedShard(name, buf, index, n, error)
+
+
+def map_shard(path: str, name: str | None = None, *, vocab_size: int | None = None,
+              digest: tuple[str, str] | None = None) -> MappedShard:
+    """Open a local shard for random access: mapped (read-only, pages populated up front),
+    indexed and checked once per process while the file's identity is unchanged.
+
+    `digest` is (algorithm, hex digest) from the manifest (see `DIGESTS`). A digest
+    mismatch raises `ShardError` here, before any sample is used (a structural problem of
+    the same shard is raised instead: it says where). Problems that only cut the shard
+    short come back as `.error`, to be raised after the `.n` good samples. Shards are
+    replaced by renaming (`data.prepare` does), never rewritten in place under a reader.
+    """
+    name = name or path
+    with open(path, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        buf = (mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                         prot=mmap.PROT_READ) if st.st_size else b"")
+    return _open(name, memoryview(buf), ident, vocab_size, digest)
+
+
+def read_shard(raw, name: str, *, vocab_size: int | None = None,
+               digest: tuple[str, str] | None = None) -> MappedShard:
+    """`map_shard` of a stream (any `.read(n)` object: HTTP, `pipe:`), read to its end first.
+    A read that fails raises `ShardError` at the offset reached."""
+    buf = bytearray()
+    while True:
+        try:
+            chunk = raw.read(1 << 20)
+        except ShardError:
+            raise
+        except Exception as e:  # e.g. a connection reset: name the shard and the offset
+            raise ShardError(name, len(buf), f"read failed: {e!r}") from e
+        if not chunk:
+            break
+        buf += chunk
+    return _open(name, memoryview(buf), None, vocab_size, digest)
+
+
+def iter_samples(raw, name: str, *, vocab_size: int | None = None,
+                 expect_sha256: str | None = None) -> Iterator[tuple[str, np.ndarray, int]]:
+    """Yield `(key, token ids, header offset)` per sample of a stream, in shard order, then
+    raise the shard's problem if it has one (`read_shard` does the reading and checks)."""
+    sh = read_shard(raw, name, vocab_size=vocab_size,
+                    digest=None if expect_sha256 is None else ("sha256", expect_sha256))
+    for i in range(sh.n):
+        yield sh.key(i), sh.tokens(i), int(sh._index.member[i])
+    if sh.error is not None:
+        raise sh.error

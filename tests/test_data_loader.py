@@ -175,9 +175,8 @@ def test_exactly_once_per_epoch_with_two_epochs_and_mixed_sources():
     batches, states = _run_chain(chain, seed=6, epochs=2, stops=(250, 450), sources=sources)
 
     def reading(sl):  # the epoch a reader is in: its current unit, next item, or stride
-        src = sl["src"][0]
-        return (src["cur"] or (src["items"] or [src])[0])["e" if src["cur"] or src["items"]
-                                                           else "epoch"]
+        src = sl["sources"][0]
+        return (src["current"] or (src["items"] or [src])[0])["epoch"]
 
     assert any(len({reading(sl) for sl in st["slots"]}) > 1 for st in states[:-1])
     got, problems = doc_hashes(reassemble(batches))
@@ -511,7 +510,7 @@ def test_finite_mixed_sources_resume_bitwise_after_one_runs_out():
     n = len(straight)
     first = build_loader(c)
     part = take(first, n - 40)  # the smaller, heavier source has run out by then
-    assert first.state_dict()["slots"][0]["src"][1].get("exhausted")
+    assert first.state_dict()["slots"][0]["sources"][1]["exhausted"]
     again = build_loader(c)
     again.load_state_dict(json.loads(json.dumps(first.state_dict())))
     resumed = part + list(again)
@@ -522,7 +521,7 @@ def test_finite_mixed_sources_resume_bitwise_after_one_runs_out():
 
 def test_leftover_ranges_partition_an_item():
     """Window bookkeeping: what a partly-read item still owes, for random items."""
-    from data.loader import _coords_to_ranges, _merge_ranges, _tail_ranges
+    from data.state import _coords_to_ranges, _merge_ranges, _tail_ranges
 
     rng = random.Random(0)
     for _ in range(300):

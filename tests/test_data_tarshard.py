@@ -1,9 +1,10 @@
-"""The local shard reader (`map_shard`) against the stream reader (`iter_samples`), its
-per-process caches, its pooled buffers, and the workers' shared-memory ring.
+"""The shard reader (`map_shard`, `read_shard`) against a sequential reference reader,
+its per-process caches, the writer, and the workers' shared-memory ring.
 
-The stream reader is the reference: for every shard, intact or damaged, the mapped
+The reference (below: the sequential tar reader `data` had until 2026-12, kept here as
+the oracle) reads a stream header by header: for every shard, intact or damaged, the
 reader must hand out the same samples and fail with the same message at the same byte
-offset; only a digest mismatch moves (it is caught before any sample, not at the end).
+offset.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import random
 import shutil
 import tarfile
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,13 +25,158 @@ from data_fixtures import doc_hashes, reassemble, samples_of, shard_paths, shard
 
 from data import ShardError, build_loader, tarshard
 from data import loader as loader_mod
-from data.tarshard import ShardWriter, clear_cache, iter_samples, map_shard
+from data.tarshard import (
+    BLOCK,
+    TOKEN_EXT,
+    ShardWriter,
+    _header_name,
+    _octal,
+    clear_cache,
+    iter_samples,
+    map_shard,
+    read_shard,
+    split_key,
+)
+
+
+# -- the reference: a sequential reader ----------------------------------------------
+class _Buffered:
+    """Exact reads over any `.read(n)` stream, counting the offset and hashing."""
+
+    def __init__(self, raw, name: str, hash_it: bool):
+        self.raw, self.name = raw, name
+        self.buf = b""
+        self.pos = 0  # offset in buf
+        self.offset = 0  # bytes consumed from the start of the stream
+        self.sha = hashlib.sha256() if hash_it else None
+
+    def _fill(self, need: int) -> bool:
+        while len(self.buf) - self.pos < need:
+            try:
+                chunk = self.raw.read(max(1 << 20, need))
+            except ShardError:
+                raise
+            except Exception as e:  # e.g. a connection reset: name the shard and the offset
+                raise ShardError(self.name, self.offset + len(self.buf) - self.pos,
+                                 f"read failed: {e!r}") from e
+            if not chunk:
+                return False
+            if self.sha is not None:
+                self.sha.update(chunk)
+            self.buf = self.buf[self.pos:] + chunk
+            self.pos = 0
+        return True
+
+    def read(self, n: int) -> bytes | None:
+        """Exactly n bytes, or None at a clean end (nothing left); raises when cut short."""
+        if not self._fill(n):
+            if len(self.buf) == self.pos:
+                return None
+            left = len(self.buf) - self.pos
+            raise ShardError(self.name, self.offset + left,
+                             f"truncated: wanted {n} bytes, stream ends after {left}")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        self.offset += n
+        return out
+
+    def drain(self) -> None:
+        """Read to the end (so the digest covers the whole stream)."""
+        self.offset += len(self.buf) - self.pos
+        self.buf, self.pos = b"", 0
+        while True:
+            try:
+                chunk = self.raw.read(1 << 20)
+            except ShardError:
+                raise
+            except Exception as e:
+                raise ShardError(self.name, self.offset, f"read failed: {e!r}") from e
+            if not chunk:
+                break
+            self.offset += len(chunk)
+            if self.sha is not None:
+                self.sha.update(chunk)
+
+
+def _ref_members(raw, name: str, *, expect_sha256: str | None = None
+                 ) -> Iterator[tuple[str, bytes, int]]:
+    """Yield `(member name, data, header offset)` of the regular files of a tar stream."""
+    s = _Buffered(raw, name, hash_it=expect_sha256 is not None)
+    long_name: str | None = None
+    while True:
+        off = s.offset
+        h = s.read(BLOCK)
+        if h is None:
+            raise ShardError(name, off, "truncated: no end-of-archive marker")
+        if h == bytes(BLOCK):
+            s.drain()
+            break
+        stored = _octal(h[148:156], name, off)
+        if stored != sum(h[:148]) + 256 + sum(h[156:]):
+            raise ShardError(name, off, "corrupt tar header (checksum mismatch)")
+        size = _octal(h[124:136], name, off)
+        kind = h[156:157]
+        data = s.read(size + (-size % BLOCK)) if size else b""
+        if data is None:
+            raise ShardError(name, s.offset, f"truncated: member at {off} has no data")
+        data = data[:size]
+        if kind == b"L":  # GNU long name for the next member
+            long_name = data.rstrip(b"\0").decode("utf-8", "replace")
+            continue
+        if kind in (b"x", b"g"):  # pax headers: take a path= record, ignore the rest
+            for rec in data.split(b"\n"):
+                if b" path=" in rec:
+                    long_name = rec.split(b" path=", 1)[1].decode("utf-8", "replace")
+            continue
+        if kind not in (b"0", b"\0"):
+            continue
+        if long_name is not None:
+            mname, long_name = long_name, None
+        else:
+            mname = _header_name(h)
+        yield mname, data, off
+    if expect_sha256 is not None and s.sha.hexdigest() != expect_sha256:
+        raise ShardError(name, None, f"sha256 mismatch after {s.offset} bytes "
+                         f"(corrupt data; manifest says {expect_sha256[:16]}...)")
+
+
+def _ref_samples(raw, name: str, *, vocab_size: int | None = None,
+                 expect_sha256: str | None = None) -> Iterator[tuple[str, np.ndarray, int]]:
+    """Yield `(key, token ids, offset)` per sample, in shard order (other fields ignored)."""
+    key = None
+    tokens = None
+    at = 0
+    for mname, data, off in _ref_members(raw, name, expect_sha256=expect_sha256):
+        k, ext = split_key(mname)
+        if k != key:
+            if key is not None:
+                if tokens is None:
+                    raise ShardError(name, at, f"sample {key!r} has no tokens member")
+                yield key, tokens, at
+            key, tokens, at = k, None, off
+        if ext.startswith("tokens."):
+            dt = TOKEN_EXT.get(ext[7:])
+            if dt is None:
+                raise ShardError(name, off, f"unknown token type {ext!r}")
+            if len(data) % dt.itemsize:
+                raise ShardError(name, off, f"corrupt sample {k!r}: {len(data)} bytes is "
+                                 f"not a whole number of {dt.itemsize}-byte ids")
+            tokens = np.frombuffer(data, dtype=dt)
+            if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
+                raise ShardError(name, off, f"corrupt sample {k!r}: id {int(tokens.max())} "
+                                 f">= vocab size {vocab_size}")
+    if key is not None:
+        if tokens is None:
+            raise ShardError(name, at, f"sample {key!r} has no tokens member")
+        yield key, tokens, at
+
+
 
 
 def _stream(data: bytes, vocab: int | None):
     got, err = [], None
     try:
-        for key, ids, _off in iter_samples(io.BytesIO(data), "s", vocab_size=vocab):
+        for key, ids, _off in _ref_samples(io.BytesIO(data), "s", vocab_size=vocab):
             got.append((key, ids.dtype.str, ids.tobytes()))
     except ShardError as e:
         err = (e.offset, e.msg)
@@ -85,7 +232,16 @@ def _damage(data: bytearray, rng: random.Random) -> bytearray:
     return data
 
 
-def test_mapped_reader_matches_stream_reader_on_damaged_shards(tmp_path):
+def _read(data: bytes, vocab: int | None):
+    try:
+        sh = read_shard(io.BytesIO(data), "s", vocab_size=vocab)
+    except ShardError as e:
+        return [], (e.offset, e.msg)
+    got = [(sh.key(i), sh.tokens(i).dtype.str, sh.tokens(i).tobytes()) for i in range(sh.n)]
+    return got, None if sh.error is None else (sh.error.offset, sh.error.msg)
+
+
+def test_reader_matches_the_sequential_reference_on_damaged_shards(tmp_path):
     _odd_shard(str(tmp_path / "odd"))
     sources = shard_paths(shards_dir())[:4] + [str(tmp_path / "odd-gnu.tar"),
                                                str(tmp_path / "odd-pax.tar")]
@@ -100,6 +256,7 @@ def test_mapped_reader_matches_stream_reader_on_damaged_shards(tmp_path):
         vocab = rng.choice([None, 512, 300])
         want = _stream(bytes(data), vocab)
         assert _mapped(victim, vocab) == want, (trial, src, vocab, want[1])
+        assert _read(bytes(data), vocab) == want, (trial, src, vocab, want[1])
         errors += want[1] is not None
     assert 60 < errors < 290  # both kinds were exercised
 
@@ -123,13 +280,13 @@ def test_digest_checked_before_any_sample_and_once_per_unchanged_file(tmp_path, 
     folder = str(tmp_path / "shards")
     shutil.copytree(shards_dir(), folder)
     path = shard_paths(folder)[3]
-    good = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    good = ("sha256", hashlib.sha256(open(path, "rb").read()).hexdigest())
     calls = []
-    real = hashlib.sha256
-    monkeypatch.setattr(tarshard.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    real = tarshard.hasher
+    monkeypatch.setattr(tarshard, "hasher", lambda *a: calls.append(1) or real(*a))
     clear_cache()
-    n = map_shard(path, expect_sha256=good).n
-    map_shard(path, expect_sha256=good)
+    n = map_shard(path, digest=good).n
+    map_shard(path, digest=good)
     assert len(calls) == 1  # the second open trusts the digest it checked
     map_shard(path)
     assert len(calls) == 1
@@ -139,26 +296,61 @@ def test_digest_checked_before_any_sample_and_once_per_unchanged_file(tmp_path, 
     with open(path, "wb") as f:  # same size, new mtime/ctime: checked again
         f.write(data)
     with pytest.raises(ShardError, match="sha256 mismatch") as ei:
-        map_shard(path, expect_sha256=good)
+        map_shard(path, digest=good)
     assert len(calls) == 2 and ei.value.shard == path
     with pytest.raises(ShardError, match="sha256 mismatch"):  # and never trusted after that
-        map_shard(path, expect_sha256=good)
+        map_shard(path, digest=good)
     assert len(calls) == 3
+    # the fast per-run digest finds the same damage, and says what the manifest's sha256 says
+    with pytest.raises(ShardError, match="sha256 mismatch.*xxh3_128 differs"):
+        map_shard(path, digest=("xxh3_128", "0" * 32))
     assert map_shard(path).n == n  # without a digest to check it reads as before
 
 
-def test_pooled_buffers_never_overwrite_live_views():
+def test_views_outlive_their_shard_and_are_read_only():
     clear_cache()
     paths = shard_paths(shards_dir())
     first = map_shard(paths[0])
     kept = [first.tokens(i) for i in range(first.n)]
     want = [k.copy() for k in kept]
     del first
-    for p in paths[1:] * 3:  # many more shards through the pool while `kept` is alive
+    for p in paths[1:] * 3:  # many more shards read while `kept` is alive
         sh = map_shard(p)
         assert sh.n and sh.tokens(0).size >= 0
     assert all(np.array_equal(a, b) for a, b in zip(kept, want))
     assert not any(k.flags.writeable for k in kept)
+    stream = read_shard(io.BytesIO(open(paths[0], "rb").read()), "s")
+    assert not stream.tokens(0).flags.writeable
+
+
+def test_writer_is_byte_deterministic_and_its_digests_are_the_files(tmp_path):
+    """webdataset's TarWriter with fixed metadata: the same samples, the same bytes."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 500, size=int(rng.integers(0, 300))) for _ in range(40)]
+    entries = []
+    for name in ("a", "b"):
+        w = ShardWriter(str(tmp_path / f"{name}.tar"))
+        for i, d in enumerate(docs):
+            w.add(f"{i:06d}", d, f"file{i}.txt:{i}")
+        entries.append(w.close())
+    a, b = (open(tmp_path / f"{n}.tar", "rb").read() for n in "ab")
+    assert a == b and entries[0]["sha256"] == entries[1]["sha256"]
+    assert entries[0]["sha256"] == hashlib.sha256(a).hexdigest()
+    assert entries[0]["bytes"] == len(a) and entries[0]["tokens"] == sum(map(len, docs))
+    if "xxh3_128" in entries[0]:
+        assert map_shard(str(tmp_path / "a.tar"), digest=("xxh3_128", entries[0]["xxh3_128"])).n \
+            == len(docs)
+    with tarfile.open(tmp_path / "a.tar") as tf:  # plain tar: fixed metadata
+        members = tf.getmembers()
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {
+        (0, 0, 0, "", "", 0o644)}
+    sh = map_shard(str(tmp_path / "a.tar"))
+    assert [sh.key(i) for i in range(sh.n)] == [f"{i:06d}" for i in range(len(docs))]
+    assert all(np.array_equal(sh.tokens(i), d) for i, d in enumerate(docs))
+    # and the compatibility reader of pretrain/evaluate.py gives the same
+    got = [(k, t.tolist()) for k, t, _ in iter_samples(io.BytesIO(a), "a", expect_sha256=
+                                                        entries[0]["sha256"])]
+    assert got == [(f"{i:06d}", d.tolist()) for i, d in enumerate(docs)]
 
 
 def test_writer_and_reader_agree_on_u32(tmp_path):
