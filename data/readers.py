@@ -1,4 +1,11 @@
-"""Reading raw documents: plain text, JSONL (plain, gzip, zstd) and parquet.
+"""Reading raw documents: plain text, JSONL (plain, gzip, zstd), parquet, and
+WebDataset tar shards of text.
+
+A WebDataset input is any `.tar` path, or a `pipe:` or http(s) URL (brace lists are
+expanded: `pipe:aws s3 cp s3://b/text-{0000..0099}.tar -`); each sample is one
+document: its `.txt` member, else the text field of its `.json` member. Shards are
+opened like the loader's (`data.sources.open_shard`) and read with webdataset's
+tar iterator.
 
 Every reader yields `(text, source)` pairs in a deterministic order, where
 `source` names the file and the line (or row) the document came from. Problems
@@ -55,13 +62,22 @@ def progress_bar(enabled: bool = True, **kw):
                 dynamic_ncols=True, **kw)
 
 
+def _remote(path: str) -> bool:
+    return path.startswith(("pipe:", "http://", "https://"))
+
+
 def expand_inputs(patterns: list[str] | str) -> list[str]:
-    """Expand globs (`**` recursive) and folders into a sorted, de-duplicated file list."""
+    """Expand globs (`**` recursive), folders and brace lists into a sorted,
+    de-duplicated list of files and URLs."""
+    from .sources import brace_expand
+
     if isinstance(patterns, str):
         patterns = [patterns]
     out: set[str] = set()
-    for pat in patterns:
-        if os.path.isdir(pat):
+    for pat in (p for spec in patterns for p in brace_expand(spec)):
+        if _remote(pat):
+            out.add(pat)
+        elif os.path.isdir(pat):
             for root, _dirs, files in os.walk(pat):
                 out.update(os.path.join(root, f) for f in files)
         elif glob.has_magic(pat):
@@ -74,11 +90,15 @@ def expand_inputs(patterns: list[str] | str) -> list[str]:
 def _kind(path: str) -> tuple[str, str]:
     """(compression, format) from the file name."""
     name = path.lower()
+    if _remote(path):
+        return "", "wds"
     comp = ""
     for ext, c in ((".gz", "gzip"), (".zst", "zstd"), (".zstd", "zstd")):
         if name.endswith(ext):
             comp, name = c, name[: -len(ext)]
             break
+    if name.endswith(".tar"):  # tarfile reads a compressed one itself
+        return "", "wds"
     if name.endswith((".jsonl", ".ndjson", ".json")):
         return comp, "jsonl"
     if name.endswith(".parquet"):
@@ -126,7 +146,7 @@ def iter_documents(paths: list[str], *, text_field: str = "text", text_mode: str
     for path in paths:
         comp, fmt = _kind(path)
         try:
-            fh = _open_binary(path, comp) if fmt != "parquet" else None
+            fh = _open_binary(path, comp) if fmt in ("jsonl", "text") else None
         except OSError as e:
             _fail(f"{path}: cannot read: {e}", on_error, stats, "unreadable_files")
             continue
@@ -134,6 +154,8 @@ def iter_documents(paths: list[str], *, text_field: str = "text", text_mode: str
         try:
             if fmt == "parquet":
                 gen = _iter_parquet(path, text_field, on_error, stats)
+            elif fmt == "wds":
+                gen = _iter_wds(path, text_field, on_error, stats)
             elif fmt == "jsonl":
                 gen = _iter_jsonl(fh, path, text_field, on_error, stats)
             else:
@@ -167,6 +189,45 @@ def _iter_jsonl(fh, path, field, on_error, stats):
             _fail(f"{path}:{lineno}: no string field {field!r}", on_error, stats, "missing_field")
             continue
         yield obj[field], f"{path}:{lineno}"
+
+
+def _iter_wds(url, field, on_error, stats):
+    import tarfile
+
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    from .sources import SourceError, open_shard
+    from .tarshard import ShardError
+
+    try:
+        stream = open_shard(url)
+    except SourceError as e:
+        raise OSError(str(e)) from e
+    try:
+        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+            where = f"{url}:{sample['__key__']}"
+            raw = sample.get("txt", sample.get("json"))
+            if raw is None:
+                _fail(f"{where}: no .txt or .json member", on_error, stats, "missing_field")
+                continue
+            stats.bytes += len(raw)
+            text = _decode(raw, stats)
+            if "txt" in sample:
+                yield text, where
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                _fail(f"{where}: not JSON: {e.msg}", on_error, stats, "bad_lines")
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                _fail(f"{where}: no string field {field!r}", on_error, stats, "missing_field")
+                continue
+            yield obj[field], where
+    except (tarfile.TarError, ValueError, ShardError) as e:  # not a tar, cut, failed pipe
+        raise OSError(f"not a readable tar shard: {e}") from e
+    finally:
+        stream.close()
 
 
 def _iter_text(fh, path, mode, stats):

@@ -273,3 +273,49 @@ def test_progress_bars_on_a_terminal_only(tmp_path, tool):
         # a log (a pipe, or CI even on a terminal) gets the summary and no bar
         assert summary in out
         assert bar not in out and "\r" not in out.replace("\r\n", "\n"), (e, terminal, out)
+
+
+def test_webdataset_text_shards_as_input(tmp_path):
+    """Existing WebDataset shards of text (.txt members, .json ones with a text field), as
+    a local brace list, `pipe:` commands and http URLs: the same documents, in order."""
+    import webdataset as wds
+    from data_fixtures import HttpServer
+
+    from data.tarshard import map_shard
+
+    texts = [open(f, encoding="utf-8").read() for f in stdlib_files(6)]
+    folder = tmp_path / "text"
+    folder.mkdir()
+    for i in range(3):
+        with wds.TarWriter(str(folder / f"text-{i:04d}.tar")) as w:
+            w.write({"__key__": f"doc{i}a", "txt": texts[2 * i]})
+            w.write({"__key__": f"doc{i}b", "json": {"text": texts[2 * i + 1], "id": i}})
+    braces = "text-{0000..0002}.tar"
+    tok = Tokenizer.load(tokenizer_dir())
+
+    def documents(spec: str, name: str) -> list[str]:
+        out = str(tmp_path / name)
+        m = prepare_shards([spec], tokenizer_dir(), out, progress=False)
+        assert m["summary"]["files"] == 3 and m["summary"]["documents"] == 6
+        docs = []
+        for e in m["shards"]:
+            sh = map_shard(os.path.join(out, e["name"]), digest=("sha256", e["sha256"]))
+            docs += [tok.decode(sh.tokens(i)) for i in range(sh.n)]
+        return docs
+
+    assert documents(f"{folder}/{braces}", "local") == texts
+    assert documents(f"pipe:cat {folder}/{braces}", "pipe") == texts
+    with HttpServer(str(folder)) as srv:
+        assert documents(f"{srv.url}/{braces}", "http") == texts
+    # a sample without text is named (or skipped and counted); a failing command too
+    with wds.TarWriter(str(folder / "text-0003.tar")) as w:
+        w.write({"__key__": "empty", "cls": 3})
+    with pytest.raises(InputError, match=r"text-0003.tar:empty: no .txt or .json member"):
+        prepare_shards([f"{folder}/text-{{0000..0003}}.tar"], tokenizer_dir(),
+                       str(tmp_path / "bad"), progress=False)
+    m = prepare_shards([f"{folder}/text-{{0000..0003}}.tar"], tokenizer_dir(),
+                       str(tmp_path / "skip"), on_error="skip", progress=False)
+    assert m["summary"]["missing_field"] == 1 and m["summary"]["documents"] == 6
+    with pytest.raises(InputError, match="exited with status"):
+        prepare_shards([f"pipe:cat {folder}/missing.tar"], tokenizer_dir(),
+                       str(tmp_path / "gone"), progress=False)
