@@ -183,40 +183,29 @@ class _Index:
     error: tuple[int | None, str] | None  # (offset, message) of the problem after sample n-1
 
 
-def _walk(buf, size: int, name: str) -> _Index:
-    """Parse the headers of a whole tar file in memory, the one tar parser of `data`.
+def _walk(buf, size: int, name: str, bad_header: int | None = None) -> _Index:
+    """Parse the headers of a whole tar file in memory: the one tar parser of `data`.
 
-    The listed samples are those a sequential reader yields before it meets a problem;
-    `error` is that problem (or None). Header checksums are checked for all headers at
-    once at the end; the first failing one cuts the list where a sequential reader
-    would have stopped.
+    Header by header, as a sequential reader would: the listed samples are those it
+    yields before it meets a problem, `error` is that problem (or None). The sample
+    open at the problem is listed one past `n` when its ids were seen, so `map_shard`
+    checks them against the vocabulary as that reader would have, first. Header
+    checksums are checked all at once at the end (a Python sum per header costs more
+    than the rest of the walk); a bad one walks again, stopping at that header.
     """
-    keys: list[str] = []  # per closed sample (and, last, the one left open at an error)
-    start: list[int] = []
-    count: list[int] = []
+    keys: list[str] = []
+    start: list[int] = []  # per sample: byte offset of its ids, their count, <u4 or <u2,
+    count: list[int] = []  # and the header offset of its tokens member
     wide: list[bool] = []
     member: list[int] = []
-    hdr: list[int] = []  # per header: its offset, the checksum it stores, samples closed
-    stored: list[int] = []  # before it, and the open sample's tokens member (key, tok)
-    closed: list[int] = []
-    opened: list[tuple | None] = []
+    long_at: set[int] = set()  # samples whose key came from a GNU/pax long name
     err: tuple[int | None, str] | None = None
-    key: str | None = None
+    key: str | None = None  # the open sample, its tokens member, its header offset
     tok: tuple[int, int, bool, int] | None = None
     at = off = 0
     long_name: str | None = None
-    long_at: set[int] = set()  # samples whose key came from a long name
-    from_long = key_long = False  # this member's name / the open sample's key was long
-
-    def close(key: str, tok: tuple[int, int, bool, int] | None, at: int) -> None:
-        """Record the finished sample `key` (its tokens member `tok`, header at `at`)."""
-        if tok is None:
-            raise ShardError(name, at, f"sample {key!r} has no tokens member")
-        keys.append(key)
-        start.append(tok[0])
-        count.append(tok[1])
-        wide.append(tok[2])
-        member.append(tok[3])
+    hdr: list[int] = []  # offsets and stored checksums of the headers seen
+    stored: list[int] = []
     try:
         while True:
             left = size - off
@@ -228,11 +217,10 @@ def _walk(buf, size: int, name: str) -> _Index:
             h = bytes(buf[off:off + BLOCK])
             if h == _ZERO:
                 break
-            chk = _octal(h[148:156], name, off)
+            stored.append(_octal(h[148:156], name, off))
             hdr.append(off)
-            stored.append(chk)
-            closed.append(len(keys))
-            opened.append(None if tok is None else (key, tok, key_long))
+            if off == bad_header:
+                raise ShardError(name, off, "corrupt tar header (checksum mismatch)")
             msize = _octal(h[124:136], name, off)
             kind = h[156:157]
             data_at = off + BLOCK
@@ -242,69 +230,53 @@ def _walk(buf, size: int, name: str) -> _Index:
                     raise ShardError(name, data_at, f"truncated: member at {off} has no data")
                 raise ShardError(name, size, f"truncated: wanted {nxt - data_at} bytes, "
                                  f"stream ends after {size - data_at}")
-            if kind == b"L":
+            if kind == b"L":  # GNU long name for the next member
                 long_name = bytes(buf[data_at:data_at + msize]).rstrip(b"\0").decode(
                     "utf-8", "replace")
-                off = nxt
-                continue
-            if kind in (b"x", b"g"):
+            elif kind in (b"x", b"g"):  # pax headers: take a path= record, ignore the rest
                 for rec in bytes(buf[data_at:data_at + msize]).split(b"\n"):
                     if b" path=" in rec:
                         long_name = rec.split(b" path=", 1)[1].decode("utf-8", "replace")
-                off = nxt
-                continue
-            if kind not in (b"0", b"\0"):
-                off = nxt
-                continue
-            from_long = long_name is not None
-            if from_long:
-                mname, long_name = long_name, None
-            else:
-                mname = _header_name(h)
-            k, ext = split_key(mname)
-            if k != key:
-                if key is not None:
-                    close(key, tok, at)
-                key, tok, at = k, None, off
-                key_long = from_long
-                if from_long:
-                    long_at.add(len(keys))
-            if ext.startswith("tokens."):
-                dt = TOKEN_EXT.get(ext[7:])
-                if dt is None:
-                    raise ShardError(name, off, f"unknown token type {ext!r}")
-                if msize % dt.itemsize:
-                    raise ShardError(name, off, f"corrupt sample {k!r}: {msize} bytes is "
-                                     f"not a whole number of {dt.itemsize}-byte ids")
-                tok = (data_at, msize // dt.itemsize, dt.itemsize == 4, off)
+            elif kind in (b"0", b"\0"):  # a regular file
+                mname = long_name if long_name is not None else _header_name(h)
+                k, ext = split_key(mname)
+                if k != key:
+                    if key is not None:
+                        if tok is None:
+                            raise ShardError(name, at, f"sample {key!r} has no tokens member")
+                        keys.append(key)
+                        for lst, v in zip((start, count, wide, member), tok):
+                            lst.append(v)
+                    key, tok, at = k, None, off
+                    if long_name is not None:
+                        long_at.add(len(keys))
+                long_name = None
+                if ext.startswith("tokens."):
+                    dt = TOKEN_EXT.get(ext[7:])
+                    if dt is None:
+                        raise ShardError(name, off, f"unknown token type {ext!r}")
+                    if msize % dt.itemsize:
+                        raise ShardError(name, off, f"corrupt sample {k!r}: {msize} bytes is "
+                                         f"not a whole number of {dt.itemsize}-byte ids")
+                    tok = (data_at, msize // dt.itemsize, dt.itemsize == 4, off)
             off = nxt
-        if key is not None:
-            close(key, tok, at)
+        if key is not None and tok is None:
+            raise ShardError(name, at, f"sample {key!r} has no tokens member")
     except ShardError as e:
         err = (e.offset, e.msg)
-    n = len(keys)
-    # the sample in progress at an error: its ids are checked against the vocab first
-    pending = (key, tok, key_long) if err is not None and tok is not None else None
-    if hdr:  # header checksums, all at once: sum of the block with the field as spaces
+    if hdr and bad_header is None:  # sum of each header with its checksum field as spaces
         blocks = np.frombuffer(buf, dtype=np.uint8, count=hdr[-1] + BLOCK).reshape(-1, BLOCK)
         h = blocks[np.asarray(hdr, dtype=np.int64) // BLOCK]  # headers sit on block bounds
-        got = (h.sum(1, dtype=np.int64) - h[:, 148:156].sum(1, dtype=np.int64) + 8 * 32)
+        got = h.sum(1, dtype=np.int64) - h[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
         bad = np.flatnonzero(got != np.asarray(stored, dtype=np.int64))
         if bad.size:
-            i = int(bad[0])
-            n, pending = closed[i], opened[i]
-            keys, start, count, wide, member = (keys[:n], start[:n], count[:n], wide[:n],
-                                                member[:n])
-            err = (hdr[i], "corrupt tar header (checksum mismatch)")
-    if pending is not None:
-        k, tok, long = pending
-        keys.append(k)
-        start.append(tok[0])
-        count.append(tok[1])
-        wide.append(tok[2])
-        member.append(tok[3])
-        if long:
-            long_at.add(n)
+            return _walk(buf, size, name, hdr[int(bad[0])])
+    n = len(keys)
+    if key is not None and tok is not None:  # the last sample, or the one open at the error
+        keys.append(key)
+        for lst, v in zip((start, count, wide, member), tok):
+            lst.append(v)
+        n += err is None
     start_a = np.asarray(start, dtype=np.int64)
     count_a = np.asarray(count, dtype=np.int64)
     wide_a = np.asarray(wide, dtype=bool)
