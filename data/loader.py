@@ -1,30 +1,12 @@
 """Streaming, packing, exactly-once resumable loader over token shards.
 
-See the package docstring (`data/__init__.py`) for the batch contract and the
-resume design, and `data.state` for the state. In short:
-
-* Each source's shards are "units". Epoch e of source s visits them in a
-  seeded permutation; *position* p of epoch e means unit `perm_{s,e}[p]`.
-* The loader runs N = world_size * max(1, num_workers) *slots* (one per
-  rank and dataloader worker); slot j reads positions j, j+N, j+2N, ... of
-  each epoch (its "stride"), after any explicit work items it was given.
-* Inside a unit, samples pass a seeded *window shuffle*: windows of K
-  consecutive samples, each emitted in the permutation seeded by
-  (seed, source, epoch, position, window start). A window is restorable
-  from (window start, number emitted), so the shuffle buffer costs nothing
-  in the state.
-* A slot packs the documents it draws (mixing sources by weight with a
-  counter-based RNG) into rows and emits whole micro-batches; every batch
-  carries the slot's state *after* it, and the main process keeps the state
-  of the last batch it handed out per slot.
-* The state (`data.state.LoaderState`) is all N slot states plus the shape:
-  that *is* the global position. The same world size and worker count restore
-  every slot as it was (bitwise the same stream); another shape turns it into
-  the exact remaining work and deals that round-robin to the new slots.
-* Workers pack ids into a shared-memory ring (`_Ring`); measured against a plain
-  DataLoader that moves each group of batches as one tensor (one shared-memory
-  hand-off per group): 1.7-3.8x as fast at 1-4 workers on 2 cores
-  (benchmarks/results/data_throughput-2026-12-06-cpu.md), so it stays.
+The batch contract and how exactly-once resume works: the package docstring
+(`data/__init__.py`); the state, field by field, and its redistribution: `data.state`.
+Here: slots that read, shuffle, mix and pack (`_Slot`), the workers' hand-off, and
+`TokenLoader`. Workers pack ids into a shared-memory ring (`_Ring`): against a plain
+DataLoader that moves each group of batches as one tensor (one shared-memory hand-off
+per group) it measured 1.7-3.8x as fast at 1-4 workers on 2 cores
+(benchmarks/results/data_throughput-2026-12-06-cpu.md), so it stays.
 """
 
 from __future__ import annotations
@@ -410,9 +392,9 @@ class _Slot:
             stats.batches += 1
             stats.tokens += b * s
             batch = (flat, starts, pos, self._meta(segs) if meta else None)
-            yield batch, pickle.dumps(st, protocol=pickle.HIGHEST_PROTOCOL), stats.batches
+            yield batch, pickle.dumps(st, pickle.HIGHEST_PROTOCOL), stats.batches
         # the final state (counters), no batch
-        yield None, pickle.dumps(st, protocol=pickle.HIGHEST_PROTOCOL), stats.batches
+        yield None, pickle.dumps(st, pickle.HIGHEST_PROTOCOL), stats.batches
 
     def _meta(self, segs: list[tuple]) -> list[list[tuple]]:
         """Per row, the document pieces it holds: (source, epoch, shard url, sample index,
@@ -602,19 +584,14 @@ class TokenLoader:
         self._phase = 0
 
     def _fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for sh in self.shards:  # shard names only: the same shards may move (disk, http, pipe)
-            h.update(json.dumps([u.rstrip("/").rsplit("/", 1)[-1] for u in sh.urls]).encode())
-        return h.hexdigest()[:24]
+        # shard names only: the same shards may move (disk, http, pipe)
+        return _digest([[u.rstrip("/").rsplit("/", 1)[-1] for u in sh.urls] for sh in self.shards])
 
     def _content_fingerprint(self) -> str | None:
         """Digest of the shards' sha256 when every shard has one (from manifests)."""
-        h = hashlib.sha256()
-        for sh in self.shards:
-            if len(sh.sha256) != len(sh.urls):
-                return None
-            h.update(json.dumps([sh.sha256[u] for u in sh.urls]).encode())
-        return h.hexdigest()[:24]
+        if any(len(sh.sha256) != len(sh.urls) for sh in self.shards):
+            return None
+        return _digest([[sh.sha256[u] for u in sh.urls] for sh in self.shards])
 
     # -- iteration ---------------------------------------------------------------
     def _my_slots(self) -> list[int]:
@@ -779,6 +756,13 @@ class TokenLoader:
         retries, last_error. They live in the state, so they survive a resume."""
         return dataclasses.asdict(_sum_stats([_state_of(self._slots[j])
                                               for j in self._my_slots()]))
+
+
+def _digest(lists: list[list[str]]) -> str:
+    h = hashlib.sha256()
+    for x in lists:
+        h.update(json.dumps(x).encode())
+    return h.hexdigest()[:24]
 
 
 def _sum_stats(slots: list[SlotState]) -> SlotStats:

@@ -39,7 +39,7 @@ import numpy as np
 
 from .readers import ReadStats, expand_inputs, iter_documents, progress_bar
 from .tarshard import ShardWriter, file_sha256, token_dtype
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, _atomic_write
 
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
@@ -69,13 +69,7 @@ def _encode_batch(texts: list[str]) -> list[np.ndarray]:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 class _Stream:

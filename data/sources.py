@@ -67,14 +67,6 @@ class Shards:
         return ("sha256", self.sha256[url]) if url in self.sha256 else None
 
 
-def _fetch(url: str, retries: int, backoff: float, timeout: float) -> bytes:
-    f = open_shard(url, retries=retries, backoff=backoff, timeout=timeout)
-    try:
-        return f.read()
-    finally:
-        f.close()
-
-
 def _from_manifest(path_or_url: str, text: bytes, val: bool = False) -> Shards:
     m = json.loads(text)
     part = m.get("val", {}) if val else m
@@ -113,7 +105,11 @@ def expand_source(spec: str, *, retries: int = 3, backoff: float = 0.5,
         out = Shards(brace_expand(spec))
     elif _is_url(spec):
         if spec.endswith(".json"):
-            out = _from_manifest(spec, _fetch(spec, retries, backoff, timeout), val)
+            f = open_shard(spec, retries=retries, backoff=backoff, timeout=timeout)
+            try:
+                out = _from_manifest(spec, f.read(), val)
+            finally:
+                f.close()
         else:
             out = Shards(brace_expand(spec))
     elif os.path.isdir(spec) or spec.endswith(".json"):

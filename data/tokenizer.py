@@ -23,7 +23,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import sentencepiece as spm
 
@@ -132,9 +132,6 @@ class Tokenizer:
         return self.sp.encode(text, out_type=int, add_bos=add_bos, add_eos=add_eos,
                               num_threads=num_threads)
 
-    def encode_batch(self, texts: list[str], **kw) -> list[list[int]]:
-        return self.encode(list(texts), **kw)
-
     def decode(self, ids) -> str | list[str]:
         """Text of one id sequence, or a list of texts for a batch (list of sequences).
 
@@ -148,12 +145,6 @@ class Tokenizer:
             return [self.decode(x) for x in ids]
         drop = {self.pad_id, self.bos_id, self.eos_id}
         return self.sp.decode([int(i) for i in ids if int(i) not in drop])
-
-    def decode_batch(self, batch) -> list[str]:
-        return [self.decode(x) for x in batch]
-
-    def count_tokens(self, texts: Iterable[str]) -> int:
-        return sum(len(x) for x in self.encode(list(texts)))
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, padded={self.padded_vocab_size}, "

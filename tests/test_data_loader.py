@@ -577,3 +577,26 @@ def test_states_saved_by_the_version_1_loader_still_load(tmp_path):
         want = case["rest_at_other_shape"]
         assert sorted(f"{k[0]}:{k[1]}" for k in reassemble(rest)) == want["documents"]
         assert len(rest) == want["batches"] and _batches_sha256(rest) == want["sha256"]
+
+
+def test_state_is_typed_and_another_version_is_a_clear_error():
+    from data import LoaderState
+
+    ld = build_loader(cfg())
+    take(ld, 3)
+    st = ld.state_dict()
+    assert st["kind"] == "xlstm-data-state" and st["version"] == 2
+    typed = LoaderState.from_dict(st)
+    assert typed.to_dict() == st and typed.slots[0].stats.batches == 3
+    assert typed.slots[0].sources[0].current.window_size > 0  # a named, open window
+    again = build_loader(cfg())
+    again.load_state_dict(typed)  # the dataclass itself loads too
+    want = take(ld, 2)
+    for a, b in zip(take(again, 2), want, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+    for bad in (3, 0, None):
+        with pytest.raises(ValueError, match=f"data loader state version {bad!r}: this "
+                                             "loader reads versions 1 and 2"):
+            build_loader(cfg()).load_state_dict({**st, "version": bad})
+    with pytest.raises(ValueError, match="not a data loader state"):
+        build_loader(cfg()).load_state_dict(ld.local_state_dict())
