@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint clean gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -26,6 +26,18 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not multiprocess and not integration" $(PYTEST_ARGS)
+
+# The first GPU: `make gpu-wheels` here (PyPI reachable), then on the GPU machine, which has
+# torch and triton but no package index and no .venv: `make gpu-check` with .whl/ carried.
+GPU_PYTHON ?= python3
+GPU_SITE ?= /tmp/gpu-site
+gpu-wheels: $(STAMP)
+	$(PY) benchmarks/gpu_wheels.py --dest .whl
+
+gpu-check:
+	if [ -d .whl ]; then $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile \
+	    --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
