@@ -120,8 +120,9 @@ def test_chunkwise_fp32_matches_oracle(S, L, init, reset):
 
 def test_chunkwise_dv_and_dqk_split_across_programs(monkeypatch):
     """Small blocks: DV in 2 programs forward (one masked) and 3 backward, DQK in 2
-    state-pass blocks, a chunk of 48 in 2 tiles of 32 (the second masked) forward and 3
-    tiles of 16 backward."""
+    state-pass blocks and 2 backward dk / dq programs (their gate rows summed), a chunk of
+    48 in 2 tiles of 32 (the second masked) forward and 3 tiles of 16 backward."""
+    monkeypatch.setattr(triton_ops, "BLOCK_K_BWD_MAX", 16)
     monkeypatch.setattr(triton_ops, "BLOCK_V_MAX", 32)
     monkeypatch.setattr(triton_ops, "BLOCK_V_BWD_MAX", 16)
     monkeypatch.setattr(triton_ops, "BLOCK_K_MAX", 16)
@@ -477,9 +478,7 @@ def test_gpu_benchmark_cpu_dry_run(tmp_path):
     assert "| NO |" not in text
 
 
-def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
-    """The interpreter never lowers a kernel: compile the widest variants for sm_90 (the
-    H200) ahead of time, which catches what only the compiler sees, shared memory too."""
+def _compile_check(tmp_path, *args):
     import subprocess
     import sys
     from pathlib import Path
@@ -487,11 +486,44 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1", TRITON_CACHE_DIR=str(tmp_path))
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore", "-m", "xlstm_kernels.triton_compile_check", "--quick"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    return subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "xlstm_kernels.triton_compile_check", "--quick",
+         *args], capture_output=True, text=True, env=env, timeout=600, cwd=root)
+
+
+def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    """The interpreter never lowers a kernel: compile what the dispatcher launches (the
+    JIT's own specialisation, bf16, the widest shape) for sm_90 ahead of time; no spills,
+    shared memory within the device's limit, registers reported by ptxas."""
+    out = tmp_path / "table.md"
+    proc = _compile_check(tmp_path, "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 failure(s)" in proc.stdout
+    text = out.read_text()
+    for name in ("mlstm_fwd_state_kernel", "mlstm_fwd_out_kernel", "mlstm_bwd_rows_kernel",
+                 "mlstm_bwd_state_kernel", "mlstm_bwd_dk_kernel", "mlstm_bwd_dv_kernel",
+                 "mlstm_bwd_dq_kernel", "slstm_fwd_kernel", "slstm_bwd_kernel"):
+        assert f"| {name} | bfloat16 |" in text, name
+    assert "| -1 |" not in text  # every kernel has a register count from ptxas
+    # the launch's specialisation (16-byte aligned pointers, strides divisible by 16)
+    # gives 16-byte loads; without the hints the compiler emits scalar ones
+    row = next(r for r in text.splitlines() if r.startswith("| mlstm_fwd_out_kernel |"))
+    assert int(row.split("|")[-3]) > 0, row
+
+
+def test_compile_check_fails_on_shared_memory_and_spills(tmp_path):
+    from xlstm_kernels import triton_compile_check as cc
+
+    proc = _compile_check(tmp_path, "--smem-limit", "4096")
+    assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout[-2000:]
+    log = ("ptxas info    : Function properties for k\n"
+           "    8 bytes stack frame, 16 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 384 bytes cmem[0]\n")
+    assert cc._parse_ptxas(log) == (255, 16, 12)
+    row = cc.Row("k", "bfloat16", "-", "", 8, 2, shared=1024, regs=255, spill_st=16, spill_ld=12)
+    assert not cc._ok(row, 4096)
+    row.spill_st = row.spill_ld = 0
+    assert cc._ok(row, 4096) and not cc._ok(row, 1000)
 
 
 def test_interpreter_works_when_triton_was_imported_first():

@@ -1,109 +1,307 @@
-"""Compile every Triton kernel ahead of time for a CUDA target, without a GPU.
+"""Compile every Triton kernel the dispatcher launches, ahead of time for a CUDA target,
+without a GPU, and report what ptxas makes of it.
 
-    python -m xlstm_kernels.triton_compile_check            # sm_90 (H100/H200), the benchmark shapes
-    python -m xlstm_kernels.triton_compile_check --quick    # the widest variant of each kernel
+    python -m xlstm_kernels.triton_compile_check                 # sm_90, benchmark shapes
+    python -m xlstm_kernels.triton_compile_check --quick         # bf16, widest shape only
+    python -m xlstm_kernels.triton_compile_check --out benchmarks/results/x.md
 
-The interpreter (TRITON_INTERPRET=1, how the tests run the kernels on CPU) never lowers a
-kernel to PTX, so it cannot see what only the compiler sees: typing of loop-carried values,
-control flow, tile shapes tl.dot refuses, shared memory beyond the device. This script
-lowers each kernel with the tile sizes and launch options that `triton_ops` picks for the
-benchmark shapes and checks its shared memory against the device's limit. Triton ships the
-CUDA backend and ptxas in its wheel, so this runs on a CPU-only machine. Must run without
-TRITON_INTERPRET (under it, @triton.jit gives interpreted functions that cannot compile).
+How it compiles what a launch compiles: it runs the public ops themselves
+(`mlstm_chunkwise` forward and backward, `mlstm_step`, `slstm_sequence`) on `meta`
+tensors of the benchmark shapes, with a stand-in Triton driver that reports the target
+GPU. Every `kernel[grid](...)` then goes through the JIT's own binder: the same
+specialisation (16-byte pointer alignment, integer divisibility by 16 and == 1, dtypes),
+the same constexprs and the same num_warps / num_stages as on the GPU, and is compiled
+(warmup) instead of launched. Every flag combination the dispatcher can pick is driven:
+dtype (bf16, fp32), initial state, resets, a gradient of the last state, recompute_states.
+
+Per distinct compiled kernel it reports shared memory (Triton's dynamic allocation, the
+number that must fit the device), registers per thread, and spill stores/loads from the
+`ptxas -v` log of the compile (Triton's wheel ships ptxas). It fails (exit 1) on a compile
+error, shared memory over the device limit, or any spill. Run without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 
-SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in dynamic shared memory per block
-
-
-def _signature(fn, ptr_types: dict[str, str], constexprs: dict) -> dict[str, str]:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = ptr_types.get(name, "*fp32")
-        elif name in ("scale", "eps"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 100: 227 * 1024}  # opt-in smem per block
+MLSTM_SHAPES = [(64, 256, 512), (128, 256, 512), (64, 128, 128), (128, 128, 128)]  # L, DQK, DV
+BENCH_S, BENCH_NH, BENCH_TOKENS = 8192, 8, 65536
+SLSTM_DH = (192, 512)  # head dims of the 125M and 1.3B sLSTM presets (4 heads)
 
 
-def _variants(quick: bool):
-    from . import triton_mlstm as tm
-    from . import triton_ops as ops
-    from . import triton_slstm as ts
-
-    ints = {"seg_ptr": "*i32", "carry_ptr": "*i32", "amax_ptr": "*i32", "reset_ptr": "*i32"}
-    dtypes = ("bf16",) if quick else ("bf16", "fp32")
-    shapes = [(64, 256, 512)] if quick else [(64, 256, 512), (128, 256, 512), (64, 128, 128)]
-    resets = (True,) if quick else (False, True)
-    for dt in dtypes:
-        io = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", **ints}
-        for L, DQK, DV in shapes:
-            b = ops.chunk_blocks(L, DQK, DV)
-            for rs in resets:
-                common = {"HAS_RESET": rs, "UPCAST": False}
-                yield (tm.mlstm_fwd_state_kernel, io,
-                       {"BK": b["BK"], "BV": b["BV"], "BT": b["BT"], "HAS_INIT": True, **common},
-                       ops._opts(b["BK"]))
-                yield (tm.mlstm_fwd_out_kernel, io,
-                       {"BT": b["BT"], "BD": b["BD"], "BV": b["BV"], **common}, ops._opts(b["BD"]))
-                yield (tm.mlstm_bwd_state_kernel, io,
-                       {"BK": b["BK"], "BV": b["BV_B"], "BT": b["BT_B"], "HAS_DLAST": True,
-                        **common}, ops._opts(b["BK"]))
-                for fn in (tm.mlstm_bwd_dk_kernel, tm.mlstm_bwd_dv_kernel, tm.mlstm_bwd_dq_kernel):
-                    yield (fn, io, {"BT": b["BT_B"], "BD": b["BD"], "BV": b["BV_B"], **common},
-                           ops._opts(b["BD"]))
-        if not quick:
-            for fn in (tm.mlstm_step_fwd_kernel, tm.mlstm_step_bwd_kernel):
-                yield fn, io, {"BD": 256, "BV": ops.STEP_BLOCK_V, "HAS_STATE": True}, {}
-        sl = {"x_ptr": f"*{dt}", "r_ptr": f"*{dt}", **ints}
-        for BD in ((512,) if quick else (128, 512)):
-            for fn in (ts.slstm_fwd_kernel, ts.slstm_bwd_kernel):
-                yield (fn, sl, {"BD": BD, "BI": ops._slstm_block(BD), "HAS_INIT": True,
-                                "HAS_RESET": True}, {"num_warps": ops._slstm_warps(BD)})
+@dataclass
+class Row:
+    kernel: str
+    dtype: str
+    flags: str
+    shape: str
+    warps: int
+    stages: int
+    shared: int = -1
+    regs: int = -1
+    spill_st: int = -1
+    spill_ld: int = -1
+    vec16: int = -1  # 16-byte global loads in the PTX (what the alignment hints buy)
+    error: str = ""
+    seconds: float = 0.0
+    notes: list = field(default_factory=list)
 
 
-def main(argv=None) -> int:
+class _FakeDriver:
+    """Just enough of a Triton driver for the JIT to bind arguments and compile."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        import torch
+
+        return torch.device("meta")
+
+    def is_active(self):
+        return True
+
+
+_PTXAS_LOGS: list[str] = []
+
+
+@contextlib.contextmanager
+def _capture_ptxas():
+    """Keep the log of every ptxas run Triton makes (it passes -v and writes the log to a
+    temporary file it only reads on failure)."""
+    from triton.backends.nvidia import compiler as nvc
+
+    real = nvc.subprocess.run
+
+    def run(cmd, *a, **kw):
+        out = real(cmd, *a, **kw)
+        err = kw.get("stderr")
+        if "ptxas" in os.path.basename(str(cmd[0])) and hasattr(err, "name"):
+            with open(err.name) as fh:
+                _PTXAS_LOGS.append(fh.read())
+        return out
+
+    nvc.subprocess.run = run
+    try:
+        yield
+    finally:
+        nvc.subprocess.run = real
+
+
+def _parse_ptxas(log: str) -> tuple[int, int, int]:
+    regs = re.search(r"Used (\d+) registers", log)
+    sp = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (int(regs.group(1)) if regs else -1,
+            int(sp.group(1)) if sp else -1, int(sp.group(2)) if sp else -1)
+
+
+def _vec16(ptx: str) -> int:
+    return len(re.findall(r"ld\.global[.\w]*\.v4\.[bfu]32|cp\.async\.c[ag]\.shared\.global[^;]*, 16;",
+                          ptx))
+
+
+def _ptxas_fallback(ptx: str, arch: int) -> str:
+    """ptxas -v on the kernel's PTX, for a Triton that ran ptxas differently."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        proc = subprocess.run([ptxas, "-lineinfo", "-v", f"--gpu-name=sm_{arch}a", src, "-o",
+                               os.path.join(d, "k.o")], capture_output=True, text=True)
+    return proc.stderr + proc.stdout
+
+
+def _drive(arch: int, quick: bool, rows: dict, context: dict):
+    """Run the public ops on meta tensors; every launch compiles instead."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    import xlstm_kernels
+    from xlstm_kernels import triton_ops as ops
+
+    real_run = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        t0 = time.time()
+        n_logs = len(_PTXAS_LOGS)
+        # label: kernel, the pointer dtypes of q/x, the constexprs and launch options
+        names = self.arg_names
+        bound = dict(zip(names, args))
+        bound.update({k: v for k, v in kwargs.items() if k in names})
+        dt = next((str(bound[n].dtype).replace("torch.", "") for n in ("q_ptr", "k_ptr", "x_ptr", "r_ptr", "dh_ptr")
+                   if n in bound and hasattr(bound[n], "dtype")), "?")
+        flags = ",".join(f"{k}" for k in sorted(kwargs) if kwargs[k] is True)
+        blocks = ",".join(f"{k}={kwargs[k]}" for k in sorted(kwargs)
+                          if k in names and not isinstance(kwargs[k], bool) and k != "UPCAST")
+        key = (self.__name__, dt, flags, blocks, kwargs.get("num_warps", 4),
+               kwargs.get("num_stages", 3))
+        if key in rows:
+            rows[key].notes.append(context["now"])
+            return None
+        row = Row(self.__name__, dt, flags or "-", f"{blocks} @ {context['now']}",
+                  kwargs.get("num_warps", 4), kwargs.get("num_stages", 3))
+        rows[key] = row
+        try:
+            kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
+            row.shared = int(kernel.metadata.shared)
+            logs = _PTXAS_LOGS[n_logs:]
+            log = logs[-1] if logs else _ptxas_fallback(kernel.asm["ptx"], arch)
+            row.regs, row.spill_st, row.spill_ld = _parse_ptxas(log)
+            row.vec16 = _vec16(kernel.asm["ptx"])
+        except Exception as err:  # noqa: BLE001 - report every kernel, then fail
+            row.error = f"{type(err).__name__}: {str(err)[:300]}"
+        row.seconds = time.time() - t0
+        return None
+
+    JITFunction.run = run
+    real_check = ops._check_device
+    ops._check_device = lambda *a, **k: None
+    try:
+        meta = torch.device("meta")
+        dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32)
+        shapes = MLSTM_SHAPES[:1] if quick else MLSTM_SHAPES
+        S, NH = BENCH_S, BENCH_NH
+        B = max(1, BENCH_TOKENS // S)
+        for dt in dtypes:
+            for L, DQK, DV in shapes:
+                for init in (False, True):
+                    for reset in (False, True):
+                        for rec in (False, True):
+                            for last in (False, True):
+                                if quick and (rec or last or not init):
+                                    continue
+                                context["now"] = f"L={L} DQK={DQK} DV={DV}"
+                                q, k = (torch.empty(B, NH, S, DQK, device=meta, dtype=dt,
+                                                    requires_grad=True) for _ in range(2))
+                                v = torch.empty(B, NH, S, DV, device=meta, dtype=dt,
+                                                requires_grad=True)
+                                i, f = (torch.empty(B, NH, S, device=meta) for _ in range(2))
+                                st = None
+                                if init:
+                                    st = (torch.empty(B, NH, DQK, DV, device=meta),
+                                          torch.empty(B, NH, DQK, device=meta),
+                                          torch.empty(B, NH, device=meta))
+                                rst = torch.empty(B, S, device=meta, dtype=torch.bool) \
+                                    if reset else None
+                                h, (C, n, m) = xlstm_kernels.mlstm_chunkwise(
+                                    q, k, v, i, f, chunk_size=L, initial_state=st, reset=rst,
+                                    return_last_state=True, backend="triton",
+                                    recompute_states=rec)
+                                loss = h.float().sum() + (C.sum() if last else 0)
+                                loss.backward()
+            if not quick:
+                for DQK, DV in {(d, v) for _, d, v in shapes}:
+                    context["now"] = f"step DQK={DQK} DV={DV}"
+                    for has in (False, True):
+                        q, k = (torch.empty(B, NH, DQK, device=meta, dtype=dt,
+                                            requires_grad=True) for _ in range(2))
+                        v = torch.empty(B, NH, DV, device=meta, dtype=dt, requires_grad=True)
+                        i, f = (torch.empty(B, NH, device=meta) for _ in range(2))
+                        st = (torch.empty(B, NH, DQK, DV, device=meta, requires_grad=True),
+                              torch.empty(B, NH, DQK, device=meta),
+                              torch.empty(B, NH, device=meta)) if has else None
+                        h, _ = xlstm_kernels.mlstm_step(q, k, v, i, f, st, backend="triton")
+                        h.float().sum().backward()
+            for DH in (SLSTM_DH[-1:] if quick else SLSTM_DH):
+                context["now"] = f"sLSTM DH={DH} NH=4"
+                for init in ((True,) if quick else (False, True)):
+                    for reset in ((True,) if quick else (False, True)):
+                        x = torch.empty(B, 4, S, 4, DH, device=meta, dtype=dt, requires_grad=True)
+                        R = torch.empty(4, 4, DH, DH, device=meta, dtype=dt, requires_grad=True)
+                        st = tuple(torch.empty(B, 4, DH, device=meta) for _ in range(4)) \
+                            if init else None
+                        rst = torch.empty(B, S, device=meta, dtype=torch.bool) if reset else None
+                        h = xlstm_kernels.slstm_sequence(x, R, initial_state=st, reset=rst,
+                                                         backend="triton")
+                        h.float().sum().backward()
+    finally:
+        JITFunction.run = real_run
+        ops._check_device = real_check
+
+
+def table(rows: list[Row], arch: int, limit: int, version: str) -> str:
+    out = [f"Triton {version}, sm_{arch}, shared memory limit {limit} B per block; "
+           f"mLSTM at S={BENCH_S}, NH={BENCH_NH}, B={max(1, BENCH_TOKENS // BENCH_S)}. "
+           "Registers and spills from ptxas -v of the launch's own compile.", "",
+           "| kernel | dtype | flags | blocks @ first shape | warps | stages | regs/thread "
+           "| spill st/ld B | shared B | 16-B loads | ok |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ok = _ok(r, limit)
+        if r.error:
+            out.append(f"| {r.kernel} | {r.dtype} | {r.flags} | {r.shape} | {r.warps} | "
+                       f"{r.stages} | - | - | - | - | FAIL: {r.error[:120]} |")
+            continue
+        out.append(f"| {r.kernel} | {r.dtype} | {r.flags} | {r.shape} | {r.warps} | {r.stages} "
+                   f"| {r.regs} | {r.spill_st}/{r.spill_ld} | {r.shared} | {r.vec16} | "
+                   f"{'ok' if ok else 'FAIL'} |")
+    return "\n".join(out) + "\n"
+
+
+def _ok(r: Row, limit: int) -> bool:
+    return not r.error and 0 <= r.shared <= limit and r.spill_st == 0 and r.spill_ld == 0
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 or 80")
-    p.add_argument("--quick", action="store_true", help="the widest variant of each kernel")
+    p.add_argument("--quick", action="store_true",
+                   help="bf16, the widest mLSTM shape with init+reset, the widest sLSTM")
+    p.add_argument("--out", default=None, help="write the markdown table here")
+    p.add_argument("--smem-limit", type=int, default=None,
+                   help="shared memory limit in bytes (default: the device's opt-in limit)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "") == "1":
         print("triton_compile_check: unset TRITON_INTERPRET first", file=sys.stderr)
         return 2
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.runtime import driver
 
-    target = GPUTarget("cuda", args.arch, 32)
-    limit = SMEM_LIMIT.get(args.arch, 99 * 1024)
-    failures = 0
-    for fn, ptrs, constexprs, opts in _variants(args.quick):
-        t0 = time.time()
-        label = f"{fn.__name__} {ptrs.get('q_ptr', ptrs.get('x_ptr', ''))} {constexprs} {opts}"
-        try:
-            src = ASTSource(fn=fn, signature=_signature(fn, ptrs, constexprs),
-                            constexprs=constexprs)
-            kernel = triton.compile(src, target=target, options=dict(opts))
-            shared = kernel.metadata.shared
-        except Exception as err:  # noqa: BLE001 - report every kernel, then fail
-            failures += 1
-            print(f"FAIL {label}: {type(err).__name__}: {str(err)[:500]}", flush=True)
-            continue
-        ok = shared <= limit
-        failures += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {label}: shared {shared} B (limit {limit}), "
-              f"{time.time() - t0:.1f}s", flush=True)
-    print(f"triton {triton.__version__}, sm_{args.arch}: {failures} failure(s)")
+    limit = args.smem_limit or SMEM_LIMIT.get(args.arch, 99 * 1024)
+    rows: dict = {}
+    driver.set_active(_FakeDriver(args.arch))
+    t0 = time.time()
+    try:
+        with _capture_ptxas(), tempfile.TemporaryDirectory() as cache:
+            # a fresh cache: a cached kernel would skip ptxas and its log
+            os.environ["TRITON_CACHE_DIR"] = cache
+            with contextlib.suppress(Exception):
+                triton.knobs.cache.dir = cache
+            _drive(args.arch, args.quick, rows, {"now": ""})
+    finally:
+        with contextlib.suppress(Exception):
+            driver.reset_active()
+    text = table(list(rows.values()), args.arch, limit, triton.__version__)
+    failures = sum(not _ok(r, limit) for r in rows.values())
+    print(text)
+    print(f"triton {triton.__version__}, sm_{args.arch}: {len(rows)} kernels, "
+          f"{failures} failure(s), {time.time() - t0:.0f}s")
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
     return 1 if failures else 0
 
 

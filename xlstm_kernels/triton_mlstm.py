@@ -169,11 +169,12 @@ def mlstm_fwd_out_kernel(
     cs_ptr, ns_ptr, ms_ptr,
     h_ptr, mpos_ptr, den_ptr, amax_ptr,
     scale, eps, S, SP, NH, NC, L, DQK, DV, NT,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_RESET: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Intra-chunk pass: outputs of one query tile (BT positions of one chunk) for one DV
-    block, the carried state and the causal in-chunk term under one stabilizer.
+    block, the carried state and the causal in-chunk term under one stabilizer. Products
+    over DQK loop over blocks of BK (no DQK-wide tile in registers).
     Grid (NC * NT, cdiv(DV, BV), BH)."""
     pid_ct = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -185,9 +186,7 @@ def mlstm_fwd_out_kernel(
     g_base = pid_bh * SP
     s_base = bidx * SP
     offs_t = jt * BT + tl.arange(0, BT)
-    offs_d = tl.arange(0, BD)
     offs_v = pid_v * BV + tl.arange(0, BV)
-    md = offs_d < DQK
     mv = offs_v < DV
     inl_t, valid_t, bt, _gt, seg_t, carry_t = _load_rows(
         ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_t, HAS_RESET)
@@ -210,18 +209,26 @@ def mlstm_fwd_out_kernel(
     amax = tl.where(a_t >= mx, -1, ix)
     w = tl.where(carry_t, tl.exp(a_t - mt), 0.0)
     pos_t = c * L + offs_t
-    q = tl.load(q_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_d[None, :],
-                mask=valid_t[:, None] & md[None, :], other=0.0)
-    # carried state
-    cs_base = (pid_bh * NC + c) * DQK * DV
-    Cc = tl.load(cs_ptr + cs_base + offs_d[:, None] * DV + offs_v[None, :],
-                 mask=md[:, None] & mv[None, :], other=0.0)
-    nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_d, mask=md, other=0.0)
-    num = _mm(q, Cc, DT, UPCAST) * (w * scale)[:, None]
-    den = _sum(q.to(tl.float32) * nc[None, :], 1) * w * scale
-    # causal in-chunk term, tile by tile
+    q_base = q_ptr + pid_bh * S * DQK
     k_base = k_ptr + pid_bh * S * DQK
     v_base = v_ptr + pid_bh * S * DV
+    # carried state
+    cs_base = (pid_bh * NC + c) * DQK * DV
+    num = tl.full((BT, BV), 0.0, tl.float32)
+    den = tl.full((BT,), 0.0, tl.float32)
+    for k0 in range(0, DQK, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mk = offs_k < DQK
+        qb = tl.load(q_base + pos_t[:, None] * DQK + offs_k[None, :],
+                     mask=valid_t[:, None] & mk[None, :], other=0.0)
+        Cc = tl.load(cs_ptr + cs_base + offs_k[:, None] * DV + offs_v[None, :],
+                     mask=mk[:, None] & mv[None, :], other=0.0)
+        nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_k, mask=mk, other=0.0)
+        num += _mm(qb, Cc, DT, UPCAST)
+        den += _sum(qb.to(tl.float32) * nc[None, :], 1)
+    num = num * (w * scale)[:, None]
+    den = den * w * scale
+    # causal in-chunk term, tile by tile
     for js in range(0, jt + 1):
         offs_s = js * BT + tl.arange(0, BT)
         _inl_s, valid_s, bs, gs, seg_s, _cs = _load_rows(
@@ -229,11 +236,18 @@ def mlstm_fwd_out_kernel(
         ld = _log_decay(bt, bs, gs, offs_t, offs_s, valid_s, seg_t, seg_s, HAS_RESET)
         p = tl.exp(ld - mt[:, None])
         pos_s = c * L + offs_s
-        kt = tl.load(k_base + pos_s[:, None] * DQK + offs_d[None, :],
-                     mask=valid_s[:, None] & md[None, :], other=0.0)
+        qk = tl.full((BT, BT), 0.0, tl.float32)
+        for k0 in range(0, DQK, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            mk = offs_k < DQK
+            qb = tl.load(q_base + pos_t[:, None] * DQK + offs_k[None, :],
+                         mask=valid_t[:, None] & mk[None, :], other=0.0)
+            kt = tl.load(k_base + pos_s[:, None] * DQK + offs_k[None, :],
+                         mask=valid_s[:, None] & mk[None, :], other=0.0)
+            qk += _mm(qb, tl.trans(kt), DT, UPCAST)
         vt = tl.load(v_base + pos_s[:, None] * DV + offs_v[None, :],
                      mask=valid_s[:, None] & mv[None, :], other=0.0)
-        a = _mm(q, tl.trans(kt), DT, UPCAST) * scale * p
+        a = qk * scale * p
         num += _mm(a, vt, DT, UPCAST)
         den += _sum(a, 1)
     nrm = tl.maximum(tl.abs(den), tl.exp(-mt)) + eps
@@ -365,22 +379,17 @@ def mlstm_bwd_state_kernel(
 
 
 @triton.jit
-def _key_side_tile(q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr,
-                   ms_ptr, pid_bh, c, js, S, SP, NH, NC, L, DQK,
-                   BT: tl.constexpr, BD: tl.constexpr, HAS_RESET: tl.constexpr):
-    """Shared set-up of the key-side kernels: rows and k of key tile js of chunk c, and G,
-    the weights of those keys in the chunk-end state C_{c+1}."""
+def _key_rows(ig_ptr, bc_ptr, seg_ptr, carry_ptr, ms_ptr, pid_bh, c, js, S, SP, NH, NC, L,
+              BT: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Shared set-up of the key-side kernels: rows of key tile js of chunk c, and G, the
+    weights of those keys in the chunk-end state C_{c+1}."""
     bidx = pid_bh // NH
     g_base = pid_bh * SP
     s_base = bidx * SP
     offs_s = js * BT + tl.arange(0, BT)
-    offs_d = tl.arange(0, BD)
-    md = offs_d < DQK
     inl_s, valid_s, bs, gs, seg_s, _cs = _load_rows(
         ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_s, HAS_RESET)
     pos_s = c * L + offs_s
-    kt = tl.load(k_ptr + pid_bh * S * DQK + pos_s[:, None] * DQK + offs_d[None, :],
-                 mask=valid_s[:, None] & md[None, :], other=0.0)
     end = c * L + L - 1
     b_end = tl.load(bc_ptr + g_base + end)
     m_next = tl.load(ms_ptr + pid_bh * (NC + 1) + c + 1)
@@ -388,14 +397,14 @@ def _key_side_tile(q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos
     if HAS_RESET:
         gmask = gmask & (seg_s == tl.load(seg_ptr + s_base + end))
     G = tl.where(gmask, tl.exp(b_end - bs + gs - m_next), 0.0)
-    return offs_s, offs_d, md, inl_s, valid_s, bs, gs, seg_s, pos_s, kt, G
+    return offs_s, inl_s, valid_s, bs, gs, seg_s, pos_s, G
 
 
 @triton.jit
-def _query_rows_t(ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr, q_ptr,
-                  pid_bh, c, jt, S, SP, NH, L, DQK, offs_d, md, offs_s, valid_s, bs, gs, seg_s,
+def _query_rows_t(ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr,
+                  pid_bh, c, jt, S, SP, NH, L, offs_s, valid_s, bs, gs, seg_s,
                   BT: tl.constexpr, HAS_RESET: tl.constexpr):
-    """Query tile jt seen from a key tile: q, m_t, N_t and the transposed decay weights
+    """Query tile jt seen from a key tile: m_t, N_t and the transposed decay weights
     P^T[s, t] = exp(b_t - b_s + i_s - m_t) (0 outside the causal same-document mask)."""
     bidx = pid_bh // NH
     g_base = pid_bh * SP
@@ -406,58 +415,60 @@ def _query_rows_t(ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr, q_ptr,
     pos_t = c * L + offs_t
     mt = tl.load(mpos_ptr + g_base + pos_t, mask=inl_t, other=0.0)
     nr = tl.load(nrm_ptr + g_base + pos_t, mask=inl_t, other=1.0)
-    qt = tl.load(q_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_d[None, :],
-                 mask=valid_t[:, None] & md[None, :], other=0.0)
     ld = bt[None, :] - bs[:, None] + gs[:, None]
     mask = (offs_t[None, :] >= offs_s[:, None]) & valid_s[:, None] & valid_t[None, :]
     if HAS_RESET:
         mask = mask & (seg_t[None, :] == seg_s[:, None])
     p = tl.where(mask, tl.exp(ld - mt[None, :]), 0.0)
-    return inl_t, valid_t, pos_t, nr, qt, p
+    return inl_t, valid_t, pos_t, nr, p
 
 
 @triton.jit
 def mlstm_bwd_dk_kernel(
     q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr,
     mpos_ptr, nrm_ptr, dden_ptr, dh_ptr, dcn_ptr, dnn_ptr, ms_ptr,
-    dk_ptr, xs_ptr, gs_ptr,
-    scale, S, SP, NH, NC, L, DQK, DV, NT,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    dk_ptr, gs_ptr,
+    scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_RESET: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dk of one key tile, and its key-side gate gradients (xs: d/d i_s of every weight that
-    uses key s; gs: the part from the chunk-end state, which also feeds b at the chunk end).
-    DV is looped over inside: dA^T accumulates over DV blocks. Grid (NC * NT, BH)."""
+    """dk of one key tile and one DQK block, and the block's part of gs_s = k_s . dk_s of the
+    chunk-end state term (d/d i_s of key s's weight in C_{c+1}, which also feeds b at the
+    chunk end), partial over DQK blocks: (NKB, BH, SP). Nothing here contracts over DQK:
+    dA^T = V dH^T / N + dden is rebuilt per DQK block (a DV loop), as TFLA does.
+    Grid (NC * NT, cdiv(DQK, BK), BH)."""
     pid_ct = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
     DT = q_ptr.dtype.element_ty
     c = pid_ct // NT
     js = pid_ct % NT
     g_base = pid_bh * SP
-    offs_s, offs_d, md, inl_s, valid_s, bs, gs, seg_s, pos_s, kt, G = _key_side_tile(
-        q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr, ms_ptr,
-        pid_bh, c, js, S, SP, NH, NC, L, DQK, BT, BD, HAS_RESET)
-    # chunk-end state: dk_s = G_s (dC_{c+1} v_s + dn_{c+1}), d log G_s = G_s k_s.(dC v_s + dn)
-    dnn = tl.load(dnn_ptr + (pid_bh * NC + c) * DQK + offs_d, mask=md, other=0.0)
-    vdc = tl.full((BT, BD), 0.0, tl.float32) + dnn[None, :]
+    offs_s, inl_s, valid_s, bs, gs, seg_s, pos_s, G = _key_rows(
+        ig_ptr, bc_ptr, seg_ptr, carry_ptr, ms_ptr, pid_bh, c, js, S, SP, NH, NC, L,
+        BT, HAS_RESET)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    mk = offs_k < DQK
+    # chunk-end state: dk_s = G_s (dC_{c+1} v_s + dn_{c+1})
+    dnn = tl.load(dnn_ptr + (pid_bh * NC + c) * DQK + offs_k, mask=mk, other=0.0)
+    vdc = tl.full((BT, BK), 0.0, tl.float32) + dnn[None, :]
     for v0 in range(0, DV, BV):
         offs_v = v0 + tl.arange(0, BV)
         mv = offs_v < DV
         vt = tl.load(v_ptr + pid_bh * S * DV + pos_s[:, None] * DV + offs_v[None, :],
                      mask=valid_s[:, None] & mv[None, :], other=0.0)
-        dCn = tl.load(dcn_ptr + (pid_bh * NC + c) * DQK * DV + offs_d[:, None] * DV
-                      + offs_v[None, :], mask=md[:, None] & mv[None, :], other=0.0)
+        dCn = tl.load(dcn_ptr + (pid_bh * NC + c) * DQK * DV + offs_k[:, None] * DV
+                      + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         vdc += _mm(vt, tl.trans(dCn), DT, UPCAST)
     dk = vdc * G[:, None]
-    gsum = G * _sum(vdc * kt.to(tl.float32), 1)
-    xs = gsum
+    kt = tl.load(k_ptr + pid_bh * S * DQK + pos_s[:, None] * DQK + offs_k[None, :],
+                 mask=valid_s[:, None] & mk[None, :], other=0.0).to(tl.float32)
+    gsum = _sum(dk * kt, 1)
     for jt in range(js, NT):
-        inl_t, valid_t, pos_t, nr, qt, p = _query_rows_t(
-            ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr, q_ptr,
-            pid_bh, c, jt, S, SP, NH, L, DQK, offs_d, md, offs_s, valid_s, bs, gs, seg_s,
-            BT, HAS_RESET)
+        inl_t, valid_t, pos_t, nr, p = _query_rows_t(
+            ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr,
+            pid_bh, c, jt, S, SP, NH, L, offs_s, valid_s, bs, gs, seg_s, BT, HAS_RESET)
         dd = tl.load(dden_ptr + g_base + pos_t, mask=inl_t, other=0.0)
-        a = _mm(kt, tl.trans(qt), DT, UPCAST) * scale * p
         da = tl.full((BT, BT), 0.0, tl.float32) + dd[None, :]
         for v0 in range(0, DV, BV):
             offs_v = v0 + tl.arange(0, BV)
@@ -467,67 +478,101 @@ def mlstm_bwd_dk_kernel(
             dht = tl.load(dh_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :],
                           mask=valid_t[:, None] & mv[None, :], other=0.0)
             da += _mm(vt, tl.trans(dht / nr[:, None]), DT, UPCAST)
+        qt = tl.load(q_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_k[None, :],
+                     mask=valid_t[:, None] & mk[None, :], other=0.0)
         dk += _mm(da * p, qt, DT, UPCAST) * scale
-        xs += _sum(da * a, 1)
-    tl.store(dk_ptr + pid_bh * S * DQK + pos_s[:, None] * DQK + offs_d[None, :],
-             dk.to(dk_ptr.dtype.element_ty),
-             mask=valid_s[:, None] & md[None, :])
-    tl.store(xs_ptr + g_base + pos_s, xs, mask=inl_s)
-    tl.store(gs_ptr + g_base + pos_s, gsum, mask=inl_s)
+    tl.store(dk_ptr + pid_bh * S * DQK + pos_s[:, None] * DQK + offs_k[None, :],
+             dk.to(dk_ptr.dtype.element_ty), mask=valid_s[:, None] & mk[None, :])
+    tl.store(gs_ptr + (pid_k * BH + pid_bh) * SP + pos_s, gsum, mask=inl_s)
 
 
 @triton.jit
 def mlstm_bwd_dv_kernel(
     q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr,
-    mpos_ptr, nrm_ptr, dh_ptr, dcn_ptr, ms_ptr, dv_ptr,
-    scale, S, SP, NH, NC, L, DQK, DV, NT,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    mpos_ptr, nrm_ptr, dden_ptr, dh_ptr, dcn_ptr, ms_ptr, dv_ptr, xs_ptr, ys_ptr,
+    scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_RESET: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dv of one key tile and one DV block: from the chunk-end state and from every later
-    query tile of the chunk. Grid (NC * NT, cdiv(DV, BV), BH)."""
+    query tile of the chunk; K Q^T contracts over DQK in blocks of BK. Also this DV block's
+    part of M = dA o A (dA[t, s] = dh_t . v_s / N_t + dden_t, A the weighted scores), the
+    in-chunk gate gradients: column sums xs_s (d/d i_s), (NVB, BH, SP), and row sums
+    ys_t (d/d b_t) per key tile, (NVB, NT, BH, SP), zero where js > jt (the caller
+    zeroes). Both sums see each element of M once, so they cancel exactly where they
+    should (a one-token document). Grid (NC * NT, cdiv(DV, BV), BH)."""
     pid_ct = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
     DT = q_ptr.dtype.element_ty
     c = pid_ct // NT
     js = pid_ct % NT
-    offs_s, offs_d, md, inl_s, valid_s, bs, gs, seg_s, pos_s, kt, G = _key_side_tile(
-        q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr, ms_ptr,
-        pid_bh, c, js, S, SP, NH, NC, L, DQK, BT, BD, HAS_RESET)
+    offs_s, inl_s, valid_s, bs, gs, seg_s, pos_s, G = _key_rows(
+        ig_ptr, bc_ptr, seg_ptr, carry_ptr, ms_ptr, pid_bh, c, js, S, SP, NH, NC, L,
+        BT, HAS_RESET)
     offs_v = pid_v * BV + tl.arange(0, BV)
     mv = offs_v < DV
-    dCn = tl.load(dcn_ptr + (pid_bh * NC + c) * DQK * DV + offs_d[:, None] * DV + offs_v[None, :],
-                  mask=md[:, None] & mv[None, :], other=0.0)
-    dv = _mm(kt, dCn, DT, UPCAST) * G[:, None]
+    k_base = k_ptr + pid_bh * S * DQK
+    dv = tl.full((BT, BV), 0.0, tl.float32)
+    for k0 in range(0, DQK, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mk = offs_k < DQK
+        kt = tl.load(k_base + pos_s[:, None] * DQK + offs_k[None, :],
+                     mask=valid_s[:, None] & mk[None, :], other=0.0)
+        dCn = tl.load(dcn_ptr + (pid_bh * NC + c) * DQK * DV + offs_k[:, None] * DV
+                      + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        dv += _mm(kt, dCn, DT, UPCAST)
+    dv = dv * G[:, None]
+    vt = tl.load(v_ptr + pid_bh * S * DV + pos_s[:, None] * DV + offs_v[None, :],
+                 mask=valid_s[:, None] & mv[None, :], other=0.0)
+    xs = tl.full((BT,), 0.0, tl.float32)
+    g_base = pid_bh * SP
     for jt in range(js, NT):
-        inl_t, valid_t, pos_t, nr, qt, p = _query_rows_t(
-            ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr, q_ptr,
-            pid_bh, c, jt, S, SP, NH, L, DQK, offs_d, md, offs_s, valid_s, bs, gs, seg_s,
-            BT, HAS_RESET)
+        inl_t, valid_t, pos_t, nr, p = _query_rows_t(
+            ig_ptr, bc_ptr, seg_ptr, carry_ptr, mpos_ptr, nrm_ptr,
+            pid_bh, c, jt, S, SP, NH, L, offs_s, valid_s, bs, gs, seg_s, BT, HAS_RESET)
+        a = tl.full((BT, BT), 0.0, tl.float32)
+        for k0 in range(0, DQK, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            mk = offs_k < DQK
+            kt = tl.load(k_base + pos_s[:, None] * DQK + offs_k[None, :],
+                         mask=valid_s[:, None] & mk[None, :], other=0.0)
+            qt = tl.load(q_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_k[None, :],
+                         mask=valid_t[:, None] & mk[None, :], other=0.0)
+            a += _mm(kt, tl.trans(qt), DT, UPCAST)
         dht = tl.load(dh_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :],
                       mask=valid_t[:, None] & mv[None, :], other=0.0)
-        a = _mm(kt, tl.trans(qt), DT, UPCAST) * scale * p
-        dv += _mm(a, dht / nr[:, None], DT, UPCAST)
+        a = a * scale * p  # A^T[s, t]
+        dhn = dht / nr[:, None]
+        dv += _mm(a, dhn, DT, UPCAST)
+        da = _mm(vt, tl.trans(dhn), DT, UPCAST)  # this DV block's dA^T[s, t]
+        if pid_v == 0:
+            da += tl.load(dden_ptr + g_base + pos_t, mask=inl_t, other=0.0)[None, :]
+        mm = da * a
+        xs += _sum(mm, 1)
+        tl.store(ys_ptr + ((pid_v * NT + js) * BH + pid_bh) * SP + pos_t, _sum(mm, 0),
+                 mask=inl_t)
+    tl.store(xs_ptr + (pid_v * BH + pid_bh) * SP + pos_s, xs, mask=inl_s)
     tl.store(dv_ptr + pid_bh * S * DV + pos_s[:, None] * DV + offs_v[None, :],
-             dv.to(dv_ptr.dtype.element_ty),
-             mask=valid_s[:, None] & mv[None, :])
+             dv.to(dv_ptr.dtype.element_ty), mask=valid_s[:, None] & mv[None, :])
 
 
 @triton.jit
 def mlstm_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, ig_ptr, bc_ptr, seg_ptr, carry_ptr,
     mpos_ptr, nrm_ptr, dden_ptr, dh_ptr, cs_ptr, ns_ptr, ms_ptr,
-    dq_ptr, ys_ptr, ws_ptr,
-    scale, S, SP, NH, NC, L, DQK, DV, NT,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    dq_ptr, ws_ptr,
+    scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_RESET: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dq of one query tile and its query-side gate gradients (ys: d/d b_t of the weights of
-    row t; ws: the part from the carried-state weight w_t, which also feeds m at the chunk
-    start). DV is looped over inside. Grid (NC * NT, BH)."""
+    """dq of one query tile and one DQK block, and the block's part of ws_t = q_t . dq_t of
+    the carried-state term (d/d log w_t, which also feeds m at the chunk start), partial
+    over DQK blocks: (NKB, BH, SP). dA = dH V^T / N + dden is rebuilt per DQK block.
+    Grid (NC * NT, cdiv(DQK, BK), BH)."""
     pid_ct = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
     DT = q_ptr.dtype.element_ty
     c = pid_ct // NT
     jt = pid_ct % NT
@@ -535,32 +580,32 @@ def mlstm_bwd_dq_kernel(
     g_base = pid_bh * SP
     s_base = bidx * SP
     offs_t = jt * BT + tl.arange(0, BT)
-    offs_d = tl.arange(0, BD)
-    md = offs_d < DQK
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    mk = offs_k < DQK
     inl_t, valid_t, bt, _gt, seg_t, carry_t = _load_rows(
         ig_ptr, bc_ptr, seg_ptr, carry_ptr, g_base, s_base, c, L, S, offs_t, HAS_RESET)
     pos_t = c * L + offs_t
     mt = tl.load(mpos_ptr + g_base + pos_t, mask=inl_t, other=0.0)
     nr = tl.load(nrm_ptr + g_base + pos_t, mask=inl_t, other=1.0)
     dd = tl.load(dden_ptr + g_base + pos_t, mask=inl_t, other=0.0)
-    qt = tl.load(q_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_d[None, :],
-                 mask=valid_t[:, None] & md[None, :], other=0.0)
     m_c = tl.load(ms_ptr + pid_bh * (NC + 1) + c)
     w = tl.where(carry_t & valid_t, tl.exp(bt + m_c - mt), 0.0)
     cs_base = (pid_bh * NC + c) * DQK * DV
-    nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_d, mask=md, other=0.0)
-    dqi = dd[:, None] * nc[None, :]  # (BT, BD): d/d q_t of the carried-state term, / w
+    nc = tl.load(ns_ptr + (pid_bh * (NC + 1) + c) * DQK + offs_k, mask=mk, other=0.0)
+    dqi = dd[:, None] * nc[None, :]  # (BT, BK): d/d q_t of the carried-state term, / w
+    dh_base = dh_ptr + pid_bh * S * DV
     for v0 in range(0, DV, BV):
         offs_v = v0 + tl.arange(0, BV)
         mv = offs_v < DV
-        dht = tl.load(dh_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :],
+        dht = tl.load(dh_base + pos_t[:, None] * DV + offs_v[None, :],
                       mask=valid_t[:, None] & mv[None, :], other=0.0)
-        Cc = tl.load(cs_ptr + cs_base + offs_d[:, None] * DV + offs_v[None, :],
-                     mask=md[:, None] & mv[None, :], other=0.0)
+        Cc = tl.load(cs_ptr + cs_base + offs_k[:, None] * DV + offs_v[None, :],
+                     mask=mk[:, None] & mv[None, :], other=0.0)
         dqi += _mm(dht / nr[:, None], tl.trans(Cc), DT, UPCAST)
-    wsum = w * _sum(dqi * qt.to(tl.float32), 1) * scale
     dq = dqi * (w * scale)[:, None]
-    ys = wsum
+    qt = tl.load(q_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_k[None, :],
+                 mask=valid_t[:, None] & mk[None, :], other=0.0).to(tl.float32)
+    wsum = _sum(dq * qt, 1)
     k_base = k_ptr + pid_bh * S * DQK
     v_base = v_ptr + pid_bh * S * DV
     for js in range(0, jt + 1):
@@ -570,25 +615,21 @@ def mlstm_bwd_dq_kernel(
         ld = _log_decay(bt, bs, gs, offs_t, offs_s, valid_s, seg_t, seg_s, HAS_RESET)
         p = tl.where(valid_t[:, None], tl.exp(ld - mt[:, None]), 0.0)
         pos_s = c * L + offs_s
-        kt = tl.load(k_base + pos_s[:, None] * DQK + offs_d[None, :],
-                     mask=valid_s[:, None] & md[None, :], other=0.0)
-        a = _mm(qt, tl.trans(kt), DT, UPCAST) * scale * p
         da = tl.full((BT, BT), 0.0, tl.float32) + dd[:, None]
         for v0 in range(0, DV, BV):
             offs_v = v0 + tl.arange(0, BV)
             mv = offs_v < DV
-            dht = tl.load(dh_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :],
+            dht = tl.load(dh_base + pos_t[:, None] * DV + offs_v[None, :],
                           mask=valid_t[:, None] & mv[None, :], other=0.0)
             vt = tl.load(v_base + pos_s[:, None] * DV + offs_v[None, :],
                          mask=valid_s[:, None] & mv[None, :], other=0.0)
             da += _mm(dht / nr[:, None], tl.trans(vt), DT, UPCAST)
+        kt = tl.load(k_base + pos_s[:, None] * DQK + offs_k[None, :],
+                     mask=valid_s[:, None] & mk[None, :], other=0.0)
         dq += _mm(da * p, kt, DT, UPCAST) * scale
-        ys += _sum(da * a, 1)
-    tl.store(dq_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_d[None, :],
-             dq.to(dq_ptr.dtype.element_ty),
-             mask=valid_t[:, None] & md[None, :])
-    tl.store(ys_ptr + g_base + pos_t, ys, mask=inl_t)
-    tl.store(ws_ptr + g_base + pos_t, wsum, mask=inl_t)
+    tl.store(dq_ptr + pid_bh * S * DQK + pos_t[:, None] * DQK + offs_k[None, :],
+             dq.to(dq_ptr.dtype.element_ty), mask=valid_t[:, None] & mk[None, :])
+    tl.store(ws_ptr + (pid_k * BH + pid_bh) * SP + pos_t, wsum, mask=inl_t)
 
 
 # ----------------------------------------------------------------------------------------

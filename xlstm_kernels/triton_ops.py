@@ -46,10 +46,11 @@ from . import triton_slstm as ts
 
 MAX_DQK = 256
 BLOCK_T_MAX = 64  # query/key tile inside a chunk (a chunk of 128 runs as 2 x 2 tiles)
-BLOCK_T_BWD_MAX = 64  # the same for the backward's dk/dv and dq passes (32 for DQK 256)
+BLOCK_T_BWD_MAX = 64  # the same for the backward's dk/dv and dq passes
 BLOCK_V_MAX = 128  # DV block per program; larger DV is split across programs
 BLOCK_V_BWD_MAX = 64  # the same for the backward passes
 BLOCK_K_MAX = 64  # DQK block of the state passes
+BLOCK_K_BWD_MAX = 64  # DQK block of the backward's dk / dq programs and dv's K Q^T loop
 ROWS_BLOCK = 64  # positions per program of the backward's per-position scalars
 STEP_BLOCK_V = 32  # DV block of the step kernels (a (DQK, 32) slice of C per program)
 POISON = False  # tests: fill every output buffer with NaN / a bad index before a launch
@@ -71,7 +72,8 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 def _opts(BD: int) -> dict:
     """Launch options (ignored by the interpreter): more warps and fewer pipeline stages
-    for the wide tiles of DQK 128..256, so that registers and shared memory fit."""
+    for DQK 128..256 (more DQK blocks per tile loop), so that registers and shared memory
+    fit; checked by triton_compile_check."""
     return {"num_warps": 8 if BD >= 128 else 4, "num_stages": 2 if BD >= 256 else 3}
 
 
@@ -158,12 +160,13 @@ def _seg_rev_chain(x: torch.Tensor, link: torch.Tensor) -> torch.Tensor:
 
 def chunk_blocks(L: int, DQK: int, DV: int) -> dict[str, int]:
     """Tile sizes of the chunkwise kernels: BT (positions of a chunk per tile), BD (DQK
-    padded), BV (DV block), BK (DQK block of the state pass); *_B for the backward."""
+    padded), BV (DV block), BK (DQK block of the state pass); *_B for the backward (BK_B:
+    the DQK block of the dk / dq programs, so no tile is DQK wide)."""
     BT = min(BLOCK_T_MAX, _pow2(L))
     BD = _pow2(DQK)
     BV = min(BLOCK_V_MAX, _pow2(DV))
     return {"BT": BT, "BD": BD, "BV": BV, "BK": min(BLOCK_K_MAX, BD),
-            "BT_B": min(BT, BLOCK_T_BWD_MAX, 32 if BD >= 256 else BT),
+            "BT_B": min(BT, BLOCK_T_BWD_MAX), "BK_B": min(BD, BLOCK_K_BWD_MAX),
             "BV_B": min(BV, BLOCK_V_BWD_MAX)}
 
 
@@ -224,7 +227,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
         tm.mlstm_fwd_out_kernel[(NC * NT, NVB, BH)](
             qc, kc, vc, ig, bc, segc, carc, cs, ns, ms, h, mpos, den, amax_p,
             scale, eps, S, SP, NH, NC, L, DQK, DV, NT,
-            BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
+            BT=BT, BK=blk["BK"], BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
         )
         # recompute: the (NC, DQK, DV) states are dropped here and rebuilt by the backward
         # (one more state pass); ns, ms and the winners are O(NC * DQK) and kept
@@ -294,31 +297,38 @@ class _MLSTMChunkFn(torch.autograd.Function):
             BK=BK, BV=BV, BT=BT, HAS_DLAST=has_dlast, HAS_RESET=has_reset, UPCAST=up,
             **_opts(BK),
         )
-        # --- key side and query side of every chunk, in parallel
+        # --- key side and query side of every chunk, in parallel; the gate-gradient rows
+        # come in parts (per DQK or DV block) and are summed here, O((NKB + NVB * NT) * S)
+        BKB = blk["BK_B"]
+        NKBB = triton.cdiv(DQK, BKB)
         dk = _empty((BH, S, DQK), dt, dev)
-        xs = _empty((BH, SP), f32, dev)
-        gs = _empty((BH, SP), f32, dev)
-        tm.mlstm_bwd_dk_kernel[(NC * NT, BH)](
+        gs = _empty((NKBB, BH, SP), f32, dev)
+        tm.mlstm_bwd_dk_kernel[(NC * NT, NKBB, BH)](
             qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dden, dh, dcn, dnn, ms,
-            dk, xs, gs,
-            scale, S, SP, NH, NC, L, DQK, DV, NT,
-            BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
+            dk, gs,
+            scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
+            BT=BT, BK=BKB, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
         )
         dv = _empty((BH, S, DV), dt, dev)
+        xs = _empty((NVB, BH, SP), f32, dev)
+        ys = torch.zeros((NVB, NT, BH, SP), dtype=f32, device=dev)  # key tiles js > jt: 0
         tm.mlstm_bwd_dv_kernel[(NC * NT, NVB, BH)](
-            qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dh, dcn, ms, dv,
-            scale, S, SP, NH, NC, L, DQK, DV, NT,
-            BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
+            qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dden, dh, dcn, ms, dv, xs, ys,
+            scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
+            BT=BT, BK=BKB, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
         )
         dq = _empty((BH, S, DQK), dt, dev)
-        ys = _empty((BH, SP), f32, dev)
-        ws = _empty((BH, SP), f32, dev)
-        tm.mlstm_bwd_dq_kernel[(NC * NT, BH)](
+        ws = _empty((NKBB, BH, SP), f32, dev)
+        tm.mlstm_bwd_dq_kernel[(NC * NT, NKBB, BH)](
             qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dden, dh, cs, ns, ms,
-            dq, ys, ws,
-            scale, S, SP, NH, NC, L, DQK, DV, NT,
-            BT=BT, BD=BD, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
+            dq, ws,
+            scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
+            BT=BT, BK=BKB, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
         )
+        gs, ws = gs.sum(0), ws.sum(0)
+        # the same summation order for both sides of M (exact cancellation on its diagonal)
+        xs = xs.sum(0) + gs
+        ys = ys.sum(1).sum(0) + ws
         gsum = gs.view(BH, NC, L).sum(-1)
         dlw = dlogw.sum((-1, -2))  # (BH, NC)
         # --- gate gradients with stabilizers fixed
