@@ -66,29 +66,8 @@ identical on all ranks) and `loader.load_state_dict(state)` on a fresh loader, a
 same or another world size / worker count. States of version 1 (checkpoints written
 before 2026-12) still load; another version is an error.
 
-How exactly-once resume works
------------------------------
-Each source's shards are units. Epoch e visits them in a permutation seeded by
-(seed, source, e); "position p of epoch e" names a unit. The loader has
-N = world_size * max(1, num_workers) readers ("slots"); slot j reads positions
-j, j+N, j+2N, ... of every epoch. Inside a unit, samples go through a seeded
-window shuffle: K = shuffle_buffer consecutive samples are read, then emitted in a
-permutation seeded by (seed, source, epoch, position, window start); so the shuffle
-buffer is restorable from two numbers. A slot draws documents (choosing the source
-by weight with a counter-based RNG), packs them and yields whole micro-batches;
-each batch carries the slot's state after it, and the main process keeps the
-state that came with the last batch it handed out (prefetched batches do not
-count). The global state is the N slot states (epoch, stride cursor, current
-unit, window start, how many of its window were emitted, the document partly
-written into rows and its token offset) plus the shape. Same world size and
-workers: every slot resumes as it was, the stream is bitwise the same. Another
-shape: the state is turned into the exact remaining work (unemitted window
-samples, rest of partly-read units, the partly-written documents from their
-token offset, untouched units of the current epochs) which is dealt round-robin
-to the new slots; later epochs use the new stride. Every remaining sample of the
-epoch is read exactly once. Its size is N small records; after a resume at another
-shape, the leftover pieces of partly-read units are listed as index ranges (at most a
-shuffle window per unit) until they are read. A few KB for tens of readers.
+How exactly-once resume works: `data.state` (its docstring, then the state's
+fields one by one).
 
 Reading: a shard is read whole: a local file is mapped (zero-copy views of the ids), a
 stream (HTTP, `pipe:`) read to its end; one tar parser indexes it. A local file's index

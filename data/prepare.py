@@ -4,6 +4,9 @@
         [--text-field text] [--text-mode file|paragraph|line] [--shard-tokens N] \\
         [--val-fraction F] [--workers W] [--on-error raise|skip] [--max-documents N]
 
+Inputs: text, JSONL[.gz|.zst], parquet, and existing WebDataset shards of text
+(`--input 'pipe:aws s3 cp s3://b/text-{0000..0099}.tar -'`, http URLs, local `.tar`).
+
 Output: `OUT/shard-000000.tar ...` (training), `OUT/val/shard-000000.tar ...`
 (validation, when --val-fraction > 0) and `OUT/manifest.json`.
 
@@ -134,7 +137,8 @@ def prepare(inputs: list[str] | str, tokenizer: str | Tokenizer, out_dir: str, *
             progress: bool = True, command: list[str] | None = None) -> dict:
     """Tokenize `inputs` into shards under `out_dir`; return the manifest (also written).
 
-    `inputs`: paths, folders or globs (text, JSONL[.gz|.zst], parquet).
+    `inputs`: paths, folders or globs (text, JSONL[.gz|.zst], parquet), and WebDataset
+    tar shards of text, local or `pipe:`/http(s) URLs, brace-expanded (`data.readers`).
     `max_documents` caps the documents read (handy for a quick demo corpus).
     Raises `data.readers.InputError` on bad input unless `on_error="skip"`,
     and `ValueError` when the input holds no document.
@@ -316,7 +320,8 @@ def _print_summary(m: dict, dt: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help="files, folders or globs")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="files, folders, globs, or WebDataset text shards (.tar, pipe:, http)")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder")
     p.add_argument("--out", required=True)
     p.add_argument("--text-field", default="text")

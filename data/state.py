@@ -5,12 +5,25 @@ plain dict, `LoaderState.to_dict()`, so a checkpoint stores it as JSON). Version
 this layout; version 1 (untyped dicts with one-letter keys, written before 2026-12)
 still loads (`LoaderState.from_dict` converts it); any other version is an error.
 
-A source's shards are *units*; epoch e visits them in a permutation seeded by
-(seed, source, e), and "position p of epoch e" names one. The loader runs N readers
-("slots", world_size x workers); slot j reads positions j, j+N, j+2N, ... of every
-epoch (its stride), after any explicit work it was dealt. `remaining_work` turns a
-state into the exact work nobody has consumed yet, so a resume at another shape deals
-it out again (`deal`) and every remaining sample is read exactly once.
+How exactly-once resume works. Each source's shards are *units*. Epoch e visits them
+in a permutation seeded by (seed, source, e); "position p of epoch e" names a unit. The
+loader has N = world_size * max(1, num_workers) readers ("slots"); slot j reads
+positions j, j+N, j+2N, ... of every epoch (its stride). Inside a unit, samples go
+through a seeded window shuffle: K = shuffle_buffer consecutive samples are read, then
+emitted in a permutation seeded by (seed, source, epoch, position, window start); so
+the shuffle buffer is restorable from two numbers. A slot draws documents (choosing
+the source by weight with a counter-based RNG), packs them and yields whole
+micro-batches; each batch carries the slot's state after it, and the main process
+keeps the state that came with the last batch it handed out (prefetched batches do
+not count). The global state is the N slot states plus the shape. Same world size and
+workers: every slot resumes as it was, the stream is bitwise the same. Another shape:
+`remaining_work` turns the state into the exact work nobody has consumed (unemitted
+window samples, the rest of partly-read units, the partly-written documents from their
+token offset, untouched units of the current epochs), `deal` hands it round-robin to
+the new slots, and later epochs use the new stride: every remaining sample of the
+epoch is read exactly once. After such a resume, the leftover pieces of partly-read
+units are listed as index ranges (at most a shuffle window per unit) until they are
+read: a few KB for tens of readers.
 """
 
 from __future__ import annotations
