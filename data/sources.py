@@ -96,6 +96,13 @@ def _val_folder(manifest_path: str) -> str | None:
 def expand_source(spec: str, *, retries: int = 3, backoff: float = 0.5,
                   timeout: float = 30.0) -> Shards:
     """Expand one spec string into its shard list (see module doc). Raises when it is empty."""
+    def manifest(url: str, val: bool = False) -> Shards:
+        f = open_shard(url, retries=retries, backoff=backoff, timeout=timeout)
+        try:
+            return _from_manifest(url, f.read(), val)
+        finally:
+            f.close()
+
     val = False
     if spec.endswith("#val"):  # the validation shards of a manifest or prepared folder
         spec, val = spec[:-4], True
@@ -104,24 +111,15 @@ def expand_source(spec: str, *, retries: int = 3, backoff: float = 0.5,
     if spec.startswith("pipe:"):
         out = Shards(brace_expand(spec))
     elif _is_url(spec):
-        if spec.endswith(".json"):
-            f = open_shard(spec, retries=retries, backoff=backoff, timeout=timeout)
-            try:
-                out = _from_manifest(spec, f.read(), val)
-            finally:
-                f.close()
-        else:
-            out = Shards(brace_expand(spec))
+        out = manifest(spec, val) if spec.endswith(".json") else Shards(brace_expand(spec))
     elif os.path.isdir(spec) or spec.endswith(".json"):
         mpath = spec if spec.endswith(".json") else os.path.join(spec, "manifest.json")
         folder = spec.rstrip("/")
         parent = os.path.join(os.path.dirname(folder), "manifest.json")
         if os.path.exists(mpath):
-            with open(mpath, "rb") as f:
-                out = _from_manifest(mpath, f.read(), val)
+            out = manifest(mpath, val)
         elif os.path.exists(parent) and _val_folder(parent) == os.path.basename(folder):
-            with open(parent, "rb") as f:  # OUT/val of data.prepare: listed by OUT/manifest.json
-                out = _from_manifest(parent, f.read(), True)
+            out = manifest(parent, True)  # OUT/val of data.prepare: OUT/manifest.json lists it
         else:
             out = Shards(sorted(glob.glob(os.path.join(spec, "*.tar"))))
     else:
@@ -134,8 +132,7 @@ def expand_source(spec: str, *, retries: int = 3, backoff: float = 0.5,
         if len(folders) == 1:
             mpath = os.path.join(folders.pop(), "manifest.json")
             if os.path.exists(mpath):
-                with open(mpath, "rb") as f:
-                    m = _from_manifest(mpath, f.read())
+                m = manifest(mpath)
                 for mine, theirs in ((out.sha256, m.sha256), (out.xxh3, m.xxh3)):
                     by_name = {os.path.basename(u): d for u, d in theirs.items()}
                     mine.update({p: by_name[os.path.basename(p)] for p in paths
