@@ -600,3 +600,18 @@ def test_state_is_typed_and_another_version_is_a_clear_error():
             build_loader(cfg()).load_state_dict({**st, "version": bad})
     with pytest.raises(ValueError, match="not a data loader state"):
         build_loader(cfg()).load_state_dict(ld.local_state_dict())
+
+
+def test_spec_lists_follow_webdataset_conventions():
+    """Brace ranges keep the zero padding written, `::` joins lists, a pipe: command keeps
+    its shell variables (no `${WDS_...}` substitution)."""
+    from data import expand_source
+
+    folder = shards_dir()
+    names = [os.path.basename(p) for p in shard_paths(folder)]
+    spec = f"{folder}/shard-{{000000..000001}}.tar::{folder}/{names[3]}"
+    assert [os.path.basename(u) for u in expand_source(spec).urls] == names[:2] + [names[3]]
+    sh = expand_source(f"{folder}/shard-{{000000..000002}}.tar")
+    assert set(sh.sha256) == set(sh.urls)  # digests from the manifest beside them
+    pipe = expand_source("pipe:cat ${HOME}/s-{0..1}.tar").urls
+    assert pipe == ["pipe:cat ${HOME}/s-0.tar", "pipe:cat ${HOME}/s-1.tar"]
