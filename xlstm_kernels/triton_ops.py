@@ -50,6 +50,8 @@ BLOCK_T_BWD_MAX = 64  # the same for the backward's dk/dv and dq passes
 BLOCK_V_MAX = 128  # DV block per program; larger DV is split across programs
 BLOCK_V_BWD_MAX = 64  # the same for the backward passes
 BLOCK_K_MAX = 64  # DQK block of the state passes
+BLOCK_T_STATE_MAX = 32  # positions per step of the state passes' loop over a chunk
+BLOCK_V_STATE_MAX = 64  # DV block of the forward state pass (more programs, fewer registers)
 BLOCK_K_BWD_MAX = 64  # DQK block of the backward's dk / dq programs and dv's K Q^T loop
 ROWS_BLOCK = 64  # positions per program of the backward's per-position scalars
 STEP_BLOCK_V = 32  # DV block of the step kernels (a (DQK, 32) slice of C per program)
@@ -167,7 +169,8 @@ def chunk_blocks(L: int, DQK: int, DV: int) -> dict[str, int]:
     BV = min(BLOCK_V_MAX, _pow2(DV))
     return {"BT": BT, "BD": BD, "BV": BV, "BK": min(BLOCK_K_MAX, BD),
             "BT_B": min(BT, BLOCK_T_BWD_MAX), "BK_B": min(BD, BLOCK_K_BWD_MAX),
-            "BV_B": min(BV, BLOCK_V_BWD_MAX)}
+            "BV_B": min(BV, BLOCK_V_BWD_MAX), "BV_S": min(BV, BLOCK_V_STATE_MAX),
+            "BT_S": min(BT, BLOCK_T_STATE_MAX)}
 
 
 def _fwd_states(kc, vc, ig, bc, segc, carc, init, NH, NC, L, DQK, DV, blk, has_reset, up):
@@ -177,7 +180,7 @@ def _fwd_states(kc, vc, ig, bc, segc, carc, init, NH, NC, L, DQK, DV, blk, has_r
     SP = ig.shape[-1]
     dev = kc.device
     f32 = torch.float32
-    BK, BV, BT = blk["BK"], blk["BV"], blk["BT"]
+    BK, BV, BT = blk["BK"], blk["BV_S"], blk["BT_S"]
     cs = _empty((BH, NC, DQK, DV), kc.dtype, dev)
     ns = _empty((BH, NC + 1, DQK), f32, dev)
     ms = _empty((BH, NC + 1), f32, dev)
@@ -294,7 +297,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
             qc, dh, nrm, dden, bcf, carc, mpos, cs, ns, ms, dcl, dnl,
             dcn, dnn, dc0, dn0, dlogw,
             scale, S, SP, NH, NC, L, DQK, DV, NKB, NVB,
-            BK=BK, BV=BV, BT=BT, HAS_DLAST=has_dlast, HAS_RESET=has_reset, UPCAST=up,
+            BK=BK, BV=BV, BT=blk["BT_S"], HAS_DLAST=has_dlast, HAS_RESET=has_reset, UPCAST=up,
             **_opts(BK),
         )
         # --- key side and query side of every chunk, in parallel; the gate-gradient rows
