@@ -184,8 +184,9 @@ def sample_sentences(paths: list[str], *, max_sentences: int, seed: int,
                 j = rng.randrange(seen)
                 if j < max_sentences:
                     reservoir[j] = chunk
-        bar.update(stats.files + stats.unreadable_files - bar.n)
-        bar.set_postfix(sentences=seen, kept=len(reservoir), refresh=False)
+        if not bar.disable:  # per document: skip the formatting when nobody sees it
+            bar.update(stats.files + stats.unreadable_files - bar.n)
+            bar.set_postfix(sentences=seen, kept=len(reservoir), refresh=False)
     bar.update(len(paths) - bar.n)
     bar.close()
     if progress:
