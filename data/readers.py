@@ -173,22 +173,27 @@ def iter_documents(paths: list[str], *, text_field: str = "text", text_mode: str
                 fh.close()
 
 
+def _json_text(text: str, where: str, field, on_error, stats) -> str | None:
+    """The string `field` of a JSON object, or None (failed: raised or counted)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        _fail(f"{where}: not JSON: {e.msg}", on_error, stats, "bad_lines")
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+        _fail(f"{where}: no string field {field!r}", on_error, stats, "missing_field")
+        return None
+    return obj[field]
+
+
 def _iter_jsonl(fh, path, field, on_error, stats):
     lines = fh if hasattr(fh, "peek") else io.BufferedReader(fh, 1 << 20)
     for lineno, raw in enumerate(lines, start=1):
         stats.bytes += len(raw)
-        if not raw.strip():
-            continue
-        line = _decode(raw, stats)
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            _fail(f"{path}:{lineno}: not JSON: {e.msg}", on_error, stats, "bad_lines")
-            continue
-        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-            _fail(f"{path}:{lineno}: no string field {field!r}", on_error, stats, "missing_field")
-            continue
-        yield obj[field], f"{path}:{lineno}"
+        if raw.strip():
+            text = _json_text(_decode(raw, stats), f"{path}:{lineno}", field, on_error, stats)
+            if text is not None:
+                yield text, f"{path}:{lineno}"
 
 
 def _iter_wds(url, field, on_error, stats):
@@ -212,18 +217,10 @@ def _iter_wds(url, field, on_error, stats):
                 continue
             stats.bytes += len(raw)
             text = _decode(raw, stats)
-            if "txt" in sample:
+            if "txt" not in sample:
+                text = _json_text(text, where, field, on_error, stats)
+            if text is not None:
                 yield text, where
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                _fail(f"{where}: not JSON: {e.msg}", on_error, stats, "bad_lines")
-                continue
-            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                _fail(f"{where}: no string field {field!r}", on_error, stats, "missing_field")
-                continue
-            yield obj[field], where
     except (tarfile.TarError, ValueError, ShardError) as e:  # not a tar, cut, failed pipe
         raise OSError(f"not a readable tar shard: {e}") from e
     finally:
