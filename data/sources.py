@@ -14,7 +14,8 @@ for http(s): `gopen` runs curl, which cannot resume a body cut off mid-way, so o
 reopens it at its offset with a Range request (with backoff, `retries` times) and a
 flaky link costs no data. Opening a local file or URL retries with exponential backoff
 (`retries` times), then raises `SourceError` naming it. A pipe command that exits
-non-zero fails the shard with its exit status. Brace expansion is `braceexpand` (what
+non-zero fails the shard with its exit status; `WDS_SECURE=1` makes gopen refuse
+`pipe:` URLs, as everywhere in webdataset. Brace expansion is `braceexpand` (what
 webdataset uses) without webdataset's `${WDS_...}` substitution, so a `pipe:` command
 keeps its shell variables.
 """
