@@ -73,6 +73,7 @@ class LoaderConfig:
     epochs: None streams forever; an int ends after that many epochs (the
         last batch of each slot is padded: input pad_id, label -100).
     on_error: "raise" or "skip" (skip a corrupt/unreachable shard, warn, count).
+    verify_sha256: check each shard against its manifest's digest (xxh3-128 if listed).
     prefetch_factor, batches_per_transfer: each worker sends groups of this many
         micro-batches (fewer messages), and keeps prefetch_factor groups in flight.
     """
