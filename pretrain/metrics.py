@@ -7,6 +7,43 @@ import time
 
 import torch
 
+# Dense (no 2:4 sparsity) peaks per device from the vendors' data sheets, FLOP/s:
+# (a substring of the device name, bf16 tensor cores, fp32). fp32 is plain FP32, not
+# TF32: torch keeps float32 matmuls in full precision unless told otherwise. The more
+# specific names come first (an "H100 PCIe" is also an "H100").
+PUBLISHED_PEAKS: tuple[tuple[str, float, float], ...] = (
+    ("H100 PCIe", 756e12, 51e12),
+    ("H100 NVL", 835e12, 60e12),
+    ("H200 NVL", 835e12, 60e12),
+    ("H100", 989e12, 67e12),  # SXM5
+    ("H200", 989e12, 67e12),  # SXM; GH200 too
+    ("A100", 312e12, 19.5e12),
+    ("B200", 2250e12, 80e12),  # HGX B200 at 1000 W
+    ("MI300X", 1307e12, 163.4e12),
+)
+
+
+def published_peak(device_name: str, dtype: torch.dtype) -> float | None:
+    """The data-sheet peak FLOP/s of `device_name` (as torch.cuda.get_device_name gives it)
+    for matmuls in `dtype` (bf16/fp16 use the tensor-core figure), or None if unknown."""
+    for key, half, single in PUBLISHED_PEAKS:
+        if key in device_name:
+            return single if dtype == torch.float32 else half
+    return None
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """Peak FLOP/s of one device, the MFU denominator, and where the figure comes from:
+    the published peak of a known GPU, else a measured matmul (CPUs, unknown GPUs; a
+    measurement underestimates a GPU's peak and so inflates MFU)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = published_peak(name, dtype)
+    if peak is not None:
+        return peak, f"published dense {str(dtype).replace('torch.', '')} peak of {name}"
+    flops = measure_matmul_flops(device, dtype=dtype)
+    return flops, (f"measured {str(dtype).replace('torch.', '')} 1024^3 matmul on {name} "
+                   "(no published peak known)")
+
 
 def measure_matmul_flops(device: torch.device, n: int = 1024, reps: int = 5,
                          dtype: torch.dtype | None = None) -> float:
