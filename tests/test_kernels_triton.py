@@ -478,6 +478,29 @@ def test_gpu_benchmark_cpu_dry_run(tmp_path):
     assert "| NO |" not in text
 
 
+def test_traffic_model_runs_and_counts_the_dispatchers_tiles(tmp_path):
+    """benchmarks/kernels_traffic.py: runs on CPU, writes its table; its FLOP count of the
+    forward output pass matches the closed form for one tile per chunk."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("kernels_traffic",
+                                                  root / "benchmarks" / "kernels_traffic.py")
+    kt = importlib.util.module_from_spec(spec)
+    sys.modules["kernels_traffic"] = kt  # dataclasses look their module up
+    spec.loader.exec_module(kt)
+    out = tmp_path / "t.md"
+    assert kt.main(["--seqlens", "2048", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| 256 | 512 | 2048 | TFLA xl_chunk chunk=128 |" in text
+    B, NH, S, D, L = 1, 2, 256, 64, 64  # one 64-row tile per chunk: q C + causal QK^T, AV
+    fwd, _bwd, _ = kt.ours(B, NH, S, D, D, L)
+    out_pass = next(k for k in fwd if k.name.startswith("output pass"))
+    assert out_pass.flops == B * NH * (S // L) * (2 * L * D * D + 2 * L * L * D * 2)
+
+
 def _compile_check(tmp_path, *args):
     import subprocess
     import sys
