@@ -81,7 +81,7 @@ except ModuleNotFoundError as _err:
 
 from model import sample_next  # noqa: E402
 
-from .convert import ConvertError, Source, load_model_from, load_tokenizer  # noqa: E402
+from .checkpoint import CheckpointError, Source, load_model, load_tokenizer  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
 MODEL_NAME = "xlstm-pretrain"
@@ -253,7 +253,7 @@ class XLSTMEvalLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise ValueError(f"{MODEL_NAME}: model_args needs pretrained=PATH")
-            model, self.source = load_model_from(pretrained, device=str(self.device_))
+            model, self.source = load_model(pretrained, device=str(self.device_), deepspeed=True)
             if self.source.tokenizer is None:
                 raise ValueError(f"{pretrained}: no tokenizer (tokenizer/tokenizer.model) to evaluate with")
             tokenizer = load_tokenizer(self.source.tokenizer)
@@ -567,7 +567,7 @@ def _default_val(src: Source) -> str:
         state = json.loads((src.path / "trainer_state.json").read_text())
         spec = (state.get("config") or {}).get("data", {}).get("val")
     if not spec:
-        raise ConvertError(f"{src.path}: no validation shards recorded (data.val) to build the "
+        raise CheckpointError(f"{src.path}: no validation shards recorded (data.val) to build the "
                            "xlstm_* tasks from; pass --task-shards SPEC")
     return str(spec)
 
@@ -609,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
             max_length=args.max_length, device=args.device, dtype=args.dtype,
             include=args.include_path, seed=args.seed, ppl_seq_len=args.ppl_seq_len,
             bootstrap_iters=args.bootstrap_iters, num_fewshot=args.num_fewshot)
-    except (ConvertError, ValueError, KeyError) as err:
+    except (CheckpointError, ValueError, KeyError) as err:
         print(f"[evaluate] error: {err}", file=sys.stderr)
         return 1
     name = (src.path or Path(args.path)).name

@@ -20,7 +20,7 @@ import torch
 
 from model import sample_next
 
-from .convert import ConvertError, load_model_from, load_tokenizer
+from .checkpoint import CheckpointError, load_model, load_tokenizer
 
 
 @torch.no_grad()
@@ -68,16 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-stop-at-eos", action="store_true", help="keep going after EOS")
     args = ap.parse_args(argv)
     try:
-        model, src = load_model_from(args.path, device=args.device)
+        model, src = load_model(args.path, device=args.device, deepspeed=True)
         if src.tokenizer is None:
-            raise ConvertError(f"{args.path}: no tokenizer (tokenizer/tokenizer.model)")
+            raise CheckpointError(f"{args.path}: no tokenizer (tokenizer/tokenizer.model)")
         tok = load_tokenizer(src.tokenizer)
         model = model.to(getattr(torch, args.dtype))
         text, t = generate_text(model, tok, args.prompt, args.max_new_tokens,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 seed=args.seed, device=args.device,
                                 stop_at_eos=not args.no_stop_at_eos)
-    except (ConvertError, ValueError) as err:
+    except (CheckpointError, ValueError) as err:
         print(f"[generate] error: {err}", file=sys.stderr)
         return 1
     print(args.prompt + text, flush=True)

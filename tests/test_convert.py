@@ -26,7 +26,8 @@ from data.tokenizer import Tokenizer
 from model import LargeConfig, build_model, load_model_config
 from model.hf_adapter import from_hf_config, load_folder, to_hf_config
 from pretrain import convert as cv
-from pretrain.checkpoint import load_model
+from pretrain.checkpoint import load_model, read_weights, write_weights_only
+from pretrain.checkpoint.weights import SafetensorsWeights
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning",
@@ -141,7 +142,7 @@ def test_sharded_hf_and_safetensors_outputs(large_ckpt, tmp_path):
     bf = tmp_path / "bf16"
     convert_cli(large_ckpt, "--to", "hf", bf, "--dtype", "bfloat16")
     assert json.loads((bf / "config.json").read_text())["dtype"] == "bfloat16"
-    half = cv.SafetensorsWeights(bf)
+    half = SafetensorsWeights(bf)
     assert all(half.shape_dtype(k)[1] == torch.bfloat16 for k in half)
 
 
@@ -160,7 +161,7 @@ def test_round_trip_ours_hf_ours_is_identical(large_ckpt, hf_dir, tmp_path):
     meta = json.loads((back / "tokenizer" / "tokenizer.json").read_text())  # ours, not HF's
     assert "model" not in meta and meta["sha256"] == Tokenizer.load(str(back / "tokenizer")).sha256
     # our weights read one at a time equal the trainer's loader
-    same_tensors(dict(cv.read_checkpoint_weights(large_ckpt)), ours.state_dict())
+    same_tensors(dict(read_weights(large_ckpt)), ours.state_dict())
 
 
 @pytest.mark.slow
@@ -239,7 +240,8 @@ import torch
 from safetensors.torch import save_file
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import load_train_config
-from pretrain.distributed import barrier, init_distributed, lm_loss, make_engine
+from pretrain.distributed import barrier, init_distributed
+from pretrain.engine import build_engine, lm_loss
 from model import build_model, load_model_config
 
 out, backend, stage, tok, model_yaml = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
@@ -251,7 +253,7 @@ cfg = load_train_config({"run_dir": str(out), "model": model,
                          "distributed": {"backend": backend, "zero_stage": stage}}, world_size=2)
 info = init_distributed()
 torch.manual_seed(0)
-engine = make_engine(build_model(load_model_config(cfg.model)), cfg, info)
+engine = build_engine(build_model(load_model_config(cfg.model)), cfg, info)
 gen = torch.Generator().manual_seed(100 + info.rank)
 for step in range(3):
     x = torch.randint(0, 512, (2, 33), generator=gen)
@@ -300,7 +302,7 @@ def test_fsdp_two_process_checkpoint_converts_to_live_tensors(tmp_path, corpus):
     model = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model"]
     ckpt = two_process_checkpoint(tmp_path, corpus, "fsdp", 0, model)
     live = live_tensors(tmp_path)
-    same_tensors({k: v for k, v in cv.read_checkpoint_weights(ckpt).items()}, live)
+    same_tensors({k: v for k, v in read_weights(ckpt).items()}, live)
     st = tmp_path / "st"
     convert_cli(ckpt, "--to", "safetensors", st)
     same_tensors(load_folder(st).state_dict(), live)
@@ -324,7 +326,7 @@ def test_deepspeed_zero3_two_process_checkpoint_converts_to_live_tensors(tmp_pat
     ckpt = two_process_checkpoint(tmp_path, corpus, "deepspeed", 3, LARGE)
     assert (ckpt / "deepspeed").is_dir() and not (ckpt / "model_optim").exists()
     live = live_tensors(tmp_path)
-    same_tensors(dict(cv.read_checkpoint_weights(ckpt)), live)
+    same_tensors(dict(read_weights(ckpt)), live)
     out = tmp_path / "hf"
     convert_cli(ckpt, "--to", "hf", out)
     same_tensors(load_folder(out).state_dict(), live)
@@ -441,6 +443,6 @@ def test_write_checkpoint_streams_one_tensor_at_a_time(tmp_path, corpus):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = cv.write_checkpoint(tmp_path / "ck", cfg, get, Tokenizer.load(str(corpus[0])))
+        out = write_weights_only(tmp_path / "ck", cfg, get, Tokenizer.load(str(corpus[0])))
     assert sorted(asked) == sorted(sd) and len(asked) == len(set(asked))
     same_tensors(load_model(out)[0].state_dict(), sd)

@@ -84,7 +84,7 @@ def sumsq_of_saved(folder: Path) -> float:
     """Sum of squares of a DeepSpeed checkpoint's consolidated fp32 weights (each
     parameter once: tied weights are one parameter)."""
     from model import build_model, load_model_config
-    from pretrain.deepspeed_engine import load_deepspeed_weights
+    from pretrain.checkpoint.deepspeed import load_weights as load_deepspeed_weights
 
     state = json.loads((folder / "trainer_state.json").read_text())
     model = build_model(load_model_config(state["config"]["model"]))
@@ -140,20 +140,20 @@ def test_zero3_bf16_checkpoint_into_zero1_zero2_fp32_and_one_process(tmp_path, c
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory, corpus) -> Path:
     """A weights-only checkpoint as `python -m pretrain.convert --from hf --to ours`
-    writes it (its writer, `write_checkpoint`), of the tiny preset's model, with
+    writes it (its writer, `write_weights_only`), of the tiny preset's model, with
     weights of another seed than the trainer's initialization."""
     import torch
     import yaml
 
     from data.tokenizer import Tokenizer
     from model import build_model, load_model_config
-    from pretrain.convert import write_checkpoint
+    from pretrain.checkpoint import write_weights_only
 
     cfg = load_model_config(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model"])
     torch.manual_seed(7)
     sd = build_model(cfg).state_dict()
     out = tmp_path_factory.mktemp("imported") / "ckpt"
-    return write_checkpoint(out, cfg, lambda k: sd[k], Tokenizer.load(str(corpus[0])))
+    return write_weights_only(out, cfg, lambda k: sd[k], Tokenizer.load(str(corpus[0])))
 
 
 def test_imported_checkpoint_trains_and_its_checkpoints_resume_exactly(tmp_path, corpus, imported):
@@ -203,7 +203,8 @@ def test_world_size_change_through_universal_checkpoint(tmp_path, corpus, zero2_
     DeepSpeed's universal format, same weights and optimizer state, training goes on."""
     from model import build_model, load_model_config
     from pretrain.checkpoint import CheckpointError, load_model
-    from pretrain.deepspeed_engine import UNIVERSAL_TAG, load_deepspeed_weights, universal_command
+    from pretrain.checkpoint.deepspeed import UNIVERSAL_TAG, universal_command
+    from pretrain.checkpoint.deepspeed import load_weights as load_deepspeed_weights
 
     run_dir = tmp_path / "two_to_one"
     saved = run_dir / "checkpoints" / "step-000010"
@@ -233,7 +234,7 @@ def test_world_size_change_through_universal_checkpoint(tmp_path, corpus, zero2_
     # in one process: the optimizer state DeepSpeed loaded is the saved one, and the
     # skip and non-finite paths leave weights and optimizer state bitwise unchanged
     check_in_torchrun("--check-engine", saved, nproc=1)
-    assert universal_command(saved).endswith(f"-m pretrain.deepspeed_engine to-universal {saved}")
+    assert universal_command(saved).endswith(f"-m pretrain.checkpoint to-universal {saved}")
 
 
 # ---------------------------------------------------------------- in-process check
@@ -247,9 +248,11 @@ def check_engine(folder: Path) -> None:
     import torch
 
     from model import build_model, load_model_config
+    from pretrain.checkpoint.deepspeed import UNIVERSAL_TAG
+    from pretrain.checkpoint.deepspeed import load_weights as load_deepspeed_weights
     from pretrain.config import load_train_config
-    from pretrain.deepspeed_engine import UNIVERSAL_TAG, DeepSpeedEngine, load_deepspeed_weights
-    from pretrain.distributed import init_distributed, lm_loss
+    from pretrain.distributed import init_distributed
+    from pretrain.engine import DeepSpeedEngine, lm_loss
 
     state = json.loads((folder / "trainer_state.json").read_text())
     cfg_dict = state["config"]
@@ -318,8 +321,8 @@ def _engine_at(state: dict, stage: int, precision: str, seed: int):
 
     from model import build_model, load_model_config
     from pretrain.config import load_train_config
-    from pretrain.deepspeed_engine import DeepSpeedEngine
     from pretrain.distributed import init_distributed
+    from pretrain.engine import DeepSpeedEngine
 
     info = init_distributed()
     cfg_dict = copy.deepcopy(state["config"])
@@ -359,7 +362,7 @@ def check_layouts(folder: Path, targets: list[tuple[int, str]]) -> None:
     masters in the compute dtype."""
     import torch
 
-    from pretrain.deepspeed_engine import read_meta
+    from pretrain.checkpoint.deepspeed import read_meta
 
     state = json.loads((folder / "trainer_state.json").read_text())
     meta = read_meta(folder)

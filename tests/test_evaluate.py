@@ -23,8 +23,8 @@ from trainrun import ROOT, env, random_checkpoint, run
 
 from data.tokenizer import Tokenizer
 from model import build_model, load_model_config
-from pretrain import convert as cv
 from pretrain import evaluate as ev
+from pretrain.checkpoint import load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning",
                                         "ignore::FutureWarning")
@@ -90,7 +90,7 @@ def test_trained_model_above_chance_random_near_chance(trained, small_text, tmp_
     assert ppl["tokens"] == manifest["totals"]["tokens"] and ppl["documents"] == len(FILES)
     assert ppl["ppl"] == pytest.approx(math.exp(ppl["loss"]))
     assert f"over {ppl['tokens']} tokens" in proc.stdout
-    model, src = cv.load_model_from(trained)
+    model, src = load_model(trained)
     docs = list(ev.iter_documents(str(small_text)))
     tok = Tokenizer.load(str(src.tokenizer))
     want = sum(direct_doc_nll(model, d, tok.eos_id) for d in docs) / sum(len(d) for d in docs)
@@ -199,7 +199,7 @@ def test_generate_cli_prints_tokens_per_second(tmp_path, corpus):
     # greedy equals model.generate
     from pretrain.generate import generate_text
 
-    model, src = cv.load_model_from(ckpt)
+    model, src = load_model(ckpt)
     tok = Tokenizer.load(str(src.tokenizer))
     text, timings = generate_text(model, tok, "class A:", 8, temperature=0, stop_at_eos=False)
     ids = tok.encode("class A:")

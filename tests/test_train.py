@@ -18,6 +18,7 @@ from trainrun import (
     command,
     dcp_state,
     env,
+    hooked,
     kill_after_checkpoint,
     kill_tree,
     losses,
@@ -93,7 +94,7 @@ def test_fsdp_world_size_change(tmp_path, corpus):
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path, corpus):
     run_dir = tmp_path / "run"
     cmd = command(0, overrides(run_dir, corpus, "train.steps=20", "checkpoint.every=5", procs=1))
-    proc = subprocess.Popen(cmd, env=env(XLSTM_TEST_SAVE_DELAY="10:60"), cwd=ROOT,
+    proc = subprocess.Popen(hooked(cmd, save_delay=(10, 60.0)), env=env(), cwd=ROOT,
                             start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     partial = run_dir / "checkpoints" / "step-000010.tmp"
@@ -111,7 +112,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path, corpus):
 
 def test_nonfinite_loss_skipped_then_stops(tmp_path, corpus):
     run_dir = tmp_path / "skip"
-    out = run(command(0, overrides(run_dir, corpus, "train.steps=6", procs=1)), XLSTM_TEST_NAN_STEPS="3")
+    out = run(hooked(command(0, overrides(run_dir, corpus, "train.steps=6", procs=1)), nan_steps=(3,)))
     assert "non-finite loss or gradients, update skipped (1 in a row)" in out.stdout
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
@@ -119,8 +120,8 @@ def test_nonfinite_loss_skipped_then_stops(tmp_path, corpus):
     model, _ = load_model(CheckpointManager(run_dir / "checkpoints").latest().path)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     stop_dir = tmp_path / "stop"
-    out = run(command(0, overrides(stop_dir, corpus, "train.steps=10", "train.max_nonfinite_steps=3", procs=1)),
-              expect=1, XLSTM_TEST_NAN_STEPS="2,3,4")
+    out = run(hooked(command(0, overrides(stop_dir, corpus, "train.steps=10", "train.max_nonfinite_steps=3",
+                                          procs=1)), nan_steps=(2, 3, 4)), expect=1)
     assert "3 non-finite steps in a row (train.max_nonfinite_steps=3); stopping at step 4" in out.stderr
 
 

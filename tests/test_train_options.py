@@ -12,7 +12,8 @@ from trainrun import ROOT
 
 from model import build_model, load_model_config
 from pretrain.config import ScheduleConfig, load_train_config
-from pretrain.distributed import DistInfo, TorchEngine, lm_loss
+from pretrain.distributed import DistInfo
+from pretrain.engine import TorchEngine, lm_loss
 from pretrain.optim import lr_at, param_groups
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))

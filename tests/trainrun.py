@@ -25,12 +25,12 @@ def random_checkpoint(tmp: Path, model_cfg: dict, tok_dir: Path, seed: int = 0) 
 
     from data.tokenizer import Tokenizer
     from model import build_model, load_model_config
-    from pretrain import convert
+    from pretrain.checkpoint import write_weights_only
 
     cfg = load_model_config(model_cfg)
     torch.manual_seed(seed)
     sd = build_model(cfg).state_dict()
-    return convert.write_checkpoint(tmp, cfg, lambda k: sd[k], Tokenizer.load(str(tok_dir)),
+    return write_weights_only(tmp, cfg, lambda k: sd[k], Tokenizer.load(str(tok_dir)),
                                     overwrite=True)
 
 
@@ -52,6 +52,15 @@ def command(nproc: int, args: list[str], resume: str = "auto", config: str = "ti
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "pretrain.train"]
     return [*head, "--config", str(ROOT / "configs" / config), "--resume", resume, *args]
+
+
+def hooked(cmd: list[str], **faults) -> list[str]:
+    """`command(0, ...)` run through pretrain.train.main with the hook object
+    `pretrain.trainer.Faults(**faults)` (fault injection passed in, not read from the environment)."""
+    assert cmd[1:3] == ["-m", "pretrain.train"], cmd
+    code = ("import sys; from pretrain import train; from pretrain.trainer import Faults; "
+            f"sys.exit(train.main(sys.argv[1:], hooks=Faults(**{faults!r})))")
+    return [cmd[0], "-c", code, *cmd[3:]]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -119,7 +128,7 @@ def dcp_state(path: Path) -> dict:
     ({"model": ..., "optim": {"state": {fqn: {...}}, "param_groups": [...]}})."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-    from pretrain.checkpoint import quiet_dcp, safe_dcp_reader
+    from pretrain.checkpoint.dcp import quiet_dcp, safe_dcp_reader
 
     with quiet_dcp():
         return _load_state_dict_from_keys(storage_reader=safe_dcp_reader(path))
@@ -153,7 +162,8 @@ def resave(folder: Path, out: Path, backend: str) -> None:
     from model import build_model, load_model_config
     from pretrain.checkpoint import read_trainer_state
     from pretrain.config import load_train_config
-    from pretrain.distributed import init_distributed, make_engine
+    from pretrain.distributed import init_distributed
+    from pretrain.engine import build_engine
 
     info = init_distributed()
     cfg_dict = read_trainer_state(folder)["config"]
@@ -164,7 +174,7 @@ def resave(folder: Path, out: Path, backend: str) -> None:
     torch.manual_seed(cfg.train.seed)
     model = build_model(load_model_config(cfg.model),
                         device="meta" if cfg.distributed.meta_init else info.device)
-    engine = make_engine(model, cfg, info)
+    engine = build_engine(model, cfg, info)
     engine.load(folder)
     out.mkdir(parents=True, exist_ok=True)
     engine.save(out)

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO 1/2/3 behind the trainer's engine interface (see pretrain.distributed).
+"""DeepSpeed ZeRO 1/2/3 behind the trainer's engine interface (`pretrain.engine.Engine`).
 
     engine = DeepSpeedEngine(model, cfg, info)       # distributed.backend: deepspeed
     logits = engine.forward(input_ids, reset)        # engine.module for eval
@@ -33,16 +33,13 @@ Decisions:
   advances on a skip (it is not used: the trainer's step and schedule rule).
 - Precision: bf16 = bf16 parameters and activations, fp32 master weights,
   fp32 gradient accumulation and fp32 gradient reduction; fp32 = fp32 throughout.
-- Checkpoints: DeepSpeed's own files under `folder/deepspeed/` with the fixed
-  tag `state`, plus `folder/deepspeed/meta.json` (world size, stage, precision).
-  Every load from a checkpoint goes through `torch.load(weights_only=True)` with
-  only DeepSpeed's few plain checkpoint classes allow-listed (see
-  `_weights_only_loads`), including DeepSpeed's own internal loads.
+- Checkpoints: the format (files, meta.json, weights-only loads, the universal
+  conversion) is `pretrain.checkpoint.deepspeed`'s; this adapter drives it.
 - Another world size, ZeRO-3 <-> ZeRO-1/2, or another precision (fp32 <->
   bf16), in any combination (`layout_changes`; ZeRO-1 <-> ZeRO-2 alone is no
   change: DeepSpeed loads those partitions directly): the optimizer state is
   carried through DeepSpeed's universal checkpoint format. `load` converts
-  `deepspeed/state` once (rank 0 runs `python -m pretrain.deepspeed_engine
+  `deepspeed/state` once (rank 0 runs `python -m pretrain.checkpoint
   to-universal CHECKPOINT`, i.e. DeepSpeed's `ds_to_universal` with
   weights_only loads, into `deepspeed/state_universal`, written to a `.tmp`
   name and renamed); every rank then sets fp32 masters, both AdamW moments and
@@ -53,99 +50,39 @@ Decisions:
   conversion fails the error names that command and what changed.
 - Weights only (`with_optimizer=False`, i.e. `--fresh-optimizer`): from any
   checkpoint at any world size, stage and precision: `deepspeed/` through the
-  consolidated fp32 weights (`load_deepspeed_weights`), `model_optim/` (an FSDP
-  or single-process run, or a model imported with `python -m pretrain.convert
-  --from hf --to ours`) one tensor at a time; both through the reader that
-  conversion uses (`convert.read_checkpoint_weights`). A full load of a
-  `model_optim/` checkpoint is refused naming --fresh-optimizer.
+  consolidated fp32 weights, `model_optim/` (an FSDP or single-process run, or a
+  model imported with `python -m pretrain.convert --from hf --to ours`) one
+  tensor at a time; both through `pretrain.checkpoint.read_weights`. A full load
+  of a `model_optim/` checkpoint is refused naming --fresh-optimizer.
 - One process without torchrun: a one-rank gloo group (in-process store) is
   made for DeepSpeed, which always wants one.
-- `load_deepspeed_weights(folder)`: consolidated fp32 model state dict from a
-  checkpoint folder, one process, no process group (for conversion and export).
+- Private DeepSpeed attributes used (version range checked at import, see
+  `pretrain.checkpoint.deepspeed.SUPPORTED`): the optimizer's fp32 partitions
+  (`single_partition_of_fp32_groups`, `fp32_partitioned_groups_flat`) for
+  fingerprints and AdamW state; `_lazy_init_hp_params_optimizer_state` and
+  `_partition_all_parameters` / `_reassign_or_swap_out_partitioned_parameters`
+  to relink and refresh after the full-tensor setters. DeepSpeed has no public
+  call for these (its universal loader cannot change the ZeRO stage).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 import math
 import os
-import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import read_trainer_state
-from .config import TrainConfig
-from .optim import build_optimizer
-
-TAG = "state"
-UNIVERSAL_TAG = TAG + "_universal"
-SUBDIR = "deepspeed"
-META = "meta.json"
-
-
-def _import_deepspeed():
-    """Import deepspeed with the CPU accelerator where there is no GPU."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    return deepspeed
-
-
-# ------------------------------------------------------------------ safe loads
-
-
-def _allowed_globals() -> list[Any]:
-    """The plain classes DeepSpeed pickles into its checkpoints (loss scaler,
-    enums, fragment address records): allow-listed for weights_only loads."""
-    import collections
-
-    out: list[Any] = [collections.OrderedDict, set, frozenset, slice]
-    candidates = [
-        ("deepspeed.runtime.fp16.loss_scaler", ["LossScaler", "DynamicLossScaler", "LossScalerBase"]),
-        ("deepspeed.runtime.zero.config", ["ZeroStageEnum"]),
-        ("deepspeed.utils.tensor_fragment", ["fragment_address"]),
-        ("deepspeed.checkpoint.constants", []),
-        ("deepspeed.runtime.zero.offload_config", ["OffloadDeviceEnum"]),
-    ]
-    import importlib
-
-    for module_name, names in candidates:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        out += [getattr(module, n) for n in names if hasattr(module, n)]
-    return out
-
-
-@contextlib.contextmanager
-def _weights_only_loads():
-    """Every `torch.load` inside (DeepSpeed's own included) runs with
-    weights_only=True; only DeepSpeed's plain checkpoint classes are allowed."""
-    original = torch.load
-
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    torch.load = safe_load
-    try:
-        with torch.serialization.safe_globals(_allowed_globals()):
-            yield
-    finally:
-        torch.load = original
-
-
-# ------------------------------------------------------------------ the engine
+from ..checkpoint import deepspeed as ds
+from ..checkpoint import read_trainer_state, read_weights
+from ..config import TrainConfig
+from ..distributed import DistInfo, barrier
+from ..optim import build_optimizer
+from .common import prepare_model
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -178,19 +115,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
 class DeepSpeedEngine:
     """backend "deepspeed": ZeRO stage 1, 2 or 3 (distributed.zero_stage)."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, info) -> None:
-        from .distributed import enable_activation_checkpointing
-
-        deepspeed = _import_deepspeed()
+    def __init__(self, model: nn.Module, cfg: TrainConfig, info: DistInfo) -> None:
+        self._ds = deepspeed = ds.import_deepspeed()
         self.cfg, self.info = cfg, info
-        d = cfg.distributed
-        if d.activation_checkpointing:
-            enable_activation_checkpointing(model)
-        if d.compile:
-            for block in model.blocks:
-                block.compile()
-        import torch.distributed as dist
-
+        prepare_model(model, cfg.distributed)
         if not dist.is_initialized():  # one process without torchrun: DeepSpeed needs a group
             dist.init_process_group("nccl" if info.device.type == "cuda" else "gloo",
                                     store=dist.HashStore(), rank=0, world_size=1)
@@ -250,33 +178,17 @@ class DeepSpeedEngine:
 
     # ------------------------------------------------------------ checkpoints
     def save(self, folder: Path) -> None:
-        target = Path(folder) / SUBDIR
-        # the marker DeepSpeed's universal converter requires (Megatron-DeepSpeed writes it)
-        from deepspeed.checkpoint.constants import (
-            UNIVERSAL_CHECKPOINT_INFO,
-            UNIVERSAL_CHECKPOINT_VERSION_KEY,
-            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        )
-
-        client = {UNIVERSAL_CHECKPOINT_INFO: {
-            UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        self.engine.save_checkpoint(str(target), tag=TAG, client_state=client, save_latest=False)
-        if self.info.is_main:
-            meta = {"world_size": self.info.world_size, "zero_stage": self.cfg.distributed.zero_stage,
-                    "precision": self.cfg.distributed.precision, "tag": TAG}
-            (target / META).write_text(json.dumps(meta, indent=1) + "\n")
+        d = self.cfg.distributed
+        meta = {"world_size": self.info.world_size, "zero_stage": d.zero_stage, "precision": d.precision}
+        ds.save(self.engine, folder, meta, self.info.is_main)
 
     def load(self, folder: Path, with_optimizer: bool = True) -> None:
-        from .distributed import barrier
-
         folder = Path(folder)
-        target = folder / SUBDIR
+        target = folder / ds.SUBDIR
         if not with_optimizer:  # weights of any backend's checkpoint (an imported one included)
-            from .convert import read_checkpoint_weights
-
-            self._load_weights(read_checkpoint_weights(folder))
+            self._load_weights(read_weights(folder))
             return
-        if not (target / TAG).is_dir():
+        if not (target / ds.TAG).is_dir():
             if (folder / "model_optim").is_dir():
                 backend = read_trainer_state(folder).get("backend", "fsdp or none")
                 raise RuntimeError(
@@ -284,30 +196,30 @@ class DeepSpeedEngine:
                     "run uses deepspeed: its optimizer state cannot be carried over; start from "
                     "its weights with --resume PATH --fresh-optimizer, or resume with "
                     f"distributed.backend={backend}")
-            raise FileNotFoundError(f"{target / TAG}: no DeepSpeed state in this checkpoint")
-        meta = read_meta(folder)
-        changes = layout_changes(meta, self.info.world_size, self.cfg.distributed.zero_stage,
+            raise FileNotFoundError(f"{target / ds.TAG}: no DeepSpeed state in this checkpoint")
+        meta = ds.read_meta(folder)
+        changes = ds.layout_changes(meta, self.info.world_size, self.cfg.distributed.zero_stage,
                                  self.cfg.distributed.precision)
         if not changes:
-            with _weights_only_loads():
+            with ds.weights_only_loads():
                 path, _ = self.engine.load_checkpoint(
-                    str(target), tag=TAG, load_optimizer_states=True,
+                    str(target), tag=ds.TAG, load_optimizer_states=True,
                     load_lr_scheduler_states=False, load_module_only=False)
             if path is None:
-                raise RuntimeError(f"{target / TAG}: DeepSpeed could not load this checkpoint")
+                raise RuntimeError(f"{target / ds.TAG}: DeepSpeed could not load this checkpoint")
             return
         # another world size, ZeRO-3 <-> 1/2 or another precision: the partitioned files
         # do not fit this run; DeepSpeed's universal format (one file per parameter) does
-        universal = target / UNIVERSAL_TAG
+        universal = target / ds.UNIVERSAL_TAG
         what = "; ".join(changes)
         if self.info.is_main and not (universal / "zero").is_dir():
-            convert_to_universal(folder)
+            ds.convert_to_universal(folder)
         barrier()
         if not (universal / "zero").is_dir():
             raise RuntimeError(
-                f"{target / TAG} does not fit this run ({what}): its optimizer state needs "
+                f"{target / ds.TAG} does not fit this run ({what}): its optimizer state needs "
                 "DeepSpeed's universal format, and the automatic conversion failed (see above); "
-                f"convert with: {universal_command(folder)} (DeepSpeed's ds_to_universal), then "
+                f"convert with: {ds.universal_command(folder)} (DeepSpeed's ds_to_universal), then "
                 "resume again")
         self._load_universal(universal / "zero")
 
@@ -319,8 +231,6 @@ class DeepSpeedEngine:
         Ours rather than DeepSpeed's `load_universal` loader: that one needs the
         saved stage's model-states file name (ZeRO-3 <-> 1/2 fails) and, at ZeRO-3,
         gives every parameter group the first group's weight decay."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
         def read(name: str, key: str) -> torch.Tensor:
             file = zero / name / f"{key}.pt"
             try:
@@ -329,7 +239,7 @@ class DeepSpeedEngine:
                 raise RuntimeError(f"{file}: unreadable universal checkpoint file ({err})") from err
             return value["param"] if isinstance(value, dict) else value
 
-        with _weights_only_loads():  # mmap: a ZeRO-3 source also holds rank 0's flat weights
+        with ds.weights_only_loads():  # mmap: a ZeRO-3 source also holds rank 0's flat weights
             saved = torch.load(zero / "optimizer_state.pt", map_location="cpu", mmap=True)
         inner_sd = saved.get("optimizer_state_dict") or {}  # ZeRO-3 sources keep AdamW's here
         self._init_optimizer_state()
@@ -343,9 +253,9 @@ class DeepSpeedEngine:
                                      f"model's {name} has shape {shape} (another model config?)")
                 value = value.to(torch.float32).reshape(shape)
                 if key == "fp32":
-                    safe_set_full_fp32_param(param, value)
+                    self._ds.utils.safe_set_full_fp32_param(param, value)
                 else:
-                    safe_set_full_optimizer_state(param, value, key)
+                    self._ds.utils.safe_set_full_optimizer_state(param, value, key)
             if (zero / name / "step.pt").is_file():  # ZeRO-1/2 sources: a step per parameter
                 steps.add(float(read(name, "step")))
         if len(steps) != 1:
@@ -386,8 +296,6 @@ class DeepSpeedEngine:
     def _load_weights(self, state: Mapping[str, torch.Tensor]) -> None:
         """Set fp32 master weights (and the compute copies) from full tensors, read
         one at a time from `state` (a lazy mapping keeps the peak at one tensor)."""
-        from deepspeed.utils import safe_set_full_fp32_param
-
         names = dict(self.module.named_parameters())
         missing = sorted(set(names) - set(state))
         if missing:
@@ -398,7 +306,7 @@ class DeepSpeedEngine:
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"checkpoint tensor {name}: shape {tuple(tensor.shape)}, "
                                  f"this model's is {shape} (another model config?)")
-            safe_set_full_fp32_param(param, tensor.to(torch.float32))
+            self._ds.utils.safe_set_full_fp32_param(param, tensor.to(torch.float32))
         self._refresh_compute_copies()
 
     def _refresh_compute_copies(self) -> None:
@@ -410,120 +318,3 @@ class DeepSpeedEngine:
             opt._partition_all_parameters()  # copy fp32 partitions to the compute partitions
             for sub_group_id in range(len(opt.fp16_partitioned_groups_flat)):
                 opt._reassign_or_swap_out_partitioned_parameters(sub_group_id)
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def layout_changes(meta: dict[str, Any], world_size: int, zero_stage: int,
-                   precision: str) -> list[str]:
-    """How a saved DeepSpeed checkpoint (its meta.json) differs from this run in
-    what DeepSpeed's own loader cannot bridge; [] when it loads directly. ZeRO-1
-    and ZeRO-2 keep the same flat fp32 partitions, so 1 <-> 2 is no change."""
-    out = []
-    saved_world, saved_stage = meta.get("world_size"), meta.get("zero_stage")
-    saved_precision = meta.get("precision")
-    if saved_world is not None and saved_world != world_size:
-        out.append(f"saved by {saved_world} process(es), this run has {world_size}")
-    if saved_stage is not None and (saved_stage == 3) != (zero_stage == 3):
-        out.append(f"saved with distributed.zero_stage={saved_stage}, this run has {zero_stage}")
-    if saved_precision is not None and saved_precision != precision:
-        out.append(f"saved with distributed.precision={saved_precision}, this run has {precision}")
-    return out
-
-
-def read_meta(folder: str | Path) -> dict[str, Any]:
-    file = Path(folder) / SUBDIR / META
-    if not file.is_file():
-        return {}
-    return json.loads(file.read_text())
-
-
-def universal_command(folder: str | Path) -> str:
-    """The shell command that converts folder/deepspeed/state to the universal format
-    (DeepSpeed's `ds_to_universal`, run with weights_only loads; see `main`)."""
-    return f"{sys.executable} -m pretrain.deepspeed_engine to-universal {Path(folder)}"
-
-
-def _ds_to_universal(input_folder: Path, output_folder: Path) -> None:
-    """DeepSpeed's converter in this process, every torch.load weights_only (one
-    worker: no process pool)."""
-    _import_deepspeed()
-    from deepspeed.checkpoint import ds_to_universal
-
-    argv = sys.argv
-    sys.argv = ["ds_to_universal", "--input_folder", str(input_folder), "--output_folder",
-                str(output_folder), "--num_extract_workers", "1", "--num_merge_workers", "1",
-                "--inject_missing_state"]
-    try:
-        args = ds_to_universal.parse_arguments()
-    finally:
-        sys.argv = argv
-    with _weights_only_loads():
-        ds_to_universal.main(args)
-
-
-def convert_to_universal(folder: str | Path) -> bool:
-    """folder/deepspeed/state -> folder/deepspeed/state_universal, written to a
-    temporary name and renamed when complete. Runs `universal_command` as a
-    subprocess (DeepSpeed's converter is a script with globals of its own).
-    True on success; a failure is reported on stderr."""
-    target = Path(folder) / SUBDIR
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x)
-    cmd = [sys.executable, "-m", "pretrain.deepspeed_engine", "to-universal", str(folder)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0 or not (target / UNIVERSAL_TAG / "zero").is_dir():
-        print(f"[deepspeed] ds_to_universal failed (exit {proc.returncode}):\n"
-              f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
-        return False
-    return True
-
-
-def to_universal(folder: str | Path) -> Path:
-    """Convert a checkpoint folder's DeepSpeed state in place (idempotent)."""
-    target = Path(folder) / SUBDIR
-    final, tmp = target / UNIVERSAL_TAG, target / (UNIVERSAL_TAG + ".tmp")
-    if (final / "zero").is_dir():
-        return final
-    if not (target / TAG).is_dir():
-        raise FileNotFoundError(f"{target / TAG}: not a DeepSpeed checkpoint folder")
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    _ds_to_universal(target / TAG, tmp)
-    os.replace(tmp, final)
-    (target / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; we use tags
-    return final
-
-
-def load_deepspeed_weights(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 model weights of a checkpoint folder written by the
-    DeepSpeed backend (any ZeRO stage, any world size): one process, no
-    process group. Keys are the model's parameter names (tied weights included)."""
-    _import_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    target = Path(folder) / SUBDIR
-    if not (target / TAG).is_dir():
-        raise FileNotFoundError(f"{target / TAG}: not a DeepSpeed checkpoint folder")
-    with _weights_only_loads():
-        state = get_fp32_state_dict_from_zero_checkpoint(str(target), tag=TAG)
-    return {k: v.contiguous() for k, v in state.items()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m pretrain.deepspeed_engine to-universal CHECKPOINT_FOLDER"""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] != "to-universal":
-        print(main.__doc__, file=sys.stderr)
-        return 2
-    print(f"[deepspeed] universal checkpoint: {to_universal(args[1])}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
