@@ -131,6 +131,18 @@ def test_chunkwise_dv_and_dqk_split_across_programs(monkeypatch):
     check_chunkwise(1, 2, 70, 32, 48, 48, True, True)
 
 
+def test_state_pass_splits_finer_when_batch_times_heads_is_small(monkeypatch):
+    """Few (batch, head) rows: the state passes halve their DV / DQK blocks (not below 32)
+    until the GPU has enough programs; the result is unchanged."""
+    monkeypatch.setattr(triton_ops, "_state_programs_target", lambda: 264)
+    blk = triton_ops.chunk_blocks(64, 128, 128)
+    assert triton_ops.state_blocks(64, 128, 128, blk) == (64, 32)  # 256 -> 512 programs
+    assert triton_ops.state_blocks(1, 128, 128, blk) == (32, 32)
+    assert triton_ops.state_blocks(64, 256, 512, blk) == (64, 64)  # already 2048
+    monkeypatch.setattr(triton_ops, "_state_programs_target", lambda: 64)
+    check_chunkwise(1, 2, 70, 64, 96, 32, True, True)  # state blocks (32, 32)
+
+
 @pytest.mark.parametrize("DQK,DV", [(256, 20), (40, 136)])
 def test_chunkwise_head_dims(DQK, DV):
     """The widest DQK (256), a DQK that is not a power of two, and a DV above one block

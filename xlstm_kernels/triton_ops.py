@@ -173,6 +173,28 @@ def chunk_blocks(L: int, DQK: int, DV: int) -> dict[str, int]:
             "BT_S": min(BT, BLOCK_T_STATE_MAX)}
 
 
+def _state_programs_target() -> int:
+    """Programs the state passes aim for: two per SM on CUDA (they are sequential over
+    chunks, so their parallelism is B * NH * DQK/BK * DV/BV); 0 under the interpreter
+    (fewer, larger programs are faster there)."""
+    if _interpret() or not torch.cuda.is_available():
+        return 0
+    return 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def state_blocks(BH: int, DQK: int, DV: int, blk: dict) -> tuple[int, int]:
+    """(BK, BV) of the state passes: the default blocks, halved (the larger first, not below
+    32) while B * NH is too small to fill the GPU."""
+    BK, BV = blk["BK"], blk["BV_S"]
+    target = _state_programs_target()
+    while BH * triton.cdiv(DQK, BK) * triton.cdiv(DV, BV) < target and max(BK, BV) > 32:
+        if BV >= BK:
+            BV //= 2
+        else:
+            BK //= 2
+    return BK, BV
+
+
 def _fwd_states(kc, vc, ig, bc, segc, carc, init, NH, NC, L, DQK, DV, blk, has_reset, up):
     """Launch the forward state pass: cs (BH, NC, DQK, DV) in the input dtype, ns, ms,
     the winners amax_c and the last state cl (BH, DQK, DV) float32."""
@@ -180,7 +202,8 @@ def _fwd_states(kc, vc, ig, bc, segc, carc, init, NH, NC, L, DQK, DV, blk, has_r
     SP = ig.shape[-1]
     dev = kc.device
     f32 = torch.float32
-    BK, BV, BT = blk["BK"], blk["BV_S"], blk["BT_S"]
+    BK, BV = state_blocks(BH, DQK, DV, blk)
+    BT = blk["BT_S"]
     cs = _empty((BH, NC, DQK, DV), kc.dtype, dev)
     ns = _empty((BH, NC + 1, DQK), f32, dev)
     ms = _empty((BH, NC + 1), f32, dev)
@@ -250,8 +273,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
         (qc, kc, vc, ig, bc, seg, carry, cs, ns, ms, amax_c, h, mpos, den, amax_p,
          cl) = saved[:16]
         B, NH, S, DQK, DV, L, NC, SP, blk, eps, has_init, recompute, sdtypes = ctx.meta
-        BT, BD, BV, BK = blk["BT_B"], blk["BD"], blk["BV_B"], blk["BK"]
-        NKB = triton.cdiv(DQK, BK)
+        BT, BD, BV = blk["BT_B"], blk["BD"], blk["BV_B"]
         NT = triton.cdiv(L, BT)
         NVB = triton.cdiv(DV, BV)
         BH = B * NH
@@ -292,13 +314,15 @@ class _MLSTMChunkFn(torch.autograd.Function):
         dnn = _empty((BH, NC, DQK), f32, dev)
         dc0 = _empty((BH, DQK, DV), f32, dev)
         dn0 = _empty((BH, DQK), f32, dev)
-        dlogw = _empty((BH, NC, NKB, NVB), f32, dev)
-        tm.mlstm_bwd_state_kernel[(BH, NKB, NVB)](
+        SK, SV = state_blocks(BH, DQK, DV, {**blk, "BV_S": BV})
+        NKS, NVS = triton.cdiv(DQK, SK), triton.cdiv(DV, SV)
+        dlogw = _empty((BH, NC, NKS, NVS), f32, dev)
+        tm.mlstm_bwd_state_kernel[(BH, NKS, NVS)](
             qc, dh, nrm, dden, bcf, carc, mpos, cs, ns, ms, dcl, dnl,
             dcn, dnn, dc0, dn0, dlogw,
-            scale, S, SP, NH, NC, L, DQK, DV, NKB, NVB,
-            BK=BK, BV=BV, BT=blk["BT_S"], HAS_DLAST=has_dlast, HAS_RESET=has_reset, UPCAST=up,
-            **_opts(BK),
+            scale, S, SP, NH, NC, L, DQK, DV, NKS, NVS,
+            BK=SK, BV=SV, BT=blk["BT_S"], HAS_DLAST=has_dlast, HAS_RESET=has_reset, UPCAST=up,
+            **_opts(SK),
         )
         # --- key side and query side of every chunk, in parallel; the gate-gradient rows
         # come in parts (per DQK or DV block) and are summed here, O((NKB + NVB * NT) * S)
