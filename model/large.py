@@ -30,6 +30,7 @@ import xlstm_kernels
 
 from .config import LargeConfig
 from .generate import GenerationMixin
+from .head import LMHead
 from .layers import MultiHeadNorm, RMSNorm, small_init_, soft_cap, wang_init_
 
 CellState = tuple  # (C (B, NH, DQK, DV), n (B, NH, DQK), m (B, NH))
@@ -144,7 +145,7 @@ class LargeLM(GenerationMixin, nn.Module):
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim)
         self.blocks = nn.ModuleList(LargeBlock(cfg) for _ in range(cfg.num_blocks))
         self.out_norm = RMSNorm(cfg.embedding_dim, eps=cfg.norm_eps, bias=cfg.use_bias)
-        self.lm_head = nn.Linear(cfg.embedding_dim, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.embedding_dim, cfg.vocab_size, cfg.logit_soft_cap)
         if cfg.tie_weights:
             self.lm_head.weight = self.embedding.weight
         self.reset_parameters()
@@ -166,21 +167,23 @@ class LargeLM(GenerationMixin, nn.Module):
         *,
         reset: torch.Tensor | None = None,
         return_state: bool = False,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[CellState]]:
-        """idx: (B, S) -> soft-capped logits (B, S, V); state and reset as `XLSTMLM.forward`."""
-        return self._run(idx, state, reset, return_state, step=False)
+        """idx: (B, S) -> soft-capped logits (B, S, V); state, reset and labels (the loss
+        instead of the logits) as `XLSTMLM.forward`."""
+        return self._run(idx, state, reset, return_state, step=False, labels=labels)
 
     def step(self, idx: torch.Tensor, state: list[CellState] | None) -> tuple[torch.Tensor, list[CellState]]:
         """One token per sequence: idx (B,) -> logits (B, V), new state."""
         logits, state = self._run(idx[:, None], state, None, True, step=True)
         return logits[:, 0], state
 
-    def _run(self, idx, state, reset, return_state, step):
+    def _run(self, idx, state, reset, return_state, step, labels=None):
         x = self.embedding(idx)
         new_state = []
         for j, block in enumerate(self.blocks):
             x, s = block(x, None if state is None else state[j], reset, step)
             new_state.append(s)
-        logits = soft_cap(self.lm_head(self.out_norm(x)), self.cfg.logit_soft_cap)
-        return (logits, new_state) if return_state else logits
+        out = self.lm_head(self.out_norm(x), labels)  # soft-capped logits, or the loss
+        return (out, new_state) if return_state else out
 

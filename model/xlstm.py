@@ -32,6 +32,7 @@ import xlstm_kernels
 
 from .config import XLSTMConfig
 from .generate import GenerationMixin
+from .head import LMHead
 from .layers import CausalConv1d, HeadwiseLinear, LayerNorm, MultiHeadNorm, small_init_, wang_init_
 
 BlockState = tuple  # (conv buffer (B, K-1, D'), cell state tuple)
@@ -233,7 +234,7 @@ class XLSTMLM(GenerationMixin, nn.Module):
             for j, kind in enumerate(cfg.block_types)
         )
         self.out_norm = LayerNorm(cfg.embedding_dim, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.embedding_dim, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.embedding_dim, cfg.vocab_size)
         if cfg.tie_weights:
             self.lm_head.weight = self.embedding.weight
         self.reset_parameters()
@@ -258,24 +259,28 @@ class XLSTMLM(GenerationMixin, nn.Module):
         *,
         reset: torch.Tensor | None = None,
         return_state: bool = False,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[BlockState]]:
         """idx: (B, S) token ids -> logits (B, S, V) (float32 if the model is).
 
         state: per-block states from an earlier call (None: start empty);
-        reset: bool (B, S), True at the first token of each packed document.
+        reset: bool (B, S), True at the first token of each packed document;
+        labels: (B, S) next-token targets (-100: ignored): then the mean cross-entropy
+        (float32 scalar) is returned instead of the logits, computed with the head fused
+        with the loss so that no (B, S, V) logits are kept (model/head.py).
         """
-        return self._run(idx, state, reset, return_state, step=False)
+        return self._run(idx, state, reset, return_state, step=False, labels=labels)
 
     def step(self, idx: torch.Tensor, state: list[BlockState] | None) -> tuple[torch.Tensor, list[BlockState]]:
         """One token per sequence with the recurrent ops: idx (B,) -> logits (B, V), new state."""
         logits, state = self._run(idx[:, None], state, None, True, step=True)
         return logits[:, 0], state
 
-    def _run(self, idx, state, reset, return_state, step):
+    def _run(self, idx, state, reset, return_state, step, labels=None):
         x = self.embedding(idx)
         new_state = []
         for j, block in enumerate(self.blocks):
             x, s = block(x, None if state is None else state[j], reset, step)
             new_state.append(s)
-        logits = self.lm_head(self.out_norm(x))
-        return (logits, new_state) if return_state else logits
+        out = self.lm_head(self.out_norm(x), labels)  # logits, or the loss given labels
+        return (out, new_state) if return_state else out
