@@ -12,7 +12,8 @@
    S = 2048, 8192, 32768 with B * S = 65536 tokens, against
    torch.nn.functional.scaled_dot_product_attention (causal; flash where it takes the
    shape, else the backend named in the table) and, when the package imports,
-   mlstm_kernels' chunkwise Triton kernels.
+   mlstm_kernels' chunkwise Triton kernels; ours also with recompute_states=True at the
+   largest chunk.
 3. Prints a table (ms, TFLOP/s by the FLOP counts below, ratios) and writes it under
    benchmarks/results/ as kernels_gpu-<date>-<device>.md (not for a dry run unless --out).
 
@@ -76,7 +77,7 @@ def rel(a, b) -> float:
 # ----------------------------------------------------------------------------------------
 
 
-def _check_chunkwise(rn, g, dev, B, NH, S, DQK, DV, L, dtype) -> float:
+def _check_chunkwise(rn, g, dev, B, NH, S, DQK, DV, L, dtype, recompute=False) -> float:
     """Worst relative error of h, the last state and every gradient vs the fp64 oracle."""
     q, k, v = rn(B, NH, S, DQK), rn(B, NH, S, DQK), rn(B, NH, S, DV)
     i, f = rn(B, NH, S, scale=2.0), rn(B, NH, S, scale=2.0, shift=2.0)
@@ -93,7 +94,8 @@ def _check_chunkwise(rn, g, dev, B, NH, S, DQK, DV, L, dtype) -> float:
 
     xt = [t.clone().requires_grad_() for t in ins]
     x64 = [t.detach().double().requires_grad_() for t in ins]
-    lt, ot = loss(xlstm_kernels.mlstm_chunkwise, xt, chunk_size=L, backend="triton")
+    lt, ot = loss(xlstm_kernels.mlstm_chunkwise, xt, chunk_size=L, backend="triton",
+                  recompute_states=recompute)
     l64, o64 = loss(xlstm_kernels.mlstm_parallel, x64)
     lt.backward()
     l64.backward()
@@ -114,6 +116,8 @@ def check_all(dev) -> list[tuple[str, float, float]]:
         for L in ((32,) if DRY else (64, 128)):
             err = _check_chunkwise(rn, g, dev, B, NH, S, DQK, DV, L, dtype)
             out.append((f"chunkwise fwd+bwd {str(dtype)[6:]} L={L}", err, tol))
+        err = _check_chunkwise(rn, g, dev, B, NH, S, DQK, DV, L, dtype, recompute=True)
+        out.append((f"chunkwise fwd+bwd {str(dtype)[6:]} L={L} recompute_states", err, tol))
     # step vs recurrent, token by token
     q, k, v = rn(B, NH, 6, DQK), rn(B, NH, 6, DQK), rn(B, NH, 6, DV)
     i, f = rn(B, NH, 6, scale=2.0), rn(B, NH, 6, shift=2.0)
@@ -287,6 +291,11 @@ def bench_shape(rows, dev, official, chunks, reps, warmup, tokens, NH, S, DQK, D
         add(f"ours triton chunk={L}",
             lambda L=L: xlstm_kernels.mlstm_chunkwise(*ins, chunk_size=L, backend="triton"),
             mlstm_flops(B, NH, S, DQK, DV, L))
+    L = chunks[-1]
+    add(f"ours triton chunk={L} recompute",
+        lambda: xlstm_kernels.mlstm_chunkwise(*ins, chunk_size=L, backend="triton",
+                                              recompute_states=True),
+        mlstm_flops(B, NH, S, DQK, DV, L))
     for name, fn in official.items():
         call, chunk = _official_call(fn, name)
         add(f"mlstm_kernels {name.split('--')[1]}", lambda call=call: call(*ins),

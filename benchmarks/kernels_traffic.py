@@ -61,10 +61,13 @@ def cdiv(a: int, b: int) -> int:
 
 
 def ours(B, NH, S, DQK, DV, L, E=2, recompute=False, blk=None):
-    from xlstm_kernels.triton_ops import chunk_blocks
+    from xlstm_kernels.triton_ops import chunk_blocks, state_blocks
 
-    b = blk or chunk_blocks(L, DQK, DV)
+    b = dict(blk or chunk_blocks(L, DQK, DV))
     BH, NC = B * NH, cdiv(S, L)
+    # the state passes' split on an H100 / H200 (132 SMs), as the dispatcher picks it
+    b["BK"], b["BV_S"] = state_blocks(BH, DQK, DV, b, target=2 * 132)
+    b["SK_B"], b["SV_B"] = state_blocks(BH, DQK, DV, {**b, "BV_S": b["BV_B"]}, target=2 * 132)
     tok = BH * S  # (position, head) pairs
     qk, vv = tok * DQK * E, tok * DV * E  # one pass over q (or k), over v (or h, dh)
     states = BH * NC * DQK * DV * E
@@ -99,7 +102,7 @@ def ours(B, NH, S, DQK, DV, L, E=2, recompute=False, blk=None):
         return K("per-position scalars (bwd)", req, req, 0)
 
     def state_bwd():
-        BK, BV = b["BK"], b["BV_B"]
+        BK, BV = b["SK_B"], b["SV_B"]
         progs = BH * cdiv(DQK, BK) * cdiv(DV, BV)
         per_chunk = (BK * BV * E + BK * F32  # store dC, dn
                      + BK * BV * E + BK * F32  # load C_c, n_c

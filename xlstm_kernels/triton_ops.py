@@ -182,11 +182,13 @@ def _state_programs_target() -> int:
     return 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-def state_blocks(BH: int, DQK: int, DV: int, blk: dict) -> tuple[int, int]:
+def state_blocks(BH: int, DQK: int, DV: int, blk: dict,
+                 target: int | None = None) -> tuple[int, int]:
     """(BK, BV) of the state passes: the default blocks, halved (the larger first, not below
-    32) while B * NH is too small to fill the GPU."""
+    32) while B * NH is too small to fill the GPU (`target` programs; default: two per SM
+    of the current device)."""
     BK, BV = blk["BK"], blk["BV_S"]
-    target = _state_programs_target()
+    target = _state_programs_target() if target is None else target
     while BH * triton.cdiv(DQK, BK) * triton.cdiv(DV, BV) < target and max(BK, BV) > 32:
         if BV >= BK:
             BV //= 2
