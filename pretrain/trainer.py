@@ -213,7 +213,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """trainer_state.json: the JSON state of every part (the engine's is files)."""
-        return {**self.progress.state_dict(), "run_id": self.tracker.run_id, "data": self.loader.state_dict(),
+        return {**self.progress.state_dict(), **self.tracker.state_dict(), "data": self.loader.state_dict(),
                 "schedule": self.schedule.state_dict(), "world_size": self.info.world_size,
                 "backend": self.cfg.distributed.backend, "config": self.cfg.to_dict()}
 
