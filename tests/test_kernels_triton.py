@@ -143,6 +143,30 @@ def test_state_pass_splits_finer_when_batch_times_heads_is_small(monkeypatch):
     check_chunkwise(1, 2, 70, 64, 96, 32, True, True)  # state blocks (32, 32)
 
 
+def test_launch_options_deterministic_under_the_interpreter(monkeypatch):
+    """The launch-option space: the default (first) entry under the interpreter even with
+    XLSTM_TRITON_AUTOTUNE=1; the compile check's mode launches every entry."""
+    calls = []
+
+    class Fake:
+        __name__ = "fake"
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append((kw["num_warps"], kw["num_stages"]))
+
+    monkeypatch.setenv("XLSTM_TRITON_AUTOTUNE", "1")
+    x = torch.zeros(1)
+    triton_ops._launch(Fake(), (1,), "k", (x,), {}, 256)
+    triton_ops._launch(Fake(), (1,), "k", (x,), {}, 64)
+    wide, narrow = triton_ops.TUNE_SPACE["wide"][0], triton_ops.TUNE_SPACE["narrow"][0]
+    assert calls == [(wide["num_warps"], wide["num_stages"]),
+                     (narrow["num_warps"], narrow["num_stages"])]
+    monkeypatch.setattr(triton_ops, "COMPILE_ALL", True)
+    calls.clear()
+    triton_ops._launch(Fake(), (1,), "k", (x,), {}, 256)
+    assert len(calls) == len(triton_ops.TUNE_SPACE["wide"]) > 1
+
+
 @pytest.mark.parametrize("DQK,DV", [(256, 20), (40, 136)])
 def test_chunkwise_head_dims(DQK, DV):
     """The widest DQK (256), a DQK that is not a power of two, and a DV above one block

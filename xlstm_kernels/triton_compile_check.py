@@ -180,6 +180,7 @@ def _drive(arch: int, quick: bool, rows: dict, context: dict):
     JITFunction.run = run
     real_check, real_target = ops._check_device, ops._state_programs_target
     ops._check_device = lambda *a, **k: None
+    ops.COMPILE_ALL = True  # every launch-option candidate of TUNE_SPACE
     ops._state_programs_target = lambda: 2 * SM_COUNT.get(arch, 132)
     try:
         meta = torch.device("meta")
@@ -242,6 +243,7 @@ def _drive(arch: int, quick: bool, rows: dict, context: dict):
     finally:
         JITFunction.run = real_run
         ops._check_device, ops._state_programs_target = real_check, real_target
+        ops.COMPILE_ALL = False
 
 
 def table(rows: list[Row], arch: int, limit: int, version: str) -> str:

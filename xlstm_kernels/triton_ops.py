@@ -79,6 +79,42 @@ def _opts(BD: int) -> dict:
     return {"num_warps": 8 if BD >= 128 else 4, "num_stages": 2 if BD >= 256 else 3}
 
 
+# Launch options of the tile-parallel kernels (output pass, dk, dv, dq): a small space per
+# DQK class, the first entry the default. Every entry is compiled by triton_compile_check
+# (no spills, shared memory within the limit). With XLSTM_TRITON_AUTOTUNE=1 on CUDA the
+# first call of each (kernel, shape, dtype, flags) times the candidates (triton's do_bench)
+# and keeps the fastest for the process; otherwise, and always under the interpreter,
+# the default: a deterministic choice.
+TUNE_SPACE = {
+    "wide": ({"num_warps": 8, "num_stages": 2}, {"num_warps": 4, "num_stages": 2},
+             {"num_warps": 8, "num_stages": 3}),  # BD >= 128
+    "narrow": ({"num_warps": 4, "num_stages": 3}, {"num_warps": 4, "num_stages": 2},
+               {"num_warps": 8, "num_stages": 3}),
+}
+COMPILE_ALL = False  # triton_compile_check: launch (= compile) every candidate
+_TUNED: dict = {}
+
+
+def _launch(kernel, grid, key, args, kwargs, BD: int) -> None:
+    """kernel[grid](*args, **kwargs, **launch options chosen as TUNE_SPACE says)."""
+    space = TUNE_SPACE["wide" if BD >= 128 else "narrow"]
+    if COMPILE_ALL:
+        for opt in space:
+            kernel[grid](*args, **kwargs, **opt)
+        return
+    opt = space[0]
+    if (len(space) > 1 and not _interpret() and args[0].is_cuda
+            and os.environ.get("XLSTM_TRITON_AUTOTUNE", "") == "1"):
+        full = (kernel.__name__, key, args[0].dtype, tuple(sorted(kwargs.items())))
+        if full not in _TUNED:
+            from triton.testing import do_bench
+
+            times = [do_bench(lambda o=o: kernel[grid](*args, **kwargs, **o)) for o in space]
+            _TUNED[full] = space[times.index(min(times))]
+        opt = _TUNED[full]
+    kernel[grid](*args, **kwargs, **opt)
+
+
 def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(x), 1)))
 
@@ -252,11 +288,10 @@ class _MLSTMChunkFn(torch.autograd.Function):
         den = _empty((BH, SP), f32, dev)
         amax_p = _empty((BH, SP), torch.int32, dev)
         scale = DQK**-0.5
-        tm.mlstm_fwd_out_kernel[(NC * NT, NVB, BH)](
+        _launch(tm.mlstm_fwd_out_kernel, (NC * NT, NVB, BH), (L, DQK, DV), (
             qc, kc, vc, ig, bc, segc, carc, cs, ns, ms, h, mpos, den, amax_p,
             scale, eps, S, SP, NH, NC, L, DQK, DV, NT,
-            BT=BT, BK=blk["BK"], BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
-        )
+        ), dict(BT=BT, BK=blk["BK"], BV=BV, HAS_RESET=has_reset, UPCAST=up), BD)
         # recompute: the (NC, DQK, DV) states are dropped here and rebuilt by the backward
         # (one more state pass); ns, ms and the winners are O(NC * DQK) and kept
         saved_cs = None if recompute else cs
@@ -332,28 +367,25 @@ class _MLSTMChunkFn(torch.autograd.Function):
         NKBB = triton.cdiv(DQK, BKB)
         dk = _empty((BH, S, DQK), dt, dev)
         gs = _empty((NKBB, BH, SP), f32, dev)
-        tm.mlstm_bwd_dk_kernel[(NC * NT, NKBB, BH)](
+        _launch(tm.mlstm_bwd_dk_kernel, (NC * NT, NKBB, BH), (L, DQK, DV), (
             qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dden, dh, dcn, dnn, ms,
             dk, gs,
             scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
-            BT=BT, BK=BKB, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
-        )
+        ), dict(BT=BT, BK=BKB, BV=BV, HAS_RESET=has_reset, UPCAST=up), BD)
         dv = _empty((BH, S, DV), dt, dev)
         xs = _empty((NVB, BH, SP), f32, dev)
         ys = torch.zeros((NVB, NT, BH, SP), dtype=f32, device=dev)  # key tiles js > jt: 0
-        tm.mlstm_bwd_dv_kernel[(NC * NT, NVB, BH)](
+        _launch(tm.mlstm_bwd_dv_kernel, (NC * NT, NVB, BH), (L, DQK, DV), (
             qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dden, dh, dcn, ms, dv, xs, ys,
             scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
-            BT=BT, BK=BKB, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
-        )
+        ), dict(BT=BT, BK=BKB, BV=BV, HAS_RESET=has_reset, UPCAST=up), BD)
         dq = _empty((BH, S, DQK), dt, dev)
         ws = _empty((NKBB, BH, SP), f32, dev)
-        tm.mlstm_bwd_dq_kernel[(NC * NT, NKBB, BH)](
+        _launch(tm.mlstm_bwd_dq_kernel, (NC * NT, NKBB, BH), (L, DQK, DV), (
             qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dden, dh, cs, ns, ms,
             dq, ws,
             scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
-            BT=BT, BK=BKB, BV=BV, HAS_RESET=has_reset, UPCAST=up, **_opts(BD),
-        )
+        ), dict(BT=BT, BK=BKB, BV=BV, HAS_RESET=has_reset, UPCAST=up), BD)
         gs, ws = gs.sum(0), ws.sum(0)
         # the same summation order for both sides of M (exact cancellation on its diagonal)
         xs = xs.sum(0) + gs
