@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,7 +55,10 @@ class TrainSection:
     """Sequences per optimizer step, over all data-parallel ranks."""
     micro_batch_size: int = 4
     """Sequences per forward/backward on one rank."""
-    grad_accum: int = 1
+    grad_accum: int | None = 1
+    """Micro batches per optimizer step on each rank; null: derived at load time as
+    global_batch_size / (micro_batch_size x data-parallel size), so one preset serves
+    any world size that divides its global batch."""
     grad_clip: float | None = 1.0
     log_every: int = 10
     max_nonfinite_steps: int = 3
@@ -232,10 +237,18 @@ def load_train_config(
 def check_train_config(cfg: TrainConfig, world_size: int) -> None:
     """Consistency checks that the types alone cannot express."""
     t, d = cfg.train, cfg.distributed
+    dp = world_size  # every rank is data-parallel (FSDP and ZeRO shard, they do not split the model)
+    if t.grad_accum is None and t.micro_batch_size >= 1:
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            raise ValueError(
+                f"train.grad_accum: null needs global_batch_size divisible by micro_batch_size x "
+                f"data-parallel size, got {t.global_batch_size} and {t.micro_batch_size} x {dp} = {per_step}"
+            )
+        t.grad_accum = t.global_batch_size // per_step  # resolved here: the trainer sees an int
     for name in ("steps", "global_batch_size", "micro_batch_size", "grad_accum", "log_every"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name}: got {getattr(t, name)}, allowed values: >= 1")
-    dp = world_size  # every rank is data-parallel (FSDP and ZeRO shard, they do not split the model)
     if t.global_batch_size != t.micro_batch_size * t.grad_accum * dp:
         raise ValueError(
             f"train.global_batch_size: got {t.global_batch_size}, but micro_batch_size x grad_accum x "
@@ -254,6 +267,15 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> None:
         )
     if cfg.data.seq_len < 1:
         raise ValueError(f"data.seq_len: got {cfg.data.seq_len}, allowed values: >= 1")
+    context = int(cfg.model["context_length"])
+    if cfg.data.seq_len > context:
+        raise ValueError(
+            f"data.seq_len: got {cfg.data.seq_len}, above model.context_length={context}; "
+            f"allowed values: 1..{context}"
+        )
+    if cfg.data.seq_len < context:
+        _notice(f"data.seq_len={cfg.data.seq_len} is below model.context_length={context}: "
+                f"the model never trains on its full context")
     if cfg.checkpoint.keep < 2:
         raise ValueError(f"checkpoint.keep: got {cfg.checkpoint.keep}, allowed values: >= 2")
     if cfg.checkpoint.every < 1:
@@ -278,6 +300,52 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> None:
         )
     if not cfg.data.tokenizer:
         raise ValueError("data.tokenizer: missing, allowed values: a tokenizer folder")
+    line = data_epochs_notice(cfg)
+    if line:
+        _notice(line)
+
+
+def _notice(line: str) -> None:
+    """One warning line on stderr, from rank 0 only (every rank loads the config)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"config: warning: {line}", file=sys.stderr, flush=True)
+
+
+def manifest_tokens(spec: str) -> int | None:
+    """Training tokens of one data source per its local `manifest.json` (a folder
+    holding one, or the manifest's path), else None (globs, URLs, no manifest)."""
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "manifest.json"
+    if path.name != "manifest.json" or not path.is_file():
+        return None
+    try:
+        with open(path) as fh:
+            return int(json.load(fh)["totals"]["tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def data_epochs_notice(cfg: TrainConfig) -> str | None:
+    """A line when the token budget (steps x global batch x seq_len) needs more tokens
+    than a data source holds: the epochs it implies for that source (its mixing weight's
+    share of the budget over its tokens). None when every source suffices or none is known."""
+    budget = cfg.train.steps * cfg.train.global_batch_size * cfg.data.seq_len
+    weights = cfg.data.train_weights or [1.0] * len(cfg.data.train)
+    total_w = sum(weights) or 1.0
+    worst: tuple[float, str, int] | None = None
+    for spec, w in zip(cfg.data.train, weights):
+        tokens = manifest_tokens(spec)
+        if not tokens:
+            continue
+        epochs = budget * (w / total_w) / tokens
+        if epochs > 1 and (worst is None or epochs > worst[0]):
+            worst = (epochs, spec, tokens)
+    if worst is None:
+        return None
+    epochs, spec, tokens = worst
+    return (f"train.steps: the token budget of {budget:,} tokens reads {spec} ({tokens:,} tokens) "
+            f"{epochs:.2f} times: {epochs:.2f} epochs, the data repeats")
 
 
 def save_resolved(cfg: TrainConfig, path: str | Path) -> None:

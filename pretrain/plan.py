@@ -1,0 +1,640 @@
+"""Will this run fit, how fast, how long: a plan of a resolved training config on a cluster.
+
+    python -m pretrain.plan CONFIG [--nodes N] [--gpus-per-node G] [--gpu h100|h200|a100|b200|cpu]
+                               [--mfu 0.4] [key=value ...]
+
+Prints the parameters (total, per rank under FSDP and each ZeRO stage), the memory
+per GPU split into weights, gradients, optimizer state and saved activations per
+micro batch (with and without activation checkpointing), the largest micro batch
+that fits, FLOPs per token, the step time and tokens/s at the stated MFU, and the
+wall time and GPU-hours to the token budget. When the config does not fit it
+suggests one that does; exit status 0: fits, 1: it does not (a suggestion is
+printed), 2: nothing fits (or a config error).
+
+Saved activations come from the model itself: one block of each kind (and the
+embedding/head/loss) is run on fake tensors (no memory, no compute) under
+`torch.autograd.graph.saved_tensors_hooks`, which sees every tensor autograd keeps
+for the backward, with the dtypes of the run's precision. On a GPU the mLSTM and
+sLSTM cells run the Triton kernels, whose saved tensors are listed from
+`xlstm_kernels/triton_ops.py` as of commit 534b72c (chunk states in the input
+dtype, none with `model.recompute_states`; per-position rows in float32); on
+`--gpu cpu` the torch kernels run and are traced as they are.
+
+The peak of a step is modelled as
+    weights + optimizer state + max(saved activations + transient of the backward's
+    start (logits gradients) + gradients held across micro batches,
+    gradients + the optimizer step's temporaries)
+plus the logits of the previous micro batch, which the trainer's loop still holds
+during the next forward. `tests/test_plan.py` checks it against the measured peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import weakref
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from model import ModelConfig, build_model, flops_per_token
+
+from .config import TrainConfig, load_train_config
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory: float
+    """Bytes of device memory."""
+    peak_flops: float
+    """Dense bf16 FLOP/s (fp32 runs: the same figure; MFU is quoted against it)."""
+
+
+# Dense (not sparse) bf16 tensor-core peaks of the SXM parts from the vendors' data sheets.
+GPUS: dict[str, GPU] = {
+    "h100": GPU("H100 80GB", 80e9, 989e12),
+    "h200": GPU("H200 141GB", 141e9, 989e12),
+    "a100": GPU("A100 80GB", 80e9, 312e12),
+    "b200": GPU("B200 180GB", 180e9, 2250e12),
+}
+CPU_PEAK_FLOPS = 1e12  # a nominal CPU node; set hardware.peak_flops for a real figure
+MFU = 0.40
+"""Default model FLOPs utilization: the trainer measured 43-48% of the matmul peak on
+one GPU (benchmarks/README.md, 2026-12-02); 40% leaves room for multi-node communication."""
+HEADROOM = 0.90
+"""Fraction of device memory the plan fills: the rest is the CUDA context, NCCL
+buffers and allocator fragmentation."""
+
+
+def cpu_device() -> GPU:
+    """This machine as a device: its physical memory; the nominal peak above."""
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return GPU("cpu", float(mem), CPU_PEAK_FLOPS)
+
+
+# ------------------------------------------------------------------ saved activations
+
+
+class _Timeline(TorchDispatchMode):
+    """Records every new tensor storage an op creates (+bytes) and its release (-bytes),
+    in order: the live bytes of a step at every point. Runs on fake tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[int, int]] = []  # (serial, +bytes or -bytes)
+        self.alive: dict[int, int] = {}  # id(storage) -> serial, while it lives
+        self.serial = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if id(storage) not in self.alive:  # views and in-place results share one
+                    self.serial += 1
+                    n = storage.nbytes()
+                    self.alive[id(storage)] = self.serial
+                    self.events.append((self.serial, n))
+                    weakref.finalize(storage, self._free, id(storage), self.serial, n)
+        return out
+
+    def _free(self, key: int, serial: int, n: int) -> None:
+        if self.alive.get(key) == serial:
+            del self.alive[key]
+        self.events.append((serial, -n))
+
+    def serial_of(self, t: torch.Tensor) -> int | None:
+        return self.alive.get(id(t.untyped_storage()))
+
+
+class _TritonMLSTM(torch.autograd.Function):
+    """Stand-in for `_MLSTMChunkFn` on fake tensors, allocating what the Triton op does
+    (xlstm_kernels/triton_ops.py at 534b72c). Forward, per (B * NH) row: q, k, v made
+    contiguous (S x D, input dtype); chunk states (NC x DQK x DV, input dtype; with
+    recompute_states dropped after the forward); ns (NC+1 x DQK), ms (NC+1), the last
+    state (DQK x DV) float32; h (S x DV, input dtype); mpos, den (SP) float32, winners
+    (int32). Backward: the states again when recomputed, their gradients (NC x DQK x
+    DV, input dtype), dq, dk, dv (input dtype) and the gate gradients (SP, float32)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ig, bc, L: int, recompute: bool):  # noqa: ANN001, D102
+        B, NH, S, DQK = q.shape
+        DV, BH = v.shape[-1], B * NH
+        NC = ig.shape[-1] // L
+        SP, f32, new = NC * L, torch.float32, q.new_empty
+        cs = new((BH, NC, DQK, DV), dtype=q.dtype)
+        rows = [new((BH, NC + 1, DQK), dtype=f32), new((BH, NC + 1), dtype=f32), new((BH, NC), dtype=torch.int32),
+                new((BH, SP), dtype=f32), new((BH, SP), dtype=f32), new((BH, SP), dtype=torch.int32),
+                new((BH, DQK, DV), dtype=f32)]
+        h = new((B, NH, S, DV), dtype=q.dtype)
+        qc, kc, vc = (t.contiguous().clone() for t in (q, k, v))
+        ctx.save_for_backward(qc, kc, vc, ig, bc, *rows, h, *([] if recompute else [cs]))
+        ctx.shape = (BH, NC, DQK, DV, recompute)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, dh):  # noqa: ANN001, D102
+        qc, kc, vc, ig, bc, *_ = ctx.saved_tensors
+        BH, NC, DQK, DV, recompute = ctx.shape
+        work = [qc.new_empty((BH, NC, DQK, DV))]  # the states' gradients
+        if recompute:
+            work.append(qc.new_empty((BH, NC, DQK, DV)))
+        out = (torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc), torch.empty_like(ig),
+               torch.empty_like(bc))
+        del work
+        return (*out, None, None)
+
+
+class _TritonSLSTM(torch.autograd.Function):
+    """Stand-in for `_SLSTMFn` (triton_ops.py at 534b72c): forward keeps hs, cs, ns, ms
+    (S x DH) and the raw gates (S x 4 x DH) per (B * NH) row in float32; backward
+    returns dx and dR."""
+
+    @staticmethod
+    def forward(ctx, x, R):  # noqa: ANN001, D102
+        B, NH, S, _, DH = x.shape
+        f32 = torch.float32
+        hs = x.new_empty((B, NH, S, DH), dtype=f32)
+        rest = [x.new_empty((B * NH, S, DH), dtype=f32) for _ in range(3)]
+        ctx.save_for_backward(hs, *rest, x.new_empty((B * NH, S, 4, DH), dtype=f32))
+        ctx.dtypes = (x.dtype, x.shape, R.dtype)
+        return hs.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dh):  # noqa: ANN001, D102
+        xdt, shape, rdt = ctx.dtypes
+        return dh.new_empty(shape, dtype=xdt), dh.new_empty(ctx.saved_tensors[0].shape[1:2] + (4, shape[-1], shape[-1]),
+                                                            dtype=rdt)
+
+
+@contextlib.contextmanager
+def _triton_cells(recompute: bool):
+    """Swap the cell ops the model calls for the Triton stand-ins above."""
+    import xlstm_kernels
+
+    orig = xlstm_kernels.mlstm_chunkwise, xlstm_kernels.slstm_sequence
+
+    def mlstm(q, k, v, i, f, *, chunk_size, return_last_state=False, **_: Any):  # noqa: ANN001
+        S = q.shape[2]
+        L = max(1, min(int(chunk_size), S))
+        pad = -S % L
+        ig = torch.nn.functional.pad(i.float(), (0, pad))  # the O(S) gate rows, float32
+        bc = torch.cumsum(torch.nn.functional.pad(torch.nn.functional.logsigmoid(f.float()), (0, pad)), -1)
+        dt = v.dtype
+        h = _TritonMLSTM.apply(q.to(dt), k.to(dt), v, ig, bc, L, recompute)
+        B, NH, _, DQK = q.shape
+        f32 = torch.float32
+        state = (q.new_zeros(B, NH, DQK, v.shape[-1], dtype=f32), q.new_zeros(B, NH, DQK, dtype=f32),
+                 q.new_zeros(B, NH, dtype=f32))
+        return (h, state) if return_last_state else h
+
+    def slstm(x, R, *, return_last_state=False, **_: Any):  # noqa: ANN001
+        h = _TritonSLSTM.apply(x, R)
+        B, NH, _, _, DH = x.shape
+        state = tuple(x.new_zeros(B, NH, DH, dtype=torch.float32) for _ in range(4))
+        return (h, state) if return_last_state else h
+
+    xlstm_kernels.mlstm_chunkwise, xlstm_kernels.slstm_sequence = mlstm, slstm
+    try:
+        yield
+    finally:
+        xlstm_kernels.mlstm_chunkwise, xlstm_kernels.slstm_sequence = orig
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Simulated bytes of one micro batch's forward and backward (weights and
+    optimizer state excluded: they are per layout, see `states_per_rank`)."""
+
+    saved: float
+    """Live after the forward and the loss: the saved activations, logits included."""
+    peak: float
+    """Peak of activations + transients + whole gradients, in the steady state (the
+    previous micro batch's logits still held, as the trainer's loop holds them)."""
+    grads_at_peak: float
+    """Of `peak`, the bytes of parameter gradients (whole, unsharded)."""
+
+
+def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, triton: bool,
+                  checkpointing: bool, accumulate: bool) -> StepMemory:
+    """Run two micro batches of forward, `lm_loss` and backward of the model on fake
+    tensors (no memory, no compute) and follow every storage's life.
+
+    precision: fp32, bf16 (autocast; the CPU autocast policy stands in for the GPU's),
+    bf16_pure (bf16 weights). triton: the cells allocate as the Triton kernels do, else
+    the torch kernels run as they are. accumulate: gradients are kept between the micro
+    batches (grad_accum > 1), else set to None as the optimizer step does.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        from .engine.common import enable_activation_checkpointing, lm_loss
+    except ImportError:  # before the engine package (pretrain/distributed.py held them)
+        from .distributed import enable_activation_checkpointing, lm_loss  # type: ignore[no-redef]
+
+    with FakeTensorMode(), (_triton_cells(mcfg.recompute_states) if triton else contextlib.nullcontext()):
+        model = build_model(mcfg, device="cpu")
+        if precision == "bf16_pure":
+            model.to(torch.bfloat16)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        idx = torch.zeros(batch, seq_len, dtype=torch.long)
+        reset = torch.zeros(batch, seq_len, dtype=torch.bool)
+        tl = _Timeline()
+        with tl:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(idx, reset=reset)
+            loss = lm_loss(logits, idx)
+            saved = sum(n for _, n in tl.events)
+            loss.backward()
+            del loss
+            grads = {tl.serial_of(p.grad) for p in params if p.grad is not None}
+        # the steady state of the trainer's loop: the previous micro batch's logits are
+        # still referenced during this one, and with accumulation all gradients exist
+        held = logits.numel() * logits.element_size()
+        whole = sum(p.numel() * p.element_size() for p in params)
+        other = live_grads = 0
+        best = peak_grads = 0.0
+        for serial, n in tl.events:
+            if serial in grads:
+                live_grads += n
+            else:
+                other += n
+            g = whole if accumulate else live_grads
+            if held + other + g > best:
+                best, peak_grads = held + other + g, g
+    return StepMemory(float(saved), float(best), float(peak_grads))
+
+
+@lru_cache(maxsize=256)
+def _simulate_cached(mcfg_yaml: str, batch: int, seq_len: int, precision: str, triton: bool,
+                     checkpointing: bool, accumulate: bool) -> StepMemory:
+    import yaml
+
+    from model import load_model_config
+
+    mcfg = load_model_config(yaml.safe_load(mcfg_yaml))
+    return simulate_step(mcfg, batch, seq_len, precision, triton, checkpointing, accumulate)
+
+
+def step_memory(mcfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, triton: bool,
+                checkpointing: bool, accumulate: bool) -> StepMemory:
+    """`simulate_step` at any micro batch and length from a few short simulations: the
+    bytes are linear in the micro batch, and in the length (every tensor is O(S) or O(B S),
+    the chunk padding aside), so two batches and, where the torch sLSTM's per-step
+    loop would make a long simulation slow, two lengths of one and two chunks suffice."""
+    import dataclasses
+
+    import yaml
+
+    key = yaml.safe_dump(dataclasses.asdict(mcfg), sort_keys=True)
+    slow = not triton and "s" in getattr(mcfg, "block_types", []) and seq_len > 2 * mcfg.chunk_size
+    lengths = (mcfg.chunk_size, 2 * mcfg.chunk_size) if slow else (seq_len, seq_len)
+
+    def at(batch: int, length: int) -> StepMemory:
+        return _simulate_cached(key, batch, length, precision, triton, checkpointing, accumulate)
+
+    def line(a: float, b: float, x0: float, x1: float, x: float) -> float:
+        return a if x1 == x0 else a + (b - a) * (x - x0) / (x1 - x0)
+
+    def fields(batch: int) -> list[float]:
+        lo, hi = at(batch, lengths[0]), at(batch, lengths[1])
+        return [line(getattr(lo, f), getattr(hi, f), lengths[0], lengths[1], seq_len)
+                for f in ("saved", "peak", "grads_at_peak")]
+
+    one, two = fields(1), fields(2)
+    return StepMemory(*(line(a, b, 1, 2, micro_batch) for a, b in zip(one, two)))
+
+
+# ------------------------------------------------------------------ states per rank
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How weights, gradients and optimizer state are spread over the ranks."""
+
+    name: str
+    backend: str
+    zero_stage: int = 0
+
+
+LAYOUTS = [Layout("none", "none"), Layout("fsdp", "fsdp"), Layout("zero1", "deepspeed", 1),
+           Layout("zero2", "deepspeed", 2), Layout("zero3", "deepspeed", 3)]
+
+
+def _block_params(model: torch.nn.Module) -> int:
+    return max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
+
+
+def states_per_rank(params: int, block_params: int, layout: Layout, precision: str, world: int) -> dict[str, float]:
+    """Bytes per rank of weights, gradients and optimizer state (AdamW: two moments).
+
+    none: everything whole; bf16 autocast adds the bf16 weight copies autocast caches
+    for one forward. fsdp: float32 (bf16_pure: bf16) shards of everything, plus the
+    unsharded block being computed and the one prefetched (bf16 under bf16). ZeRO
+    (DeepSpeed bf16: bf16 weights and gradients, float32 master weights with the
+    moments): stage 1 shards the optimizer state, 2 also the gradients, 3 also the weights.
+    """
+    P, n = float(params), float(world)
+    w = 2.0 if precision == "bf16_pure" else 4.0
+    if layout.backend == "none":
+        weights = w * P + (2.0 * P if precision == "bf16" else 0.0)
+        return {"weights": weights, "grads": w * P, "optimizer": 2 * w * P}
+    if layout.backend == "fsdp":
+        work = (2.0 if precision != "fp32" else 4.0) * block_params
+        return {"weights": w * P / n + 2 * work, "grads": w * P / n + work, "optimizer": 2 * w * P / n}
+    if precision == "bf16_pure":
+        raise ValueError("bf16_pure is for fsdp and none")
+    s = layout.zero_stage
+    lo = 2.0 if precision == "bf16" else 4.0  # DeepSpeed's model weights and gradients
+    master = 4.0 * P / n if precision == "bf16" else 0.0
+    weights = (lo * P / n + 2 * lo * block_params if s == 3 else lo * P) + master
+    grads = lo * P / n + lo * block_params if s >= 2 else lo * P
+    return {"weights": weights, "grads": grads, "optimizer": 8.0 * P / n}
+
+
+# ------------------------------------------------------------------ the plan
+
+
+@dataclass
+class MemoryPlan:
+    states: dict[str, float]
+    activations: float
+    """Saved for the backward after the forward and the loss (logits included)."""
+    transient: float
+    """Above that at the backward's peak: the held logits of the previous micro batch,
+    gradients of activations, a checkpointed block's recompute."""
+    peak: float
+
+
+@dataclass
+class Plan:
+    cfg: TrainConfig
+    world: int
+    device: GPU
+    mfu: float
+    params: int
+    block_params: int
+    layout: Layout
+    memory: dict[bool, MemoryPlan]
+    """Keyed by activation checkpointing off / on, at the config's micro batch."""
+    max_micro_batch: dict[bool, int]
+    fpt: int
+    step_s: float
+    tokens_per_s: float
+    tokens_total: int
+    wall_s: float
+    fits: bool
+    suggestion: str | None = None
+    per_layout: dict[str, float] = field(default_factory=dict)
+
+
+def config_layout(cfg: TrainConfig) -> Layout:
+    d = cfg.distributed
+    if d.backend == "deepspeed":
+        return Layout(f"zero{d.zero_stage}", "deepspeed", d.zero_stage)
+    return Layout(d.backend, d.backend)
+
+
+def peak_memory(cfg: TrainConfig, mcfg: ModelConfig, params: int, block_params: int, layout: Layout,
+                world: int, micro_batch: int, checkpointing: bool, triton: bool) -> MemoryPlan:
+    """Predicted peak bytes on one rank: weights + optimizer state + the larger of the
+    backward's peak (simulated, with this layout's share of the gradients) and the
+    optimizer step (gradients + one moment-sized temporary of foreach AdamW)."""
+    precision = cfg.distributed.precision
+    states = states_per_rank(params, block_params, layout, precision, world)
+    sim = step_memory(mcfg, micro_batch, cfg.data.seq_len, precision, triton, checkpointing,
+                      (cfg.train.grad_accum or 1) > 1)
+    whole_grads = params * (2.0 if precision == "bf16_pure" else 4.0)
+    share = min(1.0, states["grads"] / whole_grads)
+    backward = sim.peak - sim.grads_at_peak + share * sim.grads_at_peak
+    step = states["grads"] + states["optimizer"] / 2
+    peak = states["weights"] + states["optimizer"] + max(backward, step)
+    return MemoryPlan(states, sim.saved, sim.peak - sim.grads_at_peak - sim.saved, float(peak))
+
+
+def _counts(mcfg: ModelConfig) -> tuple[int, int]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        model = build_model(mcfg, device="cpu")
+        seen: set[int] = set()
+        total = 0
+        for p in model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total, _block_params(model)
+
+
+def make_plan(cfg: TrainConfig, world: int, device: GPU, mfu: float = MFU) -> Plan:
+    """The plan of `cfg` on `world` ranks of `device`."""
+    mcfg = cfg.model_config
+    triton = device.name != "cpu"
+    params, block_params = _counts(mcfg)
+    layout = config_layout(cfg)
+    t, d = cfg.train, cfg.distributed
+    budget = device.memory * (HEADROOM if triton else 1.0)
+    memory = {ac: peak_memory(cfg, mcfg, params, block_params, layout, world, t.micro_batch_size, ac, triton)
+              for ac in (False, True)}
+    biggest = {}
+    for ac in (False, True):
+        one = peak_memory(cfg, mcfg, params, block_params, layout, world, 1, ac, triton).peak
+        two = peak_memory(cfg, mcfg, params, block_params, layout, world, 2, ac, triton).peak
+        slope = max(two - one, 1.0)  # the peak is linear in the micro batch
+        biggest[ac] = 0 if one > budget else 1 + int((budget - one) // slope)
+    fpt = flops_per_token(mcfg, cfg.data.seq_len)
+    tokens_step = t.global_batch_size * cfg.data.seq_len
+    recompute = 4 / 3 if d.activation_checkpointing else 1.0  # the forward runs twice
+    peak_flops = cfg.hardware.peak_flops or device.peak_flops
+    step_s = 3 * fpt * tokens_step * recompute / (world * peak_flops * mfu)
+    fits = memory[d.activation_checkpointing].peak <= budget
+    per_layout = {}
+    for lay in LAYOUTS:
+        if (lay.backend == "none" and world > 1) or (lay.backend == "deepspeed" and d.precision == "bf16_pure"):
+            continue
+        per_layout[lay.name] = states_per_rank(params, block_params, lay, d.precision, world)["weights"]
+    plan = Plan(cfg, world, device, mfu, params, block_params, layout, memory, biggest, fpt, step_s,
+                tokens_step / step_s, t.steps * tokens_step, t.steps * step_s, fits, per_layout=per_layout)
+    if not fits:
+        plan.suggestion = suggest(cfg, mcfg, params, block_params, world, budget, triton)
+    return plan
+
+
+def suggest(cfg: TrainConfig, mcfg: ModelConfig, params: int, block_params: int, world: int,
+            budget: float, triton: bool) -> str | None:
+    """The first setting that fits, trying in order: a smaller micro batch, activation
+    checkpointing, FSDP, ZeRO-3 (each keeping the global batch via grad_accum)."""
+    t, d = cfg.train, cfg.distributed
+    options: list[tuple[Layout, bool]] = [(config_layout(cfg), d.activation_checkpointing),
+                                          (config_layout(cfg), True)]
+    if world > 1 or d.backend != "none":
+        options += [(Layout("fsdp", "fsdp"), False), (Layout("fsdp", "fsdp"), True)]
+        if d.precision != "bf16_pure":
+            options.append((Layout("zero3", "deepspeed", 3), True))
+    per_rank = t.global_batch_size // world if t.global_batch_size % world == 0 else 0
+    for layout, ac in options:
+        mb = t.micro_batch_size
+        while mb >= 1:
+            if per_rank and per_rank % mb == 0 and \
+                    peak_memory(cfg, mcfg, params, block_params, layout, world, mb, ac, triton).peak <= budget:
+                parts = [f"train.micro_batch_size={mb}", "train.grad_accum=null"]
+                if ac != d.activation_checkpointing:
+                    parts.append(f"distributed.activation_checkpointing={str(ac).lower()}")
+                if layout != config_layout(cfg):
+                    parts.append(f"distributed.backend={layout.backend}")
+                    if layout.backend == "deepspeed":
+                        parts.append(f"distributed.zero_stage={layout.zero_stage}")
+                return " ".join(parts)
+            mb -= 1
+    return None
+
+
+# ------------------------------------------------------------------ output
+
+
+def _b(x: float) -> str:
+    return f"{x / GIB:.1f} GiB"
+
+
+def _count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _duration(s: float) -> str:
+    if s >= 86400:
+        return f"{s / 86400:.1f} d"
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.2f} s"
+
+
+def summary_line(plan: Plan) -> str:
+    cfg = plan.cfg
+    ac = cfg.distributed.activation_checkpointing
+    mem = plan.memory[ac]
+    return (f"plan: {_count(plan.params)} params, {plan.world} x {plan.device.name}, {plan.layout.name} "
+            f"{cfg.distributed.precision}, micro batch {cfg.train.micro_batch_size} x {cfg.train.grad_accum} "
+            f"x {plan.world} = {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens, peak "
+            f"{_b(mem.peak)} of {_b(plan.device.memory)} ({'fits' if plan.fits else 'DOES NOT FIT'}), "
+            f"{plan.tokens_per_s:,.0f} tok/s at MFU {plan.mfu:.0%}, {_count(plan.tokens_total)} tokens in "
+            f"{_duration(plan.wall_s)} ({plan.wall_s * plan.world / 3600:,.0f} GPU-h)")
+
+
+def plan_summary_line(cfg: TrainConfig, world_size: int, gpu: str | None = None, mfu: float = MFU) -> str:
+    """One line for the start of a run: fits or not, tokens/s, time to the budget.
+    gpu: a key of GPUS or 'cpu'; None: 'cpu' without CUDA, else the first GPU's name
+    if it is one of GPUS, else h100."""
+    if gpu is None:
+        gpu = "cpu"
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(0).lower()
+            gpu = next((k for k in GPUS if k in name), "h100")
+    device = cpu_device() if gpu == "cpu" else GPUS[gpu]
+    return summary_line(make_plan(cfg, world_size, device, mfu))
+
+
+def report(plan: Plan) -> str:
+    cfg, mcfg = plan.cfg, plan.cfg.model_config
+    t, d = cfg.train, cfg.distributed
+    tokens_step = t.global_batch_size * cfg.data.seq_len
+    out = [
+        f"config: {mcfg.arch} d={mcfg.embedding_dim} blocks={mcfg.num_blocks} context={mcfg.context_length} "
+        f"seq_len={cfg.data.seq_len}",
+        f"cluster: {plan.world} x {plan.device.name} ({_b(plan.device.memory)}, "
+        f"{plan.device.peak_flops / 1e12:.0f} TFLOP/s bf16 dense), layout {plan.layout.name}, {d.precision}",
+        f"parameters: {plan.params:,} total; weights per rank (bytes, {d.precision}): "
+        + ", ".join(f"{k} {_b(v)}" for k, v in plan.per_layout.items()),
+        f"batch: {t.global_batch_size} sequences = {tokens_step:,} tokens per step = micro batch "
+        f"{t.micro_batch_size} x grad_accum {t.grad_accum} x {plan.world} ranks",
+        f"memory per rank at micro batch {t.micro_batch_size} "
+        f"(cells: {'Triton' if plan.device.name != 'cpu' else 'torch'}):",
+    ]
+    for ac in (False, True):
+        m = plan.memory[ac]
+        mark = " <- config" if ac == d.activation_checkpointing else ""
+        out.append(
+            f"  activation checkpointing {'on ' if ac else 'off'}: weights {_b(m.states['weights'])}, grads "
+            f"{_b(m.states['grads'])}, optimizer {_b(m.states['optimizer'])}, saved activations "
+            f"{_b(m.activations)} ({_b(m.activations / t.micro_batch_size)} per sequence), logits transient "
+            f"{_b(m.transient)}; peak {_b(m.peak)}; largest micro batch that fits: "
+            f"{plan.max_micro_batch[ac]}{mark}")
+    budget = plan.device.memory * (HEADROOM if plan.device.name != "cpu" else 1.0)
+    out += [
+        f"fits: {'yes' if plan.fits else 'NO'} (budget {_b(budget)} = "
+        f"{HEADROOM if plan.device.name != 'cpu' else 1.0:.0%} of the device)",
+        f"FLOPs per token: {_count(plan.fpt)} forward, {_count(3 * plan.fpt)} training"
+        + (" (+1/3 recompute with activation checkpointing)" if d.activation_checkpointing else ""),
+        f"step: {plan.step_s:.3f} s, {plan.tokens_per_s:,.0f} tokens/s at MFU {plan.mfu:.0%}",
+        f"budget: {t.steps:,} steps = {_count(plan.tokens_total)} tokens: wall time {_duration(plan.wall_s)}, "
+        f"{plan.wall_s * plan.world / 3600:,.0f} GPU-hours",
+    ]
+    if not plan.fits:
+        out.append(f"suggestion: {plan.suggestion}" if plan.suggestion else
+                   "suggestion: none fits (micro batch 1, activation checkpointing, FSDP, ZeRO-3); "
+                   "use more GPUs or a bigger GPU")
+    out.append(summary_line(plan))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pretrain.plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="YAML preset (configs/*.yaml)")
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--gpu", choices=[*GPUS, "cpu"], default="h100")
+    ap.add_argument("--mfu", type=float, default=MFU, help=f"model FLOPs utilization (default {MFU})")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
+    args = ap.parse_args(argv)
+    world = args.nodes * args.gpus_per_node
+    overrides = list(args.overrides)
+    # a preset without data paths can still be planned
+    if not any(o.startswith("data.train=") for o in overrides):
+        overrides.append("data.train=[plan]")
+    if not any(o.startswith("data.tokenizer=") for o in overrides):
+        overrides.append("data.tokenizer=plan")
+    if world > 1 and not any(o.startswith("distributed.backend=") for o in overrides):
+        doc_backend = _preset_backend(args.config)
+        if doc_backend in (None, "none"):
+            overrides.append("distributed.backend=fsdp")
+    try:
+        cfg = load_train_config(args.config, overrides, world_size=world)
+    except ValueError as err:
+        print(f"pretrain.plan: {err}", file=sys.stderr)
+        return 2
+    device = cpu_device() if args.gpu == "cpu" else GPUS[args.gpu]
+    plan = make_plan(cfg, world, device, args.mfu)
+    print(report(plan))
+    if plan.fits:
+        return 0
+    return 1 if plan.suggestion else 2
+
+
+def _preset_backend(path: str) -> str | None:
+    import yaml
+
+    with open(path) as fh:
+        doc = yaml.safe_load(fh) or {}
+    return (doc.get("distributed") or {}).get("backend")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["GPUS", "MFU", "Plan", "make_plan", "peak_memory", "plan_summary_line", "simulate_step",
+           "states_per_rank", "step_memory"]

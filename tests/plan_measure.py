@@ -1,0 +1,75 @@
+"""Measure one training configuration's peak memory on CPU, for tests/test_plan.py.
+
+    python tests/plan_measure.py CONFIG [key=value ...]   -> prints {"peak": BYTES, ...} as JSON
+
+Runs the trainer's own engine (pretrain.distributed.TorchEngine) and its loop's shape:
+grad_accum micro batches of forward, lm_loss, backward, then the optimizer step, for
+two steps (the optimizer state exists from the first). The peak is the process's
+peak resident set size minus the resident size after the imports (the interpreter,
+torch's libraries), so it counts what the plan predicts: tensors. Run it with
+MALLOC_MMAP_THRESHOLD_ fixed (the test does) so that freed tensors go back to the
+system instead of staying in the heap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+
+import torch
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main(argv: list[str]) -> None:
+    from model import build_model
+    from pretrain.config import load_train_config
+    from pretrain.distributed import DistInfo
+
+    try:
+        from pretrain.engine import build_engine, lm_loss
+    except ImportError:  # before the engine package
+        from pretrain.distributed import lm_loss  # type: ignore[attr-defined,no-redef]
+        from pretrain.distributed import make_engine as build_engine
+
+    base_overrides = ["data.train=[x]", "data.tokenizer=x", *argv[1:]]
+    cfg = load_train_config(argv[0], base_overrides, world_size=1)
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+
+    def run(cfg, steps: int) -> None:
+        torch.manual_seed(0)
+        model = build_model(cfg.model_config, device="cpu")
+        engine = build_engine(model, cfg, info)
+        t = cfg.train
+        ids = torch.randint(cfg.model_config.vocab_size, (t.micro_batch_size, cfg.data.seq_len))
+        reset = torch.zeros_like(ids, dtype=torch.bool)
+        reset[:, 0] = True
+        for _ in range(steps):  # the trainer's loop: `logits` lives on into the next forward
+            for _ in range(t.grad_accum):
+                logits = engine.forward(ids, reset)
+                loss = lm_loss(logits, ids)
+                engine.backward(loss / t.grad_accum)
+            engine.step(1e-4)
+
+    # warm-up on a narrow copy of the model with the same block kinds: the code pages of
+    # torch's libraries that a step touches count into the resident size, not into the plan
+    m = cfg.model_config
+    small = ["model.embedding_dim=64", "model.vocab_size=256", "train.micro_batch_size=1",
+             "train.global_batch_size=1", "train.grad_accum=1", f"data.seq_len={min(cfg.data.seq_len, 64)}"]
+    if m.arch == "xlstm":
+        kinds = sorted(set(m.block_types))
+        small += [f"model.num_blocks={len(kinds)}", f"model.slstm_at={[kinds.index('s')] if 's' in kinds else []}"]
+    run(load_train_config(argv[0], base_overrides + small, world_size=1), 1)
+    base = rss()
+    run(cfg, 2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak": peak - base, "base": base}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
