@@ -96,6 +96,8 @@ class _Timeline(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
+        if func is torch.ops.prim.device.default:  # most calls: no tensor comes out
+            return out
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
@@ -289,10 +291,10 @@ def _simulate_cached(mcfg_yaml: str, batch: int, seq_len: int, precision: str, t
 
 def step_memory(mcfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, triton: bool,
                 checkpointing: bool, accumulate: bool) -> StepMemory:
-    """`simulate_step` at any micro batch and length from a few short simulations: the
-    bytes are linear in the micro batch, and in the length (every tensor is O(S) or O(B S),
-    the chunk padding aside), so two batches and, where the torch sLSTM's per-step
-    loop would make a long simulation slow, two lengths of one and two chunks suffice."""
+    """`simulate_step` at any micro batch from simulations at micro batches 1 and 2 (every
+    figure is linear in the micro batch); where the torch sLSTM's per-step loop would make
+    a long simulation slow, also from lengths of one and two chunks (every tensor is O(S)
+    or O(B S), the chunk padding aside)."""
     import dataclasses
 
     import yaml
@@ -301,18 +303,15 @@ def step_memory(mcfg: ModelConfig, micro_batch: int, seq_len: int, precision: st
     slow = not triton and "s" in getattr(mcfg, "block_types", []) and seq_len > 2 * mcfg.chunk_size
     lengths = (mcfg.chunk_size, 2 * mcfg.chunk_size) if slow else (seq_len, seq_len)
 
-    def at(batch: int, length: int) -> StepMemory:
-        return _simulate_cached(key, batch, length, precision, triton, checkpointing, accumulate)
-
     def line(a: float, b: float, x0: float, x1: float, x: float) -> float:
         return a if x1 == x0 else a + (b - a) * (x - x0) / (x1 - x0)
 
-    def fields(batch: int) -> list[float]:
-        lo, hi = at(batch, lengths[0]), at(batch, lengths[1])
+    def at(batch: int) -> list[float]:
+        lo, hi = (_simulate_cached(key, batch, t, precision, triton, checkpointing, accumulate) for t in lengths)
         return [line(getattr(lo, f), getattr(hi, f), lengths[0], lengths[1], seq_len)
                 for f in ("saved", "peak", "grads_at_peak")]
 
-    one, two = fields(1), fields(2)
+    one, two = at(1), at(2)
     return StepMemory(*(line(a, b, 1, 2, micro_batch) for a, b in zip(one, two)))
 
 
@@ -483,11 +482,10 @@ def suggest(cfg: TrainConfig, mcfg: ModelConfig, params: int, block_params: int,
         if d.precision != "bf16_pure":
             options.append((Layout("zero3", "deepspeed", 3), True))
     per_rank = t.global_batch_size // world if t.global_batch_size % world == 0 else 0
+    sizes = [mb for mb in range(min(t.micro_batch_size, per_rank), 0, -1) if per_rank % mb == 0]
     for layout, ac in options:
-        mb = t.micro_batch_size
-        while mb >= 1:
-            if per_rank and per_rank % mb == 0 and \
-                    peak_memory(cfg, mcfg, params, block_params, layout, world, mb, ac, triton).peak <= budget:
+        for mb in sizes:
+            if peak_memory(cfg, mcfg, params, block_params, layout, world, mb, ac, triton).peak <= budget:
                 parts = [f"train.micro_batch_size={mb}", "train.grad_accum=null"]
                 if ac != d.activation_checkpointing:
                     parts.append(f"distributed.activation_checkpointing={str(ac).lower()}")
@@ -496,7 +494,6 @@ def suggest(cfg: TrainConfig, mcfg: ModelConfig, params: int, block_params: int,
                     if layout.backend == "deepspeed":
                         parts.append(f"distributed.zero_stage={layout.zero_stage}")
                 return " ".join(parts)
-            mb -= 1
     return None
 
 
@@ -599,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", choices=[*GPUS, "cpu"], default="h100")
     ap.add_argument("--mfu", type=float, default=MFU, help=f"model FLOPs utilization (default {MFU})")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options and key=value overrides in any order
     world = args.nodes * args.gpus_per_node
     overrides = list(args.overrides)
     # a preset without data paths can still be planned
