@@ -156,6 +156,7 @@ class _LiveTracker(Tracker):
         self._down_since: float | None = None
         self._rounds = [0, 0, False]  # started, done, last ok
         self._warned: set[str] = set()
+        self._artifact_tries: dict[str, int] = {}
         self.run_id = run_id
         if run_id is None and resume_step is not None:
             self.run_id = self._recorded_run_id()
@@ -469,9 +470,15 @@ class _LiveTracker(Tracker):
         while self._artifacts:
             path, artifact_path = self._artifacts[0]
             p = Path(path)
-            if p.exists():
-                self._call(c.log_artifacts if p.is_dir() else c.log_artifact, self.run_id, path, artifact_path)
-            else:
-                log.warning("tracking: artifact %s no longer exists; dropped", p)
+            try:
+                if p.exists():
+                    self._call(c.log_artifacts if p.is_dir() else c.log_artifact, self.run_id, path, artifact_path)
+                else:
+                    log.warning("tracking: artifact %s no longer exists; dropped", p)
+            except _Unreachable as e:  # an upload that keeps failing while the store answers: dropped
+                self._artifact_tries[path] = self._artifact_tries.get(path, 0) + 1
+                if self._artifact_tries[path] < 8:
+                    raise
+                log.warning("tracking: artifact %s failed 8 times, dropped: %s", p, e)
             with self._lock:
                 self._artifacts.pop(0)
