@@ -17,7 +17,9 @@ dtype (bf16, fp32), initial state, resets, a gradient of the last state, recompu
 Per distinct compiled kernel it reports shared memory (Triton's dynamic allocation, the
 number that must fit the device), registers per thread, and spill stores/loads from the
 `ptxas -v` log of the compile (Triton's wheel ships ptxas). It fails (exit 1) on a compile
-error, shared memory over the device limit, or any spill. Run without TRITON_INTERPRET.
+error, shared memory over the device limit, or any spill in a 16-bit launch (float32
+launches, the exact path with FMA dots, are reported; --strict-fp32 fails them too).
+Run without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def _ptxas_fallback(ptx: str, arch: int) -> str:
     return proc.stderr + proc.stdout
 
 
-def _drive(arch: int, quick: bool, rows: dict, context: dict):
+def _drive(arch: int, quick: bool, rows: dict, context: dict, only: str | None = None):
     """Run the public ops on meta tensors; every launch compiles instead."""
     import torch
     from triton.runtime.jit import JITFunction
@@ -185,6 +187,8 @@ def _drive(arch: int, quick: bool, rows: dict, context: dict):
     try:
         meta = torch.device("meta")
         dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32)
+        if only:
+            dtypes = (getattr(torch, only),)
         shapes = MLSTM_SHAPES[:1] if quick else MLSTM_SHAPES
         S, NH = BENCH_S, BENCH_NH
         B = max(1, BENCH_TOKENS // S)
@@ -259,14 +263,26 @@ def table(rows: list[Row], arch: int, limit: int, version: str) -> str:
             out.append(f"| {r.kernel} | {r.dtype} | {r.flags} | {r.shape} | {r.warps} | "
                        f"{r.stages} | - | - | - | - | FAIL: {r.error[:120]} |")
             continue
+        mark = "ok" if ok else "FAIL"
+        if ok and (r.spill_st or r.spill_ld):
+            mark = "ok (fp32 spill)"
         out.append(f"| {r.kernel} | {r.dtype} | {r.flags} | {r.shape} | {r.warps} | {r.stages} "
                    f"| {r.regs} | {r.spill_st}/{r.spill_ld} | {r.shared} | {r.vec16} | "
-                   f"{'ok' if ok else 'FAIL'} |")
+                   f"{mark} |")
     return "\n".join(out) + "\n"
 
 
+STRICT_FP32 = False  # --strict-fp32
+
+
 def _ok(r: Row, limit: int) -> bool:
-    return not r.error and 0 <= r.shared <= limit and r.spill_st == 0 and r.spill_ld == 0
+    """No compile error, shared memory within the limit, no spill. float32 launches (IEEE
+    tl.dot: FMA with register operands, the exact path, not the training one) may spill a
+    few bytes: reported, and only failed with --strict-fp32."""
+    spills = r.spill_st != 0 or r.spill_ld != 0
+    if spills and r.dtype == "float32" and not STRICT_FP32:
+        spills = False
+    return not r.error and 0 <= r.shared <= limit and not spills
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="bf16, the widest mLSTM shape with init+reset, the widest sLSTM")
     p.add_argument("--out", default=None, help="write the markdown table here")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                   help="only this input dtype")
+    p.add_argument("--strict-fp32", action="store_true",
+                   help="fail on spills of float32 launches too")
     p.add_argument("--smem-limit", type=int, default=None,
                    help="shared memory limit in bytes (default: the device's opt-in limit)")
     args = p.parse_args(argv)
@@ -284,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     import triton
     from triton.runtime import driver
 
+    global STRICT_FP32
+    STRICT_FP32 = args.strict_fp32
     limit = args.smem_limit or SMEM_LIMIT.get(args.arch, 99 * 1024)
     rows: dict = {}
     driver.set_active(_FakeDriver(args.arch))
@@ -294,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["TRITON_CACHE_DIR"] = cache
             with contextlib.suppress(Exception):
                 triton.knobs.cache.dir = cache
-            _drive(args.arch, args.quick, rows, {"now": ""})
+            _drive(args.arch, args.quick, rows, {"now": ""}, args.dtype)
     finally:
         with contextlib.suppress(Exception):
             driver.reset_active()

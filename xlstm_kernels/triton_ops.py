@@ -196,17 +196,23 @@ def _seg_rev_chain(x: torch.Tensor, link: torch.Tensor) -> torch.Tensor:
     return (rc[:, :N1] - torch.gather(rc, 1, end + 1)).to(x.dtype)
 
 
-def chunk_blocks(L: int, DQK: int, DV: int) -> dict[str, int]:
+def chunk_blocks(L: int, DQK: int, DV: int, esize: int = 2) -> dict[str, int]:
     """Tile sizes of the chunkwise kernels: BT (positions of a chunk per tile), BD (DQK
     padded), BV (DV block), BK (DQK block of the state pass); *_B for the backward (BK_B:
-    the DQK block of the dk / dq programs, so no tile is DQK wide)."""
+    the DQK block of the dk / dq programs, so no tile is DQK wide); *_S the state passes.
+    esize: bytes per input element. float32 inputs (IEEE tl.dot: FMA, no tensor cores,
+    operands in registers) at head dims >= 128 get 32-wide tiles, which spill far less."""
     BT = min(BLOCK_T_MAX, _pow2(L))
     BD = _pow2(DQK)
     BV = min(BLOCK_V_MAX, _pow2(DV))
-    return {"BT": BT, "BD": BD, "BV": BV, "BK": min(BLOCK_K_MAX, BD),
-            "BT_B": min(BT, BLOCK_T_BWD_MAX), "BK_B": min(BD, BLOCK_K_BWD_MAX),
-            "BV_B": min(BV, BLOCK_V_BWD_MAX), "BV_S": min(BV, BLOCK_V_STATE_MAX),
-            "BT_S": min(BT, BLOCK_T_STATE_MAX)}
+    b = {"BT": BT, "BD": BD, "BV": BV, "BK": min(BLOCK_K_MAX, BD),
+         "BT_B": min(BT, BLOCK_T_BWD_MAX), "BK_B": min(BD, BLOCK_K_BWD_MAX),
+         "BV_B": min(BV, BLOCK_V_BWD_MAX), "BV_S": min(BV, BLOCK_V_STATE_MAX),
+         "BT_S": min(BT, BLOCK_T_STATE_MAX)}
+    if esize >= 4 and max(DQK, DV) >= 128:
+        b = {k: v if k == "BD" else min(v, 32) for k, v in b.items()}
+        b["BT_S"] = min(b["BT_S"], 16)
+    return b
 
 
 def _state_programs_target() -> int:
@@ -266,7 +272,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
         SP = ig.shape[-1]
         NC = SP // L
         dev = q.device
-        blk = chunk_blocks(L, DQK, DV)
+        blk = chunk_blocks(L, DQK, DV, q.element_size())
         BT, BD, BV = blk["BT"], blk["BD"], blk["BV"]
         NT = triton.cdiv(L, BT)
         NVB = triton.cdiv(DV, BV)
@@ -597,11 +603,13 @@ def mlstm_step_triton(q, k, v, i, f, state, *, eps):
 
 MAX_DH = 1024
 SLSTM_TILE = 8192  # elements of R per streamed (BI, DH) block of the sLSTM matvecs
+SLSTM_TILE_BWD = 4096  # the backward's (it holds more per step; 8192 spills at DH 192)
 
 
-def _slstm_block(BD: int) -> int:
-    """Rows (forward) or columns (backward) of R per streamed block: BI * DH <= SLSTM_TILE."""
-    return max(16, min(BD, SLSTM_TILE // BD))
+def _slstm_block(BD: int, bwd: bool = False) -> int:
+    """Rows (forward) or columns (backward) of R per streamed block: BI * DH <= the tile."""
+    tile = min(SLSTM_TILE, SLSTM_TILE_BWD) if bwd else SLSTM_TILE
+    return max(16, min(BD, tile // BD))
 
 
 def _slstm_warps(BD: int) -> int:
@@ -662,7 +670,7 @@ class _SLSTMFn(torch.autograd.Function):
         ts.slstm_bwd_kernel[(BH,)](
             Rc, *init_args, rst if has_reset else hs, cs, ns, ms, raw,
             dhs, *dlast, dx, *d0, S, NH, DH,
-            BD=BD, BI=_slstm_block(BD), HAS_INIT=has_init, HAS_RESET=has_reset,
+            BD=BD, BI=_slstm_block(BD, bwd=True), HAS_INIT=has_init, HAS_RESET=has_reset,
             num_warps=_slstm_warps(BD),
         )
         # dR[head, g] = sum over batch and time of h_prev^T dx_g (one matmul)
