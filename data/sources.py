@@ -273,6 +273,19 @@ def _retry_local(url: str, opener, retries: int, backoff: float, on_retry):
     raise SourceError(f"cannot open {url} after {retries + 1} attempts: {last}")
 
 
+def missing_local(spec: str) -> str | None:
+    """The first local path of source `spec` that does not exist (a glob that matches
+    nothing counts), else None. Remote sources (http(s), `pipe:`) are not checked here:
+    they may come back, so they are retried when opened."""
+    spec = spec.removesuffix("#val").removeprefix("file://")
+    if spec.startswith("pipe:") or _is_url(spec):
+        return None
+    for part in brace_expand(spec):
+        if not (glob.glob(part) if glob.has_magic(part) else os.path.exists(part)):
+            return part
+    return None
+
+
 def local_path(url: str) -> str | None:
     """The file path of a local shard URL (plain path or `file://`), else None."""
     if url.startswith("pipe:") or _is_url(url):

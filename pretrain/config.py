@@ -305,6 +305,26 @@ def check_train_config(cfg: TrainConfig, world_size: int) -> None:
         _notice(line)
 
 
+class InputError(ValueError):
+    """A config or input error raised on purpose: reported in one line, exit 2."""
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Every local data source and the tokenizer folder exist (one InputError line naming
+    the first missing path). Run before any process group starts, and by slurm.submit
+    before it queues a job; remote sources are left to the retries of opening them."""
+    from data.sources import missing_local
+
+    for key, specs in (("data.train", cfg.data.train), ("data.val", [cfg.data.val] if cfg.data.val else [])):
+        for spec in specs:
+            path = missing_local(spec)
+            if path is not None:
+                raise InputError(f"{key}: {path} does not exist")
+    tok = Path(cfg.data.tokenizer)
+    if not tok.exists():
+        raise InputError(f"data.tokenizer: {tok} does not exist (expected a tokenizer folder)")
+
+
 def _notice(line: str) -> None:
     """One warning line on stderr, from rank 0 only (every rank loads the config)."""
     if os.environ.get("RANK", "0") == "0":

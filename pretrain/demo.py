@@ -4,8 +4,11 @@
 2. a SentencePiece tokenizer and tokenized WebDataset shards (train + validation);
 3. `torchrun --nproc_per_node=2` training the tiny preset with FSDP on CPU (gloo),
    tracked in a local MLflow store, checkpointed;
-4. interrupted mid-run by SIGTERM to every process (as a preemption does), which
-   checkpoints and exits resumable; resumed with `--resume auto` to the end;
+4. interrupted mid-run by SIGTERM to every rank (as a scheduler's preemption does), which
+   checkpoints and exits resumable; resumed with `--resume auto` to the end. That run's
+   ranks go through `slurm.rank`, the wrapper the Slurm path uses: torchrun takes a rank's
+   "resumable" exit (75) for a crash and prints a traceback; the wrapper records the code
+   in a status file and ends cleanly;
 5. the validation perplexity and a short generated sample from the final checkpoint.
 
     python -m pretrain.demo [--run-dir runs/demo] [--steps 60] [--keep]
@@ -23,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 import data
@@ -84,16 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     cmd = train_command(run_dir, tok_dir, shard_dir, args.steps)
     print(f"[demo] $ {' '.join(cmd[2:])}", flush=True)
 
-    first = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
+    status_dir = run_dir / "status"
+    wrapped = [*cmd[:cmd.index("pretrain.train")], "slurm.rank", *cmd[cmd.index("pretrain.train") + 1:]]
+    first = subprocess.Popen(wrapped, env={**env, "XLSTM_STATUS_DIR": str(status_dir)}, cwd=ROOT)
     wait_for_step(run_dir / "metrics.jsonl", args.interrupt_at, first)
-    print("[demo] sending SIGTERM to every training process (a preemption)", flush=True)
-    os.killpg(first.pid, signal.SIGTERM)
+    print("[demo] sending SIGTERM to every rank (a preemption, as a scheduler sends it)", flush=True)
+    for rank in psutil.Process(first.pid).children():  # torchrun's workers, not torchrun itself
+        rank.send_signal(signal.SIGTERM)
     first.wait(timeout=120)
     latest = CheckpointManager(run_dir / "checkpoints").latest()
-    if latest is None:
-        raise RuntimeError("the interrupted run left no complete checkpoint")
-    print(f"[demo] interrupted run exited {first.returncode} (ranks exit {EXIT_RESUMABLE}: resumable); "
-          f"latest checkpoint: step {latest.step}", flush=True)
+    code = (status_dir / "rank-0.exit").read_text().strip() if (status_dir / "rank-0.exit").is_file() else "none"
+    if latest is None or code != str(EXIT_RESUMABLE):
+        raise RuntimeError(f"the interrupted run did not stop resumably (rank 0 exit {code}, torchrun exit "
+                           f"{first.returncode}, latest checkpoint {latest and latest.path})")
+    print(f"[demo] interrupted: rank 0 exited {code} (resumable); latest checkpoint: step {latest.step}",
+          flush=True)
 
     print("[demo] resuming with --resume auto", flush=True)
     second = subprocess.run(cmd, env=env, cwd=ROOT)

@@ -156,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     config = config.resolve()
-    from pretrain.config import load_train_config
+    from pretrain.config import check_inputs, load_train_config
 
     try:
         cfg = load_train_config(config, args.overrides, world_size=world)
+        check_inputs(cfg)  # a wrong data or tokenizer path fails here, not after the queue
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -18,10 +18,12 @@ from .layout import (
     CheckpointError,
     CheckpointInfo,
     CheckpointManager,
+    DiskFullError,
     find_checkpoint,
     load_rng,
     read_trainer_state,
     save_rng,
+    verify_files,
     write_json_atomic,
 )
 from .weights import (
@@ -34,7 +36,7 @@ from .weights import (
 )
 
 __all__ = [
-    "MARKER", "STATE_FILE", "CheckpointError", "CheckpointInfo", "CheckpointManager", "DCPWeights",
+    "MARKER", "STATE_FILE", "CheckpointError", "CheckpointInfo", "CheckpointManager", "DCPWeights", "DiskFullError",
     "Source", "find_checkpoint", "load_model", "load_rng", "load_tokenizer", "open_source",
-    "read_trainer_state", "read_weights", "save_rng", "write_json_atomic", "write_weights_only",
+    "read_trainer_state", "read_weights", "save_rng", "verify_files", "write_json_atomic", "write_weights_only",
 ]

@@ -5,16 +5,20 @@ Layout and protocol: docs/design.md, "Checkpoint layout". Every rank calls
 parts, a barrier, rank 0 writes trainer_state.json and the COMPLETE marker
 (`finish_folder`), renames the folder, replaces `latest` and prunes to the last
 K. A folder without its marker (a kill mid-write) is never loaded and is
-removed by the next save.
+removed by the next save. `files.json` lists every part's size, so a truncated
+part is named before anything is loaded (`verify_files`); a full disk while
+writing removes the `.tmp` folder and raises `DiskFullError`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +29,56 @@ import torch
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+FILES = "files.json"  # {relative path: size in bytes} of the parts, written before the marker
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the folder or file."""
+
+
+class DiskFullError(CheckpointError):
+    """The disk filled while a checkpoint was written: the partial folder is removed,
+    the previous checkpoints are intact; free space and resume."""
+
+
+def _is_disk_full(err: BaseException, folder: Path) -> bool:
+    """ENOSPC anywhere in the exception chain, or (torch's zip writer reports a short
+    write without errno: "unexpected pos") less than 1 MiB left where it wrote."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder if folder.exists() else folder.parent).free < 1 << 20
+    except OSError:
+        return False
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def verify_files(folder: Path) -> None:
+    """Every part listed in files.json is there with its size, else CheckpointError naming
+    the file as corrupt (a folder from before files.json is not checked)."""
+    listing = folder / FILES
+    if not listing.is_file():
+        return
+    try:
+        sizes = json.loads(listing.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{listing} is corrupt ({err})") from err
+    for rel, size in sorted(sizes.items()):
+        file = folder / rel
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing (listed in {FILES})")
+        got = file.stat().st_size
+        if got != size:
+            raise CheckpointError(f"{file} is corrupt: {got} bytes, {size} written")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -62,6 +111,8 @@ class CheckpointInfo:
 def finish_folder(folder: Path, step: int, state: dict[str, Any]) -> None:
     """trainer_state.json, then the COMPLETE marker, both fsynced: the last writes
     into a folder before its rename (also for imported weights-only folders)."""
+    sizes = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+    write_json_atomic(folder / FILES, sizes)
     write_json_atomic(folder / STATE_FILE, state)
     with open(folder / MARKER, "w") as fh:
         fh.write(f"{step}\n")
@@ -72,17 +123,20 @@ def finish_folder(folder: Path, step: int, state: dict[str, Any]) -> None:
 class CheckpointManager:
     """Folders `step-<N>/` under `root`, the `latest` pointer, retention of `keep`.
 
-    `barrier` synchronizes all ranks (a no-op for one process).
+    `barrier` synchronizes all ranks (a no-op for one process); `any_rank(flag)` is
+    True on every rank when it is True on one (a collective; a barrier by itself).
     """
 
     def __init__(self, root: str | Path, keep: int = 2, rank: int = 0,
-                 barrier: Callable[[], None] = lambda: None) -> None:
+                 barrier: Callable[[], None] = lambda: None,
+                 any_rank: Callable[[bool], bool] = lambda flag: flag) -> None:
         if keep < 2:
             raise ValueError(f"keep: got {keep}, allowed values: >= 2")
         self.root = Path(root)
         self.keep = keep
         self.rank = rank
         self.barrier = barrier
+        self.any_rank = any_rank
 
     # ---------------------------------------------------------------- listing
     def complete(self) -> list[CheckpointInfo]:
@@ -100,12 +154,15 @@ class CheckpointManager:
         """The newest complete checkpoint: the `latest` pointer when it names a
         complete folder, else the highest complete step folder."""
         pointer = self.root / "latest"
+        done = self.complete()
         if pointer.is_file():
-            name = pointer.read_text().strip()
+            name = pointer.read_bytes().decode(errors="replace").strip()
             m = _STEP_RE.match(name)
             if m and (self.root / name / MARKER).is_file():
                 return CheckpointInfo(int(m.group(1)), self.root / name)
-        done = self.complete()
+            if self.rank == 0:  # a torn or edited pointer: the markers are the truth
+                print(f"[checkpoint] warning: {pointer} names {name[:60]!r}, not a complete checkpoint; "
+                      f"using {done[-1].path if done else 'none (fresh start)'}", file=sys.stderr, flush=True)
         return done[-1] if done else None
 
     # ---------------------------------------------------------------- saving
@@ -121,21 +178,54 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         self.barrier()
-        write_parts(tmp)
-        self.barrier()
+        err: BaseException | None = None
+        try:
+            write_parts(tmp)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            err = e
+        self._agree_or_raise(step, tmp, err)
         if self.rank == 0:
-            finish_folder(tmp, step, state)
-            if final.exists():  # a re-save of the same step (e.g. stop right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            pointer_tmp = self.root / "latest.tmp"
-            pointer_tmp.write_text(final.name + "\n")
-            os.replace(pointer_tmp, self.root / "latest")
-            _fsync_dir(self.root)
-            self._prune()
-        self.barrier()
+            try:
+                finish_folder(tmp, step, state)
+                if final.exists():  # a re-save of the same step (e.g. stop right after a periodic save)
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.root)
+                pointer_tmp = self.root / "latest.tmp"
+                pointer_tmp.write_text(final.name + "\n")
+                os.replace(pointer_tmp, self.root / "latest")
+                _fsync_dir(self.root)
+                self._prune()
+            except Exception as e:  # noqa: BLE001
+                err = e
+        self._agree_or_raise(step, tmp, err)
         return final
+
+    def _agree_or_raise(self, step: int, tmp: Path, err: BaseException | None) -> None:
+        """Collective: if any rank failed, all raise; a full disk on any rank is a
+        DiskFullError, and the partial `tmp` folder is removed first."""
+        if not self.any_rank(err is not None):
+            return
+        full = self.any_rank(err is not None and _is_disk_full(err, tmp))
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (self.root / "latest.tmp").unlink(missing_ok=True)
+        self.barrier()
+        if full:
+            done = self.complete()
+            need = f"about {folder_bytes(done[-1].path):,} bytes needed (the size of the last checkpoint), " \
+                if done else ""
+            free = shutil.disk_usage(self.root).free
+            raise DiskFullError(
+                f"no space left on device (ENOSPC) writing checkpoint step {step} to {self.root}: {need}"
+                f"{free:,} free; the partial {tmp.name} was removed"
+                + (f", {done[-1].path} is intact" if done else "")
+                + "; free space, then resume with --resume auto") from err
+        if err is not None:
+            raise err
+        raise CheckpointError(f"checkpoint step {step}: another rank failed writing its part to {tmp}")
 
     def _prune(self) -> None:
         done = self.complete()
