@@ -299,3 +299,28 @@ def test_backend_env_override(monkeypatch):
         xlstm_kernels.resolve_backend("auto", q)
     monkeypatch.delenv("XLSTM_KERNEL_BACKEND")
     assert xlstm_kernels.resolve_backend("auto", q) == "torch"
+
+
+@pytest.mark.parametrize("kind", ["xlstm", "large"])
+def test_model_config_recompute_states_reaches_the_op(kind, monkeypatch):
+    """model config key recompute_states is passed to every mlstm_chunkwise call."""
+    from model import build_model
+    from model.config import LargeConfig, MLSTMBlockConfig, SLSTMBlockConfig, XLSTMConfig
+
+    seen = []
+    real = xlstm_kernels.mlstm_chunkwise
+
+    def spy(*a, **kw):
+        seen.append(kw.get("recompute_states"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(xlstm_kernels, "mlstm_chunkwise", spy)
+    if kind == "xlstm":
+        cfg = XLSTMConfig(vocab_size=64, embedding_dim=32, num_blocks=2, slstm_at=[],
+                          mlstm=MLSTMBlockConfig(num_heads=2), slstm=SLSTMBlockConfig(num_heads=2),
+                          backend="torch", chunk_size=8, recompute_states=True)
+    else:
+        cfg = LargeConfig(vocab_size=64, embedding_dim=32, num_blocks=2, num_heads=2,
+                          backend="torch", chunk_size=8, recompute_states=True)
+    build_model(cfg)(torch.randint(0, 64, (1, 12)))
+    assert seen == [True, True]
