@@ -291,10 +291,10 @@ def _simulate_cached(mcfg_yaml: str, batch: int, seq_len: int, precision: str, t
 
 def step_memory(mcfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, triton: bool,
                 checkpointing: bool, accumulate: bool) -> StepMemory:
-    """`simulate_step` at any micro batch from simulations at micro batches 1 and 2 (every
-    figure is linear in the micro batch); where the torch sLSTM's per-step loop would make
-    a long simulation slow, also from lengths of one and two chunks (every tensor is O(S)
-    or O(B S), the chunk padding aside)."""
+    """`simulate_step` at this micro batch (not extrapolated: with activation checkpointing
+    the peak is the larger of two terms that grow at different rates). Where the torch
+    sLSTM's per-step loop would make a long simulation slow, from lengths of one and two
+    chunks instead (every tensor is O(S) or O(B S), the chunk padding aside)."""
     import dataclasses
 
     import yaml
@@ -302,17 +302,14 @@ def step_memory(mcfg: ModelConfig, micro_batch: int, seq_len: int, precision: st
     key = yaml.safe_dump(dataclasses.asdict(mcfg), sort_keys=True)
     slow = not triton and "s" in getattr(mcfg, "block_types", []) and seq_len > 2 * mcfg.chunk_size
     lengths = (mcfg.chunk_size, 2 * mcfg.chunk_size) if slow else (seq_len, seq_len)
+    lo, hi = (_simulate_cached(key, micro_batch, t, precision, triton, checkpointing, accumulate)
+              for t in lengths)
 
-    def line(a: float, b: float, x0: float, x1: float, x: float) -> float:
-        return a if x1 == x0 else a + (b - a) * (x - x0) / (x1 - x0)
+    def line(f: str) -> float:
+        a, b = getattr(lo, f), getattr(hi, f)
+        return a if lengths[0] == lengths[1] else a + (b - a) * (seq_len - lengths[0]) / (lengths[1] - lengths[0])
 
-    def at(batch: int) -> list[float]:
-        lo, hi = (_simulate_cached(key, batch, t, precision, triton, checkpointing, accumulate) for t in lengths)
-        return [line(getattr(lo, f), getattr(hi, f), lengths[0], lengths[1], seq_len)
-                for f in ("saved", "peak", "grads_at_peak")]
-
-    one, two = at(1), at(2)
-    return StepMemory(*(line(a, b, 1, 2, micro_batch) for a, b in zip(one, two)))
+    return StepMemory(line("saved"), line("peak"), line("grads_at_peak"))
 
 
 # ------------------------------------------------------------------ states per rank
@@ -446,12 +443,8 @@ def make_plan(cfg: TrainConfig, world: int, device: GPU, mfu: float = MFU) -> Pl
     budget = device.memory * (HEADROOM if triton else 1.0)
     memory = {ac: peak_memory(cfg, mcfg, params, block_params, layout, world, t.micro_batch_size, ac, triton)
               for ac in (False, True)}
-    biggest = {}
-    for ac in (False, True):
-        one = peak_memory(cfg, mcfg, params, block_params, layout, world, 1, ac, triton).peak
-        two = peak_memory(cfg, mcfg, params, block_params, layout, world, 2, ac, triton).peak
-        slope = max(two - one, 1.0)  # the peak is linear in the micro batch
-        biggest[ac] = 0 if one > budget else 1 + int((budget - one) // slope)
+    biggest = {ac: _largest(cfg, mcfg, params, block_params, layout, world, ac, triton, budget)
+               for ac in (False, True)}
     fpt = flops_per_token(mcfg, cfg.data.seq_len)
     tokens_step = t.global_batch_size * cfg.data.seq_len
     recompute = 4 / 3 if d.activation_checkpointing else 1.0  # the forward runs twice
@@ -470,6 +463,28 @@ def make_plan(cfg: TrainConfig, world: int, device: GPU, mfu: float = MFU) -> Pl
     return plan
 
 
+def _largest(cfg: TrainConfig, mcfg: ModelConfig, params: int, block_params: int, layout: Layout, world: int,
+             checkpointing: bool, triton: bool, budget: float, sizes: list[int] | None = None) -> int:
+    """The largest micro batch (of `sizes`, else any) whose simulated peak fits `budget`:
+    a first guess from the line through the config's micro batch and its double (the
+    peak is convex in the micro batch), then exact simulations downwards."""
+    mb = cfg.train.micro_batch_size
+
+    def peak(b: int) -> float:
+        return peak_memory(cfg, mcfg, params, block_params, layout, world, b, checkpointing, triton).peak
+
+    p1, p2 = peak(mb), peak(2 * mb)
+    slope = max((p2 - p1) / mb, 1.0)
+    guess = int((budget - (p1 - slope * mb)) // slope)
+    candidates = [b for b in (sizes or range(max(guess, 0), 0, -1)) if b <= max(guess, 1)]
+    for tries, b in enumerate(sorted(candidates, reverse=True)):
+        if peak(b) <= budget:
+            return b
+        if tries >= 6:  # far below the guess: nothing near it fits
+            break
+    return 0
+
+
 def suggest(cfg: TrainConfig, mcfg: ModelConfig, params: int, block_params: int, world: int,
             budget: float, triton: bool) -> str | None:
     """The first setting that fits, trying in order: a smaller micro batch, activation
@@ -484,16 +499,16 @@ def suggest(cfg: TrainConfig, mcfg: ModelConfig, params: int, block_params: int,
     per_rank = t.global_batch_size // world if t.global_batch_size % world == 0 else 0
     sizes = [mb for mb in range(min(t.micro_batch_size, per_rank), 0, -1) if per_rank % mb == 0]
     for layout, ac in options:
-        for mb in sizes:
-            if peak_memory(cfg, mcfg, params, block_params, layout, world, mb, ac, triton).peak <= budget:
-                parts = [f"train.micro_batch_size={mb}", "train.grad_accum=null"]
-                if ac != d.activation_checkpointing:
-                    parts.append(f"distributed.activation_checkpointing={str(ac).lower()}")
-                if layout != config_layout(cfg):
-                    parts.append(f"distributed.backend={layout.backend}")
-                    if layout.backend == "deepspeed":
-                        parts.append(f"distributed.zero_stage={layout.zero_stage}")
-                return " ".join(parts)
+        mb = _largest(cfg, mcfg, params, block_params, layout, world, ac, triton, budget, sizes) if sizes else 0
+        if mb:
+            parts = [f"train.micro_batch_size={mb}", "train.grad_accum=null"]
+            if ac != d.activation_checkpointing:
+                parts.append(f"distributed.activation_checkpointing={str(ac).lower()}")
+            if layout != config_layout(cfg):
+                parts.append(f"distributed.backend={layout.backend}")
+                if layout.backend == "deepspeed":
+                    parts.append(f"distributed.zero_stage={layout.zero_stage}")
+            return " ".join(parts)
     return None
 
 

@@ -7,8 +7,8 @@ grad_accum micro batches of forward, lm_loss, backward, then the optimizer step,
 two steps (the optimizer state exists from the first). The peak is the process's
 peak resident set size minus the resident size after the imports (the interpreter,
 torch's libraries), so it counts what the plan predicts: tensors. Run it with
-MALLOC_MMAP_THRESHOLD_ fixed (the test does) so that freed tensors go back to the
-system instead of staying in the heap.
+MALLOC_MMAP_THRESHOLD_ fixed low (the test uses 16 KiB) so that freed tensors go back to
+the system instead of leaving holes in the heap.
 """
 
 from __future__ import annotations
