@@ -433,32 +433,36 @@ def _counts(mcfg: ModelConfig) -> tuple[int, int]:
         return total, _block_params(model)
 
 
-def make_plan(cfg: TrainConfig, world: int, device: GPU, mfu: float = MFU) -> Plan:
-    """The plan of `cfg` on `world` ranks of `device`."""
+def make_plan(cfg: TrainConfig, world: int, device: GPU, mfu: float = MFU, full: bool = True,
+              memory: bool = True) -> Plan:
+    """The plan of `cfg` on `world` ranks of `device`. full=False: the memory of the
+    config's own setting only (no other checkpointing setting, largest micro batch or
+    suggestion); memory=False: no memory at all (no simulation: instant)."""
     mcfg = cfg.model_config
     triton = device.name != "cpu"
     params, block_params = _counts(mcfg)
     layout = config_layout(cfg)
     t, d = cfg.train, cfg.distributed
     budget = device.memory * (HEADROOM if triton else 1.0)
-    memory = {ac: peak_memory(cfg, mcfg, params, block_params, layout, world, t.micro_batch_size, ac, triton)
-              for ac in (False, True)}
+    settings = (False, True) if full else (d.activation_checkpointing,)
+    mem = {ac: peak_memory(cfg, mcfg, params, block_params, layout, world, t.micro_batch_size, ac, triton)
+           for ac in (settings if memory else ())}
     biggest = {ac: _largest(cfg, mcfg, params, block_params, layout, world, ac, triton, budget)
-               for ac in (False, True)}
+               for ac in (settings if memory and full else ())}
     fpt = flops_per_token(mcfg, cfg.data.seq_len)
     tokens_step = t.global_batch_size * cfg.data.seq_len
     recompute = 4 / 3 if d.activation_checkpointing else 1.0  # the forward runs twice
     peak_flops = cfg.hardware.peak_flops or device.peak_flops
     step_s = 3 * fpt * tokens_step * recompute / (world * peak_flops * mfu)
-    fits = memory[d.activation_checkpointing].peak <= budget
+    fits = mem[d.activation_checkpointing].peak <= budget if memory else True
     per_layout = {}
     for lay in LAYOUTS:
         if (lay.backend == "none" and world > 1) or (lay.backend == "deepspeed" and d.precision == "bf16_pure"):
             continue
         per_layout[lay.name] = states_per_rank(params, block_params, lay, d.precision, world)["weights"]
-    plan = Plan(cfg, world, device, mfu, params, block_params, layout, memory, biggest, fpt, step_s,
+    plan = Plan(cfg, world, device, mfu, params, block_params, layout, mem, biggest, fpt, step_s,
                 tokens_step / step_s, t.steps * tokens_step, t.steps * step_s, fits, per_layout=per_layout)
-    if not fits:
+    if not fits and full:
         plan.suggestion = suggest(cfg, mcfg, params, block_params, world, budget, triton)
     return plan
 
@@ -537,17 +541,21 @@ def _duration(s: float) -> str:
 def summary_line(plan: Plan) -> str:
     cfg = plan.cfg
     ac = cfg.distributed.activation_checkpointing
-    mem = plan.memory[ac]
+    mem = plan.memory.get(ac)
+    fit = "fits" if plan.fits else "DOES NOT FIT"
+    peak = f"peak {_b(mem.peak)} of {_b(plan.device.memory)} ({fit}), " if mem else ""
     return (f"plan: {_count(plan.params)} params, {plan.world} x {plan.device.name}, {plan.layout.name} "
             f"{cfg.distributed.precision}, micro batch {cfg.train.micro_batch_size} x {cfg.train.grad_accum} "
-            f"x {plan.world} = {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens, peak "
-            f"{_b(mem.peak)} of {_b(plan.device.memory)} ({'fits' if plan.fits else 'DOES NOT FIT'}), "
+            f"x {plan.world} = {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens, {peak}"
             f"{plan.tokens_per_s:,.0f} tok/s at MFU {plan.mfu:.0%}, {_count(plan.tokens_total)} tokens in "
             f"{_duration(plan.wall_s)} ({plan.wall_s * plan.world / 3600:,.0f} GPU-h)")
 
 
-def plan_summary_line(cfg: TrainConfig, world_size: int, gpu: str | None = None, mfu: float = MFU) -> str:
-    """One line for the start of a run: fits or not, tokens/s, time to the budget.
+def plan_summary_line(cfg: TrainConfig, world_size: int, gpu: str | None = None, mfu: float = MFU,
+                      memory: bool = True) -> str:
+    """One line for the start of a run: peak memory per GPU and whether it fits, tokens/s,
+    time and GPU-hours to the budget. Simulates the config's own setting only (seconds;
+    memory=False skips it: instant, no peak in the line).
     gpu: a key of GPUS or 'cpu'; None: 'cpu' without CUDA, else the first GPU's name
     if it is one of GPUS, else h100."""
     if gpu is None:
@@ -556,7 +564,7 @@ def plan_summary_line(cfg: TrainConfig, world_size: int, gpu: str | None = None,
             name = torch.cuda.get_device_name(0).lower()
             gpu = next((k for k in GPUS if k in name), "h100")
     device = cpu_device() if gpu == "cpu" else GPUS[gpu]
-    return summary_line(make_plan(cfg, world_size, device, mfu))
+    return summary_line(make_plan(cfg, world_size, device, mfu, full=False, memory=memory))
 
 
 def report(plan: Plan) -> str:

@@ -75,6 +75,13 @@ def test_summary_line_is_one_line():
     assert "\n" not in line and "(fits)" in line and "tok/s" in line
 
 
+def test_summary_line_without_memory_is_instant():
+    cfg = load_train_config(ROOT / "configs" / "large-7b.yaml", DATA, world_size=256)
+    line = plan_summary_line(cfg, 256, gpu="h100", memory=False)
+    # 2.10T tokens at 4,194,304 per step; 3 x 13.48G FLOPs per token x 4/3 (checkpointing)
+    assert "\n" not in line and "peak" not in line and "2.10T tokens" in line and "micro batch" in line
+
+
 def measure(preset: str, overrides: list[str]) -> int:
     # glibc maps allocations of 16 KiB and up on their own and unmaps them when freed: the
     # torch sLSTM loop makes thousands of small tensors per step, whose holes in the heap
