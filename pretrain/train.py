@@ -8,12 +8,15 @@ checkpoint, stop on a signal. The parts it drives are built by
 `pretrain.trainer.Trainer` (engine, data, schedule, tracker, checkpoints, stop
 signal). Exit codes: 0 done, EXIT_RESUMABLE (75) stopped by a signal after a
 checkpoint (resume with `--resume auto`; docs/design.md, "Preemption protocol"),
-1 error, 2 config error.
+EXIT_DISK_FULL (74) the disk filled while checkpointing (the previous checkpoint is
+intact: free space, then `--resume auto`), 1 error, 2 config or input error (a
+missing path, an unusable checkpoint: one line from rank 0, no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -21,13 +24,14 @@ import warnings
 
 import torch
 
-from .checkpoint import CheckpointError
-from .config import load_train_config
+from .checkpoint import CheckpointError, DiskFullError
+from .config import InputError, check_inputs, load_train_config
 from .distributed import all_reduce_sum, any_rank, init_distributed
 from .engine import lm_loss
 from .trainer import Hooks, NonFiniteError, Trainer
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped cleanly, a checkpoint holds the state
+EXIT_DISK_FULL = 74  # EX_IOERR: no space for a checkpoint; resumable once space is freed
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,8 +97,10 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     try:
         cfg = load_train_config(args.config, args.overrides)
+        check_inputs(cfg)  # missing local paths fail here, not after retries in every rank
     except ValueError as err:  # one line, before any process group exists
-        print(f"config error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"config error: {err}", file=sys.stderr)
         return 2
     info = init_distributed(cfg.distributed.timeout_s)
     try:
@@ -106,7 +112,11 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
             return code
         finally:
             trainer.tracker.close(status=status)
-    except (NonFiniteError, CheckpointError, ValueError) as err:
+    except (InputError, CheckpointError) as err:  # raised on purpose: the message says it all
+        if info.is_main:
+            print(f"[train] error: {err}", file=sys.stderr, flush=True)
+        return EXIT_DISK_FULL if isinstance(err, DiskFullError) else 2
+    except (NonFiniteError, ValueError) as err:
         if isinstance(err, ValueError):  # may come from deep inside a library: keep the trace
             traceback.print_exc()
         print(f"[train] rank {info.rank} error: {err}", file=sys.stderr, flush=True)

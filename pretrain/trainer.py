@@ -36,7 +36,7 @@ import data
 from model import build_model, count_parameters, flops_per_token, load_model_config
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, save_resolved
+from .config import InputError, TrainConfig, save_resolved
 from .distributed import DistInfo, all_reduce_sum, any_rank, barrier
 from .engine import build_engine, lm_loss
 from .metrics import Meter, measure_matmul_flops, peak_memory_mb
@@ -46,6 +46,10 @@ from .tracking import Tracker
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class ModelMismatchError(ckpt.CheckpointError):
+    """A sound checkpoint of another model config (not corrupt: no fallback suggested)."""
 
 
 class Hooks:
@@ -174,10 +178,11 @@ class Trainer:
         self.mcfg = load_model_config(cfg.model)
         self.tok = data.Tokenizer.load(cfg.data.tokenizer)
         if self.tok.vocab_size > self.mcfg.vocab_size:
-            raise ValueError(
+            raise InputError(
                 f"model.vocab_size: {self.mcfg.vocab_size} is smaller than the tokenizer's "
                 f"{self.tok.vocab_size} ({cfg.data.tokenizer}); allowed values: >= {self.tok.padded_vocab_size}")
-        self.checkpoints = ckpt.CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, info.rank, barrier)
+        self.checkpoints = ckpt.CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, info.rank, barrier,
+                                                  any_rank)
         found = self.checkpoints.resolve(args.resume)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +230,10 @@ class Trainer:
             candidates = [c for c in reversed(self.checkpoints.complete()) if c.step <= found.step]
         for cand in candidates:
             try:
+                ckpt.verify_files(cand.path)  # a truncated part is named before torch reads it
                 state = ckpt.read_trainer_state(cand.path)
+                if not args.fresh_optimizer:  # continued pretraining may change the model around it
+                    self._check_same_model(state)
                 if state.get("data") is None and not args.fresh_optimizer:
                     raise ckpt.CheckpointError(
                         f"{cand.path} holds weights only (an imported model, no optimizer or data "
@@ -239,10 +247,23 @@ class Trainer:
                 self.resumed_from = cand
                 break
             except Exception as err:  # noqa: BLE001 - reported with the folder, maybe fallen back from
-                msg = f"checkpoint {cand.path} cannot be loaded: {err}"
+                why = " ".join(str(err).split())  # one line, whatever the library wrote
+                if not isinstance(err, ckpt.CheckpointError):
+                    why = f"corrupt or unreadable ({type(err).__name__}: {why[:300]})"
+                msg = f"checkpoint {cand.path} cannot be loaded: {why}"
                 if cand is candidates[-1] or not args.fallback_on_corrupt:
+                    if (args.resume == "auto" and not args.fallback_on_corrupt
+                            and not isinstance(err, ModelMismatchError) and len(self.checkpoints.complete()) > 1):
+                        msg += "; to resume from the previous complete checkpoint, add --fallback-on-corrupt"
                     raise ckpt.CheckpointError(msg) from err
-                print(f"[train] warning: {msg}; trying the previous checkpoint", file=sys.stderr)
+                if self.info.is_main:
+                    print(f"[train] warning: {msg}; trying the previous checkpoint", file=sys.stderr)
+        if cand is not candidates[0]:  # set the unloadable ones aside: never picked, pruned or loaded again
+            barrier()
+            if self.info.is_main:
+                for bad in candidates[:candidates.index(cand)]:
+                    os.replace(bad.path, bad.path.with_name(bad.path.name + ".corrupt"))
+                    print(f"[train] moved {bad.path} aside to {bad.path.name}.corrupt", file=sys.stderr)
         if not args.fresh_optimizer:
             self.progress.load_state_dict(state)
             self.schedule.load_state_dict(state.get("schedule", {}))
@@ -251,6 +272,23 @@ class Trainer:
             by = f"saved by {saved_world} process(es)" if saved_world else "weights only"
             print(f"[train] loaded {cand.path} ({by}): parameter sum of squares {checksum:.12e}", flush=True)
         return None if args.fresh_optimizer else state.get("run_id")
+
+    RUNTIME_MODEL_KEYS = frozenset({"backend", "chunk_size", "recompute_states"})  # same weights either way
+
+    def _check_same_model(self, state: dict[str, Any]) -> None:
+        """The checkpoint's model section is this run's, up to kernel settings (else a
+        one-line error naming the first differing key, before any tensor is read)."""
+        saved = (state.get("config") or {}).get("model")
+        if saved is None:
+            return
+        mine = self.cfg.to_dict()["model"]
+        diff = sorted(k for k in (set(saved) | set(mine)) - self.RUNTIME_MODEL_KEYS
+                      if saved.get(k) != mine.get(k))
+        if diff:
+            k = diff[0]
+            raise ModelMismatchError(
+                f"written by another model config (model.{k}: {saved.get(k)!r} there, {mine.get(k)!r} here"
+                f"{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); use another run_dir or --resume none")
 
     def save(self) -> None:
         """Collective: checkpoint the current step (refused if any weight is non-finite)."""
