@@ -191,6 +191,26 @@ def test_sbatch_preempted_job_requeues_itself_and_resumes(straight, cluster, ser
     mlflow_check(server, run_dir.name, straight[1])
 
 
+def test_time_limit_signals_checkpoints_requeues_and_completes(straight, cluster, server, corpus, tmp_path):
+    """Slurm's own time-limit path: nothing is sent by the test. `--time=3` with
+    `--signal=B:USR2@150` makes slurmctld signal the batch shell once 30 s have passed, at its
+    next periodic check (up to a minute later). The step-5 checkpoint write is held for 100 s
+    (XLSTM_TEST_SAVE_DELAY), so the signal always lands in a live run whatever the check's
+    phase, and every run stops (about 125 s in) well before its 180 s limit. A signal before
+    step 5 stops that run earlier; the next run then meets the held write again: either way
+    the job requeues at least once and completes with the reference losses."""
+    run_dir = tmp_path / "timelimit"
+    job = sbatch(cluster, server, tmp_path, run_dir, corpus, "--time=3", "--signal=B:USR2@150",
+                 env_extra={"XLSTM_TEST_SAVE_DELAY": "5:100"})
+    info = wait_job(cluster, job, timeout=900)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, f"{info}\n{log}\n{cluster.logs()}"
+    assert "TIMEOUT" not in info["JobState"] and "got SIGUSR2" in log and "requeue 1 of 10" in log, log
+    assert "training finished" in log and "start at step" in log and "(resumed" in log, log
+    assert losses(run_dir) == straight[1]  # bitwise, every step
+    mlflow_check(server, run_dir.name, straight[1])
+
+
 def test_budget_exceeded_then_hard_kill_then_resubmit(straight, cluster, server, corpus, tmp_path):
     run_dir = tmp_path / "budget"
     # 1. no requeue left: stops with a checkpoint and says so, not requeued. The signal comes
