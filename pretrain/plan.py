@@ -88,16 +88,20 @@ class _Timeline(TorchDispatchMode):
     """Records every new tensor storage an op creates (+bytes) and its release (-bytes),
     in order: the live bytes of a step at every point. Runs on fake tensors."""
 
-    def __init__(self) -> None:
+    def __init__(self, params: set[int] | None = None) -> None:
         super().__init__()
         self.events: list[tuple[int, int]] = []  # (serial, +bytes or -bytes)
         self.alive: dict[int, int] = {}  # id(storage) -> serial, while it lives
         self.serial = 0
+        self.params = params or set()
+        self.weight_casts: set[int] = set()
+        """Serials of casts of parameters (autocast's bf16 weights)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.prim.device.default:  # most calls: no tensor comes out
             return out
+        cast = func is torch.ops.aten._to_copy.default and id(args[0]) in self.params
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
@@ -106,6 +110,8 @@ class _Timeline(TorchDispatchMode):
                     n = storage.nbytes()
                     self.alive[id(storage)] = self.serial
                     self.events.append((self.serial, n))
+                    if cast:
+                        self.weight_casts.add(self.serial)
                     weakref.finalize(storage, self._free, id(storage), self.serial, n)
         return out
 
@@ -224,6 +230,10 @@ class StepMemory:
     previous micro batch's logits still held, as the trainer's loop holds them)."""
     grads_at_peak: float
     """Of `peak`, the bytes of parameter gradients (whole, unsharded)."""
+    sharded_peak: float
+    """`peak` without autocast's bf16 copies of the weights: FSDP's bf16 parameters and
+    DeepSpeed's bf16 weights are not copies (the layout counts their working set)."""
+    sharded_grads_at_peak: float
 
 
 def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, triton: bool,
@@ -252,7 +262,7 @@ def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, t
         params = [p for p in model.parameters() if p.requires_grad]
         idx = torch.zeros(batch, seq_len, dtype=torch.long)
         reset = torch.zeros(batch, seq_len, dtype=torch.bool)
-        tl = _Timeline()
+        tl = _Timeline({id(p) for p in params})
         with tl:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits = model(idx, reset=reset)
@@ -265,17 +275,21 @@ def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, t
         # still referenced during this one, and with accumulation all gradients exist
         held = logits.numel() * logits.element_size()
         whole = sum(p.numel() * p.element_size() for p in params)
-        other = live_grads = 0
-        best = peak_grads = 0.0
+        other = live_grads = casts = 0
+        best = peak_grads = best_sharded = sharded_grads = 0.0
         for serial, n in tl.events:
             if serial in grads:
                 live_grads += n
             else:
                 other += n
+                if serial in tl.weight_casts:
+                    casts += n
             g = whole if accumulate else live_grads
             if held + other + g > best:
                 best, peak_grads = held + other + g, g
-    return StepMemory(float(saved), float(best), float(peak_grads))
+            if held + other - casts + g > best_sharded:
+                best_sharded, sharded_grads = held + other - casts + g, g
+    return StepMemory(float(saved), float(best), float(peak_grads), float(best_sharded), float(sharded_grads))
 
 
 @lru_cache(maxsize=256)
@@ -309,7 +323,8 @@ def step_memory(mcfg: ModelConfig, micro_batch: int, seq_len: int, precision: st
         a, b = getattr(lo, f), getattr(hi, f)
         return a if lengths[0] == lengths[1] else a + (b - a) * (seq_len - lengths[0]) / (lengths[1] - lengths[0])
 
-    return StepMemory(line("saved"), line("peak"), line("grads_at_peak"))
+    return StepMemory(line("saved"), line("peak"), line("grads_at_peak"), line("sharded_peak"),
+                      line("sharded_grads_at_peak"))
 
 
 # ------------------------------------------------------------------ states per rank
@@ -335,17 +350,16 @@ def _block_params(model: torch.nn.Module) -> int:
 def states_per_rank(params: int, block_params: int, layout: Layout, precision: str, world: int) -> dict[str, float]:
     """Bytes per rank of weights, gradients and optimizer state (AdamW: two moments).
 
-    none: everything whole; bf16 autocast adds the bf16 weight copies autocast caches
-    for one forward. fsdp: float32 (bf16_pure: bf16) shards of everything, plus the
+    none: everything whole (autocast's bf16 weight copies are counted with the
+    activations: autograd keeps them for the backward). fsdp: float32 (bf16_pure: bf16) shards of everything, plus the
     unsharded block being computed and the one prefetched (bf16 under bf16). ZeRO
     (DeepSpeed bf16: bf16 weights and gradients, float32 master weights with the
     moments): stage 1 shards the optimizer state, 2 also the gradients, 3 also the weights.
     """
     P, n = float(params), float(world)
     w = 2.0 if precision == "bf16_pure" else 4.0
-    if layout.backend == "none":
-        weights = w * P + (2.0 * P if precision == "bf16" else 0.0)
-        return {"weights": weights, "grads": w * P, "optimizer": 2 * w * P}
+    if layout.backend == "none":  # autocast's bf16 copies: in the simulated activations
+        return {"weights": w * P, "grads": w * P, "optimizer": 2 * w * P}
     if layout.backend == "fsdp":
         work = (2.0 if precision != "fp32" else 4.0) * block_params
         return {"weights": w * P / n + 2 * work, "grads": w * P / n + work, "optimizer": 2 * w * P / n}
@@ -413,7 +427,10 @@ def peak_memory(cfg: TrainConfig, mcfg: ModelConfig, params: int, block_params: 
                       (cfg.train.grad_accum or 1) > 1)
     whole_grads = params * (2.0 if precision == "bf16_pure" else 4.0)
     share = min(1.0, states["grads"] / whole_grads)
-    backward = sim.peak - sim.grads_at_peak + share * sim.grads_at_peak
+    if layout.backend == "none":  # autocast's bf16 weight copies are activations here
+        backward = sim.peak - sim.grads_at_peak + share * sim.grads_at_peak
+    else:
+        backward = sim.sharded_peak - sim.sharded_grads_at_peak + share * sim.sharded_grads_at_peak
     step = states["grads"] + states["optimizer"] / 2
     peak = states["weights"] + states["optimizer"] + max(backward, step)
     return MemoryPlan(states, sim.saved, sim.peak - sim.grads_at_peak - sim.saved, float(peak))
