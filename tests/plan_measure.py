@@ -1,6 +1,6 @@
 """Measure one training configuration's peak memory on CPU, for tests/test_plan.py.
 
-    python tests/plan_measure.py CONFIG [key=value ...]   -> prints {"peak": BYTES, ...} as JSON
+    python tests/plan_measure.py CONFIG [--cuda] [key=value ...]   -> prints {"peak": BYTES, ...} as JSON
 
 Runs the trainer's own engine (pretrain.distributed.TorchEngine) and its loop's shape:
 grad_accum micro batches of forward, lm_loss, backward, then the optimizer step, for
@@ -8,7 +8,8 @@ two steps (the optimizer state exists from the first). The peak is the process's
 peak resident set size minus the resident size after the imports (the interpreter,
 torch's libraries), so it counts what the plan predicts: tensors. Run it with
 MALLOC_MMAP_THRESHOLD_ fixed low (the test uses 16 KiB) so that freed tensors go back to
-the system instead of leaving holes in the heap.
+the system instead of leaving holes in the heap. --cuda: on the GPU, the peak is
+torch.cuda.max_memory_allocated (tensors only, like the plan).
 """
 
 from __future__ import annotations
@@ -37,16 +38,19 @@ def main(argv: list[str]) -> None:
         from pretrain.distributed import lm_loss  # type: ignore[attr-defined,no-redef]
         from pretrain.distributed import make_engine as build_engine
 
+    cuda = "--cuda" in argv
+    argv = [a for a in argv if a != "--cuda"]
     base_overrides = ["data.train=[x]", "data.tokenizer=x", *argv[1:]]
     cfg = load_train_config(argv[0], base_overrides, world_size=1)
-    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    device = torch.device("cuda" if cuda else "cpu")
+    info = DistInfo(0, 1, 0, device)
 
     def run(cfg, steps: int) -> None:
         torch.manual_seed(0)
-        model = build_model(cfg.model_config, device="cpu")
+        model = build_model(cfg.model_config, device=device)
         engine = build_engine(model, cfg, info)
         t = cfg.train
-        ids = torch.randint(cfg.model_config.vocab_size, (t.micro_batch_size, cfg.data.seq_len))
+        ids = torch.randint(cfg.model_config.vocab_size, (t.micro_batch_size, cfg.data.seq_len), device=device)
         reset = torch.zeros_like(ids, dtype=torch.bool)
         reset[:, 0] = True
         for _ in range(steps):  # the trainer's loop: `logits` lives on into the next forward
@@ -64,6 +68,10 @@ def main(argv: list[str]) -> None:
     if m.arch == "xlstm":
         kinds = sorted(set(m.block_types))
         small += [f"model.num_blocks={len(kinds)}", f"model.slstm_at={[kinds.index('s')] if 's' in kinds else []}"]
+    if cuda:
+        run(cfg, 2)
+        print(json.dumps({"peak": torch.cuda.max_memory_allocated(), "base": 0}))
+        return
     run(load_train_config(argv[0], base_overrides + small, world_size=1), 1)
     base = rss()
     run(cfg, 2)

@@ -82,12 +82,13 @@ def test_summary_line_without_memory_is_instant():
     assert "\n" not in line and "peak" not in line and "2.10T tokens" in line and "micro batch" in line
 
 
-def measure(preset: str, overrides: list[str]) -> int:
+def measure(preset: str, overrides: list[str], cuda: bool = False) -> int:
     # glibc maps allocations of 16 KiB and up on their own and unmaps them when freed: the
     # torch sLSTM loop makes thousands of small tensors per step, whose holes in the heap
     # would otherwise stay resident and count as if they were tensors
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384", OMP_NUM_THREADS="2")
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "plan_measure.py"), preset, *overrides],
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "plan_measure.py"), preset,
+                          *(["--cuda"] if cuda else []), *overrides],
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
@@ -115,6 +116,29 @@ def test_predicted_peak_matches_the_measured_peak(preset, seq_len, batches):
                        f"measured {m / 2**20:8.1f} MiB, {e:+.1%}" for mb, ac, p, m, e in errors)
     print(f"{preset}:\n{report}")
     assert all(abs(e) <= TOLERANCE for *_, e in errors), f"{preset}: beyond {TOLERANCE:.0%}:\n{report}"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_predicted_peak_matches_max_memory_allocated_on_a_gpu():
+    """The 125M preset as `make gpu-check` trains it (one GPU, bf16 autocast, Triton
+    cells), at two micro batches and both checkpointing settings."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    name = torch.cuda.get_device_name(0).lower()
+    device = next((GPUS[k] for k in GPUS if k in name), GPUS["h100"])
+    errors = []
+    for mb in (1, 2):
+        for ac in (False, True):
+            overrides = [f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}", "train.grad_accum=1",
+                         "distributed.backend=none", f"distributed.activation_checkpointing={str(ac).lower()}"]
+            cfg = load_train_config(ROOT / "configs" / "xlstm10-125m.yaml", [*DATA, *overrides], world_size=1)
+            predicted = make_plan(cfg, 1, device).memory[ac].peak
+            measured = measure(str(ROOT / "configs" / "xlstm10-125m.yaml"), overrides, cuda=True)
+            errors.append((mb, ac, predicted / measured - 1))
+    print(errors)
+    assert all(abs(e) <= TOLERANCE for *_, e in errors), errors
 
 
 def test_gpu_table_is_the_published_hardware():
