@@ -20,9 +20,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m pretrain.demo
 
-test: $(STAMP)
+# The oldest Triton the project allows, beside the venv's, for the compile check on it
+# (tests/test_kernels_triton.py); torch's CPU wheel does not depend on triton.
+TRITON_OLDEST ?= 3.6.0
+TRITON_OLDEST_DIR := $(VENV)/triton-$(TRITON_OLDEST)
+
+$(TRITON_OLDEST_DIR)/.installed: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --target $(TRITON_OLDEST_DIR) triton==$(TRITON_OLDEST)
+	touch $@
+
+test: $(STAMP) $(TRITON_OLDEST_DIR)/.installed
 	$(PY) -m ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	XLSTM_TRITON_OLDEST=$(abspath $(TRITON_OLDEST_DIR)) $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not multiprocess and not integration" $(PYTEST_ARGS)

@@ -27,7 +27,6 @@ import torch
 from .checkpoint import CheckpointError, DiskFullError
 from .config import InputError, check_inputs, load_train_config
 from .distributed import all_reduce_sum, any_rank, init_distributed
-from .engine import lm_loss
 from .trainer import Hooks, NonFiniteError, Trainer
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped cleanly, a checkpoint holds the state
@@ -54,26 +53,25 @@ def fit(tr: Trainer) -> int:
     it = iter(tr.loader)
     while tr.progress.step < t.steps:
         lr = tr.schedule.lr(tr.progress.step)
-        sums = torch.zeros(2, dtype=torch.float64)  # loss x tokens, tokens (exact over ranks)
-        bad = False
+        # Per-step values stay on the device: no host sync inside the micro batches; the
+        # host waits once per step, for the skip decision (and the grad norm).
+        sums = torch.zeros(2, dtype=torch.float64, device=info.device)  # loss x tokens, tokens
+        finite = torch.ones((), dtype=torch.bool, device=info.device)
         for _ in range(t.grad_accum):
             t0 = time.perf_counter()
             batch = next(it)
             tr.meter.data_wait += time.perf_counter() - t0
-            labels = batch["labels"].to(info.device)
-            logits = engine.forward(batch["input_ids"].to(info.device), batch["reset"].to(info.device))
-            loss = tr.hooks.loss(tr.progress.step + 1, lm_loss(logits, labels))
-            bad = any_rank(not bool(torch.isfinite(loss))) or bad
-            if not bad:  # after a non-finite loss the rest of the step is not backpropagated
-                engine.backward(loss / t.grad_accum)
-            n = (labels != -100).sum().cpu()
-            sums += torch.stack([loss.detach().double().cpu() * n, n.double()])
-        grad_norm, stepped = engine.step(lr, skip=bad)
+            ids, reset, labels = (batch[k].to(info.device) for k in ("input_ids", "reset", "labels"))
+            loss = tr.hooks.loss(tr.progress.step + 1, engine.forward(ids, reset, labels))
+            finite &= torch.isfinite(loss)
+            engine.backward(loss / t.grad_accum)  # a non-finite loss only spoils gradients the step drops
+            n = (labels != -100).sum()
+            sums += torch.stack([loss.detach().double() * n, n.double()])
+        grad_norm, stepped = engine.step(lr, skip=any_rank(not bool(finite)))
         tr.count_update(stepped)
         step = tr.progress.step
-        sums = all_reduce_sum(sums)
         if step % t.log_every == 0 or step == t.steps:
-            tr.log_step(sums, lr, grad_norm)
+            tr.log_step(all_reduce_sum(sums), lr, grad_norm)
         if cfg.eval.every and step % cfg.eval.every == 0 and cfg.data.val and step < t.steps:
             tr.evaluate()
         stopping = any_rank(tr.stop.requested)  # the signal handler only set a flag

@@ -38,8 +38,8 @@ from model import build_model, count_parameters, flops_per_token, load_model_con
 from . import checkpoint as ckpt
 from .config import InputError, TrainConfig, save_resolved
 from .distributed import DistInfo, all_reduce_sum, any_rank, barrier
-from .engine import build_engine, lm_loss
-from .metrics import Meter, measure_matmul_flops, peak_memory_mb
+from .engine import build_engine
+from .metrics import Meter, device_peak_flops, peak_memory_mb
 from .optim import lr_at
 from .tracking import Tracker
 
@@ -198,7 +198,11 @@ class Trainer:
         self.progress, self.schedule = Progress(), Schedule(cfg)
         run_id = self._resume(found, args) if found else None  # sets self.resumed_from
         self.fpt = 3 * flops_per_token(self.mcfg, cfg.data.seq_len)  # forward + backward
-        self.peak = cfg.hardware.peak_flops or measure_matmul_flops(info.device)
+        if cfg.hardware.peak_flops:
+            self.peak, peak_source = cfg.hardware.peak_flops, "hardware.peak_flops"
+        else:  # a published peak for known GPUs, else measured
+            dtype = torch.float32 if cfg.distributed.precision == "fp32" else torch.bfloat16
+            self.peak, peak_source = device_peak_flops(info.device, dtype)
         self.tracker = Tracker.create(
             rank=info.rank, run_dir=self.run_dir, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
             run_name=cfg.tracking.run_name, run_id=run_id, resume_step=self.progress.step if found else None,
@@ -211,6 +215,8 @@ class Trainer:
             print(f"[train] {self.mcfg.arch} model, {self.n_params:,} parameters, {info.world_size} "
                   f"process(es), backend {cfg.distributed.backend}, start at step {self.progress.step}"
                   + (f" (resumed from {self.resumed_from.path})" if found else ""), flush=True)
+            print(f"[train] MFU against {self.peak / 1e12:.3g} TFLOP/s per device ({peak_source})",
+                  flush=True)
         self.stop = StopSignal()
         self.meter = Meter()
         self.nonfinite_run = 0
@@ -369,11 +375,10 @@ class Trainer:
                 batch = next(it, None)
                 if any_rank(batch is None):  # every rank runs the same number of forwards
                     break
-                logits = self.engine.forward(batch["input_ids"].to(self.info.device),
-                                             batch["reset"].to(self.info.device))
-                labels = batch["labels"].to(self.info.device)
+                ids, reset, labels = (batch[k].to(self.info.device) for k in ("input_ids", "reset", "labels"))
                 n = (labels != -100).sum()
-                total += torch.stack([lm_loss(logits, labels).double().cpu() * n.cpu(), n.double().cpu()])
+                loss = self.engine.forward(ids, reset, labels)
+                total += torch.stack([loss.double() * n, n.double()]).cpu()
         module.train()
         total = all_reduce_sum(total)
         loss = (total[0] / total[1].clamp_min(1)).item()

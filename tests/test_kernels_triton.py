@@ -550,6 +550,28 @@ def _compile_check(tmp_path, *args):
          *args], capture_output=True, text=True, env=env, timeout=600, cwd=root)
 
 
+def test_kernels_compile_on_the_oldest_triton_allowed(tmp_path):
+    """The same compile check on the oldest Triton the project allows (pyproject: triton>=3.6;
+    the GPU image has 3.6), installed beside the venv's by `make test` and named by
+    XLSTM_TRITON_OLDEST: a kernel that only compiles on the newest Triton fails here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    oldest = os.environ.get("XLSTM_TRITON_OLDEST")
+    if not oldest:
+        pytest.skip("XLSTM_TRITON_OLDEST is not set (`make test` installs Triton 3.6 and sets it)")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", TRITON_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([oldest, str(root)]))
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "xlstm_kernels.triton_compile_check", "--quick"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "triton 3.6." in proc.stdout and "0 failure(s)" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     """The interpreter never lowers a kernel: compile what the dispatcher launches (the
     JIT's own specialisation, bf16, the widest shape) for sm_90 ahead of time; no spills,

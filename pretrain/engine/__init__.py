@@ -1,7 +1,8 @@
 """The training engines behind one interface, built by one factory: `build_engine`.
 
     engine = build_engine(model, cfg, info)           # distributed.backend: none | fsdp | deepspeed
-    logits = engine.forward(input_ids, reset)          # (B, S) ids -> (B, S, V) logits
+    loss = engine.forward(input_ids, reset, labels)   # (B, S) ids, targets -> mean loss
+    logits = engine.forward(input_ids, reset)          # without labels: (B, S, V) logits
     engine.backward(loss / grad_accum)                 # once per micro batch
     grad_norm, stepped = engine.step(lr, skip=False)   # the accumulation boundary
     engine.save(folder); engine.load(folder, with_optimizer=True)
@@ -29,7 +30,11 @@ from .torch_engine import TorchEngine
 class Engine(Protocol):
     module: nn.Module
 
-    def forward(self, input_ids: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor: ...
+    def forward(self, input_ids: torch.Tensor, reset: torch.Tensor | None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean next-token loss given `labels` (the LM head fused with the loss,
+        model/head.py: no (B, S, V) logits kept), else the logits."""
+        ...
 
     def backward(self, loss: torch.Tensor) -> None: ...
 

@@ -134,8 +134,9 @@ class DeepSpeedEngine:
         self._micro = 0  # backward calls since the last step
 
     # ------------------------------------------------------------ training
-    def forward(self, input_ids: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
-        return self.engine(input_ids, reset=reset)
+    def forward(self, input_ids: torch.Tensor, reset: torch.Tensor | None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.engine(input_ids, reset=reset, labels=labels)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the trainer divided by grad_accum

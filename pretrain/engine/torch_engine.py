@@ -91,9 +91,10 @@ class TorchEngine:
         self.optimizer = build_optimizer(model, cfg.optimizer)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def forward(self, input_ids: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, reset: torch.Tensor | None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return self.module(input_ids, reset=reset)
+            return self.module(input_ids, reset=reset, labels=labels)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
