@@ -593,7 +593,7 @@ def report(plan: Plan) -> str:
         f"seq_len={cfg.data.seq_len}",
         f"cluster: {plan.world} x {plan.device.name} ({_b(plan.device.memory)}, "
         f"{plan.device.peak_flops / 1e12:.0f} TFLOP/s bf16 dense), layout {plan.layout.name}, {d.precision}",
-        f"parameters: {plan.params:,} total; weights per rank (bytes, {d.precision}): "
+        f"parameters: {plan.params:,} total; weights per rank ({d.precision}) by layout: "
         + ", ".join(f"{k} {_b(v)}" for k, v in plan.per_layout.items()),
         f"batch: {t.global_batch_size} sequences = {tokens_step:,} tokens per step = micro batch "
         f"{t.micro_batch_size} x grad_accum {t.grad_accum} x {plan.world} ranks",
@@ -606,8 +606,8 @@ def report(plan: Plan) -> str:
         out.append(
             f"  activation checkpointing {'on ' if ac else 'off'}: weights {_b(m.states['weights'])}, grads "
             f"{_b(m.states['grads'])}, optimizer {_b(m.states['optimizer'])}, saved activations "
-            f"{_b(m.activations)} ({_b(m.activations / t.micro_batch_size)} per sequence), logits transient "
-            f"{_b(m.transient)}; peak {_b(m.peak)}; largest micro batch that fits: "
+            f"{_b(m.activations)} ({_b(m.activations / t.micro_batch_size)} per sequence), more in the "
+            f"backward {_b(max(m.transient, 0.0))}; peak {_b(m.peak)}; largest micro batch that fits: "
             f"{plan.max_micro_batch[ac]}{mark}")
     budget = plan.device.memory * (HEADROOM if plan.device.name != "cpu" else 1.0)
     out += [
