@@ -48,6 +48,7 @@ def _parse():
     p.add_argument("--tokens", type=int, default=None, help="B * S per measurement")
     p.add_argument("--chunks", type=str, default="64,128", help="chunk sizes of our kernel")
     p.add_argument("--skip-checks", action="store_true", help="time without the checks")
+    p.add_argument("--checks-only", action="store_true", help="the checks, no timings")
     p.add_argument("--out", type=str, default=None, help="results folder")
     return p.parse_args()
 
@@ -77,19 +78,21 @@ def rel(a, b) -> float:
 # ----------------------------------------------------------------------------------------
 
 
-def _check_chunkwise(rn, g, dev, B, NH, S, DQK, DV, L, dtype, recompute=False) -> float:
-    """Worst relative error of h, the last state and every gradient vs the fp64 oracle."""
+def _check_chunkwise(rn, g, dev, B, NH, S, DQK, DV, L, dtype, recompute=False,
+                     plain=False) -> float:
+    """Worst relative error of h, the last state and every gradient vs the fp64 oracle;
+    with an initial state and document resets unless `plain`."""
     q, k, v = rn(B, NH, S, DQK), rn(B, NH, S, DQK), rn(B, NH, S, DV)
     i, f = rn(B, NH, S, scale=2.0), rn(B, NH, S, scale=2.0, shift=2.0)
-    st = [rn(B, NH, DQK, DV, scale=0.5), rn(B, NH, DQK, scale=0.5), rn(B, NH)]
-    reset = torch.rand(B, S, generator=g).to(dev) < 0.03
+    st = [] if plain else [rn(B, NH, DQK, DV, scale=0.5), rn(B, NH, DQK, scale=0.5), rn(B, NH)]
+    reset = None if plain else torch.rand(B, S, generator=g).to(dev) < 0.03
     ins = [q.to(dtype), k.to(dtype), v.to(dtype), i, f] + st
     w = [rn(B, NH, S, DV).double(), rn(B, NH, DQK, DV).double(),
          rn(B, NH, DQK).double(), rn(B, NH).double()]
 
     def loss(fn, xs, **kw):
-        h, s = fn(*xs[:5], initial_state=tuple(xs[5:]), reset=reset, return_last_state=True,
-                  **kw)
+        h, s = fn(*xs[:5], initial_state=tuple(xs[5:]) or None, reset=reset,
+                  return_last_state=True, **kw)
         return sum((a.double() * b).sum() for a, b in zip((h, *s), w)), (h, *s)
 
     xt = [t.clone().requires_grad_() for t in ins]
@@ -111,13 +114,21 @@ def check_all(dev) -> list[tuple[str, float, float]]:
     def rn(*s, scale=1.0, shift=0.0):
         return (torch.randn(*s, generator=g) * scale + shift).to(dev)
 
-    B, NH, S, DQK, DV = (1, 2, 70, 16, 24) if DRY else (2, 4, 300, 64, 96)
-    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
-        for L in ((32,) if DRY else (64, 128)):
-            err = _check_chunkwise(rn, g, dev, B, NH, S, DQK, DV, L, dtype)
-            out.append((f"chunkwise fwd+bwd {str(dtype)[6:]} L={L}", err, tol))
-        err = _check_chunkwise(rn, g, dev, B, NH, S, DQK, DV, L, dtype, recompute=True)
-        out.append((f"chunkwise fwd+bwd {str(dtype)[6:]} L={L} recompute_states", err, tol))
+    # the head dims that are timed, and one that is not a power of two
+    B, NH, S = (1, 2, 70) if DRY else (2, 4, 300)
+    dims = [(16, 24)] if DRY else [(256, 512), (128, 128), (64, 96)]
+    for DQK, DV in dims:
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+            for L in ((32,) if DRY else (64, 128)):
+                for plain in (False, True):
+                    err = _check_chunkwise(rn, g, dev, B, NH, S, DQK, DV, L, dtype, plain=plain)
+                    what = "no state, no resets" if plain else "initial state, resets"
+                    out.append((f"chunkwise fwd+bwd {DQK}/{DV} {str(dtype)[6:]} L={L} {what}",
+                                err, tol))
+            err = _check_chunkwise(rn, g, dev, B, NH, S, DQK, DV, L, dtype, recompute=True)
+            out.append((f"chunkwise fwd+bwd {DQK}/{DV} {str(dtype)[6:]} L={L} recompute_states",
+                        err, tol))
+    DQK, DV = dims[-1]
     # step vs recurrent, token by token
     q, k, v = rn(B, NH, 6, DQK), rn(B, NH, 6, DQK), rn(B, NH, 6, DV)
     i, f = rn(B, NH, 6, scale=2.0), rn(B, NH, 6, shift=2.0)
@@ -377,6 +388,9 @@ def main() -> int:
     for name, err, tol in checks:
         print(f"check {name:34s} rel err {err:.2e} (tol {tol:.0e}) {'ok' if err < tol else 'FAIL'}")
     failed = [c for c in checks if not c[1] < c[2]]
+    if ARGS.checks_only:
+        print(f"{len(checks) - len(failed)} of {len(checks)} checks passed")
+        return 1 if failed else 0
     rows = bench(dev)
     text = table(rows, checks, device)
     print(text)

@@ -47,14 +47,15 @@ def test_without_cuda_it_says_so_and_fails(tmp_path: Path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_cpu_dry_run_of_the_resume_and_generation_steps(tmp_path: Path):
-    out = gpu_check("--cpu-dry-run", "--only", "tiny,generate", "--steps", "8",
+def test_cpu_dry_run_of_the_kernel_resume_and_generation_steps(tmp_path: Path):
+    out = gpu_check("--cpu-dry-run", "--only", "kernels,tiny,generate", "--steps", "8",
                     "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (result,) = (tmp_path / "out").glob("gpu-check-*-cpu-dry-run.md")
-    rows = [x for x in result.read_text().splitlines() if x.startswith("| tiny") or
-            x.startswith("| generate")]
-    assert len(rows) == 2 and all("| ok |" in x for x in rows), rows
-    assert "8 losses bitwise equal" in rows[0]
-    stopped = int(re.search(r"stopped at step (\d+) by SIGTERM", rows[0]).group(1))
-    assert 4 <= stopped < 8, rows[0]  # signalled once step 4 was logged
+    rows = [x for x in result.read_text().splitlines()
+            if x.startswith(("| kernels", "| tiny", "| generate"))]
+    assert len(rows) == 3 and all("| ok |" in x for x in rows), rows
+    assert re.search(r"\| kernels \| ok \| 8 checks passed", rows[0]), rows[0]
+    assert "8 losses bitwise equal" in rows[1]
+    stopped = int(re.search(r"stopped at step (\d+) by SIGTERM", rows[1]).group(1))
+    assert 4 <= stopped < 8, rows[1]  # signalled once step 4 was logged
