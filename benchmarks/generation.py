@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from long_context import build, rss_now_mb
+from long_context import build, plot_log2, rss_now_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("xlstm-large", "llama")
@@ -119,23 +119,11 @@ def main() -> int:
 
 
 def plot(rows: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
+    def series(key: str) -> dict[str, tuple[list, list]]:
+        return {m: ([x["position"] for x in r], [x[key] for x in r]) for m, r in rows.items()}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for m, r in rows.items():
-        a.plot([x["position"] for x in r], [x["ms_per_token"] for x in r], marker="o", label=m)
-        b.plot([x["position"] for x in r], [x["rss_mb"] for x in r], marker="o", label=m)
-    for ax, title in ((a, "ms per generated token"), (b, "resident memory, MB")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("position")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-    a.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plot_log2(path, "position", [("ms per generated token", series("ms_per_token")),
+                                 ("resident memory, MB", series("rss_mb"))])
 
 
 if __name__ == "__main__":

@@ -155,24 +155,33 @@ def report(best: dict, contexts: list[int], args: argparse.Namespace, load: str)
     return "\n".join(lines) + "\n"
 
 
-def plot(best: dict, contexts: list[int], path: Path) -> None:
+def plot_log2(path: Path, xlabel: str, panels: list[tuple[str, dict[str, tuple[list, list]]]]) -> None:
+    """One PNG of panels side by side on a log2 x axis; each panel (title, {label: (xs, ys)})."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for m in MODELS:
-        a.plot(contexts, [best[m, c]["ms_per_1k_tokens"] for c in contexts], marker="o", label=m)
-        b.plot(contexts, [best[m, c]["step_mb"] for c in contexts], marker="o", label=m)
-    for ax, title in ((a, "training step, ms per 1k tokens"), (b, "step memory, MB (peak RSS above the model's)")):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (title, series) in zip(axes, panels):
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o", label=label)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("context (tokens; constant tokens per step)")
+        ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-    a.legend()
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot(best: dict, contexts: list[int], path: Path) -> None:
+    def series(key: str) -> dict[str, tuple[list, list]]:
+        return {m: (contexts, [best[m, c][key] for c in contexts]) for m in MODELS}
+
+    plot_log2(path, "context (tokens; constant tokens per step)",
+              [("training step, ms per 1k tokens", series("ms_per_1k_tokens")),
+               ("step memory, MB (peak RSS above the model's)", series("step_mb"))])
 
 
 def main() -> int:
