@@ -234,6 +234,8 @@ class StepMemory:
     """`peak` without autocast's bf16 copies of the weights: FSDP's bf16 parameters and
     DeepSpeed's bf16 weights are not copies (the layout counts their working set)."""
     sharded_grads_at_peak: float
+    sharded_saved: float
+    """`saved` without autocast's bf16 weight copies."""
 
 
 def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, triton: bool,
@@ -268,6 +270,7 @@ def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, t
                 logits = model(idx, reset=reset)
             loss = lm_loss(logits, idx)
             saved = sum(n for _, n in tl.events)
+            saved_casts = sum(n for serial, n in tl.events if serial in tl.weight_casts)
             loss.backward()
             del loss
             grads = {tl.serial_of(p.grad) for p in params if p.grad is not None}
@@ -289,7 +292,8 @@ def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, t
                 best, peak_grads = held + other + g, g
             if held + other - casts + g > best_sharded:
                 best_sharded, sharded_grads = held + other - casts + g, g
-    return StepMemory(float(saved), float(best), float(peak_grads), float(best_sharded), float(sharded_grads))
+    return StepMemory(float(saved), float(best), float(peak_grads), float(best_sharded), float(sharded_grads),
+                      float(saved - saved_casts))
 
 
 @lru_cache(maxsize=256)
@@ -324,7 +328,7 @@ def step_memory(mcfg: ModelConfig, micro_batch: int, seq_len: int, precision: st
         return a if lengths[0] == lengths[1] else a + (b - a) * (seq_len - lengths[0]) / (lengths[1] - lengths[0])
 
     return StepMemory(line("saved"), line("peak"), line("grads_at_peak"), line("sharded_peak"),
-                      line("sharded_grads_at_peak"))
+                      line("sharded_grads_at_peak"), line("sharded_saved"))
 
 
 # ------------------------------------------------------------------ states per rank
@@ -429,11 +433,13 @@ def peak_memory(cfg: TrainConfig, mcfg: ModelConfig, params: int, block_params: 
     share = min(1.0, states["grads"] / whole_grads)
     if layout.backend == "none":  # autocast's bf16 weight copies are activations here
         backward = sim.peak - sim.grads_at_peak + share * sim.grads_at_peak
+        saved, above = sim.saved, sim.peak - sim.grads_at_peak - sim.saved
     else:
         backward = sim.sharded_peak - sim.sharded_grads_at_peak + share * sim.sharded_grads_at_peak
+        saved, above = sim.sharded_saved, sim.sharded_peak - sim.sharded_grads_at_peak - sim.sharded_saved
     step = states["grads"] + states["optimizer"] / 2
     peak = states["weights"] + states["optimizer"] + max(backward, step)
-    return MemoryPlan(states, sim.saved, sim.peak - sim.grads_at_peak - sim.saved, float(peak))
+    return MemoryPlan(states, saved, above, float(peak))
 
 
 def _counts(mcfg: ModelConfig) -> tuple[int, int]:
