@@ -503,6 +503,11 @@ def _largest(cfg: TrainConfig, mcfg: ModelConfig, params: int, block_params: int
     p1, p2 = peak(mb), peak(2 * mb)
     slope = max((p2 - p1) / mb, 1.0)
     guess = int((budget - (p1 - slope * mb)) // slope)
+    if not triton:
+        # the torch cells hit fake-tensor fallbacks that run on real memory of the full
+        # size: no simulations far from the config's micro batch, the line's guess stands
+        fitting = [b for b in (sizes or [max(guess, 0)]) if b <= guess]
+        return max(fitting, default=0)
     candidates = [b for b in (sizes or range(max(guess, 0), 0, -1)) if b <= max(guess, 1)]
     for tries, b in enumerate(sorted(candidates, reverse=True)):
         if peak(b) <= budget:
