@@ -184,6 +184,51 @@ class _TritonSLSTM(torch.autograd.Function):
                                                             dtype=rdt)
 
 
+class _FusedHeadLossSaves(torch.autograd.Function):
+    """Stand-in for `model.head._FusedHeadLoss` on fake tensors (its token count is a
+    data-dependent int): allocates what it does. Forward: the gradients of the hidden
+    states (input dtype) and of the weight (float32), kept for the backward, and one
+    chunk of logits, softmax and products at a time; backward: the two scaled."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, cap, chunk):  # noqa: ANN001, D102
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        h = hidden[:min(chunk, hidden.shape[0])]
+        z = (h @ weight.t()).to(acc)
+        if cap is not None:
+            z = cap * torch.tanh(z / cap)
+        g = torch.softmax(z, dim=-1).to(hidden.dtype)
+        grad_h[:h.shape[0]] = g @ weight
+        grad_w += (g.t() @ h).to(acc)
+        del z, g
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return hidden.new_zeros((), dtype=acc)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, D102
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype), None, None, None
+
+
+@contextlib.contextmanager
+def _fused_head():
+    """The model's fused head and loss (model/head.py), if it has one, with the stand-in."""
+    try:
+        import model.head as head
+    except ImportError:
+        yield
+        return
+    orig = head._FusedHeadLoss
+    head._FusedHeadLoss = _FusedHeadLossSaves
+    try:
+        yield
+    finally:
+        head._FusedHeadLoss = orig
+
+
 @contextlib.contextmanager
 def _triton_cells(recompute: bool):
     """Swap the cell ops the model calls for the Triton stand-ins above."""
@@ -255,8 +300,12 @@ def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, t
     except ImportError:  # before the engine package (pretrain/distributed.py held them)
         from .distributed import enable_activation_checkpointing, lm_loss  # type: ignore[no-redef]
 
-    with FakeTensorMode(), (_triton_cells(mcfg.recompute_states) if triton else contextlib.nullcontext()):
+    import inspect
+
+    with FakeTensorMode(), (_triton_cells(mcfg.recompute_states) if triton else contextlib.nullcontext()), \
+            _fused_head():
         model = build_model(mcfg, device="cpu")
+        fused = "labels" in inspect.signature(model.forward).parameters  # the trainer's path
         if precision == "bf16_pure":
             model.to(torch.bfloat16)
         if checkpointing:
@@ -267,8 +316,8 @@ def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, t
         tl = _Timeline({id(p) for p in params})
         with tl:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                logits = model(idx, reset=reset)
-            loss = lm_loss(logits, idx)
+                logits = None if fused else model(idx, reset=reset)
+                loss = model(idx, reset=reset, labels=idx) if fused else lm_loss(logits, idx)
             saved = sum(n for _, n in tl.events)
             saved_casts = sum(n for serial, n in tl.events if serial in tl.weight_casts)
             loss.backward()
@@ -276,7 +325,7 @@ def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, t
             grads = {tl.serial_of(p.grad) for p in params if p.grad is not None}
         # the steady state of the trainer's loop: the previous micro batch's logits are
         # still referenced during this one, and with accumulation all gradients exist
-        held = logits.numel() * logits.element_size()
+        held = 0 if logits is None else logits.numel() * logits.element_size()
         whole = sum(p.numel() * p.element_size() for p in params)
         other = live_grads = casts = 0
         best = peak_grads = best_sharded = sharded_grads = 0.0
