@@ -20,12 +20,13 @@ sLSTM cells run the Triton kernels, whose saved tensors are listed from
 dtype, none with `model.recompute_states`; per-position rows in float32); on
 `--gpu cpu` the torch kernels run and are traced as they are.
 
-The peak of a step is modelled as
-    weights + optimizer state + max(saved activations + transient of the backward's
-    start (logits gradients) + gradients held across micro batches,
-    gradients + the optimizer step's temporaries)
-plus the logits of the previous micro batch, which the trainer's loop still holds
-during the next forward. `tests/test_plan.py` checks it against the measured peak.
+The trainer's fused LM head and loss (model/head.py) is simulated by a stand-in of its
+allocations (its token count is data-dependent, which fake tensors cannot give). The peak
+of a step is modelled as
+    weights + optimizer state + max(the simulated forward and backward (activations,
+    their gradients, the parameter gradients: this layout's share of them, all of them
+    when accumulating), gradients + the optimizer step's temporaries)
+`tests/test_plan.py` checks it against the measured peak.
 """
 
 from __future__ import annotations
