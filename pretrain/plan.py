@@ -11,14 +11,14 @@ wall time and GPU-hours to the token budget. When the config does not fit it
 suggests one that does; exit status 0: fits, 1: it does not (a suggestion is
 printed), 2: nothing fits (or a config error).
 
-Saved activations come from the model itself: one block of each kind (and the
-embedding/head/loss) is run on fake tensors (no memory, no compute) under
-`torch.autograd.graph.saved_tensors_hooks`, which sees every tensor autograd keeps
-for the backward, with the dtypes of the run's precision. On a GPU the mLSTM and
-sLSTM cells run the Triton kernels, whose saved tensors are listed from
-`xlstm_kernels/triton_ops.py` as of commit 534b72c (chunk states in the input
-dtype, none with `model.recompute_states`; per-position rows in float32); on
-`--gpu cpu` the torch kernels run and are traced as they are.
+Activations come from the model itself: one training step (forward, loss, backward) of
+the whole model runs on fake tensors (no memory, no compute) under a dispatch mode that
+follows every storage from its creation to its release, with the dtypes of the run's
+precision (bf16: CPU autocast's policy standing in for the GPU's). On a GPU the mLSTM and
+sLSTM cells are the Triton kernels, simulated by stand-ins that allocate what
+`xlstm_kernels/triton_ops.py` allocates as of commit 534b72c (chunk states in the input
+dtype, kept for the backward unless `model.recompute_states`; per-position rows in
+float32); on `--gpu cpu` the torch kernels run as they are.
 
 The trainer's fused LM head and loss (model/head.py) is simulated by a stand-in of its
 allocations (its token count is data-dependent, which fake tensors cannot give). The peak
