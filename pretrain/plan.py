@@ -558,13 +558,16 @@ def _largest(cfg: TrainConfig, mcfg: ModelConfig, params: int, block_params: int
         # size: no simulations far from the config's micro batch, the line's guess stands
         fitting = [b for b in (sizes or [max(guess, 0)]) if b <= guess]
         return max(fitting, default=0)
-    candidates = [b for b in (sizes or range(max(guess, 0), 0, -1)) if b <= max(guess, 1)]
-    for tries, b in enumerate(sorted(candidates, reverse=True)):
-        if peak(b) <= budget:
-            return b
-        if tries >= 6:  # far below the guess: nothing near it fits
-            break
-    return 0
+    # the peak grows with the micro batch: bisect the candidates up to twice the guess
+    cands = sorted(b for b in (sizes or range(1, 2 * max(guess, 1) + 1)) if b <= 2 * max(guess, 1))
+    lo, hi, best = 0, len(cands) - 1, 0
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if peak(cands[mid]) <= budget:
+            best, lo = cands[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best
 
 
 def suggest(cfg: TrainConfig, mcfg: ModelConfig, params: int, block_params: int, world: int,
