@@ -44,9 +44,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import model.head as head
 from model import ModelConfig, build_model, flops_per_token
 
 from .config import TrainConfig, load_train_config
+from .engine.common import enable_activation_checkpointing
+from .metrics import published_peak
 
 GIB = 1024**3
 
@@ -60,17 +63,18 @@ class GPU:
     """Dense bf16 FLOP/s (fp32 runs: the same figure; MFU is quoted against it)."""
 
 
-# Dense (not sparse) bf16 tensor-core peaks of the SXM parts from the vendors' data sheets.
+# The SXM parts; their dense bf16 peaks are the trainer's MFU table (pretrain/metrics.py).
 GPUS: dict[str, GPU] = {
-    "h100": GPU("H100 80GB", 80e9, 989e12),
-    "h200": GPU("H200 141GB", 141e9, 989e12),
-    "a100": GPU("A100 80GB", 80e9, 312e12),
-    "b200": GPU("B200 180GB", 180e9, 2250e12),
+    key: GPU(name, memory, published_peak(name, torch.bfloat16))
+    for key, name, memory in (("h100", "H100 80GB", 80e9), ("h200", "H200 141GB", 141e9),
+                              ("a100", "A100 80GB", 80e9), ("b200", "B200 180GB", 180e9))
 }
 CPU_PEAK_FLOPS = 1e12  # a nominal CPU node; set hardware.peak_flops for a real figure
 MFU = 0.40
-"""Default model FLOPs utilization: the trainer measured 43-48% of the matmul peak on
-one GPU (benchmarks/README.md, 2026-12-02); 40% leaves room for multi-node communication."""
+"""Default model FLOPs utilization, a stated assumption until `make gpu-check` measures one:
+the trainer reached 43-48% of a measured fp32 matmul peak on CPU
+(benchmarks/results/train_throughput-2026-12-02-cpu.md); 40% leaves room for multi-node
+communication."""
 HEADROOM = 0.90
 """Fraction of device memory the plan fills: the rest is the CUDA context, NCCL
 buffers and allocator fragmentation."""
@@ -216,12 +220,7 @@ class _FusedHeadLossSaves(torch.autograd.Function):
 
 @contextlib.contextmanager
 def _fused_head():
-    """The model's fused head and loss (model/head.py), if it has one, with the stand-in."""
-    try:
-        import model.head as head
-    except ImportError:
-        yield
-        return
+    """The model's fused head and loss (model/head.py) replaced by the stand-in."""
     orig = head._FusedHeadLoss
     head._FusedHeadLoss = _FusedHeadLossSaves
     try:
@@ -270,10 +269,10 @@ class StepMemory:
     optimizer state excluded: they are per layout, see `states_per_rank`)."""
 
     saved: float
-    """Live after the forward and the loss: the saved activations, logits included."""
+    """Live after the forward and the loss: the saved activations (the fused head keeps
+    the gradients of the hidden states and head weight, no logits)."""
     peak: float
-    """Peak of activations + transients + whole gradients, in the steady state (the
-    previous micro batch's logits still held, as the trainer's loop holds them)."""
+    """Peak of activations + transients + whole gradients, in the steady state."""
     grads_at_peak: float
     """Of `peak`, the bytes of parameter gradients (whole, unsharded)."""
     sharded_peak: float
@@ -286,7 +285,7 @@ class StepMemory:
 
 def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, triton: bool,
                   checkpointing: bool, accumulate: bool) -> StepMemory:
-    """Run two micro batches of forward, `lm_loss` and backward of the model on fake
+    """Run two micro batches of forward, the fused loss and backward of the model on fake
     tensors (no memory, no compute) and follow every storage's life.
 
     precision: fp32, bf16 (autocast; the CPU autocast policy stands in for the GPU's),
@@ -296,17 +295,9 @@ def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, t
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    try:
-        from .engine.common import enable_activation_checkpointing, lm_loss
-    except ImportError:  # before the engine package (pretrain/distributed.py held them)
-        from .distributed import enable_activation_checkpointing, lm_loss  # type: ignore[no-redef]
-
-    import inspect
-
     with FakeTensorMode(), (_triton_cells(mcfg.recompute_states) if triton else contextlib.nullcontext()), \
             _fused_head():
         model = build_model(mcfg, device="cpu")
-        fused = "labels" in inspect.signature(model.forward).parameters  # the trainer's path
         if precision == "bf16_pure":
             model.to(torch.bfloat16)
         if checkpointing:
@@ -317,16 +308,13 @@ def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, t
         tl = _Timeline({id(p) for p in params})
         with tl:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                logits = None if fused else model(idx, reset=reset)
-                loss = model(idx, reset=reset, labels=idx) if fused else lm_loss(logits, idx)
+                loss = model(idx, reset=reset, labels=idx)  # the trainer's fused head and loss
             saved = sum(n for _, n in tl.events)
             saved_casts = sum(n for serial, n in tl.events if serial in tl.weight_casts)
             loss.backward()
             del loss
             grads = {tl.serial_of(p.grad) for p in params if p.grad is not None}
-        # the steady state of the trainer's loop: the previous micro batch's logits are
-        # still referenced during this one, and with accumulation all gradients exist
-        held = 0 if logits is None else logits.numel() * logits.element_size()
+        # the steady state of the trainer's loop: with accumulation all gradients exist
         whole = sum(p.numel() * p.element_size() for p in params)
         other = live_grads = casts = 0
         best = peak_grads = best_sharded = sharded_grads = 0.0
@@ -338,10 +326,10 @@ def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, t
                 if serial in tl.weight_casts:
                     casts += n
             g = whole if accumulate else live_grads
-            if held + other + g > best:
-                best, peak_grads = held + other + g, g
-            if held + other - casts + g > best_sharded:
-                best_sharded, sharded_grads = held + other - casts + g, g
+            if other + g > best:
+                best, peak_grads = other + g, g
+            if other - casts + g > best_sharded:
+                best_sharded, sharded_grads = other - casts + g, g
     return StepMemory(float(saved), float(best), float(peak_grads), float(best_sharded), float(sharded_grads),
                       float(saved - saved_casts))
 
@@ -434,10 +422,10 @@ def states_per_rank(params: int, block_params: int, layout: Layout, precision: s
 class MemoryPlan:
     states: dict[str, float]
     activations: float
-    """Saved for the backward after the forward and the loss (logits included)."""
+    """Saved for the backward after the forward and the loss."""
     transient: float
-    """Above that at the backward's peak: the held logits of the previous micro batch,
-    gradients of activations, a checkpointed block's recompute."""
+    """Above that at the backward's peak: gradients of activations, a checkpointed
+    block's recompute."""
     peak: float
 
 

@@ -27,6 +27,7 @@ import torch
 from .checkpoint import CheckpointError, DiskFullError
 from .config import InputError, check_inputs, load_train_config
 from .distributed import all_reduce_sum, any_rank, init_distributed
+from .plan import plan_summary_line
 from .trainer import Hooks, NonFiniteError, Trainer
 
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: stopped cleanly, a checkpoint holds the state
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
             print(f"config error: {err}", file=sys.stderr)
         return 2
     info = init_distributed(cfg.distributed.timeout_s)
+    if info.is_main:  # the plan of this run (pretrain/plan.py); its memory part simulates a step
+        print(plan_summary_line(cfg, info.world_size, memory=info.device.type == "cuda"), flush=True)
     try:
         trainer = Trainer(cfg, args, info, hooks)
         status = "FAILED"

@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = config.resolve()
     from pretrain.config import check_inputs, load_train_config
+    from pretrain.plan import plan_summary_line
 
     try:
         cfg = load_train_config(config, args.overrides, world_size=world)
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    # the plan on the nodes' GPUs (taken as H100s) with its memory simulation; CPU jobs: instant
+    gpu = "h100" if args.gpus_per_node else "cpu"
+    print(plan_summary_line(cfg, world, gpu=gpu, memory=gpu != "cpu"), flush=True)
     run_dir = Path(cfg.run_dir)
     if not run_dir.is_absolute():
         run_dir = (ROOT / run_dir).resolve()  # the job runs in the repository root
