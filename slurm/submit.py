@@ -165,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    # the plan on the nodes' GPUs (taken as H100s) with its memory simulation; CPU jobs: instant
+    # the plan on the nodes' GPUs (taken as H100s) with its memory simulation; CPU jobs:
+    # instant. On stderr: a dry run's stdout is the sbatch script.
     gpu = "h100" if args.gpus_per_node else "cpu"
-    print(plan_summary_line(cfg, world, gpu=gpu, memory=gpu != "cpu"), flush=True)
+    print(plan_summary_line(cfg, world, gpu=gpu, memory=gpu != "cpu"), file=sys.stderr, flush=True)
     run_dir = Path(cfg.run_dir)
     if not run_dir.is_absolute():
         run_dir = (ROOT / run_dir).resolve()  # the job runs in the repository root
