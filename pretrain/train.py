@@ -103,7 +103,11 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
         return 2
     info = init_distributed(cfg.distributed.timeout_s)
     if info.is_main:  # the plan of this run (pretrain/plan.py); its memory part simulates a step
-        print(plan_summary_line(cfg, info.world_size, memory=info.device.type == "cuda"), flush=True)
+        try:
+            line = plan_summary_line(cfg, info.world_size, memory=info.device.type == "cuda")
+        except Exception as err:  # noqa: BLE001 - a report, never a reason to stop the run
+            line = f"plan: not available ({type(err).__name__}: {err})"
+        print(line, flush=True)
     try:
         trainer = Trainer(cfg, args, info, hooks)
         status = "FAILED"
