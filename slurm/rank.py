@@ -1,11 +1,14 @@
-"""One training rank under torchrun inside a Slurm job: runs the trainer, records how it ended.
+"""One training rank under torchrun: runs the trainer, records how it ended.
 
     torchrun ... -m slurm.rank --config CONFIG --resume auto key=value ...
 
-torchrun cannot pass a worker's exit code on: a rank that exits with the trainer's
-EXIT_RESUMABLE (75, "stopped by a signal after a checkpoint") is a failure to it, it
-SIGTERMs the other local ranks and exits 1, and srun --kill-on-bad-exit then kills the
-other nodes (rank 0 may still be closing its MLflow run). So this wrapper
+Used by `python -m pretrain.launch` (the documented launch), the Slurm batch script and
+slurm/task.py. torchrun cannot pass a worker's exit code on: a rank that exits with the
+trainer's EXIT_RESUMABLE (75, "stopped by a signal after a checkpoint"), or with a
+config/input error (2) or a full disk (74), is a crash to it: it SIGTERMs the other
+local ranks (rank 0 may still be printing its one line or closing its MLflow run),
+prints its own traceback and exits 1, and srun --kill-on-bad-exit then kills the other
+nodes. So this wrapper
 
 * runs `python -m pretrain.train ARGS` as its child (killed with it: PR_SET_PDEATHSIG);
 * forwards SIGTERM/SIGINT at once, and a stop signal (USR1/USR2) once the trainer catches
@@ -19,7 +22,13 @@ other nodes (rank 0 may still be closing its MLflow run). So this wrapper
   while the ranks were still being started reaches nobody);
 * writes the trainer's exit code to `$XLSTM_STATUS_DIR/rank-<RANK>.exit` (the batch script
   reads rank 0's to decide: 0 finished, 75 requeue, else failed);
-* exits 0 for 0 and 75 (torchrun and srun see a clean end), the trainer's code otherwise.
+* exits 0 for 0 and 75 (torchrun and srun see a clean end); for 2 and 74 (the trainer's
+  deliberate stops, alike on every rank) it first waits (up to ON_PURPOSE_WAIT_S) until
+  every rank of this node has recorded its code, and exits 0 when all ended on purpose:
+  no rank is killed before it has printed. A mix (one rank on purpose, another crashed
+  or still running) exits with the trainer's code, and torchrun stops the node as for any
+  crash;
+* exits with the trainer's code otherwise (128 + N for a signal N).
 
 Only the standard library: this process stays small next to the trainer.
 """
@@ -35,6 +44,9 @@ import time
 from pathlib import Path
 
 EXIT_RESUMABLE = 75  # pretrain.train.EXIT_RESUMABLE (not imported: slurm imports pretrain config only)
+EXIT_CLEAN = (0, EXIT_RESUMABLE)  # torchrun may see these at once: every rank stops at the same step
+EXIT_ON_PURPOSE = (2, 74)  # config/input error, disk full (pretrain.train.EXIT_DISK_FULL)
+ON_PURPOSE_WAIT_S = 30.0  # how long a rank that stopped on purpose waits for its node's others
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 FORWARDED = (signal.SIGTERM, signal.SIGINT, *STOP_SIGNALS)
 
@@ -46,6 +58,24 @@ def status_file(status_dir: str | Path, rank: int) -> Path:
 def stopping_file(status_dir: str | Path, rank: int) -> Path:
     """Written when this rank's trainer has been handed a stop signal."""
     return Path(status_dir) / f"rank-{rank}.stopping"
+
+
+def node_ended_on_purpose(status_dir: str | Path, timeout: float = ON_PURPOSE_WAIT_S) -> bool:
+    """Whether every rank of this node (torchrun numbers them RANK - LOCAL_RANK + i) has
+    recorded an exit code in EXIT_CLEAN or EXIT_ON_PURPOSE, waiting up to `timeout` s."""
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    files = [status_file(status_dir, rank - local + i)
+             for i in range(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))]
+    deadline = time.monotonic() + timeout
+    while not all(f.is_file() for f in files):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    try:
+        codes = [int(f.read_text().strip()) for f in files]
+    except (OSError, ValueError):
+        return False
+    return all(c in EXIT_CLEAN + EXIT_ON_PURPOSE for c in codes)
 
 
 def _child_setup() -> None:
@@ -115,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(f"{code}\n")
         os.replace(tmp, path)
-    if code in (0, EXIT_RESUMABLE):
+    if code in EXIT_CLEAN:
         return 0
+    if code in EXIT_ON_PURPOSE and status_dir and node_ended_on_purpose(status_dir):
+        return 0  # the status files carry the code; torchrun sees a clean end
     return 128 - code if code < 0 else code
 
 
