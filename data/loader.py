@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -76,6 +76,8 @@ class LoaderConfig:
     verify_sha256: check each shard against its manifest's digest (xxh3-128 if listed).
     prefetch_factor, batches_per_transfer: each worker sends groups of this many
         micro-batches (fewer messages), and keeps prefetch_factor groups in flight.
+    pin_memory: batches' ids in pinned memory (None: when CUDA is available), so
+        `Batch.to(cuda)` copies asynchronously.
     """
 
     sources: Any
@@ -99,7 +101,7 @@ class LoaderConfig:
     verify_sha256: bool = True
     prefetch_factor: int = 4
     batches_per_transfer: int = 4
-    pin_memory: bool = False
+    pin_memory: bool | None = None
     return_meta: bool = False
 
     @classmethod
@@ -328,15 +330,18 @@ class _Slot:
             return tokens
         raise ShardError(r.url(e, p), None, f"sample {idx} is missing on resume")
 
-    def batches(self, alloc=None) -> Iterator[tuple[tuple | None, bytes, int]]:
-        """Yield (compact batch, pickled state after it, batches so far) forever, or until
-        the epochs are read; the last item has no batch (None), only the final state.
+    def batches(self, alloc, snapshot: bool = True
+                ) -> Iterator[tuple[tuple | None, SlotState | bytes, int]]:
+        """Yield (packed batch, state after it, batches so far) forever, or until the epochs
+        are read; the last item has no batch (None), only the final state. The state is
+        pickled (`snapshot`: a worker's batches run ahead of the consumer), or the live
+        object (in-process: the generator stands still while its batch is used).
 
-        A compact batch is (ids, starts, end, meta): ids, the (B*S+1,) packed stream of the
-        rows, a new int64 array, or the buffer `alloc()` returns (a worker packs straight
-        into shared memory); starts, the stream positions where a document begins; end,
-        where padding begins (B*S+1 when there is none); meta (`return_meta`) or None.
-        `_finish` turns it into the contract's tensors.
+        A packed batch is (ids, starts, end, meta): ids, the (B*S+1,) stream of the rows
+        packed into the buffer `alloc()` returns (a tensor or an array of the compact
+        dtype: a worker packs straight into shared memory); starts, the stream positions
+        where a document begins; end, where padding begins (B*S+1 when there is none);
+        meta (`return_meta`) or None. `_batch` turns it into a `Batch`.
         """
         cfg, st = self.cfg, self.st
         b, s = cfg.micro_batch_size, cfg.seq_len
@@ -354,9 +359,12 @@ class _Slot:
                 if cfg.on_error != "skip":
                     raise
                 self.skipped(e)
-        draw, empty, i64 = self._draw, np.empty, np.int64
+        draw = self._draw
+        freeze = (lambda x: pickle.dumps(x, pickle.HIGHEST_PROTOCOL)) if snapshot else (
+            lambda x: x)
         while not st.done:
-            flat = empty(need, dtype=i64) if alloc is None else alloc()
+            buf = alloc()
+            flat = buf if isinstance(buf, np.ndarray) else buf.numpy()
             starts = []
             pos = 0
             segs = []
@@ -392,10 +400,8 @@ class _Slot:
                 st.carry = DocRef(*pending[0], pending[2])
             stats.batches += 1
             stats.tokens += b * s
-            batch = (flat, starts, pos, self._meta(segs) if meta else None)
-            yield batch, pickle.dumps(st, pickle.HIGHEST_PROTOCOL), stats.batches
-        # the final state (counters), no batch
-        yield None, pickle.dumps(st, pickle.HIGHEST_PROTOCOL), stats.batches
+            yield (buf, starts, pos, self._meta(segs) if meta else None), freeze(st), stats.batches
+        yield None, freeze(st), stats.batches  # the final state (counters), no batch
 
     def _meta(self, segs: list[tuple]) -> list[list[tuple]]:
         """Per row, the document pieces it holds: (source, epoch, shard url, sample index,
@@ -437,8 +443,8 @@ class _Ring:
 
     Worker w owns `depth` slots of `per` batches each: its g-th message is packed in
     place into slot g % depth, and the message itself carries only the small parts
-    (document starts, states). The main process widens each batch into new int64
-    tensors and, once all of a message's are, counts it as consumed; a worker waits
+    (document starts, states). The main process copies each batch out (into a new
+    tensor) and, once all of a message's are, counts it as consumed; a worker waits
     before reusing a slot the main process has not consumed yet (the DataLoader's own
     prefetch limit normally keeps it from ever waiting). This keeps the bulk of the data
     out of the worker -> main pipe, which costs more than the packing itself.
@@ -517,37 +523,83 @@ class _ReaderGone(Exception):
     """The main process stopped reading (or died): a worker ends its stream quietly."""
 
 
-def _finish(batch: tuple, b: int, s: int, pack: bool, pin: bool = False) -> dict:
-    """Compact batch (see `_Slot.batches`) -> the contract's tensors, in the process that
-    hands it out: input_ids, labels (int64 (b, s), labels -100 where ignored), reset
-    (bool (b, s)), and "meta" when asked for. One widening copy (none when the ids are
-    already int64) and one copy for the labels; the masks touch only the few document
-    starts and the padding."""
-    ids, starts, end, meta = batch
-    if ids.itemsize == 2:  # uint16 from a worker: torch widens it faster than numpy
-        ids = torch.from_numpy(ids).to(torch.int64).numpy()
-    elif ids.itemsize != 8:  # int32 from a worker
-        ids = ids.astype(np.int64)
-    n = b * s
-    labels = ids[1:].copy()
-    if end <= n:  # padding from stream position `end`: no target there
-        labels[max(end - 1, 0):] = IGNORE_INDEX
-    reset = np.zeros(n, dtype=bool)
-    if pack:
-        for p in starts:  # a document starts at p: reset there, no target across it
-            if p:
-                labels[p - 1] = IGNORE_INDEX
-            if p < n:
-                reset[p] = True
-        reset[::s] = True
-    out = {"input_ids": torch.from_numpy(ids[:n].reshape(b, s)),
-           "labels": torch.from_numpy(labels.reshape(b, s)),
-           "reset": torch.from_numpy(reset.reshape(b, s))}
-    if pin:
-        out = {k: v.pin_memory() for k, v in out.items()}
-    if meta is not None:
-        out["meta"] = meta
-    return out
+_TORCH_DTYPE = {np.dtype(np.uint16): torch.uint16, np.dtype(np.int32): torch.int32}
+
+
+class Tensors(NamedTuple):
+    """A batch on its device, in the order `engine.forward` takes them: input_ids
+    (B, S) int64, reset (B, S) bool, labels (B, S) int64 (-100 where ignored)."""
+
+    input_ids: torch.Tensor
+    reset: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(slots=True)
+class Batch:
+    """One micro-batch as the loader hands it out: the packed ids in the width the shards
+    store, and what the reset mask and the ignored labels are made from. `to(device)`
+    widens it and builds labels and reset there (see the package docstring).
+
+    ids: (B*S+1,) uint16 (int32 when the vocabulary exceeds 65536 or is unknown), the
+        packed stream; pinned when the loader pins. Row r is ids[r*S : r*S+S+1]
+        (`rows()`, a (B, S+1) view: consecutive rows share one token); its inputs are
+        row[:-1], its labels row[1:].
+    starts: (k,) int64, the stream positions where a document begins.
+    end: the stream position where padding begins (B*S+1: none).
+    shape: (B, S).
+    pack: packing == "pack" (reset at document starts and row starts; no target across
+        a document boundary); False: concat (no reset, no ignored target but padding).
+    meta: with `return_meta`, per row the document pieces it holds; else None.
+    """
+
+    ids: torch.Tensor
+    starts: torch.Tensor
+    end: int
+    shape: tuple[int, int]
+    pack: bool
+    meta: list | None = None
+
+    def rows(self) -> torch.Tensor:
+        """(B, S+1): row r of the batch, inputs row[:-1] and labels row[1:] (a view)."""
+        b, s = self.shape
+        return self.ids.as_strided((b, s + 1), (s, 1))
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Tensors:
+        """Copy the narrow ids to `device` (asynchronously from a pinned buffer), widen them
+        to int64 there and build labels and the reset mask there: a few small kernels
+        instead of 8 + 8 + 1 bytes per token made and moved by the host."""
+        b, s = self.shape
+        n = b * s
+        ids = self.ids.to(device, non_blocking=non_blocking).long()  # (n+1,)
+        target = ids.clone()  # target[p]: the label of input p-1 (target[0] is dropped)
+        if self.end <= n:  # padding from stream position `end`: no target there
+            target[max(self.end, 1):] = IGNORE_INDEX
+        reset = torch.zeros(n + 1, dtype=torch.bool, device=ids.device)
+        if self.pack:  # a document starts at p: reset there, no target across it
+            starts = self.starts.to(ids.device, non_blocking=non_blocking)
+            target[starts] = IGNORE_INDEX
+            reset[starts] = True
+            reset[:n:s] = True
+        return Tensors(ids[:n].view(b, s), reset[:n].view(b, s), target[1:].view(b, s))
+
+    def __getitem__(self, key: str):
+        """The batch expanded on the host, by name ("input_ids", "labels", "reset"), or
+        "meta": for tests and inspection (the trainer calls `to`)."""
+        if key == "meta":
+            return self.meta
+        return getattr(self.to("cpu"), key)
+
+
+def _batch(packed: tuple, b: int, s: int, pack: bool, pin: bool) -> Batch:
+    """A packed batch (see `_Slot.batches`) -> `Batch`. Ids in a worker's ring slot (an
+    array) are copied out, since the slot is reused."""
+    ids, starts, end, meta = packed
+    if isinstance(ids, np.ndarray):
+        out = torch.empty(ids.shape, dtype=_TORCH_DTYPE[ids.dtype], pin_memory=pin)
+        out.numpy()[:] = ids
+        ids = out
+    return Batch(ids, torch.tensor(starts, dtype=torch.int64), end, (b, s), pack, meta)
 
 
 def _collate_none(x):
@@ -599,22 +651,24 @@ class TokenLoader:
         r = self.cfg.rank
         return list(range(r * self.nw, (r + 1) * self.nw))
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         mine = self._my_slots()
         cfg = self.cfg
         b, s, pack = cfg.micro_batch_size, cfg.seq_len, cfg.packing == "pack"
-        pin = cfg.pin_memory and torch.cuda.is_available()
+        pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
+        dtype = _compact_dtype(cfg, self.shards)
         slots = self._slots
         if cfg.num_workers == 0:  # in-process: one slot, no DataLoader in between
             j = mine[0]
             slot = _Slot(cfg, self.shards, self.weights, _state_of(slots[j]))
-            for batch, st, _count in slot.batches():
-                slots[j] = st  # the state after the last batch handed out
+            slots[j] = slot.st  # live: the generator stands still while a batch is used
+            tdt, need = _TORCH_DTYPE[dtype], b * s + 1
+            for batch, _st, _count in slot.batches(
+                    lambda: torch.empty(need, dtype=tdt, pin_memory=pin), snapshot=False):
                 if batch is not None:
-                    yield _finish(batch, b, s, pack, pin)
+                    yield _batch(batch, b, s, pack, pin)
             return
         group = max(1, cfg.batches_per_transfer)
-        dtype = _compact_dtype(cfg, self.shards)
         groups = max(1, min(_MESSAGE_BATCHES // group,  # groups per message
                             _MESSAGE_BYTES // (group * (b * s + 1) * dtype.itemsize)))
         ring = _Ring(cfg.num_workers, max(2, cfg.prefetch_factor) + 2, groups * group,
@@ -653,10 +707,10 @@ class TokenLoader:
                     g, grp, last = queued[w].popleft()
                     local = (w + phase0) % self.nw
                     for i, (bt, st, count) in grp:
-                        batch = None if bt is None else _finish((views[w][g % ring.depth, i],
-                                                                 *bt[1:]), b, s, pack, pin)
+                        batch = None if bt is None else _batch((views[w][g % ring.depth, i],
+                                                                *bt[1:]), b, s, pack, pin)
                         if last and i == grp[-1][0]:
-                            consumed[w] = g + 1  # its ids are all widened: the slot is free
+                            consumed[w] = g + 1  # its ids are all copied out: the slot is free
                         slots[mine[local]] = st  # the state after the last batch handed out
                         if batch is None:  # the reader finished: its final state, no batch
                             self._phase = (local + 1) % self.nw

@@ -62,7 +62,7 @@ def fit(tr: Trainer) -> int:
             t0 = time.perf_counter()
             batch = next(it)
             tr.meter.data_wait += time.perf_counter() - t0
-            ids, reset, labels = (batch[k].to(info.device) for k in ("input_ids", "reset", "labels"))
+            ids, reset, labels = batch.to(info.device)  # narrow ids widened, labels and mask built there
             loss = tr.hooks.loss(tr.progress.step + 1, engine.forward(ids, reset, labels))
             finite &= torch.isfinite(loss)
             engine.backward(loss / t.grad_accum)  # a non-finite loss only spoils gradients the step drops

@@ -375,7 +375,7 @@ class Trainer:
                 batch = next(it, None)
                 if any_rank(batch is None):  # every rank runs the same number of forwards
                     break
-                ids, reset, labels = (batch[k].to(self.info.device) for k in ("input_ids", "reset", "labels"))
+                ids, reset, labels = batch.to(self.info.device)  # data.Batch: widened on the device
                 n = (labels != -100).sum()
                 loss = self.engine.forward(ids, reset, labels)
                 total += torch.stack([loss.double() * n, n.double()]).cpu()
