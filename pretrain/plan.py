@@ -49,7 +49,7 @@ from model import ModelConfig, build_model, flops_per_token
 
 from .config import TrainConfig, load_train_config
 from .engine.common import enable_activation_checkpointing
-from .metrics import published_peak
+from .metrics import measure_matmul_flops, published_peak
 
 GIB = 1024**3
 
@@ -69,7 +69,6 @@ GPUS: dict[str, GPU] = {
     for key, name, memory in (("h100", "H100 80GB", 80e9), ("h200", "H200 141GB", 141e9),
                               ("a100", "A100 80GB", 80e9), ("b200", "B200 180GB", 180e9))
 }
-CPU_PEAK_FLOPS = 1e12  # a nominal CPU node; set hardware.peak_flops for a real figure
 MFU = 0.40
 """Default model FLOPs utilization, a stated assumption until `make gpu-check` measures one:
 the trainer reached 43-48% of a measured fp32 matmul peak on CPU
@@ -80,10 +79,14 @@ HEADROOM = 0.90
 buffers and allocator fragmentation."""
 
 
-def cpu_device() -> GPU:
-    """This machine as a device: its physical memory; the nominal peak above."""
+def cpu_device(peak_flops: float | None = None) -> GPU:
+    """This machine as a device: its physical memory, and `peak_flops` (FLOP/s) or else its
+    fp32 matmul peak measured now (the trainer's MFU denominator on CPU; a nominal figure
+    put the CPU plan's speed about 100x off)."""
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return GPU("cpu", float(mem), CPU_PEAK_FLOPS)
+    if peak_flops is None:
+        peak_flops = measure_matmul_flops(torch.device("cpu"), dtype=torch.float32)
+    return GPU("cpu", float(mem), peak_flops)
 
 
 # ------------------------------------------------------------------ saved activations
@@ -621,19 +624,26 @@ def summary_line(plan: Plan) -> str:
 
 
 def plan_summary_line(cfg: TrainConfig, world_size: int, gpu: str | None = None, mfu: float = MFU,
-                      memory: bool = True) -> str:
+                      memory: bool = True, cpu_peak_flops: float | None = None) -> str:
     """One line for the start of a run: peak memory per GPU and whether it fits, tokens/s,
     time and GPU-hours to the budget. Simulates the config's own setting only (seconds;
     memory=False skips it: instant, no peak in the line).
     gpu: a key of GPUS or 'cpu'; None: 'cpu' without CUDA, else the first GPU's name
-    if it is one of GPUS, else h100."""
+    if it is one of GPUS, else h100. cpu_peak_flops: the CPU's FLOP/s if already measured
+    (the trainer's), else measured here."""
     if gpu is None:
         gpu = "cpu"
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name(0).lower()
             gpu = next((k for k in GPUS if k in name), "h100")
-    device = cpu_device() if gpu == "cpu" else GPUS[gpu]
+    device = cpu_device(cpu_peak_flops) if gpu == "cpu" else GPUS[gpu]
     return summary_line(make_plan(cfg, world_size, device, mfu, full=False, memory=memory))
+
+
+def _peak(device: GPU) -> str:
+    if device.name == "cpu":
+        return f"{device.peak_flops / 1e9:.0f} GFLOP/s fp32 matmul, measured"
+    return f"{device.peak_flops / 1e12:.0f} TFLOP/s bf16 dense"
 
 
 def report(plan: Plan) -> str:
@@ -644,7 +654,7 @@ def report(plan: Plan) -> str:
         f"config: {mcfg.arch} d={mcfg.embedding_dim} blocks={mcfg.num_blocks} context={mcfg.context_length} "
         f"seq_len={cfg.data.seq_len}",
         f"cluster: {plan.world} x {plan.device.name} ({_b(plan.device.memory)}, "
-        f"{plan.device.peak_flops / 1e12:.0f} TFLOP/s bf16 dense), layout {plan.layout.name}, {d.precision}",
+        f"{_peak(plan.device)}), layout {plan.layout.name}, {d.precision}",
         f"parameters: {plan.params:,} total; weights per rank ({d.precision}) by layout: "
         + ", ".join(f"{k} {_b(v)}" for k, v in plan.per_layout.items()),
         f"batch: {t.global_batch_size} sequences = {tokens_step:,} tokens per step = micro batch "

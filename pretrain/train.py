@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
         trainer = Trainer(cfg, args, info, hooks)  # checks its inputs first, on every rank alike
         if info.is_main:  # the plan of this run (pretrain/plan.py); its memory part simulates a step
             try:
-                line = plan_summary_line(cfg, info.world_size, memory=info.device.type == "cuda")
+                line = plan_summary_line(cfg, info.world_size, memory=info.device.type == "cuda",
+                                         cpu_peak_flops=trainer.peak)
             except Exception as err:  # noqa: BLE001 - a report, never a reason to stop the run
                 line = f"plan: not available ({type(err).__name__}: {err})"
             print(line, flush=True)
