@@ -1,6 +1,6 @@
 """The training entry point and the step loop.
 
-    torchrun --nproc_per_node=N -m pretrain.train --config configs/X.yaml [--resume auto] [key.sub=value ...]
+    python -m pretrain.launch --nproc_per_node=N -- --config configs/X.yaml [--resume auto] [key.sub=value ...]
     python -m pretrain.train --config configs/X.yaml ...          (one process)
 
 `fit` below is the whole loop: micro batches, one engine step, log, evaluate,
@@ -11,6 +11,8 @@ checkpoint (resume with `--resume auto`; docs/design.md, "Preemption protocol"),
 EXIT_DISK_FULL (74) the disk filled while checkpointing (the previous checkpoint is
 intact: free space, then `--resume auto`), 1 error, 2 config or input error (a
 missing path, an unusable checkpoint: one line from rank 0, no traceback).
+`pretrain.launch` (torchrun, each rank through slurm.rank) exits with these codes;
+plain torchrun would report each non-zero one as a crash of its own (exit 1).
 """
 
 from __future__ import annotations
