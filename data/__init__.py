@@ -76,18 +76,19 @@ before 2026-12) still load; another version is an error.
 How exactly-once resume works: `data.state` (its docstring, then the state's
 fields one by one).
 
-Reading: a shard is read whole: a local file is mapped (zero-copy views of the ids), a
-stream (HTTP, `pipe:`) read to its end; one tar parser indexes it. A local file's index
-and a digest verified against the manifest (its xxh3-128 when it has one and `xxhash`
-is installed, else its sha256) are kept per process while the file's identity (device,
+Reading: a local shard is mapped (zero-copy views of the ids); a stream (HTTP, `pipe:`)
+is parsed as it arrives, holding one read buffer and one sample, never the whole
+shard; one tar parser does both (`data.tarshard`). A local file's mapping, index and a
+digest verified against the manifest (its xxh3-128 when it has one and `xxhash` is
+installed, else its sha256) are kept per process while the file's identity (device,
 inode, size, mtime_ns, ctime_ns) is unchanged, so a later epoch neither re-parses nor
 re-hashes it. With `num_workers > 0` each worker packs ids (uint16 when the vocabulary
 allows, else int32) into a shared-memory ring; the DataLoader pipe only carries document
 starts and states, and the main process copies each batch out of the ring.
 
 Faults: a truncated or corrupt shard raises `ShardError` naming the shard and byte
-offset (a digest mismatch against the manifest is caught before any sample of the
-shard is used);
+offset (a digest mismatch against the manifest is caught before any sample of a local
+shard is used; a stream's, at its end);
 `on_error="skip"` skips the rest of that shard with a warning and counts it in
 `loader.stats["skipped_shards"]` (names in `stats["skipped"]`). Unreachable URLs are
 retried `retries` times with exponential backoff, then `SourceError` names them; an HTTP

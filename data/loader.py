@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -26,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .sources import Shards, SourceError, expand_source, load_shard
+from .sources import Shards, SourceError, expand_source, local_path, open_shard, retry_local
 from .state import (
     STATE_KIND,
     STATE_VERSION,
@@ -41,7 +42,7 @@ from .state import (
     slot_from_dict,
     window_order,
 )
-from .tarshard import ShardError
+from .tarshard import ShardError, TarStream, map_shard
 
 PACKING = ("pack", "concat")
 IGNORE_INDEX = -100
@@ -185,22 +186,26 @@ class _SourceReader:
     def _samples(self, cur: Unit, verify: bool = True) -> Iterator[tuple[int, np.ndarray]]:
         """(sample index, tokens) of the unit's included samples from `cur.window_start`.
 
-        A shard is read whole (`sources.load_shard`: a local file mapped, zero-copy ids;
-        index and digest checked once per process while the file is unchanged)."""
+        A local shard is mapped (zero-copy ids; index and digest checked once per process
+        while the file is unchanged); any other is streamed (`tarshard.TarStream`)."""
         cfg = self.cfg
         url = self.url(cur.epoch, cur.position)
         digest = self.shards.digest(url) if (verify and cfg.verify_sha256) else None
-        shard = load_shard(url, retries=cfg.retries, backoff=cfg.retry_backoff,
-                           timeout=cfg.timeout, on_retry=self.slot.on_retry,
-                           vocab_size=self.slot.vocab_size(self.s), digest=digest)
-        n, ranges, w = shard.n, cur.ranges, cur.window_start
+        vocab, ranges, skip = self.slot.vocab_size(self.s), cur.ranges, cur.window_start
+        path = local_path(url)
+        if path is None or not os.path.isfile(path):
+            yield from self._streamed(url, vocab, digest, ranges, skip)
+            return
+        shard = retry_local(url, lambda: map_shard(path, url, vocab_size=vocab, digest=digest),
+                            cfg.retries, cfg.retry_backoff, self.slot.on_retry)
+        n = shard.n
         if len(ranges) == 1 and ranges[0][1] < 0:
-            idxs: Any = range(max(0, ranges[0][0]) + w, n)
+            idxs: Any = range(max(0, ranges[0][0]) + skip, n)
         else:
             keep = np.zeros(n, dtype=bool)
             for lo, hi in ranges:
                 keep[max(0, lo):n if hi < 0 else hi] = True
-            idxs = np.flatnonzero(keep)[w:].tolist()
+            idxs = np.flatnonzero(keep)[skip:].tolist()
         tokens = shard.tokens
         for idx in idxs:
             yield idx, tokens(idx)
@@ -208,6 +213,30 @@ class _SourceReader:
         if shard.error is not None and (digest is not None or
                                         any(hi < 0 or hi > n for _lo, hi in ranges)):
             raise shard.error
+
+    def _streamed(self, url: str, vocab: int | None, digest: tuple[str, str] | None,
+                  ranges: list[list[int]], skip: int) -> Iterator[tuple[int, np.ndarray]]:
+        """`_samples` of a shard read as a stream: up to the end of `ranges` (to the end of
+        the shard when a digest is to be checked)."""
+        cfg = self.cfg
+        last = None if any(hi < 0 for _lo, hi in ranges) else max(hi for _lo, hi in ranges)
+        f = open_shard(url, retries=cfg.retries, backoff=cfg.retry_backoff,
+                       timeout=cfg.timeout, on_retry=self.slot.on_retry)
+        try:
+            r = 0
+            for i, (_key, ids, _off) in enumerate(TarStream(f, url, vocab_size=vocab,
+                                                            digest=digest)):
+                if last is not None and i >= last and digest is None:
+                    return
+                while r < len(ranges) and 0 <= ranges[r][1] <= i:
+                    r += 1
+                if r < len(ranges) and i >= ranges[r][0]:
+                    if skip:
+                        skip -= 1
+                    else:
+                        yield i, ids
+        finally:
+            f.close()
 
     def _docs(self) -> Iterator[tuple[tuple, np.ndarray, int]]:
         st, cfg = self.st, self.cfg
@@ -226,11 +255,7 @@ class _SourceReader:
             try:
                 stream = self._samples(cur)
                 while True:
-                    window = []
-                    for x in stream:
-                        window.append(x)
-                        if len(window) >= k:
-                            break
+                    window = list(itertools.islice(stream, k))
                     if not window:
                         break
                     size = cur.window_size = len(window)
@@ -254,11 +279,10 @@ class _SourceReader:
     def next_doc(self):
         if self._gen is None:
             self._gen = self._docs()
-        try:
-            return next(self._gen)
-        except StopIteration:
+        d = next(self._gen, None)
+        if d is None:
             self.st.exhausted = True  # kept, so a resume draws the same
-            return None
+        return d
 
 
 class _Slot:
@@ -312,9 +336,6 @@ class _Slot:
 
     def _draw(self) -> tuple | None:
         """The next document: ((source, epoch, position, index), tokens, token offset)."""
-        if len(self.readers) == 1:  # one source: no mixing draw
-            r = self.readers[0]
-            return None if r.st.exhausted else r.next_doc()
         while True:
             r = self._choose()
             if r is None:
@@ -359,7 +380,8 @@ class _Slot:
                 if cfg.on_error != "skip":
                     raise
                 self.skipped(e)
-        draw = self._draw
+        # one source: no mixing draw (an exhausted reader's new generator ends at once)
+        draw = self._draw if len(self.readers) > 1 else self.readers[0].next_doc
         freeze = (lambda x: pickle.dumps(x, pickle.HIGHEST_PROTOCOL)) if snapshot else (
             lambda x: x)
         while not st.done:
@@ -591,15 +613,20 @@ class Batch:
         return getattr(self.to("cpu"), key)
 
 
-def _batch(packed: tuple, b: int, s: int, pack: bool, pin: bool) -> Batch:
-    """A packed batch (see `_Slot.batches`) -> `Batch`. Ids in a worker's ring slot (an
-    array) are copied out, since the slot is reused."""
+def _batch(packed: tuple, b: int, s: int, pack: bool, pin: bool, copy: bool = False
+           ) -> Batch:
+    """A packed batch (see `_Slot.batches`) -> `Batch`. `copy`: the ids lie in a worker's
+    ring slot, which is reused: copy them out (into pinned memory when `pin`)."""
     ids, starts, end, meta = packed
-    if isinstance(ids, np.ndarray):
+    if copy:
         out = torch.empty(ids.shape, dtype=_TORCH_DTYPE[ids.dtype], pin_memory=pin)
         out.numpy()[:] = ids
         ids = out
-    return Batch(ids, torch.tensor(starts, dtype=torch.int64), end, (b, s), pack, meta)
+    elif isinstance(ids, np.ndarray):  # packed into a plain array (not pinned)
+        ids = torch.from_numpy(ids)
+    # from numpy: a fifth of torch.tensor(list)'s cost, which was most of a batch's
+    return Batch(ids, torch.from_numpy(np.array(starts, dtype=np.int64)), end, (b, s), pack,
+                 meta)
 
 
 def _collate_none(x):
@@ -663,8 +690,9 @@ class TokenLoader:
             slot = _Slot(cfg, self.shards, self.weights, _state_of(slots[j]))
             slots[j] = slot.st  # live: the generator stands still while a batch is used
             tdt, need = _TORCH_DTYPE[dtype], b * s + 1
-            for batch, _st, _count in slot.batches(
-                    lambda: torch.empty(need, dtype=tdt, pin_memory=pin), snapshot=False):
+            alloc = ((lambda: torch.empty(need, dtype=tdt, pin_memory=True)) if pin else
+                     (lambda: np.empty(need, dtype)))  # numpy's: a tenth of torch.empty's cost
+            for batch, _st, _count in slot.batches(alloc, snapshot=False):
                 if batch is not None:
                     yield _batch(batch, b, s, pack, pin)
             return
@@ -707,8 +735,8 @@ class TokenLoader:
                     g, grp, last = queued[w].popleft()
                     local = (w + phase0) % self.nw
                     for i, (bt, st, count) in grp:
-                        batch = None if bt is None else _batch((views[w][g % ring.depth, i],
-                                                                *bt[1:]), b, s, pack, pin)
+                        batch = None if bt is None else _batch(
+                            (views[w][g % ring.depth, i], *bt[1:]), b, s, pack, pin, copy=True)
                         if last and i == grp[-1][0]:
                             consumed[w] = g + 1  # its ids are all copied out: the slot is free
                         slots[mine[local]] = st  # the state after the last batch handed out

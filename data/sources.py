@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from .tarshard import MappedShard, ShardError, have_digest, map_shard, read_shard
+from .tarshard import ShardError, have_digest
 
 
 class SourceError(RuntimeError):
@@ -250,10 +250,10 @@ def open_shard(url: str, *, retries: int = 3, backoff: float = 0.5, timeout: flo
         return _HttpStream(url, retries, backoff, timeout, on_retry)
     from webdataset import gopen
 
-    return _retry_local(url, lambda: gopen(url, "rb"), retries, backoff, on_retry)
+    return retry_local(url, lambda: gopen(url, "rb"), retries, backoff, on_retry)
 
 
-def _retry_local(url: str, opener, retries: int, backoff: float, on_retry):
+def retry_local(url: str, opener, retries: int, backoff: float, on_retry):
     """`opener()`, retried with doubling backoff on OSError (not on a missing file, which
     does not come back); SourceError naming `url` when every attempt failed."""
     delay = backoff
@@ -291,20 +291,3 @@ def local_path(url: str) -> str | None:
     if url.startswith("pipe:") or _is_url(url):
         return None
     return url.removeprefix("file://")
-
-
-def load_shard(url: str, *, retries: int = 3, backoff: float = 0.5, timeout: float = 30.0,
-               on_retry=None, vocab_size: int | None = None,
-               digest: tuple[str, str] | None = None) -> MappedShard:
-    """One shard, indexed and checked (`tarshard`): a local file is mapped (with
-    `open_shard`'s retries on OSError), any other source is read to its end."""
-    path = local_path(url)
-    if path is not None and os.path.isfile(path):
-        return _retry_local(
-            url, lambda: map_shard(path, url, vocab_size=vocab_size, digest=digest),
-            retries, backoff, on_retry)
-    f = open_shard(url, retries=retries, backoff=backoff, timeout=timeout, on_retry=on_retry)
-    try:
-        return read_shard(f, url, vocab_size=vocab_size, digest=digest)
-    finally:
-        f.close()

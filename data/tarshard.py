@@ -9,16 +9,20 @@ Writer: `webdataset.TarWriter` with fixed metadata (mtime 0, uid/gid 0, no user
 names, mode 0644, ustar), so the same samples give byte-identical shards; it hashes
 what it writes (sha256 for the manifest, xxh3-128 for the loader's per-run check).
 
-Reader: one tar parser (`_walk`) over a whole shard in memory: a local file is mapped
-(`map_shard`), a stream (HTTP, `pipe:`) is read to its end first (`read_shard`), so
-a digest mismatch is caught before any sample is used, wherever the shard lives.
-The parser is ours, not tarfile's or webdataset's, because every problem must name
-the shard and the byte offset: a bad header checksum, a truncated member, an
-odd-sized token array, an id out of range. A local shard's index (where each
-sample's ids lie, the largest id of each) and a digest it has verified are kept per
-process, keyed by the file's identity (device, inode, size, mtime_ns, ctime_ns), so
-the next epoch neither re-parses nor re-hashes it; a changed file is checked anew,
-and a digest that did not match is never kept.
+Readers: one tar parser (`_walk`), over bytes in memory, used two ways. A local file
+is mapped whole (`map_shard`: zero-copy views of the ids, random access, the digest
+checked before any sample is used). A stream (HTTP, `pipe:`) is parsed as it arrives
+(`TarStream`: the parser walks what has come, a chunk at a time, and keeps only the
+sample still being read; memory is one chunk plus one sample, whatever the shard's
+size; its digest is checked at its end). The parser is ours, not tarfile's or
+webdataset's, because every problem must name the shard and the byte offset: a bad
+header checksum, a truncated member, an odd-sized token array, an id out of range
+(tests/test_data_tarshard.py holds both readers to a sequential reference, at every
+chunk size). A local shard's mapping, index (where each sample's ids lie, the largest
+id of each) and a digest it has verified are kept per process, keyed by the file's
+identity (device, inode, size, mtime_ns, ctime_ns), so the next epoch neither maps,
+parses nor hashes it again; a changed file is checked anew, and a digest that did not
+match is never kept.
 """
 
 from __future__ import annotations
@@ -167,9 +171,10 @@ _ZERO = bytes(BLOCK)
 # -- the parser ----------------------------------------------------------------------
 @dataclass
 class _Index:
-    """Where the samples of one shard file lie; built by `_walk`, cached by file identity.
+    """Where the samples of a tar held in memory lie; built by `_walk`, cached by file
+    identity for local files.
 
-    Sample i's ids are elements lo[i]:hi[i] of the file viewed as `<u4` where wide[i],
+    Sample i's ids are elements lo[i]:hi[i] of the buffer viewed as `<u4` where wide[i],
     else as `<u2`.
     """
 
@@ -181,17 +186,26 @@ class _Index:
     peak: np.ndarray  # int64 (n,): the largest id of each sample (-1 when empty)
     long_keys: dict[int, str]  # keys that came from a GNU/pax long name, by sample
     error: tuple[int | None, str] | None  # (offset, message) of the problem after sample n-1
+    stop: int = 0  # partial walks: where the next walk starts (the open sample's first header)
+    ended: bool = True  # the end-of-archive marker was read (partial walks)
 
 
-def _walk(buf, size: int, name: str, bad_header: int | None = None) -> _Index:
-    """Parse the headers of a whole tar file in memory: the one tar parser of `data`.
+def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 0,
+          partial: bool = False) -> _Index:
+    """Parse the headers of a tar held in memory: the one tar parser of `data`.
 
     Header by header, as a sequential reader would: the listed samples are those it
     yields before it meets a problem, `error` is that problem (or None). The sample
-    open at the problem is listed one past `n` when its ids were seen, so `map_shard`
-    checks them against the vocabulary as that reader would have, first. Header
-    checksums are checked all at once at the end (a Python sum per header costs more
-    than the rest of the walk); a bad one walks again, stopping at that header.
+    open at the problem is listed one past `n` when its ids were seen, so the vocabulary
+    check (`_check_ids`) meets it as that reader would have, first. Header checksums are
+    checked all at once at the end (a Python sum per header costs more than the rest of
+    the walk); a bad one walks again, stopping at that header.
+
+    `buf` may be a piece of a stream (`TarStream`) that starts at a header lying at
+    stream offset `base` (offsets in errors count from the stream's start). `partial`:
+    more may follow `size`, so running out of bytes is no error: the walk lists the
+    samples complete before the last one begun and sets `stop` to that one's first
+    header (a later sample may still add members to it).
     """
     keys: list[str] = []
     start: list[int] = []  # per sample: byte offset of its ids, their count, <u4 or <u2,
@@ -200,36 +214,48 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None) -> _Index:
     member: list[int] = []
     long_at: set[int] = set()  # samples whose key came from a GNU/pax long name
     err: tuple[int | None, str] | None = None
-    key: str | None = None  # the open sample, its tokens member, its header offset
+    key: str | None = None  # the open sample, its tokens member, its first header
     tok: tuple[int, int, bool, int] | None = None
     at = off = 0
+    named_at: int | None = None  # the first of the long-name headers before a member
     long_name: str | None = None
     hdr: list[int] = []  # offsets and stored checksums of the headers seen
     stored: list[int] = []
+    ended, stop = False, None
     try:
         while True:
             left = size - off
             if left < BLOCK:
+                if partial:
+                    break
                 if left == 0:
-                    raise ShardError(name, off, "truncated: no end-of-archive marker")
-                raise ShardError(name, size, f"truncated: wanted {BLOCK} bytes, "
+                    raise ShardError(name, base + off, "truncated: no end-of-archive marker")
+                raise ShardError(name, base + size, f"truncated: wanted {BLOCK} bytes, "
                                  f"stream ends after {left}")
             h = bytes(buf[off:off + BLOCK])
             if h == _ZERO:
+                ended, stop = True, off + BLOCK
                 break
-            stored.append(_octal(h[148:156], name, off))
+            stored.append(_octal(h[148:156], name, base + off))
             hdr.append(off)
             if off == bad_header:
-                raise ShardError(name, off, "corrupt tar header (checksum mismatch)")
-            msize = _octal(h[124:136], name, off)
+                raise ShardError(name, base + off, "corrupt tar header (checksum mismatch)")
+            msize = _octal(h[124:136], name, base + off)
             kind = h[156:157]
             data_at = off + BLOCK
             nxt = data_at + msize + (-msize % BLOCK)
             if msize and nxt > size:
+                if partial:
+                    hdr.pop()
+                    stored.pop()
+                    break
                 if size == data_at:
-                    raise ShardError(name, data_at, f"truncated: member at {off} has no data")
-                raise ShardError(name, size, f"truncated: wanted {nxt - data_at} bytes, "
-                                 f"stream ends after {size - data_at}")
+                    raise ShardError(name, base + data_at,
+                                     f"truncated: member at {base + off} has no data")
+                raise ShardError(name, base + size, f"truncated: wanted {nxt - data_at} "
+                                 f"bytes, stream ends after {size - data_at}")
+            if kind in (b"L", b"x", b"g") and named_at is None:
+                named_at = off
             if kind == b"L":  # GNU long name for the next member
                 long_name = bytes(buf[data_at:data_at + msize]).rstrip(b"\0").decode(
                     "utf-8", "replace")
@@ -243,25 +269,32 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None) -> _Index:
                 if k != key:
                     if key is not None:
                         if tok is None:
-                            raise ShardError(name, at, f"sample {key!r} has no tokens member")
+                            raise ShardError(name, base + at,
+                                             f"sample {key!r} has no tokens member")
                         keys.append(key)
                         for lst, v in zip((start, count, wide, member), tok):
                             lst.append(v)
                     key, tok, at = k, None, off
+                    stop = off if named_at is None else named_at
                     if long_name is not None:
                         long_at.add(len(keys))
-                long_name = None
+                long_name = named_at = None
                 if ext.startswith("tokens."):
                     dt = TOKEN_EXT.get(ext[7:])
                     if dt is None:
-                        raise ShardError(name, off, f"unknown token type {ext!r}")
+                        raise ShardError(name, base + off, f"unknown token type {ext!r}")
                     if msize % dt.itemsize:
-                        raise ShardError(name, off, f"corrupt sample {k!r}: {msize} bytes is "
-                                         f"not a whole number of {dt.itemsize}-byte ids")
+                        raise ShardError(name, base + off, f"corrupt sample {k!r}: {msize} "
+                                         f"bytes is not a whole number of {dt.itemsize}-byte ids")
                     tok = (data_at, msize // dt.itemsize, dt.itemsize == 4, off)
             off = nxt
-        if key is not None and tok is None:
-            raise ShardError(name, at, f"sample {key!r} has no tokens member")
+        if partial and not ended:  # the open sample waits for more bytes
+            stop = off if key is None else stop
+            if named_at is not None and key is None:
+                stop = named_at
+            key = tok = None
+        elif key is not None and tok is None:
+            raise ShardError(name, base + at, f"sample {key!r} has no tokens member")
     except ShardError as e:
         err = (e.offset, e.msg)
     if hdr and bad_header is None:  # sum of each header with its checksum field as spaces
@@ -270,7 +303,7 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None) -> _Index:
         got = h.sum(1, dtype=np.int64) - h[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
         bad = np.flatnonzero(got != np.asarray(stored, dtype=np.int64))
         if bad.size:
-            return _walk(buf, size, name, hdr[int(bad[0])])
+            return _walk(buf, size, name, hdr[int(bad[0])], base, partial)
     n = len(keys)
     if key is not None and tok is not None:  # the last sample, or the one open at the error
         keys.append(key)
@@ -291,25 +324,49 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None) -> _Index:
             peak[sel] = np.maximum.reduceat(ids, cuts[:-1])[0::2]
     long_keys = {i: k for i, k in enumerate(keys) if i in long_at}
     return _Index(n, lo_a, hi_a, wide_a if wide_a.any() else None,
-                  np.asarray(member, dtype=np.int64), peak, long_keys, err)
+                  np.asarray(member, dtype=np.int64), peak, long_keys, err,
+                  size if stop is None else stop, ended or not partial)
+
+
+def _check_ids(name: str, buf, index: _Index, vocab_size: int | None, base: int = 0
+               ) -> tuple[int, ShardError | None]:
+    """(usable samples, the error after them): the walk's, or the first id out of range."""
+    n = index.n
+    error = None if index.error is None else ShardError(name, *index.error)
+    if vocab_size is not None and index.peak.size and int(index.peak.max()) >= vocab_size:
+        i = int(np.argmax(index.peak >= vocab_size))  # == n: the sample open at the error
+        n = min(n, i)
+        error = ShardError(name, base + int(index.member[i]),
+                           f"corrupt sample {_key_of(buf, index, i)!r}: "
+                           f"id {int(index.peak[i])} >= vocab size {vocab_size}")
+    return n, error
+
+
+def _mismatch(name: str, size: int, algo: str) -> ShardError:
+    # a mismatch of any digest is one of the sha256, of the same bytes: name the manifest's
+    return ShardError(name, None, f"sha256 mismatch after {size} bytes "
+                      f"(corrupt data; {algo} differs from the manifest's)")
 
 
 _INDEX: OrderedDict[tuple, _Index] = OrderedDict()  # file identity -> index, LRU
 _INDEX_SAMPLES = [0]  # samples held in _INDEX
 INDEX_CACHE_SAMPLES = 1 << 20  # at most this many samples' entries are kept (~35 MB)
+_MAPS: OrderedDict[tuple, object] = OrderedDict()  # file identity -> its mapping, LRU
+MAPS_KEPT = 64  # each holds a file descriptor (Python's mmap keeps one)
 _VERIFIED: dict[tuple, tuple[str, str]] = {}  # file identity -> (algorithm, digest) checked
 _VERIFIED_MAX = 1 << 20
 
 
 def clear_cache() -> None:
-    """Forget every cached index and verified digest of this process (benchmarks, tests)."""
+    """Forget every cached index, mapping and verified digest of this process."""
     _INDEX.clear()
     _INDEX_SAMPLES[0] = 0
+    _MAPS.clear()
     _VERIFIED.clear()
 
 
 class MappedShard:
-    """A shard held in memory: `tokens(i)` is a zero-copy, read-only view of sample i's ids.
+    """A local shard mapped: `tokens(i)` is a zero-copy, read-only view of sample i's ids.
 
     `n` samples are usable; `error` (a `ShardError` or None) is what reading past
     them must raise (the shard is cut or corrupt there).
@@ -321,9 +378,6 @@ class MappedShard:
         self._u2 = np.frombuffer(buf, dtype=TOKEN_EXT["u16"], count=len(buf) // 2)
         self._u4 = (np.frombuffer(buf, dtype=TOKEN_EXT["u32"], count=len(buf) // 4)
                     if index.wide is not None else None)
-        for a in (self._u2, self._u4):  # a stream's bytes are writable: hand out read-only
-            if a is not None:
-                a.flags.writeable = False
         self._lo = index.lo[:n].tolist()
         self._hi = index.hi[:n].tolist()
         self._wide = index.wide[:n].tolist() if index.wide is not None else None
@@ -342,51 +396,15 @@ class MappedShard:
 def _key_of(buf, index: _Index, i: int) -> str:
     if i in index.long_keys:
         return index.long_keys[i]
-    return split_key(_header_name(bytes(buf[int(index.member[i]):int(index.member[i]) + BLOCK])))[0]
-
-
-def _open(name: str, buf, ident: tuple | None, vocab_size: int | None,
-          digest: tuple[str, str] | None) -> MappedShard:
-    """Index `buf` (cached by `ident` when given), check ids and digest: a MappedShard."""
-    size = len(buf)
-    index = _INDEX.get(ident) if ident is not None else None
-    if index is None:
-        index = _walk(buf, size, name)
-        if ident is not None:
-            _INDEX[ident] = index
-            _INDEX_SAMPLES[0] += index.n
-            while _INDEX_SAMPLES[0] > INDEX_CACHE_SAMPLES and len(_INDEX) > 1:
-                _INDEX_SAMPLES[0] -= _INDEX.popitem(last=False)[1].n
-    else:
-        _INDEX.move_to_end(ident)
-    n = index.n
-    error = None if index.error is None else ShardError(name, *index.error)
-    if vocab_size is not None and index.peak.size and int(index.peak.max()) >= vocab_size:
-        i = int(np.argmax(index.peak >= vocab_size))  # == n: the sample open at the error
-        n = min(n, i)
-        error = ShardError(name, int(index.member[i]),
-                           f"corrupt sample {_key_of(buf, index, i)!r}: "
-                           f"id {int(index.peak[i])} >= vocab size {vocab_size}")
-    if digest is not None and (ident is None or _VERIFIED.get(ident) != digest):
-        algo, want = digest
-        h = hasher(algo)
-        h.update(buf)
-        if h.hexdigest() != want:
-            # a structural problem says where; else name the manifest's sha256 (a mismatch
-            # of any digest is one of the sha256, of the same bytes)
-            raise error or ShardError(name, None, f"sha256 mismatch after {size} bytes "
-                                      f"(corrupt data; {algo} differs from the manifest's)")
-        if ident is not None:
-            if len(_VERIFIED) >= _VERIFIED_MAX:  # a bound, not an LRU: it only costs a re-hash
-                _VERIFIED.clear()
-            _VERIFIED[ident] = digest
-    return MappedShard(name, buf, index, n, error)
+    at = int(index.member[i])
+    return split_key(_header_name(bytes(buf[at:at + BLOCK])))[0]
 
 
 def map_shard(path: str, name: str | None = None, *, vocab_size: int | None = None,
               digest: tuple[str, str] | None = None) -> MappedShard:
     """Open a local shard for random access: mapped (read-only, pages populated up front),
-    indexed and checked once per process while the file's identity is unchanged.
+    indexed and checked once per process while the file's identity is unchanged (the
+    last `MAPS_KEPT` mappings are kept too, so a later epoch maps nothing anew).
 
     `digest` is (algorithm, hex digest) from the manifest (see `DIGESTS`). A digest
     mismatch raises `ShardError` here, before any sample is used (a structural problem of
@@ -395,39 +413,98 @@ def map_shard(path: str, name: str | None = None, *, vocab_size: int | None = No
     replaced by renaming (`data.prepare` does), never rewritten in place under a reader.
     """
     name = name or path
-    with open(path, "rb", buffering=0) as f:
-        st = os.fstat(f.fileno())
-        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        buf = (mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                         prot=mmap.PROT_READ) if st.st_size else b"")
-    return _open(name, memoryview(buf), ident, vocab_size, digest)
+    st = os.stat(path)
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    buf = _MAPS.get(ident)
+    if buf is None:
+        with open(path, "rb", buffering=0) as f:
+            buf = memoryview(mmap.mmap(
+                f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                prot=mmap.PROT_READ) if st.st_size else b"")
+        _MAPS[ident] = buf
+        if len(_MAPS) > MAPS_KEPT:
+            _MAPS.popitem(last=False)
+    else:
+        _MAPS.move_to_end(ident)
+    index = _INDEX.get(ident)
+    if index is None:
+        index = _INDEX[ident] = _walk(buf, len(buf), name)
+        _INDEX_SAMPLES[0] += index.n
+        while _INDEX_SAMPLES[0] > INDEX_CACHE_SAMPLES and len(_INDEX) > 1:
+            _INDEX_SAMPLES[0] -= _INDEX.popitem(last=False)[1].n
+    else:
+        _INDEX.move_to_end(ident)
+    n, error = _check_ids(name, buf, index, vocab_size)
+    if digest is not None and _VERIFIED.get(ident) != digest:
+        h = hasher(digest[0])
+        h.update(buf)
+        if h.hexdigest() != digest[1]:
+            raise error or _mismatch(name, len(buf), digest[0])  # a structural one says where
+        if len(_VERIFIED) >= _VERIFIED_MAX:  # a bound, not an LRU: it only costs a re-hash
+            _VERIFIED.clear()
+        _VERIFIED[ident] = digest
+    return MappedShard(name, buf, index, n, error)
 
 
-def read_shard(raw, name: str, *, vocab_size: int | None = None,
-               digest: tuple[str, str] | None = None) -> MappedShard:
-    """`map_shard` of a stream (any `.read(n)` object: HTTP, `pipe:`), read to its end first.
-    A read that fails raises `ShardError` at the offset reached."""
-    buf = bytearray()
-    while True:
+class TarStream:
+    """The samples of a shard read as a stream (HTTP, `pipe:`, any `.read(n)` object),
+    in order, in bounded memory: iterating yields `(key, ids, header offset)` per sample
+    (ids: a read-only copy), then raises the shard's problem if it has one, where a
+    sequential reader meets it. Reads `chunk` bytes at a time; what it holds is the
+    sample being read and one chunk (`held`: the most bytes it held at once). A digest
+    (algorithm, hex) is checked at the end of the stream: samples before a mismatch have
+    been handed out (only a local shard is checked before any sample is used).
+    """
+
+    def __init__(self, raw, name: str, *, vocab_size: int | None = None,
+                 digest: tuple[str, str] | None = None, chunk: int = 1 << 20):
+        self.raw, self.name, self.vocab_size, self.digest = raw, name, vocab_size, digest
+        self.chunk, self.held = chunk, 0
+
+    def _read(self, offset: int) -> bytes:
         try:
-            chunk = raw.read(1 << 20)
+            return self.raw.read(self.chunk)
         except ShardError:
             raise
         except Exception as e:  # e.g. a connection reset: name the shard and the offset
-            raise ShardError(name, len(buf), f"read failed: {e!r}") from e
-        if not chunk:
-            break
-        buf += chunk
-    return _open(name, memoryview(buf), None, vocab_size, digest)
+            raise ShardError(self.name, offset, f"read failed: {e!r}") from e
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray, int]]:
+        name, h = self.name, None if self.digest is None else hasher(self.digest[0])
+        buf, base, eof = b"", 0, False  # buf starts at stream offset `base`
+        while True:
+            data = self._read(base + len(buf))
+            eof = not data
+            if h is not None:
+                h.update(data)
+            buf += data
+            self.held = max(self.held, len(buf))
+            index = _walk(buf, len(buf), name, base=base, partial=not eof)
+            n, error = _check_ids(name, buf, index, self.vocab_size, base)
+            u2 = np.frombuffer(buf, dtype=TOKEN_EXT["u16"], count=len(buf) // 2)
+            u4 = np.frombuffer(buf, dtype=TOKEN_EXT["u32"], count=len(buf) // 4)
+            for i in range(n):
+                ids = (u4 if index.wide is not None and index.wide[i] else u2)[
+                    index.lo[i]:index.hi[i]].copy()
+                ids.flags.writeable = False
+                yield _key_of(buf, index, i), ids, base + int(index.member[i])
+            if error is not None:
+                raise error
+            if index.ended:
+                size = base + len(buf)
+                while not eof and h is not None:  # the rest, for the digest
+                    data = self._read(size)
+                    eof = not data
+                    h.update(data)
+                    size += len(data)
+                if h is not None and h.hexdigest() != self.digest[1]:
+                    raise _mismatch(name, size, self.digest[0])
+                return
+            buf, base = buf[index.stop:], base + index.stop
 
 
 def iter_samples(raw, name: str, *, vocab_size: int | None = None,
                  expect_sha256: str | None = None) -> Iterator[tuple[str, np.ndarray, int]]:
-    """Yield `(key, token ids, header offset)` per sample of a stream, in shard order, then
-    raise the shard's problem if it has one (`read_shard` does the reading and checks)."""
-    sh = read_shard(raw, name, vocab_size=vocab_size,
-                    digest=None if expect_sha256 is None else ("sha256", expect_sha256))
-    for i in range(sh.n):
-        yield sh.key(i), sh.tokens(i), int(sh._index.member[i])
-    if sh.error is not None:
-        raise sh.error
+    """`TarStream` of a stream, with its sha256 from the manifest checked at the end."""
+    yield from TarStream(raw, name, vocab_size=vocab_size,
+                         digest=None if expect_sha256 is None else ("sha256", expect_sha256))

@@ -1,4 +1,4 @@
-"""The shard reader (`map_shard`, `read_shard`) against a sequential reference reader,
+"""The shard readers (`map_shard`, `TarStream`) against a sequential reference reader,
 its per-process caches, the writer, and the workers' shared-memory ring.
 
 The reference (below: the sequential tar reader `data` had until 2026-12, kept here as
@@ -29,12 +29,12 @@ from data.tarshard import (
     BLOCK,
     TOKEN_EXT,
     ShardWriter,
+    TarStream,
     _header_name,
     _octal,
     clear_cache,
     iter_samples,
     map_shard,
-    read_shard,
     split_key,
 )
 
@@ -232,13 +232,14 @@ def _damage(data: bytearray, rng: random.Random) -> bytearray:
     return data
 
 
-def _read(data: bytes, vocab: int | None):
-    try:
-        sh = read_shard(io.BytesIO(data), "s", vocab_size=vocab)
+def _read(data: bytes, vocab: int | None, chunk: int):
+    got, err = [], None
+    try:  # read in pieces of `chunk` bytes: samples and headers cut at every place
+        for key, ids, _off in TarStream(io.BytesIO(data), "s", vocab_size=vocab, chunk=chunk):
+            got.append((key, ids.dtype.str, ids.tobytes()))
     except ShardError as e:
-        return [], (e.offset, e.msg)
-    got = [(sh.key(i), sh.tokens(i).dtype.str, sh.tokens(i).tobytes()) for i in range(sh.n)]
-    return got, None if sh.error is None else (sh.error.offset, sh.error.msg)
+        err = (e.offset, e.msg)
+    return got, err
 
 
 def test_reader_matches_the_sequential_reference_on_damaged_shards(tmp_path):
@@ -256,7 +257,8 @@ def test_reader_matches_the_sequential_reference_on_damaged_shards(tmp_path):
         vocab = rng.choice([None, 512, 300])
         want = _stream(bytes(data), vocab)
         assert _mapped(victim, vocab) == want, (trial, src, vocab, want[1])
-        assert _read(bytes(data), vocab) == want, (trial, src, vocab, want[1])
+        chunk = rng.choice([1 << 20, 512, rng.randrange(1, 3000)])
+        assert _read(bytes(data), vocab, chunk) == want, (trial, src, vocab, chunk, want[1])
         errors += want[1] is not None
     assert 60 < errors < 290  # both kinds were exercised
 
@@ -319,8 +321,8 @@ def test_views_outlive_their_shard_and_are_read_only():
         assert sh.n and sh.tokens(0).size >= 0
     assert all(np.array_equal(a, b) for a, b in zip(kept, want))
     assert not any(k.flags.writeable for k in kept)
-    stream = read_shard(io.BytesIO(open(paths[0], "rb").read()), "s")
-    assert not stream.tokens(0).flags.writeable
+    _key, ids, _off = next(iter(TarStream(io.BytesIO(open(paths[0], "rb").read()), "s")))
+    assert not ids.flags.writeable
 
 
 def test_writer_is_byte_deterministic_and_its_digests_are_the_files(tmp_path):
@@ -415,3 +417,29 @@ def test_stopping_early_with_waiting_workers_shuts_down_quickly(monkeypatch):
         del it
         assert time.perf_counter() - t0 < 3.0  # not the DataLoader's 5 s kill timeout
     assert ld.stats["batches"] == 10
+
+
+def test_a_remote_shard_larger_than_the_read_buffer_streams_a_sample_at_a_time():
+    """Over real HTTP: the shard is read in 4 KiB pieces, and the reader never holds
+    more than one piece and the sample being read (not the shard, ~30x a piece here)."""
+    from data_fixtures import HttpServer
+
+    from data.sources import open_shard
+
+    folder = shards_dir()
+    path = shard_paths(folder)[0]
+    chunk, size = 4096, os.path.getsize(path)
+    with tarfile.open(path) as tf:  # the largest sample: its members with their headers
+        members: dict[str, int] = {}
+        for m in tf.getmembers():
+            k = split_key(m.name)[0]
+            members[k] = members.get(k, 0) + BLOCK + m.size + (-m.size % BLOCK)
+    with HttpServer(folder) as srv:
+        raw = open_shard(f"{srv.url}/{os.path.basename(path)}")
+        stream = TarStream(raw, path, chunk=chunk)
+        got = [(k, ids.tobytes()) for k, ids, _off in stream]
+        raw.close()
+    sh = map_shard(path)
+    assert got == [(sh.key(i), sh.tokens(i).tobytes()) for i in range(sh.n)]
+    assert size > 20 * chunk and len(got) > 10
+    assert chunk < stream.held <= chunk + max(members.values()) + BLOCK
