@@ -14,8 +14,8 @@ tl.dot shapes it runs; sizes come from the dispatcher's own tile choice
 - "HBM": each tensor's bytes once per kernel (reads of the regions a kernel touches, plus
   its writes): compulsory DRAM traffic when re-reads of a tile by sibling programs hit L2,
   which holds for the re-read tensors here (a chunk's q, k, v: at most a few hundred KB).
-The O(S) per-position rows computed by torch (gate preparation, gate-gradient epilogue)
-are counted as passes over (B*NH, S) float32 rows, the passes counted in the source.
+The O(S) per-position rows computed by torch (gate preparation, the autograd of it) are
+counted as passes over (B*NH, S) float32 rows, the passes counted in the source.
 TFLA `xl_chunk` is modelled the same way from its kernels (mlstm_kernels 2.0.6,
 `triton/chunkwise/xl_chunk/*`, defaults: chunk 128, 64-row tiles, states and state
 gradients float32, states recomputed in the backward, gate gradients by torch from the
@@ -111,21 +111,26 @@ def ours(B, NH, S, DQK, DV, L, E=2, recompute=False, blk=None):
         hbm = qk + vv + 4 * tok * F32 + states + nstates + states + nstates
         return K("state pass (bwd)", req, hbm, 2 * BH * S * DQK * DV)
 
-    def dk():
+    def dk_dq(name, own_rows, rows_per_tile):
+        """dk (key tile j, the NT - j query tiles after it) or dq (query tile j, the j + 1
+        key tiles up to it: over all tiles the same counts, so both loop as dk does), one
+        program per DQK block: the chunk-boundary term (dC or C over DV blocks), then per
+        other tile dA rebuilt from dh and v over DV blocks and one (BT, BT) x (BT, BK) dot.
+        own_rows / rows_per_tile: float32 rows loaded (m, N, dden, b, i, ...)."""
         BT, BK, BV = b["BT_B"], b["BK_B"], b["BV_B"]
         NT, NKB, NVB = cdiv(L, BT), cdiv(DQK, BK), cdiv(DV, BV)
         req = fl = 0
-        for js in range(NT):
-            r = 3 * BT * F32 + BK * F32 + NVB * (BT * BV * E + BK * BV * E) + BT * BK * E
-            r += (NT - js) * (5 * BT * F32 + NVB * 2 * BT * BV * E + BT * BK * E)
-            r += BT * BK * E + BT * F32
+        for j in range(NT):
+            r = own_rows * BT * F32 + BK * F32 + NVB * (BT * BV * E + BK * BV * E) + BT * BK * E
+            r += (NT - j) * (rows_per_tile * BT * F32 + NVB * 2 * BT * BV * E + BT * BK * E)
+            r += BT * BK * E + BT * F32  # store the gradient tile and the gate-row part
             req += r * NKB
-            fl += NKB * (2 * BT * DV * BK + (NT - js) * (2 * BT * BT * DV + 2 * BT * BT * BK))
+            fl += NKB * (2 * BT * DV * BK + (NT - j) * (2 * BT * BT * DV + 2 * BT * BT * BK))
         hbm = 2 * qk + 2 * vv + 5 * tok * F32 + states + nstates + qk + NKB * tok * F32
-        return K("dk", req * BH * NC, hbm, fl * BH * NC)
+        return K(name, req * BH * NC, hbm, fl * BH * NC)
 
     def dv():
-        BT, BK, BV = b["BT_B"], b["BK_B"], b["BV_B"]
+        BT, BK, BV = b["BT_B"], b["BK_B"], b["BV_DV"]
         NT, NKB, NVB = cdiv(L, BT), cdiv(DQK, BK), cdiv(DV, BV)
         req = fl = 0
         for js in range(NT):
@@ -137,35 +142,30 @@ def ours(B, NH, S, DQK, DV, L, E=2, recompute=False, blk=None):
             fl += NVB * (2 * BT * DQK * BV
                          + (NT - js) * (2 * BT * BT * DQK + 2 * 2 * BT * BT * BV))
         hbm = (2 * qk + 2 * vv + 5 * tok * F32 + states + vv
-               + NVB * tok * F32 + 2 * NVB * NT * tok * F32)  # xs; ys zero-filled + written
+               + NVB * tok * F32 + NVB * (NT + 1) / 2 * tok * F32)  # xs; ys (key tiles <= t's)
         return K("dv (+ in-chunk gate rows)", req * BH * NC, hbm, fl * BH * NC)
 
-    def dq():
-        BT, BK, BV = b["BT_B"], b["BK_B"], b["BV_B"]
-        NT, NKB, NVB = cdiv(L, BT), cdiv(DQK, BK), cdiv(DV, BV)
-        req = fl = 0
-        for jt in range(NT):
-            r = 5 * BT * F32 + BK * F32 + NVB * (BT * BV * E + BK * BV * E) + BT * BK * E
-            r += (jt + 1) * (2 * BT * F32 + NVB * 2 * BT * BV * E + BT * BK * E)
-            r += BT * BK * E + BT * F32
-            req += r * NKB
-            fl += NKB * (2 * BT * DV * BK + (jt + 1) * (2 * BT * BT * DV + 2 * BT * BT * BK))
-        hbm = 2 * qk + 2 * vv + 5 * tok * F32 + states + nstates + qk + NKB * tok * F32
-        return K("dq", req * BH * NC, hbm, fl * BH * NC)
-
     NT_B = cdiv(L, b["BT_B"])
-    NKB_B, NVB_B = cdiv(DQK, b["BK_B"]), cdiv(DV, b["BV_B"])
-    # torch rows: forward _gate_rows (logsigmoid, float, cumsum, contiguous x2: 5 passes);
-    # backward epilogue: sums of the partial rows, then about 20 row passes (dB = ys - xs,
-    # di, the end-of-chunk adds, dm_pos, 4 scatter_adds, winners, the chain) + autograd
-    # through cumsum / logsigmoid (3)
-    partial = (2 * NKB_B + NVB_B + NVB_B * NT_B) * tok * F32
+    NKB_B, NVB_B = cdiv(DQK, b["BK_B"]), cdiv(DV, b["BV_DV"])
+    # torch rows: forward _gate_rows (logsigmoid, float, cumsum, contiguous x2: 5 passes)
     fwd_rows = K("gate rows (torch)", 5 * 3 * tok * F32, 5 * 3 * tok * F32, 0)
-    bwd_rows = K("gate-gradient epilogue (torch)", partial + 23 * 3 * tok * F32,
-                 partial + 23 * 3 * tok * F32, 0)
+
+    def gates_bwd():
+        """mlstm_bwd_gates_kernel (one program per (batch, head), chunks in reverse): reads
+        the partial rows gs, ws (NKB each), xs (NVB), ys (NVB x the key tiles <= t's), dm
+        and the winner rows, writes di and db; its first pass over a chunk re-reads gs, dm
+        and the winners, the gather re-reads dm and the winners once per (BR, BR) block
+        pair (L2). Then torch autograd maps di, db back to i, f through cumsum and
+        logsigmoid (3 passes of 3 rows)."""
+        BR = min(64, 1 << (L - 1).bit_length())
+        partial = (2 * NKB_B + NVB_B + NVB_B * (NT_B + 1) / 2) * tok * F32
+        hbm = partial + 2 * tok * F32 + 2 * tok * F32 + 3 * 3 * tok * F32
+        req = hbm + (NKB_B + 2) * tok * F32 + cdiv(L, BR) * 2 * tok * F32
+        return K("gate gradients (kernel) + autograd of the gate rows", req, hbm, 0)
+
     fwd = [fwd_rows, state_fwd(), out_fwd()]
-    bwd = ([state_fwd()] if recompute else []) + [rows_bwd(), state_bwd(), dk(), dv(), dq(),
-                                                  bwd_rows]
+    bwd = ([state_fwd()] if recompute else []) + [
+        rows_bwd(), state_bwd(), dk_dq("dk", 3, 5), dv(), dk_dq("dq", 5, 2), gates_bwd()]
     saved = (DV * E + 5 * F32  # h; ig, bc, m_t, den_t, winner rows
              + (0 if recompute else DQK * DV * E / L) + DQK * F32 / L + 2 * F32 / L)
     return fwd, bwd, saved

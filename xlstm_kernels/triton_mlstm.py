@@ -632,6 +632,111 @@ def mlstm_bwd_dq_kernel(
     tl.store(ws_ptr + (pid_k * BH + pid_bh) * SP + pos_t, wsum, mask=inl_t)
 
 
+@triton.jit
+def mlstm_bwd_gates_kernel(
+    gs_ptr, ws_ptr, xs_ptr, ys_ptr, dm_ptr, amaxp_ptr, amaxc_ptr, dlogw_ptr, carry_ptr,
+    xlast_ptr, di_ptr, db_ptr, dm0_ptr,
+    SP, NH, NC, L, NKB, NVB, NT, NW, BH, BT,
+    BR: tl.constexpr, BW: tl.constexpr, HAS_RESET: tl.constexpr,
+):
+    """The gate-gradient epilogue of the backward in one pass per (batch, head), with no
+    full-size temporaries. Reads the kernels' partial gate rows (gs, ws: (NKB, BH, SP) from
+    dk / dq; xs: (NVB, BH, SP) and ys: (NVB, NT, BH, SP) from dv, ys[v, js, t] written only
+    where key tile js <= query tile t // BT, the rest is never read), the per-position
+    stabilizer gradients dm (BH, SP), the winners of every max (amaxp (BH, SP), amaxc
+    (BH, NC): in-chunk index, -1 = the carried state), the carried-state parts dlogw
+    (BH, NC, NW) and the gradient of the last m, xlast (BH,).
+    Writes di (d/d i rows) and db (d/d bc rows), (BH, SP) float32, and dm0 (BH,), the
+    gradient of the initial m. Per chunk, from the last to the first:
+        di_s = X_s,  db_s = Y_t - X_s + dm_s  with X = sum xs + sum gs, Y = sum ys + sum ws
+        (summed in this order on both sides, so a one-token document cancels exactly);
+        the chunk end gets sum_chunk gs + sum dlogw + Xm_c; a position whose max a key s
+        won moves its dm from b to (b, i) of s; the chunk-end m gradient Xm_c (the reverse
+        chain Xm_{c-1} = sum of dm over carried-state winners of chunk c + [chunk c's max
+        won by the carried state] Xm_c) goes the same way to the key that won that max.
+    The moves are gathers over (BR, BR) blocks of the chunk (no atomics: deterministic).
+    Grid (BH,)."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    bidx = pid_bh // NH
+    g_base = pid_bh * SP
+    xm = tl.load(xlast_ptr + pid_bh)  # gradient of m at the end of the current chunk
+    dm0 = xm * 0.0
+    offs_w = tl.arange(0, BW)
+    for cc in range(NC):
+        c = NC - 1 - cc
+        c_base = g_base + c * L
+        # pass 1: the chunk's sums (gs over the chunk; dm over carried-state winners)
+        gsum = xm * 0.0
+        dmc = xm * 0.0
+        for j in range(0, L, BR):
+            offs = j + tl.arange(0, BR)
+            inl = offs < L
+            for kb in range(NKB):
+                gsum += _sum(tl.load(gs_ptr + kb * BH * SP + c_base + offs, mask=inl,
+                                     other=0.0), 0)
+            dmv = tl.load(dm_ptr + c_base + offs, mask=inl, other=0.0)
+            carried = tl.load(amaxp_ptr + c_base + offs, mask=inl, other=0) < 0
+            if HAS_RESET:
+                carried = carried & (tl.load(carry_ptr + bidx * SP + c * L + offs, mask=inl,
+                                             other=0) != 0)
+            dmc += _sum(tl.where(carried & inl, dmv, 0.0), 0)
+        dlw = _sum(tl.load(dlogw_ptr + (pid_bh * NC + c) * NW + offs_w, mask=offs_w < NW,
+                           other=0.0), 0)
+        ac = tl.load(amaxc_ptr + pid_bh * NC + c)
+        link = ac < 0
+        if HAS_RESET:
+            link = link & (tl.load(carry_ptr + bidx * SP + c * L + L - 1) != 0)
+        x_prev = dmc + tl.where(link, xm, 0.0)  # gradient of m at the end of chunk c - 1
+        # pass 2: every position's di, db, with the moves gathered from the whole chunk
+        for j in range(0, L, BR):
+            offs = j + tl.arange(0, BR)
+            inl = offs < L
+            p = c_base + offs
+            X = tl.full((BR,), 0.0, tl.float32)
+            for vb in range(NVB):
+                X += tl.load(xs_ptr + vb * BH * SP + p, mask=inl, other=0.0)
+            Y = tl.full((BR,), 0.0, tl.float32)
+            jt = offs // BT
+            for vb in range(NVB):
+                yv = tl.full((BR,), 0.0, tl.float32)
+                for js in range(NT):
+                    yv += tl.load(ys_ptr + ((vb * NT + js) * BH) * SP + p,
+                                  mask=inl & (js <= jt), other=0.0)
+                Y += yv
+            gsv = tl.full((BR,), 0.0, tl.float32)
+            wsv = tl.full((BR,), 0.0, tl.float32)
+            for kb in range(NKB):
+                gsv += tl.load(gs_ptr + kb * BH * SP + p, mask=inl, other=0.0)
+                wsv += tl.load(ws_ptr + kb * BH * SP + p, mask=inl, other=0.0)
+            X = X + gsv
+            Y = Y + wsv
+            db = Y - X
+            db += tl.where(offs == L - 1, gsum + dlw, 0.0)
+            db += tl.load(dm_ptr + p, mask=inl, other=0.0)
+            mv = tl.full((BR,), 0.0, tl.float32)
+            for j2 in range(0, L, BR):
+                offs2 = j2 + tl.arange(0, BR)
+                in2 = offs2 < L
+                src = tl.load(dm_ptr + c_base + offs2, mask=in2, other=0.0)
+                win = tl.load(amaxp_ptr + c_base + offs2, mask=in2, other=-1)
+                hit = (win[None, :] == offs[:, None]) & in2[None, :]
+                mv += _sum(tl.where(hit, src[None, :], 0.0), 1)
+            db -= mv
+            di = X + mv
+            db += tl.where(offs == L - 1, xm, 0.0)
+            won = offs == ac  # never true for ac = -1
+            db -= tl.where(won, xm, 0.0)
+            di += tl.where(won, xm, 0.0)
+            tl.store(db_ptr + p, db, mask=inl)
+            tl.store(di_ptr + p, di, mask=inl)
+            if c == 0:
+                dm0 += _sum(tl.where(inl, wsv, 0.0), 0)
+        if c == 0:
+            dm0 += dlw
+        xm = x_prev
+    tl.store(dm0_ptr + pid_bh, dm0 + xm)
+
+
 # ----------------------------------------------------------------------------------------
 # one generation step (fused: state update and output in one kernel)
 # ----------------------------------------------------------------------------------------

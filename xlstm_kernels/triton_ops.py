@@ -16,10 +16,10 @@ h_t = num_t / (max(|den_t|, exp(-m_t)) + eps) depends on m_t beyond the true (un
 numerator and denominator only through eps * exp(m_t). So the gradient splits in two:
 1. the kernels differentiate everything with all stabilizers held fixed (the initial m0,
    an input, excepted), the path through max(|den|, exp(-m)) included;
-2. the wrapper adds the path through each max: dL/dm_t = -eps (dh_t . h_t) / N_t (and, for
-   the last state, dm - <dC, C> - <dn, n>), routed to the candidate that won the max (a key,
-   or the carried state and from there along the chain of chunk-boundary maxes). The
-   kernels record the winners in the forward.
+2. the gates kernel (mlstm_bwd_gates_kernel) adds the path through each max:
+   dL/dm_t = -eps (dh_t . h_t) / N_t (and, for the last state, dm - <dC, C> - <dn, n>),
+   routed to the candidate that won the max (a key, or the carried state and from there
+   along the chain of chunk-boundary maxes). The kernels record the winners in the forward.
 Gate gradients arrive at `bc` (the log-forget cumsum restarted at chunk starts and
 resets) and `ig`; torch autograd maps them back to f through cumsum and logsigmoid, O(S).
 
@@ -29,7 +29,8 @@ recompute_states=True, where the backward reruns the state pass), n and m per bo
 backward adds the S/L gradients of the states (input dtype). Nothing of size S x S exists.
 Kernels per chunkwise call: forward = state pass (sequential over chunks) + output pass
 (parallel over chunks and tiles); backward = [state pass again] + per-position scalars +
-reverse state pass + dk + dv + dq passes.
+reverse state pass + dk + dv + dq passes + the gates kernel (the gate-gradient
+epilogue: partial rows summed, stabilizer paths, the reverse chain over chunks).
 The step kernel and the sLSTM kernel have their own Triton backward kernels too.
 """
 
@@ -48,7 +49,9 @@ MAX_DQK = 256
 BLOCK_T_MAX = 64  # query/key tile inside a chunk (a chunk of 128 runs as 2 x 2 tiles)
 BLOCK_T_BWD_MAX = 64  # the same for the backward's dk/dv and dq passes
 BLOCK_V_MAX = 128  # DV block per program; larger DV is split across programs
-BLOCK_V_BWD_MAX = 64  # the same for the backward passes
+BLOCK_V_BWD_MAX = 64  # the same for the backward's dk / dq passes (their DV loop)
+BLOCK_V_DV_MAX = 128  # DV block of the dv programs: A = K Q^T is rebuilt once per DV
+# block, so wider blocks halve those FLOPs; dv holds fewer tiles than dk / dq and fits
 BLOCK_K_MAX = 64  # DQK block of the state passes
 BLOCK_T_STATE_MAX = 32  # positions per step of the state passes' loop over a chunk
 BLOCK_V_STATE_MAX = 64  # DV block of the forward state pass (more programs, fewer registers)
@@ -72,11 +75,12 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, -(2**30), dtype=dtype, device=device)
 
 
-def _opts(BD: int) -> dict:
-    """Launch options (ignored by the interpreter): more warps and fewer pipeline stages
-    for DQK 128..256 (more DQK blocks per tile loop), so that registers and shared memory
-    fit; checked by triton_compile_check."""
-    return {"num_warps": 8 if BD >= 128 else 4, "num_stages": 2 if BD >= 256 else 3}
+def _state_opts(BK: int, BV: int) -> dict:
+    """Launch options of the state passes (ignored by the interpreter). The (BK, BV) float32
+    state lives in registers across the chunk loop, next to a (BT, BK) key tile and a (BT, BV)
+    value tile: at 64 x 64 four warps need ~185 registers per thread, eight warps spread it
+    (<= 168, no spill; checked by triton_compile_check)."""
+    return {"num_warps": 8 if BK * BV >= 64 * 64 else 4, "num_stages": 3}
 
 
 # Launch options of the tile-parallel kernels (output pass, dk, dv, dq): a small space per
@@ -86,8 +90,10 @@ def _opts(BD: int) -> dict:
 # and keeps the fastest for the process; otherwise, and always under the interpreter,
 # the default: a deterministic choice.
 TUNE_SPACE = {
-    "wide": ({"num_warps": 8, "num_stages": 2}, {"num_warps": 4, "num_stages": 2},
-             {"num_warps": 8, "num_stages": 3}),  # BD >= 128
+    # BD >= 128: eight warps only (with four, these kernels need 216-248 registers per
+    # thread, over the issue's budget of 168; triton_compile_check)
+    "wide": ({"num_warps": 8, "num_stages": 2}, {"num_warps": 8, "num_stages": 3},
+             {"num_warps": 8, "num_stages": 4}),
     "narrow": ({"num_warps": 4, "num_stages": 3}, {"num_warps": 4, "num_stages": 2},
                {"num_warps": 8, "num_stages": 3}),
 }
@@ -182,24 +188,11 @@ def _gate_rows(i, f, reset, L: int, NC: int):
     return ig.contiguous(), bc.reshape(B, NH, SP).contiguous(), seg.contiguous(), carry.contiguous()
 
 
-def _seg_rev_chain(x: torch.Tensor, link: torch.Tensor) -> torch.Tensor:
-    """X_c = x_c + link_c * X_{c+1} for c = 0..N-1 with X_N = x_N; x (R, N+1), link (R, N).
-    Vectorized (no loop over chunks): a reverse cumsum cut where link is False."""
-    R, N1 = x.shape
-    xs = x.double()
-    rc = torch.flip(torch.cumsum(torch.flip(xs, [1]), 1), [1])  # rc[c] = sum_{c' >= c} x
-    rc = torch.cat([rc, torch.zeros_like(rc[:, :1])], 1)
-    link_ext = torch.cat([link, torch.zeros_like(link[:, :1])], 1)
-    idx = torch.arange(N1, device=x.device).expand(R, N1)
-    stop = torch.where(link_ext, torch.full_like(idx, N1 - 1), idx)
-    end = torch.flip(torch.cummin(torch.flip(stop, [1]), 1).values, [1])
-    return (rc[:, :N1] - torch.gather(rc, 1, end + 1)).to(x.dtype)
-
-
 def chunk_blocks(L: int, DQK: int, DV: int, esize: int = 2) -> dict[str, int]:
     """Tile sizes of the chunkwise kernels: BT (positions of a chunk per tile), BD (DQK
     padded), BV (DV block), BK (DQK block of the state pass); *_B for the backward (BK_B:
-    the DQK block of the dk / dq programs, so no tile is DQK wide); *_S the state passes.
+    the DQK block of the dk / dq programs, so no tile is DQK wide); *_S the state passes;
+    BV_DV the DV block of the dv programs.
     esize: bytes per input element. float32 inputs (IEEE tl.dot: FMA, no tensor cores,
     operands in registers) at head dims >= 128 get 32-wide tiles, which spill far less."""
     BT = min(BLOCK_T_MAX, _pow2(L))
@@ -208,6 +201,7 @@ def chunk_blocks(L: int, DQK: int, DV: int, esize: int = 2) -> dict[str, int]:
     b = {"BT": BT, "BD": BD, "BV": BV, "BK": min(BLOCK_K_MAX, BD),
          "BT_B": min(BT, BLOCK_T_BWD_MAX), "BK_B": min(BD, BLOCK_K_BWD_MAX),
          "BV_B": min(BV, BLOCK_V_BWD_MAX), "BV_S": min(BV, BLOCK_V_STATE_MAX),
+         "BV_DV": min(BV, BLOCK_V_DV_MAX),
          "BT_S": min(BT, BLOCK_T_STATE_MAX)}
     if esize >= 4 and max(DQK, DV) >= 128:
         b = {k: v if k == "BD" else min(v, 32) for k, v in b.items()}
@@ -258,7 +252,8 @@ def _fwd_states(kc, vc, ig, bc, segc, carc, init, NH, NC, L, DQK, DV, blk, has_r
     tm.mlstm_fwd_state_kernel[(BH, triton.cdiv(DQK, BK), triton.cdiv(DV, BV))](
         kc, vc, ig, bc, segc, carc, C0c, n0c, m0c, cs, ns, ms, amax_c, cl,
         S, SP, NH, NC, L, DQK, DV,
-        BK=BK, BV=BV, BT=BT, HAS_INIT=has_init, HAS_RESET=has_reset, UPCAST=up, **_opts(BK),
+        BK=BK, BV=BV, BT=BT, HAS_INIT=has_init, HAS_RESET=has_reset, UPCAST=up,
+        **_state_opts(BK, BV),
     )
     return cs, ns, ms, amax_c, cl
 
@@ -317,8 +312,9 @@ class _MLSTMChunkFn(torch.autograd.Function):
          cl) = saved[:16]
         B, NH, S, DQK, DV, L, NC, SP, blk, eps, has_init, recompute, sdtypes = ctx.meta
         BT, BD, BV = blk["BT_B"], blk["BD"], blk["BV_B"]
+        BVD = blk["BV_DV"]
         NT = triton.cdiv(L, BT)
-        NVB = triton.cdiv(DV, BV)
+        NVB = triton.cdiv(DV, BVD)  # dv programs (and parts of the in-chunk gate rows)
         BH = B * NH
         dev = qc.device
         f32 = torch.float32
@@ -365,10 +361,11 @@ class _MLSTMChunkFn(torch.autograd.Function):
             dcn, dnn, dc0, dn0, dlogw,
             scale, S, SP, NH, NC, L, DQK, DV, NKS, NVS,
             BK=SK, BV=SV, BT=blk["BT_S"], HAS_DLAST=has_dlast, HAS_RESET=has_reset, UPCAST=up,
-            **_opts(SK),
+            **_state_opts(SK, SV),
         )
         # --- key side and query side of every chunk, in parallel; the gate-gradient rows
-        # come in parts (per DQK or DV block) and are summed here, O((NKB + NVB * NT) * S)
+        # come in parts (per DQK or DV block), O((NKB + NVB * NT) * S), summed by the gates
+        # kernel below
         BKB = blk["BK_B"]
         NKBB = triton.cdiv(DQK, BKB)
         dk = _empty((BH, S, DQK), dt, dev)
@@ -380,11 +377,11 @@ class _MLSTMChunkFn(torch.autograd.Function):
         ), dict(BT=BT, BK=BKB, BV=BV, HAS_RESET=has_reset, UPCAST=up), BD)
         dv = _empty((BH, S, DV), dt, dev)
         xs = _empty((NVB, BH, SP), f32, dev)
-        ys = torch.zeros((NVB, NT, BH, SP), dtype=f32, device=dev)  # key tiles js > jt: 0
+        ys = _empty((NVB, NT, BH, SP), f32, dev)  # key tiles js > jt: never written or read
         _launch(tm.mlstm_bwd_dv_kernel, (NC * NT, NVB, BH), (L, DQK, DV), (
             qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dden, dh, dcn, ms, dv, xs, ys,
             scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
-        ), dict(BT=BT, BK=BKB, BV=BV, HAS_RESET=has_reset, UPCAST=up), BD)
+        ), dict(BT=BT, BK=BKB, BV=BVD, HAS_RESET=has_reset, UPCAST=up), BD)
         dq = _empty((BH, S, DQK), dt, dev)
         ws = _empty((NKBB, BH, SP), f32, dev)
         _launch(tm.mlstm_bwd_dq_kernel, (NC * NT, NKBB, BH), (L, DQK, DV), (
@@ -392,51 +389,24 @@ class _MLSTMChunkFn(torch.autograd.Function):
             dq, ws,
             scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
         ), dict(BT=BT, BK=BKB, BV=BV, HAS_RESET=has_reset, UPCAST=up), BD)
-        gs, ws = gs.sum(0), ws.sum(0)
-        # the same summation order for both sides of M (exact cancellation on its diagonal)
-        xs = xs.sum(0) + gs
-        ys = ys.sum(1).sum(0) + ws
-        gsum = gs.view(BH, NC, L).sum(-1)
-        dlw = dlogw.sum((-1, -2))  # (BH, NC)
-        # --- gate gradients with stabilizers fixed
-        dB = ys - xs
-        di = xs.clone()
-        ends = torch.arange(NC, device=dev) * L + (L - 1)
-        dB[:, ends] += gsum + dlw
-        dm0 = ws.view(BH, NC, L)[:, 0].sum(-1) + dlw[:, 0]
-        # --- the path through every stabilizer max (see the module docstring)
-        dB = dB + dm_pos
-        base = (torch.arange(SP, device=dev) // L * L).expand(BH, SP)
-        key = amax_p >= 0
-        src = torch.where(key, dm_pos, torch.zeros_like(dm_pos))
-        idx = base + amax_p.clamp(min=0).long()
-        dB.scatter_add_(1, idx, -src)
-        di.scatter_add_(1, idx, src)
-        if has_reset:
-            car_bh = carry.repeat_interleave(NH, dim=0) != 0  # (BH, SP)
-            car_end = car_bh[:, ends]
-        else:
-            car_bh = torch.ones(BH, SP, dtype=torch.bool, device=dev)
-            car_end = torch.ones(BH, NC, dtype=torch.bool, device=dev)
-        dm_chunk = torch.where(~key & car_bh, dm_pos, torch.zeros_like(dm_pos))
-        dm_chunk = dm_chunk.view(BH, NC, L).sum(-1)
-        C_last, n_last = cl, ns[:, NC]
+        # --- gate gradients: one kernel sums the partial rows, adds the paths through every
+        # stabilizer max (the module docstring) and runs the reverse chain over chunks
         x_last = torch.zeros(BH, device=dev, dtype=f32)
         if dm_last is not None:
             x_last = x_last + dm_last.reshape(BH).to(f32)
-        if dC_last is not None:
-            x_last = x_last - (dcl * C_last).sum((-1, -2))
+        if dC_last is not None:  # row dots without a (BH, DQK, DV) temporary
+            x_last = x_last - torch.linalg.vecdot(dcl.view(BH, -1), cl.view(BH, -1))
         if dn_last is not None:
-            x_last = x_last - (dnl * n_last).sum(-1)
-        X = _seg_rev_chain(torch.cat([dm_chunk, x_last[:, None]], 1), (amax_c < 0) & car_end)
-        Xn = X[:, 1:]  # gradient of m at the end of chunk c
-        dB[:, ends] += Xn
-        keyc = amax_c >= 0
-        srcc = torch.where(keyc, Xn, torch.zeros_like(Xn))
-        idxc = (torch.arange(NC, device=dev) * L).expand(BH, NC) + amax_c.clamp(min=0).long()
-        dB.scatter_add_(1, idxc, -srcc)
-        di.scatter_add_(1, idxc, srcc)
-        dm0 = dm0 + X[:, 0]
+            x_last = x_last - torch.linalg.vecdot(dnl, ns[:, NC])
+        di = _empty((BH, SP), f32, dev)
+        dB = _empty((BH, SP), f32, dev)
+        dm0 = _empty((BH,), f32, dev)
+        NW = NKS * NVS
+        tm.mlstm_bwd_gates_kernel[(BH,)](
+            gs, ws, xs, ys, dm_pos, amax_p, amax_c, dlogw, carc, x_last, di, dB, dm0,
+            SP, NH, NC, L, NKBB, NVB, NT, NW, BH, BT,
+            BR=min(ROWS_BLOCK, _pow2(L)), BW=_pow2(NW, 1), HAS_RESET=has_reset,
+        )
         dq = dq.view(B, NH, S, DQK)
         dk = dk.view(B, NH, S, DQK)
         dv = dv.view(B, NH, S, DV)
