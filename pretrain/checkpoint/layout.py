@@ -5,15 +5,17 @@ Layout and protocol: docs/design.md, "Checkpoint layout". Every rank calls
 parts, a barrier, rank 0 writes trainer_state.json and the COMPLETE marker
 (`finish_folder`), renames the folder, replaces `latest` and prunes to the last
 K. A folder without its marker (a kill mid-write) is never loaded and is
-removed by the next save. `files.json` lists every part's size, so a truncated
-part is named before anything is loaded (`verify_files`); a full disk while
-writing removes the `.tmp` folder and raises `DiskFullError`.
+removed by the next save. `files.json` lists every part's size and xxh3-64 digest,
+so a truncated part, or one with a bit flipped, is named before anything is loaded
+(`verify_files`); a full disk while writing removes the `.tmp` folder and raises
+`DiskFullError`.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import random
 import re
@@ -26,10 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
-FILES = "files.json"  # {relative path: size in bytes} of the parts, written before the marker
+FILES = "files.json"  # {relative path: {"size": bytes, "xxh3": hex}} of the parts, written before the marker
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -62,23 +65,45 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+def file_digest(path: Path) -> str:
+    """The xxh3-64 digest of a file's bytes, hex. Hashed through a read-only mmap: no copy
+    out of the page cache (a part just written, or about to be loaded, is there)."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size:
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                h.update(view)
+    return h.hexdigest()
+
+
+def list_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "xxh3"}} of every file under `folder` (files.json's content)."""
+    return {str(f.relative_to(folder)): {"size": f.stat().st_size, "xxh3": file_digest(f)}
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
 def verify_files(folder: Path) -> None:
-    """Every part listed in files.json is there with its size, else CheckpointError naming
-    the file as corrupt (a folder from before files.json is not checked)."""
+    """Every part listed in files.json is there with its size and digest, else
+    CheckpointError naming the file as corrupt (a folder from before files.json is not
+    checked; one from before the digests, by size only)."""
     listing = folder / FILES
     if not listing.is_file():
         return
     try:
-        sizes = json.loads(listing.read_text())
+        listed = json.loads(listing.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{listing} is corrupt ({err})") from err
-    for rel, size in sorted(sizes.items()):
+    for rel, entry in sorted(listed.items()):
+        size, digest = (entry, None) if isinstance(entry, int) else (entry["size"], entry.get("xxh3"))
         file = folder / rel
         if not file.is_file():
             raise CheckpointError(f"{file} is missing (listed in {FILES})")
         got = file.stat().st_size
         if got != size:
             raise CheckpointError(f"{file} is corrupt: {got} bytes, {size} written")
+        if digest is not None and (got_digest := file_digest(file)) != digest:
+            raise CheckpointError(f"{file} is corrupt: xxh3 {got_digest}, {digest} written (same size: "
+                                  "changed after it was written)")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -111,8 +136,7 @@ class CheckpointInfo:
 def finish_folder(folder: Path, step: int, state: dict[str, Any]) -> None:
     """trainer_state.json, then the COMPLETE marker, both fsynced: the last writes
     into a folder before its rename (also for imported weights-only folders)."""
-    sizes = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
-    write_json_atomic(folder / FILES, sizes)
+    write_json_atomic(folder / FILES, list_files(folder))
     write_json_atomic(folder / STATE_FILE, state)
     with open(folder / MARKER, "w") as fh:
         fh.write(f"{step}\n")
