@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +45,20 @@ def straight(tmp_path_factory, corpus) -> Path:
     run_dir = tmp_path_factory.mktemp("faults") / "straight"
     run(command(0, args_for(run_dir, corpus)))
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def straight2(tmp_path_factory, corpus) -> Path:
+    """The uninterrupted two-rank FSDP reference run."""
+    run_dir = tmp_path_factory.mktemp("faults") / "straight2"
+    run(command(2, args_for(run_dir, corpus, "distributed.backend=fsdp", procs=2)))
+    return run_dir
+
+
+def launch(nproc: int, args: list[str]) -> list[str]:
+    """The documented multi-process launch: `python -m pretrain.launch --nproc_per_node=N -- ARGS`."""
+    return [sys.executable, "-m", "pretrain.launch", f"--nproc_per_node={nproc}", "--",
+            "--config", str(ROOT / "configs" / "tiny.yaml"), "--resume", "auto", *args]
 
 
 def copy_run(src: Path, dst: Path) -> Path:
@@ -108,12 +123,16 @@ def test_missing_paths_fail_in_one_line_before_anything_starts(tmp_path, corpus,
 
 @pytest.mark.multiprocess
 def test_tokenizer_larger_than_the_model_is_one_line_from_rank_0(tmp_path, corpus):
-    out = run(command(2, args_for(tmp_path / "vocab", corpus, "model.vocab_size=64", "distributed.backend=fsdp",
-                                 procs=2)), expect=1)
-    ours = [x for x in out.stderr.splitlines() if x.startswith("[train]")]
-    assert len(ours) == 1 and ours[0].startswith("[train] error: model.vocab_size: 64 is smaller than the "
-                                                 "tokenizer's"), out.stderr[-3000:]
-    assert "pretrain/trainer.py" not in out.stderr  # no traceback of ours (torchrun reports exit 2 its way)
+    """Through the launcher with 2 ranks: an input error found by every rank (after the
+    process group exists) is rank 0's one line and exit 2, not torchrun's crash report;
+    a real crash (every rank raises a ValueError) is still torchrun's whole report."""
+    args = args_for(tmp_path / "vocab", corpus, "distributed.backend=fsdp", procs=2)
+    out = run(launch(2, [*args, "model.vocab_size=64"]), expect=2)
+    (line,) = error_lines(out.stdout + out.stderr)  # no traceback, no torchrun failure table
+    assert line.startswith("[train] error: model.vocab_size: 64 is smaller than the tokenizer's"), out.stderr
+    out = run(launch(2, args), expect=1, XLSTM_TEST_SAVE_DELAY="not-a-step")  # Faults.from_env raises
+    assert "ValueError: invalid literal for int()" in out.stderr  # the ranks' own tracebacks
+    assert "ChildFailedError" in out.stderr and "Root Cause (first observed failure)" in out.stderr
 
 
 # ------------------------------------------------------------------------- checkpoints
@@ -136,6 +155,21 @@ def test_truncated_file_in_latest_checkpoint_is_named_then_fallback(straight, tm
     assert_same_training(run_dir, straight)
 
 
+def test_bit_flip_in_a_checkpoint_part_is_named(straight, tmp_path):
+    """A part with one bit flipped keeps its size: its xxh3 digest in files.json names it."""
+    from pretrain.checkpoint import CheckpointError
+
+    ckpt = shutil.copytree(straight / "checkpoints" / LAST, tmp_path / LAST)
+    verify_files(ckpt)  # as written: sound
+    part = ckpt / "model_optim" / "__0_0.distcp"
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    part.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as err:
+        verify_files(ckpt)
+    assert str(err.value).startswith(f"{part} is corrupt: xxh3 ") and "written (same size" in str(err.value)
+
+
 def test_torn_latest_pointer_is_ignored(straight, tmp_path, corpus):
     run_dir = copy_run(straight, tmp_path / "pointer")
     (run_dir / "checkpoints" / "latest").write_bytes(b"step-0000\xff\x00")  # torn mid-write
@@ -156,18 +190,21 @@ def test_checkpoint_of_another_model_config_is_refused(straight, tmp_path, corpu
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
-def test_disk_full_while_checkpointing_then_resume_after_freeing_space(straight, tmp_path, corpus):
-    """A real full disk: a tmpfs with room for one checkpoint and a half."""
-    size = sum(f.stat().st_size for f in (straight / "checkpoints" / MID).rglob("*") if f.is_file())
+@pytest.mark.multiprocess
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
+def test_disk_full_while_checkpointing_then_resume_after_freeing_space(straight2, tmp_path, corpus):
+    """A real full disk under 2 FSDP ranks, through the launcher: a tmpfs with room for one
+    checkpoint and a half as the checkpoint folder."""
+    size = sum(f.stat().st_size for f in (straight2 / "checkpoints" / MID).rglob("*") if f.is_file())
     mnt = tmp_path / "small"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2 // 4096 * 4096}", "tmpfs", str(mnt)],
                    check=True)
     try:
         run_dir = tmp_path / "full"
-        args = args_for(run_dir, corpus, f"checkpoint.dir={mnt}")
-        out = run(command(0, args), expect=train.EXIT_DISK_FULL)
-        (line,) = error_lines(out.stderr)
+        args = args_for(run_dir, corpus, f"checkpoint.dir={mnt}", "distributed.backend=fsdp", procs=2)
+        out = run(launch(2, args), expect=train.EXIT_DISK_FULL)
+        (line,) = error_lines(out.stdout + out.stderr)
         assert line.startswith(f"[train] error: no space left on device (ENOSPC) writing checkpoint step {STEPS} "
                                f"to {mnt}: about ") and "bytes needed" in line
         assert "--resume auto" in line
@@ -175,11 +212,11 @@ def test_disk_full_while_checkpointing_then_resume_after_freeing_space(straight,
         verify_files(mnt / MID)
         load_model(mnt / MID)  # the previous checkpoint is intact and loads
         subprocess.run(["mount", "-o", f"remount,size={size * 4}", str(mnt)], check=True)  # space freed
-        out = run(command(0, args))
+        out = run(launch(2, args))
         assert loaded_sound(out.stdout) == [str(mnt / MID)]
-        a, b = losses(straight), losses(run_dir)
+        a, b = losses(straight2), losses(run_dir)
         assert a == b and sorted(b) == list(range(1, STEPS + 1))
-        assert read_trainer_state(mnt / LAST)["data"] == read_trainer_state(straight / "checkpoints" / LAST)["data"]
+        assert read_trainer_state(mnt / LAST)["data"] == read_trainer_state(straight2 / "checkpoints" / LAST)["data"]
         run_ids, steps = mlflow_loss_steps(run_dir)
         assert len(run_ids) == 1 and steps == list(range(1, STEPS + 1))
     finally:
@@ -255,9 +292,8 @@ def test_sigterm_in_checkpoint_write_signal_storm_and_mlflow_server_killed(strai
 
 
 @pytest.mark.multiprocess
-def test_kill9_of_one_rank_at_a_random_step(tmp_path, corpus):
-    reference = tmp_path / "straight2"
-    run(command(2, args_for(reference, corpus, "distributed.backend=fsdp", procs=2)))
+def test_kill9_of_one_rank_at_a_random_step(straight2, tmp_path, corpus):
+    reference = straight2
     seed = int(os.environ.get("XLSTM_FAULTS_SEED", random.randrange(1 << 30)))  # to replay a draw
     rng = random.Random(seed)
     at = rng.randint(2, STEPS - 3)
@@ -287,3 +323,63 @@ def test_kill9_of_one_rank_at_a_random_step(tmp_path, corpus):
         assert len(runs) == 2 and newest.info.status == "FINISHED"
         assert sorted(m.step for m in client.get_metric_history(newest.info.run_id, "loss")) == \
             list(range(1, STEPS + 1))
+
+
+def test_mlflow_server_killed_and_restarted_while_the_run_goes(tmp_path, corpus):
+    """The real MLflow server SIGKILLed mid-run and started again (same port, same store)
+    while the same run still goes: every metric of every step reaches the server once,
+    the run ends FINISHED with its params, tags and artifacts, and training never waited
+    for the server (steps were logged locally while it was down)."""
+    from mlflow.tracking import MlflowClient
+
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    proc = None
+    try:
+        run_dir = tmp_path / "mlflow"
+        args = args_for(run_dir, corpus, "tracking.experiment=drill", "tracking.run_name=drill")
+        proc = subprocess.Popen(command(0, args), env=env(MLFLOW_TRACKING_URI=server.uri), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        record = run_dir / "mlflow_run.json"  # the run exists on the server
+        wait_for(lambda: record.is_file() and logged_step(run_dir) >= 2, proc, "the MLflow run and step 2")
+        server.stop(signal.SIGKILL)
+        down_at = logged_step(run_dir)
+        wait_for(lambda: logged_step(run_dir) >= down_at + 3, proc, f"step {down_at + 3} without a server")
+        # hold the trainer (SIGSTOP) while the server restarts, so that the restart happens
+        # while the run still goes however fast the steps are; it continues from there
+        psutil.Process(proc.pid).suspend()
+        up_at = logged_step(run_dir)
+        try:
+            server.start()
+        finally:
+            psutil.Process(proc.pid).resume()
+        assert up_at < STEPS, "the run ended before the server was back"
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-2000:] + err[-3000:]
+        assert up_at - down_at >= 3  # trained on while the server was down: no waiting for it
+        (down,) = [x for x in err.splitlines() if "unreachable" in x]
+        (back,) = [x for x in err.splitlines() if "reachable again" in x]
+        assert server.uri in down and "buffering" in down and "buffered data sent" in back
+        assert "Traceback" not in err
+
+        client = MlflowClient(tracking_uri=server.uri)
+        (exp,) = [e for e in client.search_experiments() if e.name == "drill"]
+        (mrun,) = client.search_runs([exp.experiment_id])
+        got = client.get_run(mrun.info.run_id)
+        assert got.info.status == "FINISHED" and got.info.run_name == "drill"
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        keys = sorted({k for r in rows for k in r if k != "step"})
+        assert sorted(got.data.metrics) == keys and "loss" in keys and "val_loss" in keys
+        for key in keys:  # every point of metrics.jsonl once on the server, with its value
+            want = sorted((r["step"], r[key]) for r in rows if key in r)
+            history = sorted((m.step, m.value) for m in client.get_metric_history(mrun.info.run_id, key))
+            assert history == want, key
+        assert sorted(r["step"] for r in rows if "loss" in r) == list(range(1, STEPS + 1))
+        assert got.data.params["train.steps"] == str(STEPS) and got.data.params["tracking.experiment"] == "drill"
+        assert got.data.tags["world_size"] == "1" and got.data.tags["backend"] == "none"
+        assert {"git_commit", "parameters"} <= set(got.data.tags)
+        assert "config.yaml" in {a.path for a in client.list_artifacts(mrun.info.run_id)}
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        server.stop()
