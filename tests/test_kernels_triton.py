@@ -132,6 +132,15 @@ def test_chunkwise_dv_and_dqk_split_across_programs(monkeypatch):
     check_chunkwise(1, 2, 70, 32, 48, 48, True, True)
 
 
+def test_chunkwise_gate_chain_in_blocks(monkeypatch):
+    """The reverse chain of the chunk-end stabilizer gradients (mlstm_bwd_gates_chain_kernel)
+    in blocks of 2 chunks: 13 chunks = 7 blocks (the last one partial). Input gates near
+    -60: the carried state wins every chunk-end max, so the gradient of the last m (the
+    loss uses it) runs along the whole chain, from block to block, to the initial m."""
+    monkeypatch.setattr(triton_ops, "GATE_CHAIN_BLOCK", 2)
+    check_chunkwise(1, 2, 100, 16, 24, 8, True, False, i_shift=-60.0, i_scale=0.5)
+
+
 def test_state_pass_splits_finer_when_batch_times_heads_is_small(monkeypatch):
     """Few (batch, head) rows: the state passes halve their DV / DQK blocks (not below 32)
     until the GPU has enough programs; the result is unchanged."""

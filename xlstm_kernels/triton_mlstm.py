@@ -635,106 +635,141 @@ def mlstm_bwd_dq_kernel(
 @triton.jit
 def mlstm_bwd_gates_kernel(
     gs_ptr, ws_ptr, xs_ptr, ys_ptr, dm_ptr, amaxp_ptr, amaxc_ptr, dlogw_ptr, carry_ptr,
-    xlast_ptr, di_ptr, db_ptr, dm0_ptr,
+    di_ptr, db_ptr, xc_ptr, lk_ptr, dm0_ptr,
     SP, NH, NC, L, NKB, NVB, NT, NW, BH, BT,
     BR: tl.constexpr, BW: tl.constexpr, HAS_RESET: tl.constexpr,
 ):
-    """The gate-gradient epilogue of the backward in one pass per (batch, head), with no
-    full-size temporaries. Reads the kernels' partial gate rows (gs, ws: (NKB, BH, SP) from
-    dk / dq; xs: (NVB, BH, SP) and ys: (NVB, NT, BH, SP) from dv, ys[v, js, t] written only
-    where key tile js <= query tile t // BT, the rest is never read), the per-position
+    """The gate-gradient epilogue of the backward, one chunk per program, with no full-size
+    temporaries. Reads the kernels' partial gate rows (gs, ws: (NKB, BH, SP) from dk / dq;
+    xs: (NVB, BH, SP) and ys: (NVB, NT, BH, SP) from dv, ys[v, js, t] written only where
+    key tile js <= query tile t // BT, the rest is never read), the per-position
     stabilizer gradients dm (BH, SP), the winners of every max (amaxp (BH, SP), amaxc
-    (BH, NC): in-chunk index, -1 = the carried state), the carried-state parts dlogw
-    (BH, NC, NW) and the gradient of the last m, xlast (BH,).
-    Writes di (d/d i rows) and db (d/d bc rows), (BH, SP) float32, and dm0 (BH,), the
-    gradient of the initial m. Per chunk, from the last to the first:
-        di_s = X_s,  db_s = Y_t - X_s + dm_s  with X = sum xs + sum gs, Y = sum ys + sum ws
+    (BH, NC): in-chunk index, -1 = the carried state) and the carried-state parts dlogw
+    (BH, NC, NW). Writes, (BH, SP) float32:
+        di_s = X_s,  db_s = Y_s - X_s + dm_s  with X = sum xs + sum gs, Y = sum ys + sum ws
         (summed in this order on both sides, so a one-token document cancels exactly);
-        the chunk end gets sum_chunk gs + sum dlogw + Xm_c; a position whose max a key s
-        won moves its dm from b to (b, i) of s; the chunk-end m gradient Xm_c (the reverse
-        chain Xm_{c-1} = sum of dm over carried-state winners of chunk c + [chunk c's max
-        won by the carried state] Xm_c) goes the same way to the key that won that max.
-    The moves are gathers over (BR, BR) blocks of the chunk (no atomics: deterministic).
-    Grid (BH,)."""
-    pid_bh = tl.program_id(0).to(tl.int64)
+        the chunk end's db also gets sum_chunk gs + sum dlogw; a position whose max a key
+        s won moves its dm from b to (b, i) of s (a gather over (BR, BR) blocks of the
+        chunk: no atomics, deterministic).
+    and per chunk, for mlstm_bwd_gates_chain_kernel: xc (BH, NC), the sum of dm over the
+    positions whose max the carried state won, and lk (BH, NC), 1.0 where chunk c's own
+    end max was won by the carried state (the chain of m gradients goes on through it);
+    dm0 (BH,) gets chunk 0's part of the gradient of the initial m.
+    Grid (NC, BH)."""
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
     bidx = pid_bh // NH
-    g_base = pid_bh * SP
-    xm = tl.load(xlast_ptr + pid_bh)  # gradient of m at the end of the current chunk
-    dm0 = xm * 0.0
-    offs_w = tl.arange(0, BW)
-    for cc in range(NC):
-        c = NC - 1 - cc
-        c_base = g_base + c * L
-        # pass 1: the chunk's sums (gs over the chunk; dm over carried-state winners)
-        gsum = xm * 0.0
-        dmc = xm * 0.0
-        for j in range(0, L, BR):
-            offs = j + tl.arange(0, BR)
-            inl = offs < L
-            for kb in range(NKB):
-                gsum += _sum(tl.load(gs_ptr + kb * BH * SP + c_base + offs, mask=inl,
-                                     other=0.0), 0)
-            dmv = tl.load(dm_ptr + c_base + offs, mask=inl, other=0.0)
-            carried = tl.load(amaxp_ptr + c_base + offs, mask=inl, other=0) < 0
-            if HAS_RESET:
-                carried = carried & (tl.load(carry_ptr + bidx * SP + c * L + offs, mask=inl,
-                                             other=0) != 0)
-            dmc += _sum(tl.where(carried & inl, dmv, 0.0), 0)
-        dlw = _sum(tl.load(dlogw_ptr + (pid_bh * NC + c) * NW + offs_w, mask=offs_w < NW,
-                           other=0.0), 0)
-        ac = tl.load(amaxc_ptr + pid_bh * NC + c)
-        link = ac < 0
+    c_base = pid_bh * SP + c * L
+    # pass 1: the chunk's sums (gs over the chunk; dm over carried-state winners)
+    gsum = tl.full((BR,), 0.0, tl.float32)
+    dmc = tl.full((BR,), 0.0, tl.float32)
+    for j in range(0, L, BR):
+        offs = j + tl.arange(0, BR)
+        inl = offs < L
+        for kb in range(NKB):
+            gsum += tl.load(gs_ptr + kb * BH * SP + c_base + offs, mask=inl, other=0.0)
+        carried = tl.load(amaxp_ptr + c_base + offs, mask=inl, other=0) < 0
         if HAS_RESET:
-            link = link & (tl.load(carry_ptr + bidx * SP + c * L + L - 1) != 0)
-        x_prev = dmc + tl.where(link, xm, 0.0)  # gradient of m at the end of chunk c - 1
-        # pass 2: every position's di, db, with the moves gathered from the whole chunk
-        for j in range(0, L, BR):
-            offs = j + tl.arange(0, BR)
-            inl = offs < L
-            p = c_base + offs
-            X = tl.full((BR,), 0.0, tl.float32)
-            for vb in range(NVB):
-                X += tl.load(xs_ptr + vb * BH * SP + p, mask=inl, other=0.0)
-            Y = tl.full((BR,), 0.0, tl.float32)
-            jt = offs // BT
-            for vb in range(NVB):
-                yv = tl.full((BR,), 0.0, tl.float32)
-                for js in range(NT):
-                    yv += tl.load(ys_ptr + ((vb * NT + js) * BH) * SP + p,
-                                  mask=inl & (js <= jt), other=0.0)
-                Y += yv
-            gsv = tl.full((BR,), 0.0, tl.float32)
-            wsv = tl.full((BR,), 0.0, tl.float32)
-            for kb in range(NKB):
-                gsv += tl.load(gs_ptr + kb * BH * SP + p, mask=inl, other=0.0)
-                wsv += tl.load(ws_ptr + kb * BH * SP + p, mask=inl, other=0.0)
-            X = X + gsv
-            Y = Y + wsv
-            db = Y - X
-            db += tl.where(offs == L - 1, gsum + dlw, 0.0)
-            db += tl.load(dm_ptr + p, mask=inl, other=0.0)
-            mv = tl.full((BR,), 0.0, tl.float32)
-            for j2 in range(0, L, BR):
-                offs2 = j2 + tl.arange(0, BR)
-                in2 = offs2 < L
-                src = tl.load(dm_ptr + c_base + offs2, mask=in2, other=0.0)
-                win = tl.load(amaxp_ptr + c_base + offs2, mask=in2, other=-1)
-                hit = (win[None, :] == offs[:, None]) & in2[None, :]
-                mv += _sum(tl.where(hit, src[None, :], 0.0), 1)
-            db -= mv
-            di = X + mv
-            db += tl.where(offs == L - 1, xm, 0.0)
-            won = offs == ac  # never true for ac = -1
-            db -= tl.where(won, xm, 0.0)
-            di += tl.where(won, xm, 0.0)
-            tl.store(db_ptr + p, db, mask=inl)
-            tl.store(di_ptr + p, di, mask=inl)
-            if c == 0:
-                dm0 += _sum(tl.where(inl, wsv, 0.0), 0)
-        if c == 0:
-            dm0 += dlw
-        xm = x_prev
-    tl.store(dm0_ptr + pid_bh, dm0 + xm)
+            carried = carried & (tl.load(carry_ptr + bidx * SP + c * L + offs, mask=inl,
+                                         other=0) != 0)
+        dmc += tl.where(carried & inl, tl.load(dm_ptr + c_base + offs, mask=inl, other=0.0), 0.0)
+    offs_w = tl.arange(0, BW)
+    dlw = _sum(tl.load(dlogw_ptr + (pid_bh * NC + c) * NW + offs_w, mask=offs_w < NW,
+                       other=0.0), 0)
+    end_extra = _sum(gsum, 0) + dlw
+    link = tl.load(amaxc_ptr + pid_bh * NC + c) < 0
+    if HAS_RESET:
+        link = link & (tl.load(carry_ptr + bidx * SP + c * L + L - 1) != 0)
+    tl.store(xc_ptr + pid_bh * NC + c, _sum(dmc, 0))
+    tl.store(lk_ptr + pid_bh * NC + c, tl.where(link, 1.0, 0.0))
+    # pass 2: every position's di, db, with the moves gathered from the whole chunk
+    ws0 = tl.full((BR,), 0.0, tl.float32)
+    for j in range(0, L, BR):
+        offs = j + tl.arange(0, BR)
+        inl = offs < L
+        p = c_base + offs
+        X = tl.full((BR,), 0.0, tl.float32)
+        for vb in range(NVB):
+            X += tl.load(xs_ptr + vb * BH * SP + p, mask=inl, other=0.0)
+        Y = tl.full((BR,), 0.0, tl.float32)
+        jt = offs // BT
+        for vb in range(NVB):
+            yv = tl.full((BR,), 0.0, tl.float32)
+            for js in range(NT):
+                yv += tl.load(ys_ptr + ((vb * NT + js) * BH) * SP + p,
+                              mask=inl & (js <= jt), other=0.0)
+            Y += yv
+        gsv = tl.full((BR,), 0.0, tl.float32)
+        wsv = tl.full((BR,), 0.0, tl.float32)
+        for kb in range(NKB):
+            gsv += tl.load(gs_ptr + kb * BH * SP + p, mask=inl, other=0.0)
+            wsv += tl.load(ws_ptr + kb * BH * SP + p, mask=inl, other=0.0)
+        X = X + gsv
+        Y = Y + wsv
+        db = Y - X
+        db += tl.where(offs == L - 1, end_extra, 0.0)
+        db += tl.load(dm_ptr + p, mask=inl, other=0.0)
+        mv = tl.full((BR,), 0.0, tl.float32)
+        for j2 in range(0, L, BR):
+            offs2 = j2 + tl.arange(0, BR)
+            in2 = offs2 < L
+            src = tl.load(dm_ptr + c_base + offs2, mask=in2, other=0.0)
+            win = tl.load(amaxp_ptr + c_base + offs2, mask=in2, other=-1)
+            hit = (win[None, :] == offs[:, None]) & in2[None, :]
+            mv += _sum(tl.where(hit, src[None, :], 0.0), 1)
+        tl.store(db_ptr + p, db - mv, mask=inl)
+        tl.store(di_ptr + p, X + mv, mask=inl)
+        ws0 += tl.where(inl, wsv, 0.0)
+    if c == 0:
+        tl.store(dm0_ptr + pid_bh, _sum(ws0, 0) + dlw)
+
+
+@triton.jit
+def _affine_then(a1, b1, a2, b2):
+    """x -> b1 + a1 x, then x -> b2 + a2 x."""
+    return a1 * a2, b2 + a2 * b1
+
+
+@triton.jit
+def mlstm_bwd_gates_chain_kernel(
+    xc_ptr, lk_ptr, amaxc_ptr, xlast_ptr, di_ptr, db_ptr, dm0_ptr,
+    SP, NC, L,
+    BC: tl.constexpr,
+):
+    """The gradient of m at every chunk end, a reverse chain over chunks: Xm_NC-1 = xlast
+    (the last state's m), Xm_{c-1} = xc_c + lk_c Xm_c; a linear recurrence, run as a scan
+    of affine maps over blocks of BC chunks (the chunks loaded last to first). Xm_c goes to
+    db at the end of chunk c, and, where a key s won that chunk's end max (amaxc >= 0), from
+    b to (b, i) of s; dm0 += Xm_{-1}. Grid (BH,)."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    x_in = tl.load(xlast_ptr + pid_bh)  # Xm at the end of the block's first (latest) chunk
+    x_first = x_in * 0.0
+    for i0 in range(0, NC, BC):
+        i = i0 + tl.arange(0, BC)
+        c = NC - 1 - i
+        ok = c >= 0
+        # element i: chunk c + 1's map (chunk c's end is chunk c + 1's start); the first
+        # element of a block is the identity (x_in is already Xm_c there)
+        nxt = ok & (i > i0)
+        a = tl.where(nxt, tl.load(lk_ptr + pid_bh * NC + c + 1, mask=nxt, other=0.0), 1.0)
+        b = tl.where(nxt, tl.load(xc_ptr + pid_bh * NC + c + 1, mask=nxt, other=0.0), 0.0)
+        ra, rb = tl.associative_scan((a, b), 0, _affine_then)
+        xm = rb + ra * x_in  # Xm_c
+        ac = tl.load(amaxc_ptr + pid_bh * NC + c, mask=ok, other=-1)
+        end = pid_bh * SP + c * L + L - 1
+        at_end = ok & (ac != L - 1)  # where the end itself won, the two moves cancel
+        tl.store(db_ptr + end, tl.load(db_ptr + end, mask=at_end, other=0.0) + xm, mask=at_end)
+        won = ok & (ac >= 0)
+        pos = pid_bh * SP + c * L + ac
+        tl.store(db_ptr + pos, tl.load(db_ptr + pos, mask=won & at_end, other=0.0) - xm,
+                 mask=won & at_end)
+        tl.store(di_ptr + pos, tl.load(di_ptr + pos, mask=won, other=0.0) + xm, mask=won)
+        # Xm before chunk c (the next block's x_in; at c = 0 the initial m's)
+        xprev = tl.load(xc_ptr + pid_bh * NC + c, mask=ok, other=0.0) + tl.load(
+            lk_ptr + pid_bh * NC + c, mask=ok, other=0.0) * xm
+        x_in = _sum(tl.where(i == i0 + BC - 1, xprev, 0.0), 0)
+        x_first += _sum(tl.where(c == 0, xprev, 0.0), 0)
+    tl.store(dm0_ptr + pid_bh, tl.load(dm0_ptr + pid_bh) + x_first)
 
 
 # ----------------------------------------------------------------------------------------

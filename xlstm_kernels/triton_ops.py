@@ -16,7 +16,7 @@ h_t = num_t / (max(|den_t|, exp(-m_t)) + eps) depends on m_t beyond the true (un
 numerator and denominator only through eps * exp(m_t). So the gradient splits in two:
 1. the kernels differentiate everything with all stabilizers held fixed (the initial m0,
    an input, excepted), the path through max(|den|, exp(-m)) included;
-2. the gates kernel (mlstm_bwd_gates_kernel) adds the path through each max:
+2. the gates kernels (mlstm_bwd_gates_*) add the path through each max:
    dL/dm_t = -eps (dh_t . h_t) / N_t (and, for the last state, dm - <dC, C> - <dn, n>),
    routed to the candidate that won the max (a key, or the carried state and from there
    along the chain of chunk-boundary maxes). The kernels record the winners in the forward.
@@ -29,8 +29,8 @@ recompute_states=True, where the backward reruns the state pass), n and m per bo
 backward adds the S/L gradients of the states (input dtype). Nothing of size S x S exists.
 Kernels per chunkwise call: forward = state pass (sequential over chunks) + output pass
 (parallel over chunks and tiles); backward = [state pass again] + per-position scalars +
-reverse state pass + dk + dv + dq passes + the gates kernel (the gate-gradient
-epilogue: partial rows summed, stabilizer paths, the reverse chain over chunks).
+reverse state pass + dk + dv + dq passes + the gate-gradient epilogue (two kernels:
+partial rows summed and stabilizer paths per chunk; the reverse chain over chunks).
 The step kernel and the sLSTM kernel have their own Triton backward kernels too.
 """
 
@@ -57,6 +57,7 @@ BLOCK_T_STATE_MAX = 32  # positions per step of the state passes' loop over a ch
 BLOCK_V_STATE_MAX = 64  # DV block of the forward state pass (more programs, fewer registers)
 BLOCK_K_BWD_MAX = 64  # DQK block of the backward's dk / dq programs and dv's K Q^T loop
 ROWS_BLOCK = 64  # positions per program of the backward's per-position scalars
+GATE_CHAIN_BLOCK = 128  # chunks per step of the gates' reverse chain (a scan)
 STEP_BLOCK_V = 32  # DV block of the step kernels (a (DQK, 32) slice of C per program)
 POISON = False  # tests: fill every output buffer with NaN / a bad index before a launch
 
@@ -389,8 +390,9 @@ class _MLSTMChunkFn(torch.autograd.Function):
             dq, ws,
             scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
         ), dict(BT=BT, BK=BKB, BV=BV, HAS_RESET=has_reset, UPCAST=up), BD)
-        # --- gate gradients: one kernel sums the partial rows, adds the paths through every
-        # stabilizer max (the module docstring) and runs the reverse chain over chunks
+        # --- gate gradients: one kernel per chunk sums the partial rows and adds the paths
+        # through every stabilizer max (the module docstring); a second runs the reverse
+        # chain of the chunk-end m gradients (a scan over chunks, O(NC) per row)
         x_last = torch.zeros(BH, device=dev, dtype=f32)
         if dm_last is not None:
             x_last = x_last + dm_last.reshape(BH).to(f32)
@@ -400,12 +402,17 @@ class _MLSTMChunkFn(torch.autograd.Function):
             x_last = x_last - torch.linalg.vecdot(dnl, ns[:, NC])
         di = _empty((BH, SP), f32, dev)
         dB = _empty((BH, SP), f32, dev)
+        xc = _empty((BH, NC), f32, dev)
+        lk = _empty((BH, NC), f32, dev)
         dm0 = _empty((BH,), f32, dev)
         NW = NKS * NVS
-        tm.mlstm_bwd_gates_kernel[(BH,)](
-            gs, ws, xs, ys, dm_pos, amax_p, amax_c, dlogw, carc, x_last, di, dB, dm0,
+        tm.mlstm_bwd_gates_kernel[(NC, BH)](
+            gs, ws, xs, ys, dm_pos, amax_p, amax_c, dlogw, carc, di, dB, xc, lk, dm0,
             SP, NH, NC, L, NKBB, NVB, NT, NW, BH, BT,
             BR=min(ROWS_BLOCK, _pow2(L)), BW=_pow2(NW, 1), HAS_RESET=has_reset,
+        )
+        tm.mlstm_bwd_gates_chain_kernel[(BH,)](
+            xc, lk, amax_c, x_last, di, dB, dm0, SP, NC, L, BC=min(GATE_CHAIN_BLOCK, _pow2(NC)),
         )
         dq = dq.view(B, NH, S, DQK)
         dk = dk.view(B, NH, S, DQK)
