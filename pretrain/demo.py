@@ -2,13 +2,11 @@
 
 1. corpus: the Python standard library's own source files (every machine has them);
 2. a SentencePiece tokenizer and tokenized WebDataset shards (train + validation);
-3. `torchrun --nproc_per_node=2` training the tiny preset with FSDP on CPU (gloo),
-   tracked in a local MLflow store, checkpointed;
+3. `python -m pretrain.launch --nproc_per_node=2` (torchrun with the trainer's exit codes)
+   training the tiny preset with FSDP on CPU (gloo), tracked in a local MLflow store,
+   checkpointed;
 4. interrupted mid-run by SIGTERM to every rank (as a scheduler's preemption does), which
-   checkpoints and exits resumable; resumed with `--resume auto` to the end. That run's
-   ranks go through `slurm.rank`, the wrapper the Slurm path uses: torchrun takes a rank's
-   "resumable" exit (75) for a crash and prints a traceback; the wrapper records the code
-   in a status file and ends cleanly;
+   checkpoints and ends with exit 75 (resumable); resumed with `--resume auto` to the end;
 5. the validation perplexity and a short generated sample from the final checkpoint.
 
     python -m pretrain.demo [--run-dir runs/demo] [--steps 60] [--keep]
@@ -48,8 +46,8 @@ def prepare_data(run_dir: Path) -> tuple[Path, Path]:
 
 def train_command(run_dir: Path, tok_dir: Path, shard_dir: Path, steps: int) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "pretrain.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        sys.executable, "-m", "pretrain.launch", "--nproc_per_node=2", "--",
+        "--config", str(ROOT / "configs" / "tiny.yaml"),
         "--resume", "auto",
         f"run_dir={run_dir}", f"data.train=[{shard_dir}]", f"data.val={shard_dir / 'val'}",
         f"data.tokenizer={tok_dir}", "data.seq_len=128", "distributed.backend=fsdp",
@@ -88,20 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     cmd = train_command(run_dir, tok_dir, shard_dir, args.steps)
     print(f"[demo] $ {' '.join(cmd[2:])}", flush=True)
 
-    status_dir = run_dir / "status"
-    wrapped = [*cmd[:cmd.index("pretrain.train")], "slurm.rank", *cmd[cmd.index("pretrain.train") + 1:]]
-    first = subprocess.Popen(wrapped, env={**env, "XLSTM_STATUS_DIR": str(status_dir)}, cwd=ROOT)
+    first = subprocess.Popen(cmd, env=env, cwd=ROOT)
     wait_for_step(run_dir / "metrics.jsonl", args.interrupt_at, first)
     print("[demo] sending SIGTERM to every rank (a preemption, as a scheduler sends it)", flush=True)
-    for rank in psutil.Process(first.pid).children():  # torchrun's workers, not torchrun itself
-        rank.send_signal(signal.SIGTERM)
+    for rank in psutil.Process(first.pid).children():  # the launcher's ranks (slurm.rank wrappers)
+        if "slurm.rank" in rank.cmdline():
+            rank.send_signal(signal.SIGTERM)
     first.wait(timeout=120)
     latest = CheckpointManager(run_dir / "checkpoints").latest()
-    code = (status_dir / "rank-0.exit").read_text().strip() if (status_dir / "rank-0.exit").is_file() else "none"
-    if latest is None or code != str(EXIT_RESUMABLE):
-        raise RuntimeError(f"the interrupted run did not stop resumably (rank 0 exit {code}, torchrun exit "
-                           f"{first.returncode}, latest checkpoint {latest and latest.path})")
-    print(f"[demo] interrupted: rank 0 exited {code} (resumable); latest checkpoint: step {latest.step}",
+    if latest is None or first.returncode != EXIT_RESUMABLE:
+        raise RuntimeError(f"the interrupted run did not stop resumably (exit {first.returncode}, "
+                           f"latest checkpoint {latest and latest.path})")
+    print(f"[demo] interrupted: exit {first.returncode} (resumable); latest checkpoint: step {latest.step}",
           flush=True)
 
     print("[demo] resuming with --resume auto", flush=True)
