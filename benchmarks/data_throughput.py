@@ -9,8 +9,10 @@ tokenizer settings), in one run:
   runs, half before and half after the loader's), as bytes/s and as the tokens/s it
   would deliver;
 - python reads with each digest (sha256, the manifest's; xxh3-128, the per-run check),
-  and the bound of the batch contract itself: widening a packed batch of uint16 ids to
-  int64 input_ids, labels and the reset mask (`_finish` alone, no reading);
+  and the bound of the batch contract itself: handing out a packed batch of uint16 ids
+  (`_batch` alone: the document starts as a tensor, no reading, no packing), and, for
+  scale, `Batch.to("cpu")`: the widening to int64 and the labels and reset mask that the
+  trainer builds on its device (on a GPU: after the copy, on the GPU);
 - the loader (pack, seq 2048 x batch 8, shuffle window 1024, digest checked) with each
   of `--workers` (0,1,2,4) over several epochs: steady rate after the first batch, the
   time to the first batch, and the rate with start-up included. Each run starts with the
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -64,8 +67,8 @@ def _best(fn, repeat: int) -> float:
 def _plain_loader(cfg: dict):
     """The loader's slots behind a plain DataLoader: each worker sends a group of
     `batches_per_transfer` batches as one tensor of compact ids (torch moves it through
-    shared memory), the main process widens them with the loader's `_finish`. No state is
-    tracked (a small advantage for this side)."""
+    shared memory), the main process hands them out with the loader's `_batch` (a copy out
+    of the group, as the ring's). No state is tracked (a small advantage for this side)."""
     import torch
 
     ld = build_loader(cfg)
@@ -78,11 +81,12 @@ def _plain_loader(cfg: dict):
             w = torch.utils.data.get_worker_info().id
             slot = L._Slot(c, ld.shards, ld.weights, L._state_of(ld._slots[w]))
             group = []
-            for bt, _st, count in slot.batches():
+            need = c.micro_batch_size * c.seq_len + 1
+            for bt, _st, count in slot.batches(lambda: np.empty(need, dtype)):
                 if bt is not None:
                     group.append(bt)
                 if group and (bt is None or count % c.batches_per_transfer == 0):
-                    ids = np.stack([g[0].astype(dtype) for g in group]).view(store)
+                    ids = np.stack([g[0] for g in group]).view(store)
                     yield torch.from_numpy(ids), [g[1:] for g in group]
                     group = []
 
@@ -92,7 +96,50 @@ def _plain_loader(cfg: dict):
             pin_memory=pin):
         v = ids.numpy().view(dtype)
         for i, r in enumerate(rest):
-            yield L._finish((v[i], *r), c.micro_batch_size, c.seq_len, True, pin)
+            yield L._batch((v[i], *r), c.micro_batch_size, c.seq_len, True, pin)
+
+
+def _breakdown(cfg: dict, runs: int) -> dict[str, float]:
+    """CPU microseconds per batch of the loader at 0 workers, by part (median of `runs`):
+    drawing documents alone (reading, shuffling), then packing them too (into a plain
+    array), then the whole loader (handing out `Batch`es), all with the per-process
+    caches warm; and the whole loader with them cleared (the first epoch maps, parses and
+    hashes every shard)."""
+    def slot():
+        ld = build_loader(cfg)
+        return L._Slot(ld.cfg, ld.shards, ld.weights, L._state_of(ld._slots[0]))
+
+    need = cfg["micro_batch_size"] * cfg["seq_len"] + 1
+
+    def docs():
+        s = slot()
+        while s._draw() is not None:
+            pass
+
+    def packed():
+        for _ in slot().batches(lambda: np.empty(need, np.uint16), snapshot=False):
+            pass
+
+    def whole(cold=False):
+        if cold:
+            clear_cache()
+        return sum(1 for _ in build_loader(cfg))
+
+    n = whole()
+    out: dict[str, list[float]] = {}
+    for _ in range(runs):
+        for name, fn in (("docs", docs), ("packed", packed), ("whole", whole),
+                         ("cold", lambda: whole(True))):
+            c0 = time.process_time()
+            fn()
+            out.setdefault(name, []).append((time.process_time() - c0) / n * 1e6)
+    med = {k: sorted(v)[len(v) // 2] for k, v in out.items()}
+    return {"reading and shuffling the documents": med["docs"],
+            "packing them": med["packed"] - med["docs"],
+            "handing out batches (Batch: ids and starts as tensors)": med["whole"] - med["packed"],
+            "the first epoch's mapping, parsing and hashing (over all epochs)":
+                med["cold"] - med["whole"],
+            "total (cold)": med["cold"]}
 
 
 def _tiny_step_tokens_per_s(batch: int = 4, seq: int = 128, steps: int = 6) -> float | None:
@@ -136,6 +183,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--shard-tokens", type=int, default=1 << 18,
+                    help="tokens per shard (13 shards of the default corpus; data.prepare's "
+                    "default is 1 << 24)")
     ap.add_argument("--runs", type=int, default=5, help="loader runs per worker count")
     ap.add_argument("--workers", default="0,1,2,4", help="worker counts, comma-separated")
     ap.add_argument("--step-tokens-per-s", type=float, default=91.8,
@@ -156,7 +206,7 @@ def main(argv=None) -> int:
     for w in (1, 2):
         out = os.path.join(work, f"shards-w{w}")
         t0 = time.perf_counter()
-        m = prepare(files, tok_dir, out, shard_tokens=1 << 18, workers=w, progress=False)
+        m = prepare(files, tok_dir, out, shard_tokens=a.shard_tokens, workers=w, progress=False)
         dt = time.perf_counter() - t0
         tokens = m["totals"]["tokens"]
         rows.append((f"data.prepare, {w} worker{'s' if w > 1 else ''}", tokens / dt,
@@ -165,8 +215,13 @@ def main(argv=None) -> int:
     tars = sorted(glob.glob(os.path.join(shards, "*.tar")))
     shard_bytes = sum(os.path.getsize(p) for p in tars)
 
+    cat_cpu = []  # CPU seconds (user + system) of each cat process: steadier than wall time
+
     def cat():
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run(["cat", *tars], stdout=subprocess.DEVNULL, check=True)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cat_cpu.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
 
     cat()  # page cache warm, like the loader's reads below
     t_cat = _best(cat, 20)  # best of 20 now and 20 after the loader runs: a busy machine
@@ -186,20 +241,24 @@ def main(argv=None) -> int:
                      shard_bytes / t_py / 1e6, "bound for a reader that checks every byte"))
     ld = build_loader({"sources": shards, "seq_len": a.seq_len, "micro_batch_size": a.batch})
     slot = L._Slot(ld.cfg, ld.shards, ld.weights, L._state_of(ld._slots[0]))
-    packed, _st, _n = next(slot.batches())  # int64, as packed in-process
+    need = a.batch * a.seq_len + 1
+    packed, _st, _n = next(slot.batches(lambda: np.empty(need, np.uint16)))
     n_fin = 200
-    for what, p in (("int64 ids: labels copy, reset mask", packed),
-                    ("uint16 ids from a worker, widened", (packed[0].astype(np.uint16),
-                                                           *packed[1:]))):
-        t_fin = _best(lambda p=p: [L._finish(p, a.batch, a.seq_len, True)
-                                   for _ in range(n_fin)], 5)
-        rows.append((f"bound: the batch contract alone ({what})",
-                     n_fin * a.batch * a.seq_len / t_fin, None, "no reading, no packing"))
+    t_fin = _best(lambda: [L._batch(packed, a.batch, a.seq_len, True, False)
+                           for _ in range(n_fin)], 5)
+    rows.append(("bound: the batch contract alone (uint16 ids handed out, `_batch`)",
+                 n_fin * a.batch * a.seq_len / t_fin, None, "no reading, no packing"))
+    one = L._batch(packed, a.batch, a.seq_len, True, False)
+    t_to = _best(lambda: [one.to("cpu") for _ in range(n_fin)], 5)
+    rows.append(("for scale: `Batch.to` on the CPU (int64 ids, labels, reset mask)",
+                 n_fin * a.batch * a.seq_len / t_to, None,
+                 "the trainer's expansion, done on the GPU there"))
 
     loader_tps, loader_total, plain_tps = {}, {}, {}
     load_before = os.getloadavg()[0]
     workers = [int(x) for x in a.workers.split(",")]
     best: dict = {}
+    cpu0: list[float] = []  # 0 workers: the loader's CPU seconds per batch after the first
     for _ in range(a.runs):  # rounds over every variant: a busy machine slows all alike
         for nw in workers:
             cfg = {"sources": shards, "seq_len": a.seq_len, "micro_batch_size": a.batch,
@@ -208,11 +267,14 @@ def main(argv=None) -> int:
                 clear_cache()  # each run verifies and indexes every shard anew (cold)
                 t0 = time.perf_counter()
                 it = iter(build_loader(cfg) if kind == "ring" else _plain_loader(cfg))
-                n = next(it)["input_ids"].numel()
-                t1 = time.perf_counter()
-                for b in it:
-                    n += b["input_ids"].numel()
+                n = a.batch * a.seq_len
+                next(it)
+                t1, c1 = time.perf_counter(), time.process_time()
+                for _b in it:
+                    n += a.batch * a.seq_len
                 t2 = time.perf_counter()
+                if nw == 0:
+                    cpu0.append((time.process_time() - c1) / (n / (a.batch * a.seq_len) - 1))
                 run = (n / (t2 - t0), (n - a.batch * a.seq_len) / (t2 - t1), t1 - t0)
                 if (kind, nw) not in best or run[1] > best[kind, nw][1]:
                     best[kind, nw] = run
@@ -233,6 +295,13 @@ def main(argv=None) -> int:
     raw_tps = tokens / t_cat
     rows[cat_row] = ("raw read: cat shards > /dev/null (best of 40)", raw_tps,
                      shard_bytes / t_cat / 1e6, f"{len(tars)} shards, {shard_bytes / 1e6:.1f} MB")
+
+    # CPU time per batch-worth of tokens (8x2048): cat's (the fastest run) against the
+    # loader's at 0 workers (the fastest run), and where the loader's goes
+    per_batch = a.batch * a.seq_len / tokens
+    cat_us, loader_us = min(cat_cpu) * per_batch * 1e6, min(cpu0) * 1e6
+    parts = _breakdown({"sources": shards, "seq_len": a.seq_len, "micro_batch_size": a.batch,
+                        "epochs": a.epochs, "shuffle_buffer": 1024, "seed": 0}, 7)
 
     tiny = _tiny_step_tokens_per_s()
     if tiny is not None:
@@ -261,11 +330,16 @@ def main(argv=None) -> int:
         f"machine: {os.cpu_count()} CPU cores, load average {load_before:.1f} when the loader "
         f"runs began, {os.getloadavg()[0]:.1f} after. 0 workers: in-process, one thread. "
         "With workers: DataLoader processes that pack uint16 ids into a shared-memory ring "
-        "(the pipe carries only document starts and states); the main process widens them "
-        "to int64. Workers exist to take "
+        "(the pipe carries only document starts and states); the main process copies them "
+        "out. Workers exist to take "
         "reading off a main process that is busy training; here the main process only "
         "consumes, so they add hand-offs between processes, and each hand-off waits for a "
         "free core when the machine has fewer idle cores than workers + 1.")
+    lines.append(f"CPU time per batch (8x2048 tokens): cat {cat_us:.1f} us (fastest of 40), "
+                 f"loader at 0 workers {loader_us:.1f} us (fastest of {a.runs}, after the first "
+                 f"batch): {cat_us / loader_us:.2f}x of cat (goal >= 0.8x)")
+    lines.append("where the loader's CPU time per batch goes (0 workers, median of 7 runs of "
+                 f"{a.epochs} epochs): " + ", ".join(f"{k} {v:.1f} us" for k, v in parts.items()))
     if tiny is not None:
         lines.append(f"best loader / tiny train step: {top / tiny:,.0f}x (goal >= 100x)")
     table = "\n".join(lines)

@@ -850,12 +850,9 @@ def _digest(lists: list[list[str]]) -> str:
 
 def _sum_stats(slots: list[SlotState]) -> SlotStats:
     out = SlotStats()
-    for sl in slots:
-        x = sl.stats
-        out.batches += x.batches
-        out.tokens += x.tokens
-        out.skipped_shards += x.skipped_shards
-        out.retries += x.retries
+    for x in (sl.stats for sl in slots):
+        for k in ("batches", "tokens", "skipped_shards", "retries"):
+            setattr(out, k, getattr(out, k) + getattr(x, k))
         out.last_error = x.last_error or out.last_error
         out.skipped += x.skipped
     return out

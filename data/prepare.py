@@ -8,7 +8,9 @@ Inputs: text, JSONL[.gz|.zst], parquet, and existing WebDataset shards of text
 (`--input 'pipe:aws s3 cp s3://b/text-{0000..0099}.tar -'`, http URLs, local `.tar`).
 
 Output: `OUT/shard-000000.tar ...` (training), `OUT/val/shard-000000.tar ...`
-(validation, when --val-fraction > 0) and `OUT/manifest.json`.
+(validation, when --val-fraction > 0), in `data.tarshard`'s format, and
+`OUT/manifest.json` (per shard: samples, tokens, bytes, sha256, xxh3_128; totals;
+the tokenizer's hash; the command).
 
 Determinism: documents get a global index in input order (files sorted,
 then position in file); a document goes to validation when a seeded hash of

@@ -7,7 +7,8 @@ A spec is one string, in WebDataset's conventions:
 - an `http://` / `https://` URL, brace-expanded, or ending in `.json` to name
   a manifest whose shards lie beside it;
 - `pipe:COMMAND`, brace-expanded into one command per shard
-  (`pipe:aws s3 cp s3://b/shard-{0000..0099}.tar -`); the command's stdout is the shard.
+  (`pipe:aws s3 cp s3://b/shard-{0000..0099}.tar -`); the command's stdout is the shard;
+- any of these ending in `#val`: the validation shards its manifest lists.
 
 Opening is `webdataset.gopen` (local paths, `pipe:`, and its other schemes), except
 for http(s): `gopen` runs curl, which cannot resume a body cut off mid-way, so ours
@@ -99,8 +100,8 @@ def expand_source(spec: str, *, retries: int = 3, backoff: float = 0.5,
     """Expand one spec string into its shard list (see module doc). Raises when it is empty."""
     def manifest(url: str, val: bool = False) -> Shards:
         f = open_shard(url, retries=retries, backoff=backoff, timeout=timeout)
-        try:
-            return _from_manifest(url, f.read(), val)
+        try:  # in pieces: each read of an HTTP body is retried on its own
+            return _from_manifest(url, b"".join(iter(f.read, b"")), val)
         finally:
             f.close()
 
@@ -212,12 +213,7 @@ class _HttpStream:
                     delay *= 2
         raise SourceError(f"cannot open {self.url} after {self.retries + 1} attempts: {last}")
 
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:  # read all, in pieces (each one checked)
-            parts = []
-            while part := self.read(1 << 20):
-                parts.append(part)
-            return b"".join(parts)
+    def read(self, n: int = 1 << 20) -> bytes:
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
