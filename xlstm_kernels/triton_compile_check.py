@@ -154,7 +154,8 @@ def _drive(arch: int, quick: bool, rows: dict, context: dict, only: str | None =
         names = self.arg_names
         bound = dict(zip(names, args))
         bound.update({k: v for k, v in kwargs.items() if k in names})
-        dt = next((str(bound[n].dtype).replace("torch.", "") for n in ("q_ptr", "k_ptr", "x_ptr", "r_ptr", "dh_ptr")
+        dt = next((str(bound[n].dtype).replace("torch.", "")
+                   for n in ("q_ptr", "k_ptr", "x_ptr", "r_ptr", "dh_ptr", "gs_ptr", "xc_ptr")
                    if n in bound and hasattr(bound[n], "dtype")), "?")
         flags = ",".join(f"{k}" for k in sorted(kwargs) if kwargs[k] is True)
         blocks = ",".join(f"{k}={kwargs[k]}" for k in sorted(kwargs)

@@ -57,6 +57,7 @@ BLOCK_T_STATE_MAX = 32  # positions per step of the state passes' loop over a ch
 BLOCK_V_STATE_MAX = 64  # DV block of the forward state pass (more programs, fewer registers)
 BLOCK_K_BWD_MAX = 64  # DQK block of the backward's dk / dq programs and dv's K Q^T loop
 ROWS_BLOCK = 64  # positions per program of the backward's per-position scalars
+GATE_ROWS_BLOCK = 32  # positions per block of the gates kernel (its (32, 32) gathers)
 GATE_CHAIN_BLOCK = 128  # chunks per step of the gates' reverse chain (a scan)
 STEP_BLOCK_V = 32  # DV block of the step kernels (a (DQK, 32) slice of C per program)
 POISON = False  # tests: fill every output buffer with NaN / a bad index before a launch
@@ -409,7 +410,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
         tm.mlstm_bwd_gates_kernel[(NC, BH)](
             gs, ws, xs, ys, dm_pos, amax_p, amax_c, dlogw, carc, di, dB, xc, lk, dm0,
             SP, NH, NC, L, NKBB, NVB, NT, NW, BH, BT,
-            BR=min(ROWS_BLOCK, _pow2(L)), BW=_pow2(NW, 1), HAS_RESET=has_reset,
+            BR=min(GATE_ROWS_BLOCK, _pow2(L)), BW=_pow2(NW, 1), HAS_RESET=has_reset,
         )
         tm.mlstm_bwd_gates_chain_kernel[(BH,)](
             xc, lk, amax_c, x_last, di, dB, dm0, SP, NC, L, BC=min(GATE_CHAIN_BLOCK, _pow2(NC)),
