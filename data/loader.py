@@ -593,7 +593,11 @@ class Batch:
         instead of 8 + 8 + 1 bytes per token made and moved by the host."""
         b, s = self.shape
         n = b * s
-        ids = self.ids.to(device, non_blocking=non_blocking).long()  # (n+1,)
+        ids = self.ids
+        if ids.dtype == torch.uint16:  # moved as int16 bits (every backend copies those)
+            ids = ids.view(torch.int16).to(device, non_blocking=non_blocking).long() & 0xFFFF
+        else:
+            ids = ids.to(device, non_blocking=non_blocking).long()  # (n+1,)
         target = ids.clone()  # target[p]: the label of input p-1 (target[0] is dropped)
         if self.end <= n:  # padding from stream position `end`: no target there
             target[max(self.end, 1):] = IGNORE_INDEX

@@ -615,3 +615,21 @@ def test_spec_lists_follow_webdataset_conventions():
     assert set(sh.sha256) == set(sh.urls)  # digests from the manifest beside them
     pipe = expand_source("pipe:cat ${HOME}/s-{0..1}.tar").urls
     assert pipe == ["pipe:cat ${HOME}/s-0.tar", "pipe:cat ${HOME}/s-1.tar"]
+
+
+def test_batch_is_the_narrow_stream_and_expands_exactly():
+    """A batch holds the shards' uint16 ids once, (B*S+1,); rows() are its (B, S+1) views;
+    `to` widens ids above 32767 exactly and builds labels and reset from the starts."""
+    from data import Batch
+
+    b = next(iter(build_loader(cfg(seq_len=64, micro_batch_size=3))))
+    assert b.ids.dtype == torch.uint16 and b.ids.shape == (3 * 64 + 1,)
+    rows = b.rows()
+    assert rows.shape == (3, 65) and rows.data_ptr() == b.ids.data_ptr()
+    x, r, y = b.to("cpu")
+    assert torch.equal(x, rows[:, :-1].long()) and torch.equal(x, b["input_ids"])
+    ids = torch.tensor([1, 65535, 40000, 2, 32768], dtype=torch.uint16)
+    x, r, y = Batch(ids, torch.tensor([0, 3]), 5, (2, 2), True).to("cpu")
+    assert x.tolist() == [[1, 65535], [40000, 2]]
+    assert y.tolist() == [[65535, 40000], [IGNORE_INDEX, 32768]]
+    assert r.tolist() == [[True, False], [True, True]]
