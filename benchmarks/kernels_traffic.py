@@ -67,7 +67,7 @@ def ours(B, NH, S, DQK, DV, L, E=2, recompute=False, blk=None):
     BH, NC = B * NH, cdiv(S, L)
     # the state passes' split on an H100 / H200 (132 SMs), as the dispatcher picks it
     b["BK"], b["BV_S"] = state_blocks(BH, DQK, DV, b, target=2 * 132)
-    b["SK_B"], b["SV_B"] = state_blocks(BH, DQK, DV, {**b, "BV_S": b["BV_B"]}, target=2 * 132)
+    b["SK_B"], b["SV_B"] = state_blocks(BH, DQK, DV, b, target=2 * 132)
     tok = BH * S  # (position, head) pairs
     qk, vv = tok * DQK * E, tok * DV * E  # one pass over q (or k), over v (or h, dh)
     states = BH * NC * DQK * DV * E
@@ -130,7 +130,7 @@ def ours(B, NH, S, DQK, DV, L, E=2, recompute=False, blk=None):
         return K(name, req * BH * NC, hbm, fl * BH * NC)
 
     def dv():
-        BT, BK, BV = b["BT_B"], b["BK_B"], b["BV_DV"]
+        BT, BK, BV = b["BT_B"], b["BK_DV"], b["BV_DV"]
         NT, NKB, NVB = cdiv(L, BT), cdiv(DQK, BK), cdiv(DV, BV)
         req = fl = 0
         for js in range(NT):
@@ -151,17 +151,20 @@ def ours(B, NH, S, DQK, DV, L, E=2, recompute=False, blk=None):
     fwd_rows = K("gate rows (torch)", 5 * 3 * tok * F32, 5 * 3 * tok * F32, 0)
 
     def gates_bwd():
-        """mlstm_bwd_gates_kernel (one program per (batch, head), chunks in reverse): reads
-        the partial rows gs, ws (NKB each), xs (NVB), ys (NVB x the key tiles <= t's), dm
-        and the winner rows, writes di and db; its first pass over a chunk re-reads gs, dm
-        and the winners, the gather re-reads dm and the winners once per (BR, BR) block
-        pair (L2). Then torch autograd maps di, db back to i, f through cumsum and
-        logsigmoid (3 passes of 3 rows)."""
-        BR = min(64, 1 << (L - 1).bit_length())
+        """mlstm_bwd_gates_kernel (one program per chunk): reads the partial rows gs, ws (NKB
+        each), xs (NVB), ys (NVB x the key tiles <= t's), dm and the winner rows, writes di
+        and db; its first pass re-reads gs, dm and the winners, the gather re-reads dm and
+        the winners once per (BR, BR) block pair (L2). mlstm_bwd_gates_chain_kernel: three
+        O(NC) rows and a read-modify-write of 2 positions per chunk. Then torch autograd
+        maps di, db back to i, f through cumsum and logsigmoid (3 passes of 3 rows)."""
+        from xlstm_kernels.triton_ops import GATE_ROWS_BLOCK
+
+        BR = min(GATE_ROWS_BLOCK, 1 << (L - 1).bit_length())
         partial = (2 * NKB_B + NVB_B + NVB_B * (NT_B + 1) / 2) * tok * F32
-        hbm = partial + 2 * tok * F32 + 2 * tok * F32 + 3 * 3 * tok * F32
+        chain = BH * NC * (5 * F32 + 4 * F32)
+        hbm = partial + 2 * tok * F32 + 2 * tok * F32 + chain + 3 * 3 * tok * F32
         req = hbm + (NKB_B + 2) * tok * F32 + cdiv(L, BR) * 2 * tok * F32
-        return K("gate gradients (kernel) + autograd of the gate rows", req, hbm, 0)
+        return K("gate gradients (2 kernels) + autograd of the gate rows", req, hbm, 0)
 
     fwd = [fwd_rows, state_fwd(), out_fwd()]
     bwd = ([state_fwd()] if recompute else []) + [

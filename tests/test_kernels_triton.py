@@ -126,6 +126,7 @@ def test_chunkwise_dv_and_dqk_split_across_programs(monkeypatch):
     monkeypatch.setattr(triton_ops, "BLOCK_V_MAX", 32)
     monkeypatch.setattr(triton_ops, "BLOCK_V_BWD_MAX", 16)
     monkeypatch.setattr(triton_ops, "BLOCK_V_DV_MAX", 16)
+    monkeypatch.setattr(triton_ops, "BLOCK_K_DV_MAX", 16)
     monkeypatch.setattr(triton_ops, "BLOCK_K_MAX", 16)
     monkeypatch.setattr(triton_ops, "BLOCK_T_MAX", 32)
     monkeypatch.setattr(triton_ops, "BLOCK_T_BWD_MAX", 16)

@@ -49,13 +49,16 @@ MAX_DQK = 256
 BLOCK_T_MAX = 64  # query/key tile inside a chunk (a chunk of 128 runs as 2 x 2 tiles)
 BLOCK_T_BWD_MAX = 64  # the same for the backward's dk/dv and dq passes
 BLOCK_V_MAX = 128  # DV block per program; larger DV is split across programs
-BLOCK_V_BWD_MAX = 64  # the same for the backward's dk / dq passes (their DV loop)
+BLOCK_V_BWD_MAX = 32  # the DV step of the backward's dk / dq loops (dA = dH V^T over DV):
+# narrow steps keep the 128-wide DQK blocks below within 168 registers (sm_90, 8 warps)
 BLOCK_V_DV_MAX = 128  # DV block of the dv programs: A = K Q^T is rebuilt once per DV
 # block, so wider blocks halve those FLOPs; dv holds fewer tiles than dk / dq and fits
+BLOCK_K_DV_MAX = 64  # the DQK step of dv's K Q^T loop (128 would need 171-184 registers)
 BLOCK_K_MAX = 64  # DQK block of the state passes
 BLOCK_T_STATE_MAX = 32  # positions per step of the state passes' loop over a chunk
-BLOCK_V_STATE_MAX = 64  # DV block of the forward state pass (more programs, fewer registers)
-BLOCK_K_BWD_MAX = 64  # DQK block of the backward's dk / dq programs and dv's K Q^T loop
+BLOCK_V_STATE_MAX = 64  # DV block of the state passes (more programs, fewer registers)
+BLOCK_K_BWD_MAX = 128  # DQK block of the backward's dk / dq programs and dv's K Q^T loop:
+# each dk / dq program rebuilds dA for its block, so 128 (as TFLA) halves those FLOPs
 ROWS_BLOCK = 64  # positions per program of the backward's per-position scalars
 GATE_ROWS_BLOCK = 32  # positions per block of the gates kernel (its (32, 32) gathers)
 GATE_CHAIN_BLOCK = 128  # chunks per step of the gates' reverse chain (a scan)
@@ -194,7 +197,7 @@ def chunk_blocks(L: int, DQK: int, DV: int, esize: int = 2) -> dict[str, int]:
     """Tile sizes of the chunkwise kernels: BT (positions of a chunk per tile), BD (DQK
     padded), BV (DV block), BK (DQK block of the state pass); *_B for the backward (BK_B:
     the DQK block of the dk / dq programs, so no tile is DQK wide); *_S the state passes;
-    BV_DV the DV block of the dv programs.
+    BV_DV, BK_DV the DV block and the DQK step of the dv programs.
     esize: bytes per input element. float32 inputs (IEEE tl.dot: FMA, no tensor cores,
     operands in registers) at head dims >= 128 get 32-wide tiles, which spill far less."""
     BT = min(BLOCK_T_MAX, _pow2(L))
@@ -203,7 +206,7 @@ def chunk_blocks(L: int, DQK: int, DV: int, esize: int = 2) -> dict[str, int]:
     b = {"BT": BT, "BD": BD, "BV": BV, "BK": min(BLOCK_K_MAX, BD),
          "BT_B": min(BT, BLOCK_T_BWD_MAX), "BK_B": min(BD, BLOCK_K_BWD_MAX),
          "BV_B": min(BV, BLOCK_V_BWD_MAX), "BV_S": min(BV, BLOCK_V_STATE_MAX),
-         "BV_DV": min(BV, BLOCK_V_DV_MAX),
+         "BV_DV": min(BV, BLOCK_V_DV_MAX), "BK_DV": min(BD, BLOCK_K_DV_MAX),
          "BT_S": min(BT, BLOCK_T_STATE_MAX)}
     if esize >= 4 and max(DQK, DV) >= 128:
         b = {k: v if k == "BD" else min(v, 32) for k, v in b.items()}
@@ -355,7 +358,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
         dnn = _empty((BH, NC, DQK), f32, dev)
         dc0 = _empty((BH, DQK, DV), f32, dev)
         dn0 = _empty((BH, DQK), f32, dev)
-        SK, SV = state_blocks(BH, DQK, DV, {**blk, "BV_S": BV})
+        SK, SV = state_blocks(BH, DQK, DV, blk)
         NKS, NVS = triton.cdiv(DQK, SK), triton.cdiv(DV, SV)
         dlogw = _empty((BH, NC, NKS, NVS), f32, dev)
         tm.mlstm_bwd_state_kernel[(BH, NKS, NVS)](
@@ -383,7 +386,7 @@ class _MLSTMChunkFn(torch.autograd.Function):
         _launch(tm.mlstm_bwd_dv_kernel, (NC * NT, NVB, BH), (L, DQK, DV), (
             qc, kc, vc, igf, bcf, segc, carc, mpos, nrm, dden, dh, dcn, ms, dv, xs, ys,
             scale, S, SP, NH, NC, L, DQK, DV, NT, BH,
-        ), dict(BT=BT, BK=BKB, BV=BVD, HAS_RESET=has_reset, UPCAST=up), BD)
+        ), dict(BT=BT, BK=blk["BK_DV"], BV=BVD, HAS_RESET=has_reset, UPCAST=up), BD)
         dq = _empty((BH, S, DQK), dt, dev)
         ws = _empty((NKBB, BH, SP), f32, dev)
         _launch(tm.mlstm_bwd_dq_kernel, (NC * NT, NKBB, BH), (L, DQK, DV), (
