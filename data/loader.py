@@ -5,8 +5,8 @@ The batch contract and how exactly-once resume works: the package docstring
 Here: slots that read, shuffle, mix and pack (`_Slot`), the workers' hand-off, and
 `TokenLoader`. Workers pack ids into a shared-memory ring (`_Ring`): against a plain
 DataLoader that moves each group of batches as one tensor (one shared-memory hand-off
-per group) it measured 1.7-3.8x as fast at 1-4 workers on 2 cores
-(benchmarks/results/data_throughput-2026-12-06-cpu.md), so it stays.
+per group) it measured 2.8-10x as fast at 1-4 workers on 2 cores with the narrow batch
+contract (benchmarks/results/data_throughput-2026-12-07-cpu.md), so it stays.
 """
 
 from __future__ import annotations
@@ -593,8 +593,9 @@ class Batch:
         instead of 8 + 8 + 1 bytes per token made and moved by the host."""
         b, s = self.shape
         n = b * s
-        ids = self.ids
-        if ids.dtype == torch.uint16:  # moved as int16 bits (every backend copies those)
+        ids, device = self.ids, torch.device(device)
+        if ids.dtype == torch.uint16 and device.type != "cpu":
+            # moved as int16 bits: every backend copies those (uint16 support varies)
             ids = ids.view(torch.int16).to(device, non_blocking=non_blocking).long() & 0xFFFF
         else:
             ids = ids.to(device, non_blocking=non_blocking).long()  # (n+1,)
