@@ -77,8 +77,8 @@ class LoaderConfig:
     verify_sha256: check each shard against its manifest's digest (xxh3-128 if listed).
     prefetch_factor, batches_per_transfer: each worker sends groups of this many
         micro-batches (fewer messages), and keeps prefetch_factor groups in flight.
-    pin_memory: batches' ids in pinned memory (None: when CUDA is available), so
-        `Batch.to(cuda)` copies asynchronously.
+    pin_memory: batches' ids in pinned memory when CUDA is available (None or True;
+        False: never), so `Batch.to(cuda)` copies asynchronously.
     """
 
     sources: Any
@@ -687,7 +687,7 @@ class TokenLoader:
         mine = self._my_slots()
         cfg = self.cfg
         b, s, pack = cfg.micro_batch_size, cfg.seq_len, cfg.packing == "pack"
-        pin = torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory
+        pin = cfg.pin_memory is not False and torch.cuda.is_available()
         dtype = _compact_dtype(cfg, self.shards)
         slots = self._slots
         if cfg.num_workers == 0:  # in-process: one slot, no DataLoader in between
