@@ -121,6 +121,12 @@ class LargeConfig:
     gate_soft_cap: float | None = 15.0
     """Gate pre-activations g become cap * tanh(g / cap); None turns it off."""
     logit_soft_cap: float | None = 30.0
+    init: Literal["xlstm7b", "torch"] = "xlstm7b"
+    """Weight init: "xlstm7b" (the official 7B recipe: small/Wang normal inits, zero gate
+    weights, input-gate bias `igate_bias_init`, forget-gate biases `fgate_bias_init`) or
+    "torch" (PyTorch's defaults for every Linear and Embedding: Kaiming-uniform weights,
+    uniform biases, N(0, 1) embedding; norms at one). Which suits which scale, as measured by
+    benchmarks/quality.py: configs/README.md, "Init by scale"."""
     igate_bias_init: float = -10.0
     fgate_bias_init: list[float] = field(default_factory=lambda: [3.0, 6.0])
     """Forget-gate biases are linspace(start, end) over the heads."""

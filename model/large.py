@@ -17,7 +17,8 @@ State for generation: (C, n, m) per block, no conv. Initialization mirrors the
 official training code (xlstm-jax, mlstm_v1 layer): small init for embedding,
 LM head, q, k, v and the SwiGLU input projections; Wang init for the two
 projections into the residual; zero weights for the gates and the output
-gate; input-gate bias -10, forget-gate bias linspace(3, 6) over heads.
+gate; input-gate bias -10, forget-gate bias linspace(3, 6) over heads. `init: torch` in
+the config keeps PyTorch's defaults instead (which suits which scale: configs/README.md).
 """
 
 from __future__ import annotations
@@ -152,6 +153,15 @@ class LargeLM(GenerationMixin, nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        if self.cfg.init == "torch":  # PyTorch's own defaults, module by module
+            for mod in self.modules():
+                if isinstance(mod, nn.Linear) and not (self.cfg.tie_weights and mod is self.lm_head):
+                    nn.Linear.reset_parameters(mod)
+                elif isinstance(mod, nn.Embedding):
+                    nn.Embedding.reset_parameters(mod)
+                elif isinstance(mod, (RMSNorm, MultiHeadNorm)):
+                    mod.reset_parameters()
+            return
         d = self.cfg.embedding_dim
         small_init_(self.embedding.weight, d)
         if not self.cfg.tie_weights:
