@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean gpu-wheels gpu-check
+.PHONY: setup demo test test-fast lint clean gpu-wheels gpu-check bench
 
 setup: $(STAMP)
 
@@ -47,6 +47,26 @@ gpu-check:
 	if [ -d .whl ]; then $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile \
 	    --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi
 	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# Every CPU benchmark, sized to finish in about 20-25 minutes on 2 idle cores (one thread
+# per process where a script runs several: robust to other load), then
+# benchmarks/README.md from the result files. Each run is recorded (command, load, time)
+# in benchmarks/results/bench-log.json; a failed one does not stop the rest, and the
+# target fails at the end if any did.
+BENCH_DATE = $(shell date -u +%F)
+BENCH = $(PY) benchmarks/report.py run
+bench: $(STAMP)
+	-$(BENCH) long_context -- $(PY) benchmarks/long_context.py \
+	    --contexts 512,1024,2048,4096,8192 --tokens 8192 --rounds 1 --threads 1
+	-$(BENCH) generation -- $(PY) benchmarks/generation.py --positions 8192
+	-$(BENCH) quality -- $(PY) benchmarks/quality.py --slow-seeds 1
+	-$(BENCH) mlstm_cpu --stdout benchmarks/results/mlstm_cpu-$(BENCH_DATE)-cpu.txt -- \
+	    $(PY) benchmarks/mlstm_cpu.py --reps 3 --threads 2
+	-$(BENCH) train_throughput -- $(PY) benchmarks/train_throughput.py --steps 2 --rounds 1 \
+	    --seq-len 1024 --out benchmarks/results/train_throughput-$(BENCH_DATE)-cpu.txt
+	-$(BENCH) data_throughput -- env OMP_NUM_THREADS=1 $(PY) benchmarks/data_throughput.py \
+	    --runs 1 --epochs 2 --workers 0,1,2 --out benchmarks/results/data_throughput-$(BENCH_DATE)-cpu.md
+	$(PY) benchmarks/report.py readme --strict
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
