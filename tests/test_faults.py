@@ -133,6 +133,9 @@ def test_tokenizer_larger_than_the_model_is_one_line_from_rank_0(tmp_path, corpu
     out = run(launch(2, args), expect=1, XLSTM_TEST_SAVE_DELAY="not-a-step")  # Faults.from_env raises
     assert "ValueError: invalid literal for int()" in out.stderr  # the ranks' own tracebacks
     assert "ChildFailedError" in out.stderr and "Root Cause (first observed failure)" in out.stderr
+    out = run([sys.executable, "-m", "pretrain.launch", "--nproc_per_node=2", *args], expect=2)  # no `--`
+    (line,) = error_lines(out.stdout + out.stderr)
+    assert line.startswith("launch error: no `--` before the trainer's arguments; usage: python -m pretrain.launch")
 
 
 # ------------------------------------------------------------------------- checkpoints
@@ -338,13 +341,18 @@ def test_mlflow_server_killed_and_restarted_while_the_run_goes(tmp_path, corpus)
     try:
         run_dir = tmp_path / "mlflow"
         args = args_for(run_dir, corpus, "tracking.experiment=drill", "tracking.run_name=drill")
-        proc = subprocess.Popen(command(0, args), env=env(MLFLOW_TRACKING_URI=server.uri), cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out_file, err_file = tmp_path / "train.out", tmp_path / "train.err"
+        with open(out_file, "w") as out, open(err_file, "w") as err:
+            # checkpoint 6's write held open 8 s: the run still goes when the tracker (every
+            # 2 s) first finds the server gone, however fast the steps are
+            proc = subprocess.Popen(hooked(command(0, args), save_delay=(EVERY, 8.0)),
+                                    env=env(MLFLOW_TRACKING_URI=server.uri), cwd=ROOT, stdout=out, stderr=err)
         record = run_dir / "mlflow_run.json"  # the run exists on the server
         wait_for(lambda: record.is_file() and logged_step(run_dir) >= 2, proc, "the MLflow run and step 2")
         server.stop(signal.SIGKILL)
         down_at = logged_step(run_dir)
-        wait_for(lambda: logged_step(run_dir) >= down_at + 3, proc, f"step {down_at + 3} without a server")
+        wait_for(lambda: logged_step(run_dir) >= down_at + 3 and "unreachable" in err_file.read_text(), proc,
+                 f"step {down_at + 3} and the tracker's report of the server gone")
         # hold the trainer (SIGSTOP) while the server restarts, so that the restart happens
         # while the run still goes however fast the steps are; it continues from there
         psutil.Process(proc.pid).suspend()
@@ -354,7 +362,8 @@ def test_mlflow_server_killed_and_restarted_while_the_run_goes(tmp_path, corpus)
         finally:
             psutil.Process(proc.pid).resume()
         assert up_at < STEPS, "the run ended before the server was back"
-        out, err = proc.communicate(timeout=300)
+        proc.wait(timeout=300)
+        out, err = out_file.read_text(), err_file.read_text()
         assert proc.returncode == 0, out[-2000:] + err[-3000:]
         assert up_at - down_at >= 3  # trained on while the server was down: no waiting for it
         (down,) = [x for x in err.splitlines() if "unreachable" in x]
