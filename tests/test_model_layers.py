@@ -65,3 +65,28 @@ def test_multihead_norm_is_group_norm_and_rmsnorm():
     y = torch.randn(5, 8)
     torch.testing.assert_close(rms(y), y / y.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
     assert rms(y.bfloat16()).dtype == torch.bfloat16
+
+
+def test_conv_gradients_match_autograd_of_the_padded_conv1d():
+    """The conv's hand-written backward (input, buffer, weight, bias) against autograd of
+    F.conv1d on the buffer-padded input, in float64; with resets against each document
+    run alone is covered above, here its gradients against gradcheck."""
+    torch.manual_seed(0)
+    c = CausalConv1d(5, 4).double()
+    c.reset_parameters()
+    for S in (2, 9):  # shorter than the buffer too
+        x = torch.randn(2, S, 5, dtype=torch.float64, requires_grad=True)
+        buf = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(2, S, 5, dtype=torch.float64)
+        got = torch.autograd.grad((c(x, buf)[0] * g).sum(), (x, buf, c.weight, c.bias))
+        xs = torch.cat([buf, x], 1).transpose(1, 2)
+        ref = F.conv1d(xs, c.weight[:, None], c.bias, groups=5).transpose(1, 2)
+        want = torch.autograd.grad((ref * g).sum(), (x, buf, c.weight, c.bias))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    reset = torch.zeros(2, 9, dtype=torch.bool)
+    reset[0, [0, 3]] = True
+    reset[1, 7] = True
+    x = torch.randn(2, 9, 5, dtype=torch.float64, requires_grad=True)
+    buf = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b, w, bias: c(x, b, reset)[0], (x, buf, c.weight, c.bias))

@@ -172,38 +172,54 @@ class _ChunkStateScan(torch.autograd.Function):
     (B, NH, DQK, E). Autograd through a Python loop would keep every
     intermediate state twice plus each chunk's kw^T @ va; this keeps only the output
     and recomputes the rest in a reverse scan (same math, exact gradients).
+    Both scans write each state once into its slot (a state is DQK x E per head, 0.6 MB
+    at DQK = 384): a fresh tensor per chunk and op costs a memory pass on CPU.
     """
 
     @staticmethod
     def forward(ctx, S0, kw, va, a, b):  # noqa: D102
+        B, NH, NC, _, DQK = kw.shape
+        E = va.shape[-1]
+        n = B * NH
         # the states stay in the compute dtype under autocast too (the backward runs
         # without autocast and must see the same dtypes)
         with torch.autocast(kw.device.type, enabled=False):
-            local = kw.transpose(-1, -2) @ va  # (B, NH, NC, DQK, E), freed after the scan
-        prev = torch.empty_like(local)  # contiguous: the output matmul reads it as is
-        state = S0
-        for c, (loc, ac, bc) in enumerate(zip(local.unbind(2), a.unbind(-1), b.unbind(-1))):
-            prev[:, :, c] = state
-            state = ac[..., None, None] * state + bc[..., None, None] * loc
+            kwb = kw * b[..., None, None]  # b_c folded into the (small) keys
+            prev = S0.new_empty(B, NH, NC, DQK, E)
+            prev[:, :, 0] = S0
+            last = S0.new_empty(B, NH, DQK, E)
+            for c in range(NC):
+                # S_{c+1} = a_c S_c + (b_c kw_c)^T va_c, written once into its slot
+                dst = prev[:, :, c + 1] if c + 1 < NC else last
+                torch.mul(prev[:, :, c], a[..., c, None, None], out=dst)
+                dst.view(n, DQK, E).baddbmm_(kwb[:, :, c].reshape(n, -1, DQK).transpose(-1, -2),
+                                             va[:, :, c].reshape(n, -1, E))
         ctx.save_for_backward(prev, kw, va, a, b)
-        return prev, state
+        return prev, last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gprev, glast):  # noqa: D102
         prev, kw, va, a, b = ctx.saved_tensors
         NC = kw.shape[2]
-        carried = torch.empty_like(prev)  # total gradient of the state after chunk c
-        g = glast
+        # carried[:, :, c]: total gradient of the state after chunk c, written in place
+        carried = torch.empty_like(prev)
+        da = a.new_empty(a.shape)
+        tmp = torch.empty_like(glast)
         for c in range(NC - 1, -1, -1):
-            carried[:, :, c] = g
-            g = gprev[:, :, c] + a[..., c, None, None] * g
-        da = (carried * prev).sum((-1, -2))
+            dst = carried[:, :, c]
+            if c == NC - 1:
+                dst.copy_(glast)
+            else:
+                torch.mul(carried[:, :, c + 1], a[..., c + 1, None, None], out=dst)
+                dst.add_(gprev[:, :, c + 1])
+            da[..., c] = torch.mul(dst, prev[:, :, c], out=tmp).sum((-1, -2))
+        g0 = torch.addcmul(gprev[:, :, 0], carried[:, :, 0], a[..., 0, None, None])
         t = kw @ carried  # (B, NH, NC, L, E)
         db = (t * va).sum((-1, -2))
-        dva = b[..., None, None] * t
-        dkw = va @ (b[..., None, None] * carried).transpose(-1, -2)
-        return g, dkw, dva, da, db
+        dva = t.mul_(b[..., None, None])
+        dkw = (va * b[..., None, None]) @ carried.transpose(-1, -2)
+        return g0, dkw, dva, da, db
 
 
 def mlstm_chunkwise_torch(
