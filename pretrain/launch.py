@@ -58,6 +58,10 @@ def recorded_code(status_dir: Path) -> int | None:
 @record  # as torchrun's own main: a crash's root cause goes to the launcher's error file too
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv[:argv.index("--")] if "--" in argv else argv):
+        print(__doc__)
+        print("torchrun's options (before `--`):", flush=True)
+        parse_args(["--help"])  # exits 0
     if "--" not in argv:
         print(f"launch error: no `--` before the trainer's arguments; {USAGE}", file=sys.stderr)
         return 2
