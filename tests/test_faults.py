@@ -1,5 +1,7 @@
-"""Fault drills (issue 16): real kills, real signals, a real full disk (tmpfs), a real MLflow
-server killed and restarted, torn and foreign checkpoints, bad input paths.
+"""Fault drills (issue 16): real kills, real signals, a real full disk (tmpfs, 2 ranks), a
+real MLflow server killed and restarted while a run goes, torn, bit-flipped and foreign
+checkpoints, bad input paths, and the launcher (`python -m pretrain.launch`) passing the
+trainer's exit codes on while a real crash stays torchrun's report.
 
 Every drill asserts what the README's "Reliability" table says: no corrupt checkpoint is
 ever loaded (the `loaded ...` line names a sound one), no training sample is lost or
@@ -7,6 +9,8 @@ repeated (the losses of every step equal an uninterrupted run's bitwise, and so 
 final data position), the MLflow run is intact (one run, every step once) and each
 failure is named in one line without a traceback. Runs are shared between drills: one
 uninterrupted reference per world size, copies of its run folder for the checkpoint drills.
+About 8 minutes on 2 busy shared cores; the disk drill needs root to mount a tmpfs
+(CI runs as root; XLSTM_STRICT=1 turns its skip into a failure).
 """
 
 from __future__ import annotations
