@@ -33,7 +33,7 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.run import parse_args, run
 
-from slurm.rank import EXIT_ON_PURPOSE, EXIT_RESUMABLE
+from slurm.rank import EXIT_ON_PURPOSE, EXIT_RESUMABLE, ON_PURPOSE_WAIT_S
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE = "usage: python -m pretrain.launch [torchrun options] -- --config CONFIG [pretrain.train options]"
@@ -80,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         except ChildFailedError as err:
             # a rank that stopped on purpose but whose node's others did not all record a
             # code in time (slurm.rank.ON_PURPOSE_WAIT_S): still the trainer's code
-            _, first = err.get_first_failure()
+            rank, first = err.get_first_failure()
             if all(f.exitcode in EXIT_ON_PURPOSE for f in err.failures.values()):
+                print(f"[launch] rank {rank} stopped with exit {first.exitcode} (rank 0's line names why; "
+                      f"only rank 0 prints), and not every rank of this node within "
+                      f"{ON_PURPOSE_WAIT_S:.0f} s", file=sys.stderr, flush=True)
                 return first.exitcode
             raise
         except SignalException:
