@@ -166,7 +166,7 @@ def test_launch_options_deterministic_under_the_interpreter(monkeypatch):
             return lambda *a, **kw: calls.append((kw["num_warps"], kw["num_stages"]))
 
     monkeypatch.setenv("XLSTM_TRITON_AUTOTUNE", "1")
-    x = torch.zeros(1)
+    x = torch.zeros(1, dtype=torch.bfloat16)
     triton_ops._launch(Fake(), (1,), "k", (x,), {}, 256)
     triton_ops._launch(Fake(), (1,), "k", (x,), {}, 64)
     wide, narrow = triton_ops.TUNE_SPACE["wide"][0], triton_ops.TUNE_SPACE["narrow"][0]
