@@ -24,12 +24,26 @@ def slstm_step_torch(x: torch.Tensor, R: torch.Tensor, state: SLSTMState | None)
     if state is None:
         state = _zero_state(B, NH, DH, cd, x.device)
     h, c, n, m = (t.to(cd) for t in state)
-    raw = x.to(cd) + torch.einsum("bhd,hgde->bhge", h, R.to(cd))
-    ir, fr, zr, orr = raw.unbind(dim=2)
-    logf = F.logsigmoid(fr)
-    m_new = torch.maximum(logf + m, ir)
+    return _cell(x.to(cd), _recurrent_matrix(R.to(cd)), (h, c, n, m))
+
+
+def _recurrent_matrix(R: torch.Tensor) -> torch.Tensor:
+    """R (NH, 4, DH, DH) as one (NH, DH, 4 DH) matrix per head: h @ it gives all four gates."""
+    NH, _, DH, _ = R.shape
+    return R.permute(0, 2, 1, 3).reshape(NH, DH, 4 * DH)
+
+
+def _cell(x: torch.Tensor, Rm: torch.Tensor, state: SLSTMState) -> tuple[torch.Tensor, SLSTMState]:
+    """One step in the compute dtype: x (B, NH, 4, DH), Rm from `_recurrent_matrix`,
+    state (h, c, n, m) each (B, NH, DH). One batched matmul (no einsum parse per step)."""
+    h, c, n, m = state
+    B, NH, _, DH = x.shape
+    rec = torch.bmm(h.transpose(0, 1), Rm).view(NH, B, 4, DH).transpose(0, 1)  # (B, NH, 4, DH)
+    ir, fr, zr, orr = (x + rec).unbind(dim=2)
+    logf_m = F.logsigmoid(fr) + m
+    m_new = torch.maximum(logf_m, ir)
     ig = torch.exp(ir - m_new)
-    fg = torch.exp(logf + m - m_new)
+    fg = torch.exp(logf_m - m_new)
     c = fg * c + ig * torch.tanh(zr)
     n = fg * n + ig
     h = torch.sigmoid(orr) * c / n
@@ -51,13 +65,17 @@ def slstm_sequence_torch(
     hs = []
     # unbind, not x[:, :, t]: each indexing op's backward zero-fills a gradient of x's full
     # size, O(S^2) work over the sequence; unbind's backward is one stack
-    xs = x.unbind(2)
-    keeps = (~reset).to(cd).unbind(1) if reset is not None else None
+    xs = x.to(cd).unbind(2)
+    Rm = _recurrent_matrix(R.to(cd))  # once, not per step
+    keeps, any_reset = None, None
+    if reset is not None:
+        keeps = (~reset).to(cd).unbind(1)
+        any_reset = reset.any(0).tolist()  # steps where some sequence starts a document
     for t in range(S):
-        if keeps is not None:
+        if keeps is not None and any_reset[t]:
             keep = keeps[t][:, None, None]
             state = tuple(s * keep for s in state)
-        h, state = slstm_step_torch(xs[t], R, state)
+        h, state = _cell(xs[t], Rm, state)
         hs.append(h)
     h = torch.stack(hs, dim=2) if hs else x.new_zeros(B, NH, 0, DH, dtype=cd)
     return h, state
