@@ -1,39 +1,16 @@
 """Data: tokenizers, token shards, and the streaming loader the trainer eats from.
 
-`data` imports no other project package. Modules (each docstring has the details):
-    tokenizer  SentencePiece training and the `Tokenizer` wrapper; CLI
-               `python -m data.tokenizer train|encode|decode`
-    readers    raw documents: text, JSONL (plain, gzip, zstd), parquet, WebDataset text shards
-    prepare    tokenize them into shards plus manifest (`prepare_shards`), deterministic
-               and restartable; CLI `python -m data.prepare --input ... --tokenizer DIR --out DIR`
-    demo       the standard library's sources as a small corpus (`make_demo_corpus`)
-    tarshard   the shard format (WebDataset tars of `<key>.tokens.u16` ids), its writer,
-               and the one tar parser: local shards mapped, remote ones streamed
-    sources    source specs -> shard URLs (folders, manifests, globs, brace ranges, http(s),
-               `pipe:CMD`) and opening them (retries, HTTP Range-resume)
-    state      the typed, versioned resume state and its redistribution at another shape
-    loader     reading, shuffling, mixing and packing into batches (`build_loader`)
+`data` imports no other project package; data/README.md maps its modules and shows
+the calls. This docstring is the contract.
 
-    tok = Tokenizer.load(dir); tok.encode("text") -> list[int]; tok.decode(ids) -> str
-    tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id   # fixed: 1, 2, 3, 0
-    tok.padded_vocab_size   # multiple of 64: use for embedding/logits
-    loader = build_loader({"sources": "shards/", "seq_len": 2048, "micro_batch_size": 8,
-                           "rank": r, "world_size": w, "num_workers": 2, "seed": 0,
-                           "packing": "pack"})      # or LoaderConfig(...)
-    for batch in loader:
-        input_ids, reset, labels = batch.to(device)
-
-Each batch is a `data.Batch`, compact: the ids in the width the shards store them.
-    ids      (B*S+1,) uint16 (int32 when the vocabulary exceeds 65536), the packed
-             stream, pinned when CUDA is there; batch.rows() is its (B, S+1) view
-    starts   (k,) int64 stream positions where a document begins; end: where padding begins
-`batch.to(device)` copies them (non_blocking from the pinned buffer) and expands them
-there, a few small kernels instead of 17 bytes per token made and moved by the host:
+Each batch is a `data.Batch` (fields and shapes: its docstring), compact: the ids in
+the width the shards store them, plus the positions where documents start.
+`batch.to(device)` copies them and expands them there (`batch["input_ids"]` etc.: on
+the host, for tests and inspection):
     input_ids  LongTensor (B, S)
     reset      BoolTensor (B, S)   True where the recurrent state must be zeroed
                                    (pass to xlstm_kernels.mlstm_chunkwise(..., reset=reset))
     labels     LongTensor (B, S)   next-token targets, already shifted
-(`batch["input_ids"]` etc. expand it on the host, for tests and inspection.)
 Rows are cut from a stream `doc0 EOS doc1 EOS ...`: the loader takes S+1 tokens per
 row and returns input_ids = row[:-1], labels = row[1:]; consecutive rows overlap by one
 token, so every token is an input exactly once. The loss must use
@@ -44,7 +21,6 @@ token, so every token is an input exactly once. The loss must use
     then exactly the sum of each document's own loss run alone (doc + EOS).
   * packing="concat": plain concatenation, reset all False, no label masked.
   * With finite `epochs`, the last batch of a reader is padded with pad_id, label -100.
-With `return_meta=True` a batch also has "meta": per row, the document pieces it holds.
 
 Resume: `state = loader.state_dict()` (a `data.state.LoaderState` as a JSON-able
 dict; a collective when world_size > 1, identical on all ranks) and

@@ -1,12 +1,8 @@
 """Streaming, packing, exactly-once resumable loader over token shards.
 
-The batch contract and how exactly-once resume works: the package docstring
-(`data/__init__.py`); the state, field by field, and its redistribution: `data.state`.
-Here: slots that read, shuffle, mix and pack (`_Slot`), the workers' hand-off, and
-`TokenLoader`. Workers pack ids into a shared-memory ring (`_Ring`): against a plain
-DataLoader that moves each group of batches as one tensor (one shared-memory hand-off
-per group) it measured 2.8-10x as fast at 1-4 workers on 2 cores with the narrow batch
-contract (benchmarks/results/data_throughput-2026-12-07-cpu.md), so it stays.
+The contract: the package docstring; the state and its redistribution: `data.state`.
+Here: slots that read, shuffle, mix and pack (`_Slot`), the workers' shared-memory ring
+(`_Ring`), the `Batch` handed out, and `TokenLoader`.
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .sources import Shards, SourceError, expand_source, local_path, open_shard, retry_local
+from .sources import Shards, SourceError, expand_source, local_path, open_shard, retry
 from .state import (
     STATE_KIND,
     STATE_VERSION,
@@ -47,6 +43,8 @@ from .tarshard import ShardError, TarStream, map_shard
 PACKING = ("pack", "concat")
 IGNORE_INDEX = -100
 _MIX_BLOCK = 4096
+# the state's shape: the same resumes bitwise, another redistributes the remaining work
+_SHAPE = ("world_size", "num_workers", "seq_len", "micro_batch_size", "packing", "shuffle_buffer")
 
 
 @dataclass
@@ -110,24 +108,16 @@ class LoaderConfig:
         if isinstance(d, LoaderConfig):
             return dataclasses.replace(d, **overrides)
         d = {**d, **overrides}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
+        if unknown := set(d) - {f.name for f in dataclasses.fields(cls)}:
             raise ValueError(f"unknown loader config keys: {sorted(unknown)}")
         return cls(**d)
 
     def source_specs(self) -> list[SourceSpec]:
-        src = self.sources
-        if isinstance(src, (str, SourceSpec, dict)):
-            src = [src]
-        out = []
-        for i, s in enumerate(src):
-            if isinstance(s, str):
-                s = SourceSpec(s)
-            elif isinstance(s, dict):
-                s = SourceSpec(**s)
-            out.append(SourceSpec(s.url, float(s.weight), s.name or f"source{i}"))
-        return out
+        src = [self.sources] if isinstance(self.sources, (str, SourceSpec, dict)) else self.sources
+        src = [SourceSpec(s) if isinstance(s, str) else SourceSpec(**s) if isinstance(s, dict)
+               else s for s in src]
+        return [SourceSpec(s.url, float(s.weight), s.name or f"source{i}")
+                for i, s in enumerate(src)]
 
     def check(self) -> None:
         if self.packing not in PACKING:
@@ -155,7 +145,7 @@ class _SourceReader:
         self.cfg = slot.cfg
         self.shards: Shards = slot.shards[s]
         self.units = len(self.shards.urls)
-        self._gen: Iterator | None = None
+        self._gen = self._docs()
 
     def url(self, e: int, p: int) -> str:
         """The unit (url) at position p of epoch e."""
@@ -191,13 +181,13 @@ class _SourceReader:
         cfg = self.cfg
         url = self.url(cur.epoch, cur.position)
         digest = self.shards.digest(url) if (verify and cfg.verify_sha256) else None
-        vocab, ranges, skip = self.slot.vocab_size(self.s), cur.ranges, cur.window_start
+        vocab, ranges, skip = self.slot.vocabs[self.s], cur.ranges, cur.window_start
         path = local_path(url)
         if path is None or not os.path.isfile(path):
             yield from self._streamed(url, vocab, digest, ranges, skip)
             return
-        shard = retry_local(url, lambda: map_shard(path, url, vocab_size=vocab, digest=digest),
-                            cfg.retries, cfg.retry_backoff, self.slot.on_retry)
+        shard = retry(url, lambda: map_shard(path, url, vocab_size=vocab, digest=digest),
+                      cfg.retries, cfg.retry_backoff, self.slot.on_retry)
         n = shard.n
         if len(ranges) == 1 and ranges[0][1] < 0:
             idxs: Any = range(max(0, ranges[0][0]) + skip, n)
@@ -277,8 +267,6 @@ class _SourceReader:
             st.current = None
 
     def next_doc(self):
-        if self._gen is None:
-            self._gen = self._docs()
         d = next(self._gen, None)
         if d is None:
             self.st.exhausted = True  # kept, so a resume draws the same
@@ -294,10 +282,8 @@ class _Slot:
         self.st = state
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._mix_block: tuple[int, np.ndarray] | None = None
+        self.vocabs = [cfg.vocab_size or sh.vocab_size for sh in shards]
         self.readers = [_SourceReader(self, s) for s in range(len(shards))]
-
-    def vocab_size(self, s: int) -> int | None:
-        return self.cfg.vocab_size or self.shards[s].vocab_size
 
     def perm(self, s: int, e: int) -> np.ndarray:
         key = (s, e)
@@ -353,16 +339,14 @@ class _Slot:
 
     def batches(self, alloc, snapshot: bool = True
                 ) -> Iterator[tuple[tuple | None, SlotState | bytes, int]]:
-        """Yield (packed batch, state after it, batches so far) forever, or until the epochs
-        are read; the last item has no batch (None), only the final state. The state is
-        pickled (`snapshot`: a worker's batches run ahead of the consumer), or the live
-        object (in-process: the generator stands still while its batch is used).
+        """Yield (packed batch, state after it, batches so far) until the epochs are read
+        (forever with epochs=None), then (None, the final state, batches). The state is
+        pickled when `snapshot` (a worker's batches run ahead of the consumer), else the
+        live object (in-process: the generator stands still while its batch is used).
 
-        A packed batch is (ids, starts, end, meta): ids, the (B*S+1,) stream of the rows
-        packed into the buffer `alloc()` returns (a tensor or an array of the compact
-        dtype: a worker packs straight into shared memory); starts, the stream positions
-        where a document begins; end, where padding begins (B*S+1 when there is none);
-        meta (`return_meta`) or None. `_batch` turns it into a `Batch`.
+        A packed batch is (ids, starts, end, meta): ids, the (B*S+1,) stream packed into
+        the buffer `alloc()` returns (a worker's: shared memory); starts, the positions
+        where a document begins; end, where padding begins (B*S+1: none); meta or None.
         """
         cfg, st = self.cfg, self.st
         b, s = cfg.micro_batch_size, cfg.seq_len
@@ -446,13 +430,9 @@ class _Slot:
 
 def _compact_dtype(cfg: LoaderConfig, shards: list[Shards]) -> np.dtype:
     """The most compact dtype that holds every id, EOS and pad: what workers send."""
-    top = max(cfg.eos_id, cfg.pad_id) + 1
     vocabs = [cfg.vocab_size or sh.vocab_size for sh in shards]
-    if all(v is not None for v in vocabs):
-        top = max(top, *vocabs)
-        if top <= 1 << 16:
-            return np.dtype(np.uint16)
-    return np.dtype(np.int32)
+    small = None not in vocabs and max(cfg.eos_id + 1, cfg.pad_id + 1, *vocabs) <= 1 << 16
+    return np.dtype(np.uint16 if small else np.int32)
 
 
 # -- the dataset each dataloader worker iterates --------------------------------------
@@ -461,19 +441,19 @@ _MESSAGE_BYTES = 1 << 20  # or about this many bytes of ids, whichever is fewer 
 
 
 class _Ring:
-    """Shared memory through which workers hand packed ids to the main process.
+    """Shared memory through which workers hand packed ids to the main process: the bulk
+    of the data stays out of the worker -> main pipe, which costs more than the packing.
+    Against a plain DataLoader moving a tensor per group of batches it measured 2.8-10x
+    at 1-4 workers on 2 cores (benchmarks/results/data_throughput-2026-12-07-cpu.md).
 
-    Worker w owns `depth` slots of `per` batches each: its g-th message is packed in
-    place into slot g % depth, and the message itself carries only the small parts
-    (document starts, states). The main process copies each batch out (into a new
-    tensor) and, once all of a message's are, counts it as consumed; a worker waits
-    before reusing a slot the main process has not consumed yet (the DataLoader's own
-    prefetch limit normally keeps it from ever waiting). This keeps the bulk of the data
-    out of the worker -> main pipe, which costs more than the packing itself.
+    Worker w owns `depth` slots of `per` batches: its g-th message is packed in place into
+    slot g % depth and carries only document starts and states. The main process copies
+    each batch out and then counts the message consumed; a worker waits before reusing
+    a slot not consumed yet (the DataLoader's prefetch limit normally prevents it).
     """
 
     def __init__(self, workers: int, depth: int, per: int, need: int, dtype: np.dtype):
-        self.depth, self.per, self.need, self.dtype = depth, per, need, np.dtype(dtype)
+        self.depth, self.dtype = depth, np.dtype(dtype)
         store = torch.int16 if self.dtype.itemsize == 2 else torch.int32
         self.ids = torch.empty((workers, depth, per, need), dtype=store).share_memory_()
         # consumed[w]: messages of worker w the main process is done with; [-1]: closed
@@ -535,9 +515,7 @@ class _SlotDataset(torch.utils.data.IterableDataset):
                     out = []
                     at[0] += 1
                     whole = 0
-            if out:
-                yield w, at[0], out
-        except _ReaderGone:
+        except _ReaderGone:  # (the slot's last item, no batch, ends the last message)
             return
 
 
@@ -613,9 +591,7 @@ class Batch:
     def __getitem__(self, key: str):
         """The batch expanded on the host, by name ("input_ids", "labels", "reset"), or
         "meta": for tests and inspection (the trainer calls `to`)."""
-        if key == "meta":
-            return self.meta
-        return getattr(self.to("cpu"), key)
+        return self.meta if key == "meta" else getattr(self.to("cpu"), key)
 
 
 def _batch(packed: tuple, b: int, s: int, pack: bool, pin: bool, copy: bool = False
@@ -655,6 +631,7 @@ class TokenLoader:
                                      timeout=cfg.timeout) for s in specs]
         self.nw = max(1, cfg.num_workers)
         self.n_slots = cfg.world_size * self.nw
+        self.mine = range(cfg.rank * self.nw, (cfg.rank + 1) * self.nw)  # this rank's slots
         if cfg.epochs is None:
             for name, sh in zip(self.names, self.shards):
                 if len(sh.urls) < self.n_slots:
@@ -662,30 +639,19 @@ class TokenLoader:
                         f"source {name!r} has {len(sh.urls)} shards but the loader runs "
                         f"{self.n_slots} readers (world_size x workers): write more, smaller "
                         "shards, or use fewer workers")
-        self.fingerprint = self._fingerprint()
-        self.content = self._content_fingerprint()
+        # shard names only (the same shards may move: disk, http, pipe); and the manifests'
+        # digests when every shard has one
+        self.fingerprint = _digest([[u.rstrip("/").rsplit("/", 1)[-1] for u in sh.urls]
+                                    for sh in self.shards])
+        self.content = None if any(len(sh.sha256) != len(sh.urls) for sh in self.shards) \
+            else _digest([[sh.sha256[u] for u in sh.urls] for sh in self.shards])
         self._slots: list[SlotState | bytes] = [  # pickled: as the batches carry them
             SlotState.fresh(j, self.n_slots, len(specs)) for j in range(self.n_slots)]
         self._phase = 0
 
-    def _fingerprint(self) -> str:
-        # shard names only: the same shards may move (disk, http, pipe)
-        return _digest([[u.rstrip("/").rsplit("/", 1)[-1] for u in sh.urls] for sh in self.shards])
-
-    def _content_fingerprint(self) -> str | None:
-        """Digest of the shards' sha256 when every shard has one (from manifests)."""
-        if any(len(sh.sha256) != len(sh.urls) for sh in self.shards):
-            return None
-        return _digest([[sh.sha256[u] for u in sh.urls] for sh in self.shards])
-
     # -- iteration ---------------------------------------------------------------
-    def _my_slots(self) -> list[int]:
-        r = self.cfg.rank
-        return list(range(r * self.nw, (r + 1) * self.nw))
-
     def __iter__(self) -> Iterator[Batch]:
-        mine = self._my_slots()
-        cfg = self.cfg
+        mine, cfg = self.mine, self.cfg
         b, s, pack = cfg.micro_batch_size, cfg.seq_len, cfg.packing == "pack"
         pin = cfg.pin_memory is not False and torch.cuda.is_available()
         dtype = _compact_dtype(cfg, self.shards)
@@ -714,21 +680,19 @@ class TokenLoader:
         views = [ring.view(w) for w in range(cfg.num_workers)]
         consumed = ring.flags.numpy()
         phase0 = self._phase  # worker w reads local slot (w + phase0) % nw
-        messages = iter(source)  # held here: a `for` would drop it (shutting the workers down)
-        try:  # before the `finally` below told them to stop waiting
+        # held here: a `for` would drop it (shutting the workers down) before the `finally`
+        # below told them to stop waiting; None once they all ended
+        messages = itertools.chain(iter(source), itertools.repeat(None))
+        try:
             # A message holds several groups. The DataLoader hands messages out round-robin
             # over the workers still running; groups are handed out in that same order, so
             # the stream is the one of one group per message.
             queued: list[collections.deque] = [collections.deque() for _ in views]
-            running = list(range(len(views)))
-            w, more = 0, True
+            running = collections.deque(range(len(views)))  # in turn: running[0] is next
             while running:
-                while not queued[w] and more:
-                    try:
-                        mw, g, items = next(messages)
-                    except StopIteration:
-                        more = False
-                        break
+                w = running[0]
+                while not queued[w] and (msg := next(messages)) is not None:
+                    mw, g, items = msg
                     grp: list = []
                     for i, item in enumerate(items):  # split into groups
                         grp.append((i, item))
@@ -751,12 +715,7 @@ class TokenLoader:
                             continue
                         self._phase = (local + 1) % self.nw if count % group == 0 else local
                         yield batch
-                nxt = [v for v in running if v > w] or running  # the next worker in turn
-                if ended:
-                    running.remove(w)
-                    nxt = [v for v in nxt if v != w] or running
-                if running:
-                    w = nxt[0]
+                running.popleft() if ended else running.rotate(-1)
         finally:
             ring.flags[-1] = 1  # workers waiting for a slot stop, then the DataLoader ends
             del messages
@@ -767,15 +726,11 @@ class TokenLoader:
         return {"kind": STATE_KIND + "/part", "version": STATE_VERSION, "rank": self.cfg.rank,
                 **self._header(), "phase": self._phase,
                 "slots": {str(j): dataclasses.asdict(_state_of(self._slots[j]))
-                          for j in self._my_slots()}}
+                          for j in self.mine}}
 
     def _header(self) -> dict:
-        c = self.cfg
         return {"fingerprint": self.fingerprint, "content": self.content,
-                "world_size": c.world_size,
-                "num_workers": c.num_workers, "seed": c.seed, "seq_len": c.seq_len,
-                "micro_batch_size": c.micro_batch_size, "packing": c.packing,
-                "shuffle_buffer": c.shuffle_buffer, "shuffle_shards": c.shuffle_shards,
+                **{k: getattr(self.cfg, k) for k in (*_SHAPE, "seed", "shuffle_shards")},
                 "sources": self.names, "units": [len(s.urls) for s in self.shards]}
 
     def state_dict(self, gather=None) -> dict:
@@ -815,9 +770,7 @@ class TokenLoader:
         for k in ("seed", "shuffle_shards", "sources"):
             if getattr(st, k) != head[k]:
                 raise ValueError(f"data state has {k}={getattr(st, k)!r}, loader has {head[k]!r}")
-        if all(getattr(st, k) == head[k] for k in
-               ("world_size", "num_workers", "seq_len", "micro_batch_size", "packing",
-                "shuffle_buffer")):
+        if all(getattr(st, k) == head[k] for k in _SHAPE):
             self._slots = list(st.slots)
             self._phase = int(st.phases[self.cfg.rank])
             return
@@ -832,9 +785,7 @@ class TokenLoader:
             for j, items in enumerate(deal(todo, self.n_slots)):
                 slots[j].sources[s].items = items
                 slots[j].sources[s].epoch = emax + 1
-        totals = _sum_stats(st.slots)
-        slots[0].stats = SlotStats(totals.batches, totals.tokens, totals.skipped_shards,
-                                   totals.retries, None, totals.skipped)
+        slots[0].stats = dataclasses.replace(_sum_stats(st.slots), last_error=None)
         self._slots = slots
         self._phase = 0
 
@@ -843,7 +794,7 @@ class TokenLoader:
         """This rank's counters: batches, tokens, skipped_shards, skipped (shard names),
         retries, last_error. They live in the state, so they survive a resume."""
         return dataclasses.asdict(_sum_stats([_state_of(self._slots[j])
-                                              for j in self._my_slots()]))
+                                              for j in self.mine]))
 
 
 def _digest(lists: list[list[str]]) -> str:
@@ -854,13 +805,11 @@ def _digest(lists: list[list[str]]) -> str:
 
 
 def _sum_stats(slots: list[SlotState]) -> SlotStats:
-    out = SlotStats()
-    for x in (sl.stats for sl in slots):
-        for k in ("batches", "tokens", "skipped_shards", "retries"):
-            setattr(out, k, getattr(out, k) + getattr(x, k))
-        out.last_error = x.last_error or out.last_error
-        out.skipped += x.skipped
-    return out
+    xs = [sl.stats for sl in slots]
+    return SlotStats(*(sum(getattr(x, k) for x in xs) for k in ("batches", "tokens",
+                                                                "skipped_shards", "retries")),
+                     next((x.last_error for x in reversed(xs) if x.last_error), None),
+                     [name for x in xs for name in x.skipped])
 
 
 def merge_states(parts: list[dict]) -> dict:

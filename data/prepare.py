@@ -1,31 +1,22 @@
-"""Tokenize raw text into WebDataset tar shards with a manifest.
+"""Tokenize raw text into WebDataset tar shards with a manifest (CLI: `--help`).
 
-    python -m data.prepare --input 'corpus/**/*.jsonl.zst' --tokenizer tok/ --out shards/ \\
-        [--text-field text] [--text-mode file|paragraph|line] [--shard-tokens N] \\
-        [--val-fraction F] [--workers W] [--on-error raise|skip] [--max-documents N]
-
-Inputs: text, JSONL[.gz|.zst], parquet, and existing WebDataset shards of text
-(`--input 'pipe:aws s3 cp s3://b/text-{0000..0099}.tar -'`, http URLs, local `.tar`).
-
+Inputs: whatever `data.readers` reads (text, JSONL[.gz|.zst], parquet, WebDataset
+shards of text, local or `pipe:`/http(s), brace-expanded).
 Output: `OUT/shard-000000.tar ...` (training), `OUT/val/shard-000000.tar ...`
 (validation, when --val-fraction > 0), in `data.tarshard`'s format, and
 `OUT/manifest.json` (per shard: samples, tokens, bytes, sha256, xxh3_128; totals;
 the tokenizer's hash; the command).
 
-Determinism: documents get a global index in input order (files sorted,
-then position in file); a document goes to validation when a seeded hash of
-its index is below the fraction; each stream is cut into a new shard once it
-holds at least `shard_tokens` tokens. Tokenization runs in worker processes
-but results are consumed in order, so 1 or N workers give byte-identical
-shards.
+Determinism: documents get a global index in input order (files sorted, then
+position in file); a document goes to validation when a seeded hash of its index is
+below the fraction; a stream starts a new shard once it holds `shard_tokens` tokens.
+Workers tokenize, results are consumed in order: 1 or N workers, identical shards.
 
-Restart: after each finished shard, `manifest.partial.json` (atomically
-replaced) records it with its sha256 and the last document index it holds.
-A rerun with the same arguments keeps every recorded shard whose file still
-has that digest (a contiguous prefix per stream), skips the tokenization of
-the documents they hold, and writes the rest. Shards are written as
-`*.tar.tmp` and renamed when complete, so a killed run never leaves a
-half-written file under a final name.
+Restart: after each finished shard, `manifest.partial.json` (atomically replaced)
+records it with its sha256 and the last document index it holds. A rerun with the
+same arguments keeps every recorded shard whose file still has that digest (a
+contiguous prefix per stream) and tokenizes only the rest. Shards are written as
+`*.tar.tmp` and renamed when complete: a killed run leaves no half-written shard.
 """
 
 from __future__ import annotations
@@ -38,6 +29,7 @@ import struct
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from multiprocessing import get_context
 
 import numpy as np
@@ -163,19 +155,15 @@ def prepare(inputs: list[str] | str, tokenizer: str | Tokenizer, out_dir: str, *
     partial_path = os.path.join(out_dir, PARTIAL)
     final_path = os.path.join(out_dir, MANIFEST)
     for path in (partial_path, final_path):  # a killed run, or a finished one
-        if not os.path.exists(path):
-            continue
         try:
             with open(path) as f:
                 old = json.load(f)
         except (OSError, ValueError):
-            old = {}
+            continue
         if old.get("fingerprint") == fingerprint:
-            if path == final_path:
-                old = {"shards": old.get("shards", []),
-                       "val_shards": old.get("val", {}).get("shards", [])}
             kept_train = _verified_prefix(out_dir, old.get("shards", []))
-            kept_val = _verified_prefix(val_dir, old.get("val_shards", []))
+            kept_val = _verified_prefix(val_dir, old.get("val_shards", old.get(
+                "val", {}).get("shards", [])))  # the partial manifest's, or the final one's
             break
     train = _Stream(out_dir, ext, shard_tokens, kept_train)
     val = _Stream(val_dir, ext, shard_tokens, kept_val)
@@ -262,13 +250,12 @@ def prepare(inputs: list[str] | str, tokenizer: str | Tokenizer, out_dir: str, *
                 os.remove(os.path.join(folder, f))
     if not val.done and os.path.isdir(val_dir) and not os.listdir(val_dir):
         os.rmdir(val_dir)
-    summary = {**stats.to_dict(), **counts, "resumed_shards": resumed}
+    summary = {**asdict(stats), **counts, "resumed_shards": resumed}
     manifest = {
-        "format": FORMAT, "fingerprint": fingerprint, "token_dtype": "uint16" if ext == "u16" else "uint32",
-        "token_ext": ext,
-        "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                      "padded_vocab_size": tok.padded_vocab_size, "eos_id": tok.eos_id,
-                      "bos_id": tok.bos_id, "pad_id": tok.pad_id, "unk_id": tok.unk_id},
+        "format": FORMAT, "fingerprint": fingerprint, "token_ext": ext,
+        "token_dtype": "uint16" if ext == "u16" else "uint32",
+        "tokenizer": {k: getattr(tok, k) for k in ("sha256", "vocab_size", "padded_vocab_size",
+                                                   "eos_id", "bos_id", "pad_id", "unk_id")},
         "args": {k: v for k, v in args.items() if k != "inputs"},
         "inputs": {"files": len(paths),
                    "sha256_of_list": hashlib.sha256("\n".join(paths).encode()).hexdigest()},
@@ -304,17 +291,14 @@ def _ordered_map(pool, items, window: int):
         yield m, r.get()
 
 
-
 def _print_summary(m: dict, dt: float) -> None:
-    s = m["summary"]
-    t = m["totals"]
-    line = (f"prepare: {t['shards']} shards, {t['samples']} docs, {t['tokens']} tokens"
-            + (f"; val {m['val']['totals']['samples']} docs" if "val" in m else "")
-            + f"; read {s['bytes'] / 1e6:.1f} MB in {dt:.1f}s")
+    s, t = m["summary"], m["totals"]
+    print(f"prepare: {t['shards']} shards, {t['samples']} docs, {t['tokens']} tokens"
+          + (f"; val {m['val']['totals']['samples']} docs" if "val" in m else "")
+          + f"; read {s['bytes'] / 1e6:.1f} MB in {dt:.1f}s", file=sys.stderr)
     problems = {k: s[k] for k in ("unreadable_files", "bad_lines", "missing_field",
                                   "non_utf8", "empty_documents", "empty_after_tokenize")
                 if s.get(k)}
-    print(line, file=sys.stderr)
     if problems:
         print(f"prepare: problems: {problems}", file=sys.stderr)
 

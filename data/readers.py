@@ -1,17 +1,11 @@
 """Reading raw documents: plain text, JSONL (plain, gzip, zstd), parquet, and
-WebDataset tar shards of text.
+WebDataset tar shards of text (any `.tar` path, `pipe:` or http(s) URL, opened as the
+loader opens shards; per sample its `.txt` member, else the text field of its `.json`).
 
-A WebDataset input is any `.tar` path, or a `pipe:` or http(s) URL (brace lists are
-expanded: `pipe:aws s3 cp s3://b/text-{0000..0099}.tar -`); each sample is one
-document: its `.txt` member, else the text field of its `.json` member. Shards are
-opened like the loader's (`data.sources.open_shard`) and read with webdataset's
-tar iterator.
-
-Every reader yields `(text, source)` pairs in a deterministic order, where
-`source` names the file and the line (or row) the document came from. Problems
-are counted in a `ReadStats` and either raised (`on_error="raise"`, the error
-names file and line) or skipped and counted (`on_error="skip"`). Bytes that are
-not UTF-8 are always replaced (U+FFFD) and counted.
+Every reader yields `(text, source)` in a deterministic order, `source` naming the file
+and line (or row). Problems are counted in a `ReadStats` and raised (`on_error="raise"`:
+`InputError` naming file and line) or skipped. Bytes that are not UTF-8 are replaced
+(U+FFFD) and counted.
 """
 
 from __future__ import annotations
@@ -19,6 +13,7 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import itertools
 import json
 import os
 import sys
@@ -43,11 +38,8 @@ class ReadStats:
     non_utf8: int = 0
     empty_documents: int = 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def problems(self) -> dict:
-        return {k: v for k, v in self.to_dict().items()
+        return {k: v for k, v in asdict(self).items()
                 if k not in ("files", "documents", "bytes") and v}
 
 
@@ -239,18 +231,10 @@ def _iter_text(fh, path, mode, stats):
         for i, line in enumerate(lines, start=1):
             yield line, f"{path}:{i}"
         return
-    block: list[str] = []
-    start = 1
-    for i, line in enumerate(lines, start=1):
-        if line.strip():
-            if not block:
-                start = i
-            block.append(line)
-        elif block:
-            yield "\n".join(block), f"{path}:{start}"
-            block = []
-    if block:
-        yield "\n".join(block), f"{path}:{start}"
+    for text, run in itertools.groupby(enumerate(lines, start=1), lambda x: bool(x[1].strip())):
+        if text:  # a block of non-blank lines, named by its first
+            run = list(run)
+            yield "\n".join(line for _i, line in run), f"{path}:{run[0][0]}"
 
 
 def _iter_parquet(path, field, on_error, stats):

@@ -1,24 +1,18 @@
 """Shard sources: expand a source spec into shard URLs, and open one shard as a byte stream.
 
-A spec is one string, in WebDataset's conventions:
-- a local folder (its `manifest.json` lists the shards, else every `*.tar`),
-  a `manifest.json` path, a glob, or a brace-expanded path
-  (`shards/shard-{000000..000099}.tar`, `{a,b}` lists; `::` joins several);
-- an `http://` / `https://` URL, brace-expanded, or ending in `.json` to name
-  a manifest whose shards lie beside it;
-- `pipe:COMMAND`, brace-expanded into one command per shard
-  (`pipe:aws s3 cp s3://b/shard-{0000..0099}.tar -`); the command's stdout is the shard;
-- any of these ending in `#val`: the validation shards its manifest lists.
+A spec is one string, in WebDataset's conventions: a local folder (its `manifest.json`
+lists the shards, else every `*.tar`), a `manifest.json` path, a glob or a brace-expanded
+path (`shards/shard-{000000..000099}.tar`, `{a,b}`; `::` joins several); an http(s) URL,
+brace-expanded, or ending in `.json` to name a manifest whose shards lie beside it;
+`pipe:COMMAND`, brace-expanded into one command per shard (`pipe:aws s3 cp
+s3://b/shard-{0000..0099}.tar -`: its stdout is the shard); any of these + `#val`: the
+validation shards its manifest lists. Brace expansion is `braceexpand` without
+webdataset's `${WDS_...}` substitution, so a `pipe:` command keeps its shell variables.
 
-Opening is `webdataset.gopen` (local paths, `pipe:`, and its other schemes), except
-for http(s): `gopen` runs curl, which cannot resume a body cut off mid-way, so ours
-reopens it at its offset with a Range request (with backoff, `retries` times) and a
-flaky link costs no data. Opening a local file or URL retries with exponential backoff
-(`retries` times), then raises `SourceError` naming it. A pipe command that exits
-non-zero fails the shard with its exit status; `WDS_SECURE=1` makes gopen refuse
-`pipe:` URLs, as everywhere in webdataset. Brace expansion is `braceexpand` (what
-webdataset uses) without webdataset's `${WDS_...}` substitution, so a `pipe:` command
-keeps its shell variables.
+Opening is `webdataset.gopen` (so `WDS_SECURE=1` refuses `pipe:`; a command that exits
+non-zero fails the shard with its status), except http(s): gopen's curl cannot resume a
+body cut off mid-way, ours reopens it at its offset with a Range request. Opening and
+reading retry with doubling backoff (`retries` times), then `SourceError` names the URL.
 """
 
 from __future__ import annotations
@@ -28,7 +22,6 @@ import http.client
 import json
 import os
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -105,11 +98,8 @@ def expand_source(spec: str, *, retries: int = 3, backoff: float = 0.5,
         finally:
             f.close()
 
-    val = False
-    if spec.endswith("#val"):  # the validation shards of a manifest or prepared folder
-        spec, val = spec[:-4], True
-    if spec.startswith("file://"):
-        spec = spec[7:]
+    val = spec.endswith("#val")  # the validation shards of a manifest or prepared folder
+    spec = spec.removesuffix("#val").removeprefix("file://")
     if spec.startswith("pipe:"):
         out = Shards(brace_expand(spec))
     elif _is_url(spec):
@@ -187,31 +177,23 @@ class _HttpStream:
         self.resp = self._open(0)
 
     def _open(self, start: int):
-        delay, last = self.backoff, None
-        for attempt in range(self.retries + 1):
-            try:
-                headers = {"Range": f"bytes={start}-"} if start else {}
-                resp = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers),
-                                              timeout=self.timeout)
-                if start and resp.status != 206:  # no range support: skip what we have
-                    left = start
-                    while left > 0:
-                        chunk = resp.read(min(left, 1 << 20))
-                        if not chunk:
-                            raise ShardError(self.url, start, "short body on reopening")
-                        left -= len(chunk)
-                length = resp.headers.get("Content-Length")
-                if length is not None and resp.status in (200, 206):
-                    self.total = (start if resp.status == 206 else 0) + int(length)
-                return resp
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-                last = e
-                if attempt < self.retries:
-                    if self.on_retry is not None:
-                        self.on_retry(self.url, e)
-                    time.sleep(delay)
-                    delay *= 2
-        raise SourceError(f"cannot open {self.url} after {self.retries + 1} attempts: {last}")
+        def attempt():
+            headers = {"Range": f"bytes={start}-"} if start else {}
+            resp = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers),
+                                          timeout=self.timeout)
+            if start and resp.status != 206:  # no range support: skip what we have
+                left = start
+                while left > 0:
+                    chunk = resp.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise ShardError(self.url, start, "short body on reopening")
+                    left -= len(chunk)
+            length = resp.headers.get("Content-Length")
+            if length is not None and resp.status in (200, 206):
+                self.total = (start if resp.status == 206 else 0) + int(length)
+            return resp
+        return retry(self.url, attempt, self.retries, self.backoff, self.on_retry,
+                     (OSError, http.client.HTTPException))
 
     def read(self, n: int = 1 << 20) -> bytes:
         delay = self.backoff
@@ -246,18 +228,19 @@ def open_shard(url: str, *, retries: int = 3, backoff: float = 0.5, timeout: flo
         return _HttpStream(url, retries, backoff, timeout, on_retry)
     from webdataset import gopen
 
-    return retry_local(url, lambda: gopen(url, "rb"), retries, backoff, on_retry)
+    return retry(url, lambda: gopen(url, "rb"), retries, backoff, on_retry)
 
 
-def retry_local(url: str, opener, retries: int, backoff: float, on_retry):
-    """`opener()`, retried with doubling backoff on OSError (not on a missing file, which
+def retry(url: str, opener, retries: int, backoff: float, on_retry,
+          errors: tuple[type[Exception], ...] = (OSError,)):
+    """`opener()`, retried with doubling backoff on `errors` (not on a missing file, which
     does not come back); SourceError naming `url` when every attempt failed."""
     delay = backoff
     last: Exception | None = None
     for attempt in range(retries + 1):
         try:
             return opener()
-        except OSError as e:
+        except errors as e:
             last = e
             if isinstance(e, FileNotFoundError):
                 break

@@ -1,29 +1,23 @@
 """The loader's resume state: typed, versioned, JSON-able; and its redistribution.
 
-`LoaderState` is the global data position (`TokenLoader.state_dict()` returns it as a
-plain dict, `LoaderState.to_dict()`, so a checkpoint stores it as JSON). Version 2 is
-this layout; version 1 (untyped dicts with one-letter keys, written before 2026-12)
-still loads (`LoaderState.from_dict` converts it); any other version is an error.
+`LoaderState` is the global data position; `TokenLoader.state_dict()` returns it as
+`LoaderState.to_dict()`, stored as JSON. Version 2 is this layout; version 1 (dicts with
+one-letter keys, written before 2026-12) still loads; any other version is an error.
 
-How exactly-once resume works. Each source's shards are *units*. Epoch e visits them
-in a permutation seeded by (seed, source, e); "position p of epoch e" names a unit. The
-loader has N = world_size * max(1, num_workers) readers ("slots"); slot j reads
-positions j, j+N, j+2N, ... of every epoch (its stride). Inside a unit, samples go
-through a seeded window shuffle: K = shuffle_buffer consecutive samples are read, then
-emitted in a permutation seeded by (seed, source, epoch, position, window start); so
-the shuffle buffer is restorable from two numbers. A slot draws documents (choosing
-the source by weight with a counter-based RNG), packs them and yields whole
-micro-batches; each batch carries the slot's state after it, and the main process
-keeps the state that came with the last batch it handed out (prefetched batches do
-not count). The global state is the N slot states plus the shape. Same world size and
-workers: every slot resumes as it was, the stream is bitwise the same. Another shape:
-`remaining_work` turns the state into the exact work nobody has consumed (unemitted
-window samples, the rest of partly-read units, the partly-written documents from their
-token offset, untouched units of the current epochs), `deal` hands it round-robin to
-the new slots, and later epochs use the new stride: every remaining sample of the
-epoch is read exactly once. After such a resume, the leftover pieces of partly-read
-units are listed as index ranges (at most a shuffle window per unit) until they are
-read: a few KB for tens of readers.
+Exactly-once resume. Each source's shards are *units*; epoch e visits them in a
+permutation seeded by (seed, source, e). The loader has N = world_size * max(1,
+num_workers) readers ("slots"); slot j reads positions j, j+N, j+2N, ... of every epoch.
+Inside a unit, K = shuffle_buffer consecutive samples are read, then emitted in a
+permutation seeded by (seed, source, epoch, position, window start): the shuffle buffer
+is restorable from two numbers. A slot draws documents (the source chosen by weight with
+a counter-based RNG), packs them and yields whole batches, each with the slot's state
+after it; the main process keeps the state of the last batch it handed out (prefetched
+ones do not count). Same world size and workers: every slot resumes as it was, bitwise.
+Another shape: `remaining_work` turns the state into the exact work nobody has consumed
+(unemitted window samples, the rest of partly-read units, the cut document from its token
+offset, untouched units of the current epochs), `deal` hands it round-robin to the new
+slots, and later epochs use the new stride. Leftover pieces of partly-read units are
+index ranges (at most a shuffle window per unit): a few KB for tens of readers.
 """
 
 from __future__ import annotations
@@ -216,15 +210,11 @@ class LoaderState:
         return cls(**{**d, "slots": [slot_from_dict(s) for s in d["slots"]]})
 
 
-def _unit(d: dict | None) -> Unit | None:
-    return None if d is None else Unit(**d)
-
-
 def slot_from_dict(d: dict) -> SlotState:
     return SlotState(**{
         **d, "carry": None if d["carry"] is None else DocRef(**d["carry"]),
         "stats": SlotStats(**d["stats"]),
-        "sources": [SourceState(**{**s, "current": _unit(s["current"]),
+        "sources": [SourceState(**{**s, "current": s["current"] and Unit(**s["current"]),
                                    "items": [Unit(**u) for u in s["items"]]})
                     for s in d["sources"]]})
 

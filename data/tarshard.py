@@ -1,34 +1,25 @@
 """WebDataset tar shards of token ids: the writer, and the one reader with its checks.
 
-A sample is one document: `<key>.tokens.u16` (or `.u32`), the raw little-endian
-token ids, and `<key>.source.txt`, where it came from. Any tar reader (tarfile, GNU
-tar, `webdataset.WebDataset`) reads these shards; the ids are
-`numpy.frombuffer(data, "<u2")`.
+A sample is one document: `<key>.tokens.u16` (or `.u32`), the raw little-endian ids
+(`numpy.frombuffer(data, "<u2")`), and `<key>.source.txt`, where it came from; any tar
+reader reads them. The writer is `webdataset.TarWriter` with fixed metadata (mtime 0,
+uid/gid 0, no user names, mode 0644), so the same samples give byte-identical shards.
 
-Writer: `webdataset.TarWriter` with fixed metadata (mtime 0, uid/gid 0, no user
-names, mode 0644, ustar), so the same samples give byte-identical shards; it hashes
-what it writes (sha256 for the manifest, xxh3-128 for the loader's per-run check).
-
-Readers: one tar parser (`_walk`), over bytes in memory, used two ways. A local file
-is mapped whole (`map_shard`: zero-copy views of the ids, random access, the digest
-checked before any sample is used). A stream (HTTP, `pipe:`) is parsed as it arrives
-(`TarStream`: the parser walks what has come, a chunk at a time, and keeps only the
-sample still being read; memory is one chunk plus one sample, whatever the shard's
-size; its digest is checked at its end). The parser is ours, not tarfile's or
-webdataset's, because every problem must name the shard and the byte offset: a bad
-header checksum, a truncated member, an odd-sized token array, an id out of range
-(tests/test_data_tarshard.py holds both readers to a sequential reference, at every
-chunk size). A local shard's mapping, index (where each sample's ids lie, the largest
-id of each) and a digest it has verified are kept per process, keyed by the file's
-identity (device, inode, size, mtime_ns, ctime_ns), so the next epoch neither maps,
-parses nor hashes it again; a changed file is checked anew, and a digest that did not
-match is never kept.
+One tar parser (`_walk`), over bytes in memory, used two ways: a local file is mapped
+whole (`map_shard`: zero-copy views, random access, the digest checked before any
+sample is used); a stream (HTTP, `pipe:`) is parsed a chunk at a time (`TarStream`:
+memory is one chunk plus the open sample; the digest is checked at its end). It is
+ours, not tarfile's or webdataset's, because every problem must name the shard and
+the byte offset (tests/test_data_tarshard.py holds both uses to a sequential
+reference). A local shard's mapping, index and verified digest are kept per process
+by file identity (device, inode, size, mtime_ns, ctime_ns): a later epoch neither
+maps, parses nor hashes it again; a changed file is checked anew.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import importlib.util
 import mmap
 import os
 from collections import OrderedDict
@@ -66,29 +57,8 @@ def hasher(algo: str):
 
 
 def have_digest(algo: str) -> bool:
-    try:
-        hasher(algo)
-        return True
-    except (ImportError, ValueError):
-        return False
-
-
-class _Hashing(io.RawIOBase):
-    """A write-only file that hashes and counts what goes through it."""
-
-    def __init__(self, f):
-        self.f, self.bytes = f, 0
-        self.h = {a: hasher(a) for a in DIGESTS if have_digest(a)}
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.f.write(data)
-        for h in self.h.values():
-            h.update(data)
-        self.bytes += len(data)
-        return len(data)
+    """Whether `hasher(algo)` works here (xxh3_128 needs the `xxhash` package)."""
+    return algo != "xxh3_128" or importlib.util.find_spec("xxhash") is not None
 
 
 class ShardWriter:
@@ -103,9 +73,18 @@ class ShardWriter:
 
         self.path, self.ext, self.dtype = path, ext, TOKEN_EXT[ext]
         self.tmp = path + ".tmp"
-        self._f = _Hashing(open(self.tmp, "wb"))  # noqa: SIM115 - closed in close()/abort()
-        self._tar = TarWriter(self._f, user="", group="", mode=0o644, mtime=0, encoder=False)
-        self.samples = self.tokens = 0
+        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._h = {a: hasher(a) for a in DIGESTS if have_digest(a)}
+        self.samples = self.tokens = self.bytes = 0
+        self._tar = TarWriter(self, user="", group="", mode=0o644, mtime=0, encoder=False)
+
+    def write(self, data: bytes) -> int:
+        """The archive's bytes, from `TarWriter`: written, hashed and counted."""
+        self._f.write(data)
+        for h in self._h.values():
+            h.update(data)
+        self.bytes += len(data)
+        return len(data)
 
     def add(self, key: str, tokens: np.ndarray, source: str) -> None:
         """One document: its ids (any integer array, stored as `ext`) and where it came from."""
@@ -118,16 +97,16 @@ class ShardWriter:
     def close(self) -> dict:
         """Finish the archive, fsync, rename into place; return its manifest entry."""
         self._tar.close()
-        self._f.f.flush()
-        os.fsync(self._f.f.fileno())
-        self._f.f.close()
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
         os.replace(self.tmp, self.path)
         return {"name": os.path.basename(self.path), "samples": self.samples,
-                "tokens": self.tokens, "bytes": self._f.bytes,
-                **{a: h.hexdigest() for a, h in self._f.h.items()}}
+                "tokens": self.tokens, "bytes": self.bytes,
+                **{a: h.hexdigest() for a, h in self._h.items()}}
 
     def abort(self) -> None:
-        self._f.f.close()
+        self._f.close()
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
 
@@ -161,7 +140,6 @@ def split_key(member: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext
 
 
-
 _ZERO = bytes(BLOCK)
 
 
@@ -185,30 +163,26 @@ class _Index:
     error: tuple[int | None, str] | None  # (offset, message) of the problem after sample n-1
     stop: int = 0  # partial walks: where the next walk starts (the open sample's first header)
     ended: bool = True  # the end-of-archive marker was read (partial walks)
+    verified: tuple[str, str] | None = None  # (algorithm, digest) the file was checked against
 
 
 def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 0,
           partial: bool = False) -> _Index:
-    """Parse the headers of a tar held in memory: the one tar parser of `data`.
+    """Parse the headers of a tar held in memory, as a sequential reader would: the
+    listed samples are those it yields before it meets a problem, `error` is that problem
+    (or None). The sample open at the problem is listed one past `n` when its ids were
+    seen, so the vocabulary check (`_check_ids`) meets it first, as that reader would.
+    Header checksums are checked all at once at the end (cheaper than a Python sum per
+    header); a bad one walks again, stopping at that header.
 
-    Header by header, as a sequential reader would: the listed samples are those it
-    yields before it meets a problem, `error` is that problem (or None). The sample
-    open at the problem is listed one past `n` when its ids were seen, so the vocabulary
-    check (`_check_ids`) meets it as that reader would have, first. Header checksums are
-    checked all at once at the end (a Python sum per header costs more than the rest of
-    the walk); a bad one walks again, stopping at that header.
-
-    `buf` may be a piece of a stream (`TarStream`) that starts at a header lying at
-    stream offset `base` (offsets in errors count from the stream's start). `partial`:
-    more may follow `size`, so running out of bytes is no error: the walk lists the
-    samples complete before the last one begun and sets `stop` to that one's first
-    header (a later sample may still add members to it).
+    `buf` may be a piece of a stream starting with a header at stream offset `base`
+    (offsets in errors count from the stream's start). `partial`: more may follow, so
+    running out of bytes is no error: the samples complete before the last one begun are
+    listed and `stop` is that one's first header (a later member may still belong to it).
     """
     keys: list[str] = []
-    start: list[int] = []  # per sample: byte offset of its ids, their count, <u4 or <u2,
-    count: list[int] = []  # and the header offset of its tokens member
-    wide: list[bool] = []
-    member: list[int] = []
+    toks: list[tuple[int, int, bool, int]] = []  # per sample: byte offset of its ids,
+    # their count, <u4 or <u2, and the header offset of its tokens member
     long_at: set[int] = set()  # samples whose key came from a GNU/pax long name
     err: tuple[int | None, str] | None = None
     key: str | None = None  # the open sample, its tokens member, its first header
@@ -269,8 +243,7 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 
                             raise ShardError(name, base + at,
                                              f"sample {key!r} has no tokens member")
                         keys.append(key)
-                        for lst, v in zip((start, count, wide, member), tok):
-                            lst.append(v)
+                        toks.append(tok)
                     key, tok, at = k, None, off
                     stop = off if named_at is None else named_at
                     if long_name is not None:
@@ -286,9 +259,8 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 
                     tok = (data_at, msize // dt.itemsize, dt.itemsize == 4, off)
             off = nxt
         if partial and not ended:  # the open sample waits for more bytes
-            stop = off if key is None else stop
-            if named_at is not None and key is None:
-                stop = named_at
+            if key is None:
+                stop = off if named_at is None else named_at
             key = tok = None
         elif key is not None and tok is None:
             raise ShardError(name, base + at, f"sample {key!r} has no tokens member")
@@ -304,12 +276,10 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 
     n = len(keys)
     if key is not None and tok is not None:  # the last sample, or the one open at the error
         keys.append(key)
-        for lst, v in zip((start, count, wide, member), tok):
-            lst.append(v)
+        toks.append(tok)
         n += err is None
-    start_a = np.asarray(start, dtype=np.int64)
-    count_a = np.asarray(count, dtype=np.int64)
-    wide_a = np.asarray(wide, dtype=bool)
+    arr = np.array(toks, dtype=np.int64).reshape(-1, 4)
+    start_a, count_a, wide_a, member_a = arr[:, 0], arr[:, 1], arr[:, 2].astype(bool), arr[:, 3]
     lo_a = np.where(wide_a, start_a // 4, start_a // 2)
     hi_a = lo_a + count_a
     peak = np.full(len(keys), -1, dtype=np.int64)
@@ -320,9 +290,8 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 
             ids = np.frombuffer(buf, dtype=dt, count=int(cuts[-1]))
             peak[sel] = np.maximum.reduceat(ids, cuts[:-1])[0::2]
     long_keys = {i: k for i, k in enumerate(keys) if i in long_at}
-    return _Index(n, lo_a, hi_a, wide_a if wide_a.any() else None,
-                  np.asarray(member, dtype=np.int64), peak, long_keys, err,
-                  size if stop is None else stop, ended or not partial)
+    return _Index(n, lo_a, hi_a, wide_a if wide_a.any() else None, member_a, peak, long_keys,
+                  err, size if stop is None else stop, ended or not partial)
 
 
 def _check_ids(name: str, buf, index: _Index, vocab_size: int | None, base: int = 0
@@ -350,8 +319,6 @@ _INDEX_SAMPLES = [0]  # samples held in _INDEX
 INDEX_CACHE_SAMPLES = 1 << 20  # at most this many samples' entries are kept (~35 MB)
 _MAPS: OrderedDict[tuple, object] = OrderedDict()  # file identity -> its mapping, LRU
 MAPS_KEPT = 64  # each holds a file descriptor (Python's mmap keeps one)
-_VERIFIED: dict[tuple, tuple[str, str]] = {}  # file identity -> (algorithm, digest) checked
-_VERIFIED_MAX = 1 << 20
 
 
 def clear_cache() -> None:
@@ -359,7 +326,6 @@ def clear_cache() -> None:
     _INDEX.clear()
     _INDEX_SAMPLES[0] = 0
     _MAPS.clear()
-    _VERIFIED.clear()
 
 
 class MappedShard:
@@ -432,14 +398,12 @@ def map_shard(path: str, name: str | None = None, *, vocab_size: int | None = No
     else:
         _INDEX.move_to_end(ident)
     n, error = _check_ids(name, buf, index, vocab_size)
-    if digest is not None and _VERIFIED.get(ident) != digest:
+    if digest is not None and index.verified != digest:  # kept with the index (same LRU)
         h = hasher(digest[0])
         h.update(buf)
         if h.hexdigest() != digest[1]:
             raise error or _mismatch(name, len(buf), digest[0])  # a structural one says where
-        if len(_VERIFIED) >= _VERIFIED_MAX:  # a bound, not an LRU: it only costs a re-hash
-            _VERIFIED.clear()
-        _VERIFIED[ident] = digest
+        index.verified = digest
     return MappedShard(name, buf, index, n, error)
 
 
@@ -478,13 +442,11 @@ class TarStream:
             self.held = max(self.held, len(buf))
             index = _walk(buf, len(buf), name, base=base, partial=not eof)
             n, error = _check_ids(name, buf, index, self.vocab_size, base)
-            u2 = np.frombuffer(buf, dtype=TOKEN_EXT["u16"], count=len(buf) // 2)
-            u4 = np.frombuffer(buf, dtype=TOKEN_EXT["u32"], count=len(buf) // 4)
+            sh = MappedShard(name, buf, index, n, error)
             for i in range(n):
-                ids = (u4 if index.wide is not None and index.wide[i] else u2)[
-                    index.lo[i]:index.hi[i]].copy()
+                ids = sh.tokens(i).copy()
                 ids.flags.writeable = False
-                yield _key_of(buf, index, i), ids, base + int(index.member[i])
+                yield sh.key(i), ids, base + int(index.member[i])
             if error is not None:
                 raise error
             if index.ended:

@@ -1,12 +1,8 @@
-"""SentencePiece tokenizers: training, the `Tokenizer` wrapper, and a small CLI.
+"""SentencePiece tokenizers: training, the `Tokenizer` wrapper, and a CLI (`train|encode|decode`).
 
 A tokenizer folder holds `tokenizer.model` (the SentencePiece proto) and
 `tokenizer.json` (special ids, vocabulary size, the padded size the model uses,
 the sha256 of the model file, and how it was trained).
-
-    python -m data.tokenizer train --input 'DIR/**/*.py' --vocab-size 512 --out tok/
-    python -m data.tokenizer encode --tokenizer tok/ "some text"
-    python -m data.tokenizer decode --tokenizer tok/ 17 42 9
 
 Training normalizes nothing (identity rule, whitespace kept, newline is a
 piece, byte fallback on), so `decode(encode(text)) == text` for any text,
@@ -54,9 +50,8 @@ class Tokenizer:
         self._proto = bytes(model_proto)
         self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
         self.meta = dict(meta or {})
-        if pad_multiple is None:
-            pad_multiple = int(self.meta.get("pad_multiple", 64))
-        self.pad_multiple = int(pad_multiple)
+        self.pad_multiple = int(self.meta.get("pad_multiple", 64) if pad_multiple is None
+                                else pad_multiple)
         for name, want in (("unk_id", self.sp.unk_id()), ("bos_id", self.sp.bos_id()),
                            ("eos_id", self.sp.eos_id()), ("pad_id", self.sp.pad_id())):
             if name in self.meta and self.meta[name] != want:
@@ -92,38 +87,15 @@ class Tokenizer:
                     sha256=self.sha256)
         return meta
 
-    # -- properties ---------------------------------------------------------
-    @property
-    def model_proto(self) -> bytes:
-        return self._proto
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self._proto).hexdigest()
-
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return padded_size(self.vocab_size, self.pad_multiple)
-
-    @property
-    def bos_id(self) -> int:
-        return self.sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self.sp.eos_id()
-
-    @property
-    def pad_id(self) -> int:
-        return self.sp.pad_id()
-
-    @property
-    def unk_id(self) -> int:
-        return self.sp.unk_id()
+    # -- properties: model_proto bytes, sha256 a hex str, the rest ints ----------
+    model_proto = property(lambda self: self._proto)
+    sha256 = property(lambda self: hashlib.sha256(self._proto).hexdigest())
+    vocab_size = property(lambda self: self.sp.get_piece_size())
+    padded_vocab_size = property(lambda self: padded_size(self.vocab_size, self.pad_multiple))
+    bos_id = property(lambda self: self.sp.bos_id())
+    eos_id = property(lambda self: self.sp.eos_id())
+    pad_id = property(lambda self: self.sp.pad_id())
+    unk_id = property(lambda self: self.sp.unk_id())
 
     # -- encoding -----------------------------------------------------------
     def encode(self, text: str | list[str], *, add_bos: bool = False, add_eos: bool = False,
@@ -138,9 +110,7 @@ class Tokenizer:
         Accepts lists, numpy arrays and tensors (1-D: one text, 2-D: a batch).
         Pad, bos and eos ids are dropped.
         """
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        ids = list(ids)
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         if ids and isinstance(ids[0], (list, tuple)):
             return [self.decode(x) for x in ids]
         drop = {self.pad_id, self.bos_id, self.eos_id}
