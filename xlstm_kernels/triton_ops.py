@@ -85,9 +85,10 @@ def _state_opts(BK: int, BV: int) -> dict:
     """Launch options of the state passes (ignored by the interpreter). The (BK, BV) float32
     state lives in registers across the chunk loop, next to a (BT, BK) key tile and a (BT, BV)
     value tile: at 64 x 64 four warps need ~185 registers per thread, eight warps spread it
-    (<= 168, no spill); float32 inputs at 32 x 32 spill a few bytes at four warps, none at
-    eight (checked by triton_compile_check)."""
-    return {"num_warps": 8 if BK * BV >= 32 * 32 else 4, "num_stages": 3}
+    (<= 168, no spill; checked by triton_compile_check). float32 inputs (32 x 32 blocks)
+    stay at four: ptxas spills a few bytes there with either count, fewer at four with the
+    GPU image's Triton 3.6."""
+    return {"num_warps": 8 if BK * BV >= 64 * 64 else 4, "num_stages": 3}
 
 
 # Launch options of the tile-parallel kernels (output pass, dk, dv, dq): a small space per
@@ -540,6 +541,7 @@ class _MLSTMStepFn(torch.autograd.Function):
             qc, kc, vc, igc, lfc, Cc, nc, mc, mo, nrm.contiguous(), dden.contiguous(),
             dh, dco, dno, dq_p, dk_p, dv, dC, dn, sc,
             DQK**-0.5, DQK, DV, BH, BD=BD, BV=BV, HAS_STATE=has_state,
+            num_warps=8 if BD >= 256 else 4,  # 4 warps at DQK 256: 231-254 registers
         )
         sc = sc.sum(0)
         dlf, di = sc[:, 0].clone(), sc[:, 1].clone()
