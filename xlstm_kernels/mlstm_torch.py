@@ -41,8 +41,10 @@ def _start_state(initial_state: MLSTMState | None, q: torch.Tensor, v: torch.Ten
 
 
 def _normalize(num: torch.Tensor, den: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
-    """h = num / (max(|den|, exp(-m)) + eps); num (..., DV), den and m (...)."""
-    return num / (torch.maximum(den.abs(), torch.exp(-m)) + eps).unsqueeze(-1)
+    """h = num / (max(|den|, exp(-m)) + eps); num (..., DV), den and m (...). One reciprocal
+    per position and a multiply: a division of the (..., DV) tensor costs two more
+    passes in its backward."""
+    return num * torch.reciprocal(torch.maximum(den.abs(), torch.exp(-m)) + eps).unsqueeze(-1)
 
 
 def mlstm_step_torch(
@@ -312,9 +314,10 @@ def mlstm_chunkwise_torch(
                                           torch.stack(w_news, -1))
 
     # --- outputs of all chunks at once
-    logD = b[..., :, None] - b[..., None, :] + ic[..., None, :]  # (B, NH, NC, L, L)
     mask = causal if start is None else causal & (tt[None, None, None, None, :] >= start[..., None])
-    logD = logD.masked_fill(~mask, NEG_INF)
+    # b_t - b_s + i_s on the mask, -inf off it, in two passes over the (L, L) tiles
+    bi = torch.where(mask, b[..., :, None], NEG_INF)
+    logD = bi - (b - ic)[..., None, :]  # (B, NH, NC, L, L)
     if carry is None:
         a = b + m_prev[..., None]
     else:
