@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -145,7 +146,8 @@ class _SourceReader:
         self.cfg = slot.cfg
         self.shards: Shards = slot.shards[s]
         self.units = len(self.shards.urls)
-        self._gen = self._docs()
+        # the next document, or None (then `exhausted` is set, so a resume draws the same)
+        self.next_doc = functools.partial(next, self._docs(), None)
 
     def url(self, e: int, p: int) -> str:
         """The unit (url) at position p of epoch e."""
@@ -237,6 +239,7 @@ class _SourceReader:
             if cur is None:
                 cur = st.current = self._next_unit()
                 if cur is None:
+                    st.exhausted = True
                     return
             barren += 1
             if barren > 2 * self.units + 2:
@@ -265,12 +268,6 @@ class _SourceReader:
                     raise
                 self.slot.skipped(e)
             st.current = None
-
-    def next_doc(self):
-        d = next(self._gen, None)
-        if d is None:
-            self.st.exhausted = True  # kept, so a resume draws the same
-        return d
 
 
 class _Slot:
@@ -371,15 +368,11 @@ class _Slot:
         while not st.done:
             buf = alloc()
             flat = buf if isinstance(buf, np.ndarray) else buf.numpy()
-            starts = []
-            pos = 0
-            segs = []
+            starts, segs, pos = [], [], 0
             from_carry = pending is not None
             while pos < need:
-                if pending is None:
-                    pending = draw()
-                    if pending is None:
-                        break
+                if pending is None and (pending := draw()) is None:
+                    break
                 key, tokens, off = pending
                 n = len(tokens) + 1  # the document and its EOS
                 take = min(n - off, need - pos)
@@ -412,20 +405,15 @@ class _Slot:
     def _meta(self, segs: list[tuple]) -> list[list[tuple]]:
         """Per row, the document pieces it holds: (source, epoch, shard url, sample index,
         token lo, token hi, offset in the row)."""
-        b, s = self.cfg.micro_batch_size, self.cfg.seq_len
-        meta = []
-        for r in range(b):
-            lo, hi = r * s, r * s + s + 1
-            row = []
-            for pos, key, off, take in segs:
-                a, z = max(pos, lo), min(pos + take, hi)
+        s = self.cfg.seq_len
+        meta: list[list[tuple]] = [[] for _ in range(self.cfg.micro_batch_size)]
+        for pos, (src, e, p, i), off, take in segs:
+            for r, row in enumerate(meta):  # row r is stream positions [r*s, r*s + s + 1)
+                a, z = max(pos, r * s), min(pos + take, r * s + s + 1)
                 if a < z:
-                    s_, e, p, i = key
-                    row.append((s_, e, self.readers[s_].url(e, p), i, off + a - pos,
-                                off + z - pos, a - lo))
-            meta.append(row)
+                    row.append((src, e, self.readers[src].url(e, p), i, off + a - pos,
+                                off + z - pos, a - r * s))
         return meta
-
 
 
 def _compact_dtype(cfg: LoaderConfig, shards: list[Shards]) -> np.dtype:
@@ -621,9 +609,8 @@ class TokenLoader:
     """
 
     def __init__(self, config: LoaderConfig | dict):
-        cfg = LoaderConfig.from_dict(config)
+        self.cfg = cfg = LoaderConfig.from_dict(config)
         cfg.check()
-        self.cfg = cfg
         specs = cfg.source_specs()
         self.names = [s.name for s in specs]
         self.weights = [s.weight for s in specs]
@@ -686,35 +673,32 @@ class TokenLoader:
         try:
             # A message holds several groups. The DataLoader hands messages out round-robin
             # over the workers still running; groups are handed out in that same order, so
-            # the stream is the one of one group per message.
+            # the stream is the one of one group per message. A group ends at a multiple of
+            # `group` of its slot's batch count, or at the end of a message.
             queued: list[collections.deque] = [collections.deque() for _ in views]
             running = collections.deque(range(len(views)))  # in turn: running[0] is next
             while running:
                 w = running[0]
                 while not queued[w] and (msg := next(messages)) is not None:
-                    mw, g, items = msg
-                    grp: list = []
-                    for i, item in enumerate(items):  # split into groups
-                        grp.append((i, item))
-                        if item[0] is None or item[2] % group == 0 or i == len(items) - 1:
-                            queued[mw].append((g, grp, i == len(items) - 1))
-                            grp = []
+                    mw, g, items = msg  # queued: (message, place in it, item, its last)
+                    queued[mw].extend((g, i, it, i == len(items) - 1) for i, it in enumerate(items))
                 ended = not queued[w]
-                if queued[w]:
-                    g, grp, last = queued[w].popleft()
-                    local = (w + phase0) % self.nw
-                    for i, (bt, st, count) in grp:
-                        batch = None if bt is None else _batch(
-                            (views[w][g % ring.depth, i], *bt[1:]), b, s, pack, pin, copy=True)
-                        if last and i == grp[-1][0]:
-                            consumed[w] = g + 1  # its ids are all copied out: the slot is free
-                        slots[mine[local]] = st  # the state after the last batch handed out
-                        if batch is None:  # the reader finished: its final state, no batch
-                            self._phase = (local + 1) % self.nw
-                            ended = True
-                            continue
-                        self._phase = (local + 1) % self.nw if count % group == 0 else local
-                        yield batch
+                local = (w + phase0) % self.nw
+                while queued[w]:  # worker w's next group
+                    g, i, (bt, st, count), last = queued[w].popleft()
+                    batch = None if bt is None else _batch(
+                        (views[w][g % ring.depth, i], *bt[1:]), b, s, pack, pin, copy=True)
+                    if last:
+                        consumed[w] = g + 1  # its ids are all copied out: the slot is free
+                    slots[mine[local]] = st  # the state after the last batch handed out
+                    if batch is None:  # the reader finished: its final state, no batch
+                        self._phase = (local + 1) % self.nw
+                        ended = True
+                        break
+                    self._phase = (local + 1) % self.nw if count % group == 0 else local
+                    yield batch
+                    if count % group == 0 or last:
+                        break
                 running.popleft() if ended else running.rotate(-1)
         finally:
             ring.flags[-1] = 1  # workers waiting for a slot stop, then the DataLoader ends
@@ -820,9 +804,7 @@ def merge_states(parts: list[dict]) -> dict:
     if [p["rank"] for p in parts] != list(range(head["world_size"])):
         raise ValueError(f"need one part per rank 0..{head['world_size'] - 1}, "
                          f"got {[p['rank'] for p in parts]}")
-    slots = {}
-    for p in parts:
-        slots.update({int(j): s for j, s in p["slots"].items()})
+    slots = {int(j): s for p in parts for j, s in p["slots"].items()}
     return LoaderState(**head, phases=[p["phase"] for p in parts],
                        slots=[slot_from_dict(slots[j]) for j in range(len(slots))]).to_dict()
 

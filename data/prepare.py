@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare(a.input, a.tokenizer, a.out, text_field=a.text_field, text_mode=a.text_mode,
             shard_tokens=a.shard_tokens, val_fraction=a.val_fraction, workers=a.workers,
             on_error=a.on_error, seed=a.seed, max_documents=a.max_documents,
-            progress=not a.quiet, command=["python", "-m", "data.prepare", *sys.argv[1:]]
-            if argv is None else ["python", "-m", "data.prepare", *argv])
+            progress=not a.quiet,
+            command=["python", "-m", "data.prepare", *(sys.argv[1:] if argv is None else argv)])
     return 0
 
 

@@ -17,6 +17,7 @@ reading retry with doubling backoff (`retries` times), then `SourceError` names 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import http.client
 import json
@@ -159,10 +160,8 @@ class _Pipe:
     def close(self) -> None:
         if self.pipe.proc.poll() is None:
             self.pipe.proc.kill()
-        try:
+        with contextlib.suppress(OSError):  # killed, or failed: reported, or not read to the end
             self.pipe.close()
-        except OSError:  # killed, or failed: already reported, or not read to the end
-            pass
 
 
 class _HttpStream:
