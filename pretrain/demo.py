@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     first = subprocess.Popen(cmd, env=env, cwd=ROOT)
     wait_for_step(run_dir / "metrics.jsonl", args.interrupt_at, first)
     print("[demo] sending SIGTERM to every rank (a preemption, as a scheduler sends it)", flush=True)
-    for rank in psutil.Process(first.pid).children():  # the launcher's ranks (slurm.rank wrappers)
-        if "slurm.rank" in rank.cmdline():
+    for rank in psutil.Process(first.pid).children():  # the launcher's ranks (pretrain.rank wrappers)
+        if "pretrain.rank" in rank.cmdline():
             rank.send_signal(signal.SIGTERM)
     first.wait(timeout=120)
     latest = CheckpointManager(run_dir / "checkpoints").latest()

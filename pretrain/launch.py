@@ -5,7 +5,7 @@
 
 Everything before `--` is torchrun's (`torch.distributed.run`: `--nnodes`, `--rdzv-*`, ...;
 one node needs nothing else), everything after it is `pretrain.train`'s. The ranks run
-through `slurm.rank`, the wrapper the Slurm path uses: it records each trainer's exit code
+through `pretrain.rank`, the wrapper the Slurm path uses: it records each trainer's exit code
 in a status folder (`$XLSTM_STATUS_DIR`, else a temporary one) and ends cleanly in
 torchrun's eyes when every rank of the node stopped on purpose. So:
 
@@ -33,14 +33,14 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.run import parse_args, run
 
-from slurm.rank import EXIT_ON_PURPOSE, EXIT_RESUMABLE, ON_PURPOSE_WAIT_S
+from .rank import EXIT_ON_PURPOSE, EXIT_RESUMABLE, ON_PURPOSE_WAIT_S
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE = "usage: python -m pretrain.launch [torchrun options] -- --config CONFIG [pretrain.train options]"
 
 
 def recorded_code(status_dir: Path) -> int | None:
-    """The trainer exit code the ranks recorded (`slurm.rank`'s rank-N.exit): rank 0's when
+    """The trainer exit code the ranks recorded (`pretrain.rank`'s rank-N.exit): rank 0's when
     it is in `status_dir`, else the lowest rank's non-zero one; None if none recorded one."""
     codes = {}
     for f in status_dir.glob("rank-*.exit"):
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch error: no `--` before the trainer's arguments; {USAGE}", file=sys.stderr)
         return 2
     cut = argv.index("--")
-    args = parse_args([*argv[:cut], "-m", "slurm.rank", *argv[cut + 1:]])
-    if not (args.module and args.training_script == "slurm.rank"):
+    args = parse_args([*argv[:cut], "-m", "pretrain.rank", *argv[cut + 1:]])
+    if not (args.module and args.training_script == "pretrain.rank"):
         print(f"launch error: a script or -m before `--` ({args.training_script}); {USAGE}", file=sys.stderr)
         return 2
     own = "XLSTM_STATUS_DIR" not in os.environ
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             run(args)
         except ChildFailedError as err:
             # a rank that stopped on purpose but whose node's others did not all record a
-            # code in time (slurm.rank.ON_PURPOSE_WAIT_S): still the trainer's code
+            # code in time (pretrain.rank.ON_PURPOSE_WAIT_S): still the trainer's code
             rank, first = err.get_first_failure()
             if all(f.exitcode in EXIT_ON_PURPOSE for f in err.failures.values()):
                 print(f"[launch] rank {rank} stopped with exit {first.exitcode} (rank 0's line names why; "

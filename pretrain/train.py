@@ -11,7 +11,7 @@ checkpoint (resume with `--resume auto`; docs/design.md, "Preemption protocol"),
 EXIT_DISK_FULL (74) the disk filled while checkpointing (the previous checkpoint is
 intact: free space, then `--resume auto`), 1 error, 2 config or input error (a
 missing path, an unusable checkpoint: one line from rank 0, no traceback).
-`pretrain.launch` (torchrun, each rank through slurm.rank) exits with these codes;
+`pretrain.launch` (torchrun, each rank through pretrain.rank) exits with these codes;
 plain torchrun would report each non-zero one as a crash of its own (exit 1).
 """
 

@@ -4,7 +4,7 @@
 job can unpickle it by module name). On each task (one per node) `__call__` starts
 
     torchrun --nnodes N --nproc-per-node P --rdzv-backend c10d --rdzv-endpoint HEAD:PORT \
-        -m slurm.rank --config CONFIG --resume auto key=value ...
+        -m pretrain.rank --config CONFIG --resume auto key=value ...
 
 and waits. Preemption goes through submitit's own path: Slurm sends the signal (USR2 by
 default, `--signal=USR2@delay` to every process of the step); submitit's handler on the
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from .rank import EXIT_RESUMABLE, STOP_SIGNALS, status_file
+from pretrain.rank import EXIT_RESUMABLE, STOP_SIGNALS, status_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,7 +112,7 @@ class TrainTask:
                 f"--nproc-per-node={self.nproc_per_node}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}",
                 f"--rdzv-conf=is_host={1 if node == 0 else 0}", "--max-restarts=0",
-                "-m", "slurm.rank", "--config", self.config, "--resume", "auto", *self.overrides]
+                "-m", "pretrain.rank", "--config", self.config, "--resume", "auto", *self.overrides]
 
     def __call__(self) -> dict:
         job_id, restart, node, endpoint = self._job()
@@ -153,7 +153,7 @@ class TrainTask:
                              f"not requeued (logs above; checkpoints in {self.run_dir})")
 
     def _signal_ranks(self) -> None:
-        """The stop signal to this node's slurm.rank wrappers (Slurm may deliver it only to
+        """The stop signal to this node's pretrain.rank wrappers (Slurm may deliver it only to
         the task itself; any one rank with it stops them all at the next step boundary)."""
         if self._proc is not None and self._proc.poll() is None:
             for pid in _children(self._proc.pid):

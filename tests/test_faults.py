@@ -134,7 +134,7 @@ def test_tokenizer_larger_than_the_model_is_one_line_from_rank_0(tmp_path, corpu
     out = run(launch(2, [*args, "model.vocab_size=64"]), expect=2)
     (line,) = error_lines(out.stdout + out.stderr)  # no traceback, no torchrun failure table
     assert line.startswith("[train] error: model.vocab_size: 64 is smaller than the tokenizer's"), out.stderr
-    assert "[launch]" not in out.stderr  # every rank ended on purpose: no rank was killed (slurm.rank)
+    assert "[launch]" not in out.stderr  # every rank ended on purpose: no rank was killed (pretrain.rank)
     out = run(launch(2, args), expect=1, XLSTM_TEST_SAVE_DELAY="not-a-step")  # Faults.from_env raises
     assert "ValueError: invalid literal for int()" in out.stderr  # the ranks' own tracebacks
     assert "ChildFailedError" in out.stderr and "Root Cause (first observed failure)" in out.stderr

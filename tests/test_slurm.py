@@ -337,7 +337,7 @@ def test_submit_dry_run_matches_the_template(corpus, tmp_path):
     assert f"#SBATCH --signal=USR2@{delay}" in script
     assert "srun " in script and "--kill-on-bad-exit=1" in script
     assert "--nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d" in script
-    assert "-m slurm.rank --config" in script and "--resume auto" in script
+    assert "-m pretrain.rank --config" in script and "--resume auto" in script
     assert "--resume auto" in template and "--nnodes=\"$1\"" in template
     assert not (tmp_path / "dry").exists()  # nothing submitted, nothing written
 

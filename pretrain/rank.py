@@ -1,6 +1,6 @@
 """One training rank under torchrun: runs the trainer, records how it ended.
 
-    torchrun ... -m slurm.rank --config CONFIG --resume auto key=value ...
+    torchrun ... -m pretrain.rank --config CONFIG --resume auto key=value ...
 
 Used by `python -m pretrain.launch` (the documented launch), the Slurm batch script and
 slurm/task.py. torchrun cannot pass a worker's exit code on: a rank that exits with the
@@ -43,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_RESUMABLE = 75  # pretrain.train.EXIT_RESUMABLE (not imported: slurm imports pretrain config only)
+EXIT_RESUMABLE = 75  # pretrain.train.EXIT_RESUMABLE (not imported: this wrapper stays free of torch)
 EXIT_CLEAN = (0, EXIT_RESUMABLE)  # torchrun may see these at once: every rank stops at the same step
 EXIT_ON_PURPOSE = (2, 74)  # config/input error, disk full (pretrain.train.EXIT_DISK_FULL)
 ON_PURPOSE_WAIT_S = 30.0  # how long a rank that stopped on purpose waits for its node's others
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 if status_dir:
                     Path(status_dir).mkdir(parents=True, exist_ok=True)
                     stopping_file(status_dir, rank).write_text(f"{signal.Signals(held).name}\n")
-                print(f"[slurm.rank] rank {os.environ.get('RANK', '0')}: "
+                print(f"[pretrain.rank] rank {os.environ.get('RANK', '0')}: "
                       f"{signal.Signals(held).name} passed to the trainer", file=sys.stderr,
                       flush=True)
             except ProcessLookupError:
