@@ -261,7 +261,9 @@ def summarize(results: list[dict]) -> dict[str, dict]:
         row = {"params": rs[0]["params"], "lr": rs[0]["lr"], "seeds": len(rs),
                "diverged": sum(1 for r in results if r["model"] == m and "diverged_at" in r),
                "train_s": statistics.mean(r["train_s"] for r in rs)}
-        for key, vals in [("val", [final(r) for r in rs])] + \
+        top, low = str(max(EVAL_CONTEXTS)), str(TRAIN_CONTEXT)
+        for key, vals in [("val", [final(r) for r in rs]),
+                          ("rise", [r["extrap"][top] - r["extrap"][low] for r in rs])] + \
                 [(f"ctx{c}", [r["extrap"][str(c)] for r in rs]) for c in EVAL_CONTEXTS]:
             row[key] = (statistics.mean(vals), min(vals), max(vals))
         row["curve"] = [[rs[0]["curve"][j][0], statistics.mean(r["curve"][j][1] for r in rs)]
@@ -270,67 +272,106 @@ def summarize(results: list[dict]) -> dict[str, dict]:
     return out
 
 
+def by_seed(results: list[dict]) -> str:
+    """Markdown table: final val loss per model and seed, and the difference to llama paired
+    by seed (seed s gives every model the same data order: at a tenth of an epoch the order
+    moves the loss more than the model does, and the pairing cancels it)."""
+    loss = {(r["model"], r["seed"]): final(r) for r in results if "curve" in r}
+    models = [m for m in MODELS if any(k[0] == m for k in loss)]
+    seeds = sorted({s for _, s in loss})
+    lines = ["| model | " + " | ".join(f"seed {s}" for s in seeds) + " | minus llama, paired by seed |",
+             "|---|" + "---|" * (len(seeds) + 1)]
+    for m in models:
+        diffs = [loss[m, s] - loss["llama", s] for s in seeds if (m, s) in loss and ("llama", s) in loss]
+        cells = [f"{loss[m, s]:.3f}" if (m, s) in loss else "-" for s in seeds]
+        d = ("" if not diffs or m == "llama" else f"{diffs[0]:+.3f} (one seed)" if len(diffs) == 1 else
+             f"{statistics.mean(diffs):+.3f} [{min(diffs):+.3f}, {max(diffs):+.3f}] over {len(diffs)} seeds")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {d} |")
+    return "\n".join(lines)
+
+
+def paired(results: list[dict], a: str, b: str) -> list[float]:
+    """final val loss of `a` minus `b`, per seed both ran."""
+    loss = {(r["model"], r["seed"]): final(r) for r in results if "curve" in r}
+    return [loss[a, s] - loss[b, s] for (m, s) in sorted(loss) if m == a and (b, s) in loss]
+
+
 def report(summary: dict, sweep: dict, args: argparse.Namespace, load: str, wall_s: float,
-           png: str) -> str:
+           png: str, results: list[dict]) -> str:
     cmd = " ".join(["benchmarks/quality.py", *args.argv])
     tokens = args.steps * args.batch * TRAIN_CONTEXT
     lines = [f"# Quality at equal parameters and tokens, and length extrapolation, CPU, {dt.date.today():%Y-%m-%d}", "",
              f"`{cmd}`; {os.cpu_count()} cores, load average before the run {load}; {wall_s / 60:.1f} min "
-             f"({args.cpu_s / 60:.1f} CPU-minutes in the runs: about {args.cpu_s / 120:.1f} min on 2 idle cores). "
+             f"({args.cpu_s / 60:.1f} CPU-minutes in the reported runs: about {args.cpu_s / 120:.1f} min on 2 idle cores). "
              f"Corpus: the demo's (stdlib sources, vocab 512); {args.steps} steps x {args.batch} x "
              f"{TRAIN_CONTEXT} = {tokens:,} training tokens per model, context {TRAIN_CONTEXT}; "
              f"validation loss (nats per token) on {args.curve_seqs} x {TRAIN_CONTEXT} tokens (curve, final) "
              f"and on the same {args.extrap_seqs} x 2048 tokens cut at 256 / 1024 / 2048 (extrapolation). "
              f"Mean over the seeds (column `seeds`), [min, max] beside it. The unigram entropy of the "
              f"extrapolation tokens (the loss of a model that ignores context) is {args.unigram:.3f}.", "",
-             "| model | params | lr | seeds | final val loss | ctx 256 | ctx 1024 | ctx 2048 | 2048 - 256 | s / run |",
+             "| model | params | lr | seeds | final val loss | ctx 256 | ctx 1024 | ctx 2048 | 2048 - 256 | wall s / run |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 
-    def cell(t: tuple) -> str:
-        return f"{t[0]:.3f} [{t[1]:.3f}, {t[2]:.3f}]" if t[1] < t[2] else f"{t[0]:.3f}"
+    def cell(t: tuple, fmt: str = ".3f") -> str:
+        return f"{t[0]:{fmt}} [{t[1]:{fmt}}, {t[2]:{fmt}}]" if t[1] < t[2] else f"{t[0]:{fmt}}"
 
     for m, r in summary.items():
         lines.append(f"| {m} | {r['params'] / 1e6:.3f}M | {r['lr']:g} | {r['seeds']} | {cell(r['val'])} | "
                      f"{cell(r['ctx256'])} | {cell(r['ctx1024'])} | {cell(r['ctx2048'])} | "
-                     f"{r['ctx2048'][0] - r['ctx256'][0]:+.3f} | {r['train_s']:.0f} |"
+                     f"{cell(r['rise'], '+.3f')} | {r['train_s']:.0f} |"
                      + (f" ({r['diverged']} diverged)" if r["diverged"] else ""))
     lines += ["", "llama's learning-rate sweep (seed 0, final val loss): "
-              + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in sweep.items()), ""]
-    if "large" in summary and "large-torch-init" in summary:
-        a, b = summary["large"]["val"], summary["large-torch-init"]["val"]
-        lines.append(f"- init of the large arch: 7B init {a[0]:.3f}, PyTorch default {b[0]:.3f} "
-                     f"(7B init {a[0] - b[0]:+.3f} nats; spreads {a[2] - a[1]:.3f} and {b[2] - b[1]:.3f})")
+              + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in sweep.items()), "",
+              "Final validation loss by seed:", "", by_seed(results), ""]
+    d = paired(results, "large", "large-torch-init")
+    if d:
+        lines.append(f"- init of the large arch: the 7B init minus PyTorch's default, paired by seed: "
+                     f"{statistics.mean(d):+.3f} nats [{min(d):+.3f}, {max(d):+.3f}] over {len(d)} seed(s)")
     for m, r in summary.items():
-        lines.append(f"- {m}: loss at 2048 minus at 256 {r['ctx2048'][0] - r['ctx256'][0]:+.3f} nats "
-                     f"({'flat or better with more context' if r['ctx2048'][0] <= r['ctx256'][0] + 0.02 else 'rises beyond the training context'})")
+        rise = r["rise"]
+        verdict = ("rises beyond the training context in every seed" if rise[1] > 0.002 else
+                   "flat or lower with more context in every seed" if rise[2] <= 0.002 else "mixed over seeds")
+        lines.append(f"- {m}: loss at 2048 minus at 256 {cell(rise, '+.3f')} nats: {verdict}")
     lines += ["", f"![plot]({png})"]
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(results: list[dict], path: Path) -> None:
+    """Left: validation loss against training tokens; right: the loss at each evaluation
+    context minus at 256 (the extrapolation, free of each model's level). Both over the seeds
+    that every model ran (the same data orders: with `--slow-seeds 1`, seed 0 alone)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ok = [r for r in results if "curve" in r]
+    models = [m for m in MODELS if any(r["model"] == m for r in ok)]
+    common = set.intersection(*({r["seed"] for r in ok if r["model"] == m} for m in models))
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for m, r in summary.items():
-        xs, ys = zip(*r["curve"])
+    lo = float("inf")
+    for m in models:
+        rs = [r for r in ok if r["model"] == m and r["seed"] in common]
+        xs = [x for x, _ in rs[0]["curve"]]
+        ys = [statistics.mean(r["curve"][j][1] for r in rs) for j in range(len(xs))]
+        lo = min(lo, *ys)
         a.plot(xs, ys, label=m)
-        b.errorbar(EVAL_CONTEXTS, [r[f"ctx{c}"][0] for c in EVAL_CONTEXTS],
-                   yerr=[[r[f"ctx{c}"][0] - r[f"ctx{c}"][1] for c in EVAL_CONTEXTS],
-                         [r[f"ctx{c}"][2] - r[f"ctx{c}"][0] for c in EVAL_CONTEXTS]],
+        rise = [[r["extrap"][str(c)] - r["extrap"][str(TRAIN_CONTEXT)] for r in rs] for c in EVAL_CONTEXTS]
+        mid = [statistics.mean(v) for v in rise]
+        b.errorbar(EVAL_CONTEXTS, mid, yerr=[[y - min(v) for y, v in zip(mid, rise)],
+                                             [max(v) - y for y, v in zip(mid, rise)]],
                    marker="o", capsize=3, label=m)
+    seeds = ("seeds " if len(common) > 1 else "seed ") + ", ".join(str(s) for s in sorted(common))
     a.set_xlabel("training tokens")
     a.set_ylabel("validation loss (nats), context 256")
-    a.set_title("validation loss (mean over seeds)")
-    lo = min(min(y for _, y in r["curve"]) for r in summary.values())
+    a.set_title(f"validation loss ({seeds})")
     a.set_ylim(lo - 0.1, lo + 1.5)
     b.set_xscale("log", base=2)
     b.set_xticks(EVAL_CONTEXTS, [str(c) for c in EVAL_CONTEXTS])
-    b.axvline(TRAIN_CONTEXT, color="grey", ls=":", lw=1)
+    b.axhline(0.0, color="grey", ls=":", lw=1)
     b.set_xlabel("evaluation context (trained at 256)")
-    b.set_title("length extrapolation (min-max over seeds)")
+    b.set_ylabel("loss minus loss at 256 (nats)")
+    b.set_title(f"length extrapolation ({seeds}; bars: min-max)")
     for ax in (a, b):
         ax.grid(True, alpha=0.3)
     a.legend()
@@ -389,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"quality-{dt.date.today():%Y-%m-%d}-cpu"
-    plot(summary, out / f"{stem}.png")
-    text = report(summary, sweep, args, load, wall, f"{stem}.png")
+    plot(results, out / f"{stem}.png")
+    text = report(summary, sweep, args, load, wall, f"{stem}.png", results)
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps({"results": results, "sweep": sweep}, indent=1))
     print(text)
