@@ -50,6 +50,15 @@ def _cell(x: torch.Tensor, Rm: torch.Tensor, state: SLSTMState) -> tuple[torch.T
     return h, (h, c, n, m_new)
 
 
+def _steps_with_reset(reset: torch.Tensor) -> list[bool]:
+    """Per step of reset (B, S): does some sequence start a document there. Tensors
+    without data (the memory planner's fake tensors) answer True at every step."""
+    try:
+        return reset.any(0).tolist()
+    except RuntimeError:  # DataDependentOutputException on fake tensors
+        return [True] * reset.shape[1]
+
+
 def slstm_sequence_torch(
     x: torch.Tensor,
     R: torch.Tensor,
@@ -70,7 +79,7 @@ def slstm_sequence_torch(
     keeps, any_reset = None, None
     if reset is not None:
         keeps = (~reset).to(cd).unbind(1)
-        any_reset = reset.any(0).tolist()  # steps where some sequence starts a document
+        any_reset = _steps_with_reset(reset)
     for t in range(S):
         if keeps is not None and any_reset[t]:
             keep = keeps[t][:, None, None]
