@@ -132,8 +132,9 @@ def val_tokens(shards: Path, tok, n_seqs: int, seq_len: int):
                                 "pad_id": tok.pad_id, "vocab_size": tok.vocab_size})
     ids, labels = [], []
     for batch in loader:
-        ids.append(batch["input_ids"])
-        labels.append(batch["labels"])
+        t = batch.to("cpu")
+        ids.append(t.input_ids)
+        labels.append(t.labels)
         if len(ids) == n_seqs:
             break
     if len(ids) < n_seqs:
@@ -181,9 +182,9 @@ def run(name: str, seed: int, lr: float, args: argparse.Namespace) -> dict:
     ext_ids, ext_labels = val_tokens(shards, tok, args.extrap_seqs, max(EVAL_CONTEXTS))
     curve, t0, batches = [], time.perf_counter(), iter(train)
     for step in range(args.steps):
-        batch = next(batches)
+        batch = next(batches).to("cpu")  # concat packing: no resets, every target counted
         set_lr(opt, lr_at(step, args.steps, lr, sched))
-        loss = loss_of(net, batch["input_ids"], batch["labels"])
+        loss = loss_of(net, batch.input_ids, batch.labels)
         if not torch.isfinite(loss):
             return {"model": name, "seed": seed, "lr": lr, "params": params, "diverged_at": step}
         loss.backward()

@@ -112,3 +112,28 @@ def test_readme_inlines_the_newest_results_with_their_command(tmp_path: Path):
     (res / "bench-log.json").write_text(json.dumps(log))
     assert r.main(["readme", "--results", str(res), "--out", str(out), "--strict"]) == 1
     assert "exit status 1: the run failed" in out.read_text()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    import data
+
+    out = tmp_path_factory.mktemp("corpus")
+    data.make_demo_corpus(str(out), max_files=120, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("name", ["large", "llama"])
+def test_run_trains_and_evaluates_on_the_demo_corpus(corpus: Path, name: str):
+    """`run` end to end on a small demo corpus, in this process: our loader, optimizer and
+    schedule, the curve and the three extrapolation cuts (both loss paths: ours, HF's)."""
+    import argparse
+
+    q = load("quality")
+    args = argparse.Namespace(data=str(corpus), dim=32, steps=4, batch=2, eval_every=2,
+                              curve_seqs=2, extrap_seqs=2)
+    r = q.run(name, 0, 3e-3, args)
+    assert [x for x, _ in r["curve"]] == [2 * 2 * 256, 4 * 2 * 256]
+    assert sorted(r["extrap"], key=int) == ["256", "1024", "2048"]
+    losses = [y for _, y in r["curve"]] + list(r["extrap"].values())
+    assert all(0 < v < 7.0 for v in losses), r  # finite, near log(512) = 6.24 this early
