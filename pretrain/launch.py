@@ -9,7 +9,9 @@ through `pretrain.rank`, the wrapper the Slurm path uses: it records each traine
 in a status folder (`$XLSTM_STATUS_DIR`, else a temporary one) and ends cleanly in
 torchrun's eyes when every rank of the node stopped on purpose. So:
 
-* a config or input error prints the trainer's one line (rank 0) and exits 2; a full
+* a config error or a missing path is found here, before any rank starts (the trainer's
+  own checks, `pretrain.config`): one line, exit 2;
+* an input error found in the ranks prints the trainer's one line (rank 0) and exits 2; a full
   disk exits 74; a stop by SIGTERM / SIGUSR1 / SIGUSR2 (to the ranks, or SIGTERM to this
   launcher, which torchrun passes to them) exits 75 after the checkpoint: the codes of
   README's "Reliability" table, with no torchrun traceback;
@@ -23,6 +25,8 @@ as a crash (exit 1) and may kill rank 0 before it prints.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import sys
@@ -33,7 +37,9 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.run import parse_args, run
 
+from .config import check_inputs, load_train_config
 from .rank import EXIT_ON_PURPOSE, EXIT_RESUMABLE, ON_PURPOSE_WAIT_S
+from .train import parse_args as parse_train_args
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE = "usage: python -m pretrain.launch [torchrun options] -- --config CONFIG [pretrain.train options]"
@@ -55,6 +61,24 @@ def recorded_code(status_dir: Path) -> int | None:
     return next((c for _, c in sorted(codes.items()) if c), 0)
 
 
+def config_error(train_argv: list[str], nnodes: str, nproc_per_node: str) -> str | None:
+    """The trainer's own config and input checks (pretrain.config), once, before any rank
+    starts: a bad key or a missing path is one line in a second, not N ranks starting to
+    say it. None if they pass, or if the world size is not fixed yet (an elastic
+    `--nnodes` range, `--nproc_per_node auto`): then the ranks check as always."""
+    lo, _, hi = nnodes.partition(":")
+    if (hi and hi != lo) or not lo.isdigit() or not nproc_per_node.isdigit():
+        return None
+    targs = parse_train_args(train_argv)  # a usage error exits 2 here, as in a rank
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # warnings: rank 0 prints them
+            cfg = load_train_config(targs.config, targs.overrides, world_size=int(lo) * int(nproc_per_node))
+            check_inputs(cfg)
+    except ValueError as err:
+        return f"config error: {err}"  # the line pretrain.train prints
+    return None
+
+
 @record  # as torchrun's own main: a crash's root cause goes to the launcher's error file too
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -69,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args([*argv[:cut], "-m", "pretrain.rank", *argv[cut + 1:]])
     if not (args.module and args.training_script == "pretrain.rank"):
         print(f"launch error: a script or -m before `--` ({args.training_script}); {USAGE}", file=sys.stderr)
+        return 2
+    error = config_error(argv[cut + 1:], args.nnodes, args.nproc_per_node)
+    if error:
+        print(error, file=sys.stderr, flush=True)
         return 2
     own = "XLSTM_STATUS_DIR" not in os.environ
     status_dir = Path(tempfile.mkdtemp(prefix="xlstm-launch-") if own else os.environ["XLSTM_STATUS_DIR"])

@@ -105,6 +105,7 @@ def loaded_sound(stdout: str) -> list[str]:
 def test_missing_paths_fail_in_one_line_before_anything_starts(tmp_path, corpus, capsys):
     import torch.distributed
 
+    from pretrain.launch import main as launch_main
     from slurm import submit
 
     tok, shards = corpus
@@ -123,6 +124,12 @@ def test_missing_paths_fail_in_one_line_before_anything_starts(tmp_path, corpus,
         assert "#SBATCH" not in out.out
         (line,) = error_lines(out.err)
         assert line.startswith(f"config error: {message}")
+        # and pretrain.launch, before torchrun starts any rank
+        assert launch_main(["--nproc_per_node=1", "--", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                            *args]) == 2
+        (line,) = error_lines(capsys.readouterr().err)
+        assert line.startswith(f"config error: {message}")
+        assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.multiprocess
