@@ -40,8 +40,7 @@ def make_demo_corpus(out_dir: str, *, vocab_size: int = 512, max_files: int = 40
     Returns (tokenizer_dir, shards_dir); a rerun reuses what is complete.
     """
     files = stdlib_sources(max_files, seed)
-    tok_dir = os.path.join(out_dir, "tokenizer")
-    shard_dir = os.path.join(out_dir, "shards")
+    tok_dir, shard_dir = os.path.join(out_dir, "tokenizer"), os.path.join(out_dir, "shards")
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         train_tokenizer(files, tok_dir, vocab_size=vocab_size, max_sentences=max_sentences,
                         seed=seed, progress=progress)

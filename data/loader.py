@@ -141,9 +141,7 @@ class _SourceReader:
     """The sample stream of one source inside one slot."""
 
     def __init__(self, slot: _Slot, s: int):
-        self.slot, self.s = slot, s
-        self.st = slot.st.sources[s]
-        self.cfg = slot.cfg
+        self.slot, self.s, self.cfg, self.st = slot, s, slot.cfg, slot.st.sources[s]
         self.shards: Shards = slot.shards[s]
         self.units = len(self.shards.urls)
         # the next document, or None (then `exhausted` is set, so a resume draws the same)
@@ -176,10 +174,8 @@ class _SourceReader:
         return None
 
     def _samples(self, cur: Unit, verify: bool = True) -> Iterator[tuple[int, np.ndarray]]:
-        """(sample index, tokens) of the unit's included samples from `cur.window_start`.
-
-        A local shard is mapped (zero-copy ids; index and digest checked once per process
-        while the file is unchanged); any other is streamed (`tarshard.TarStream`)."""
+        """(sample index, tokens) of the unit's included samples from `cur.window_start`:
+        a local shard mapped (`tarshard.map_shard`), any other streamed (`_streamed`)."""
         cfg = self.cfg
         url = self.url(cur.epoch, cur.position)
         digest = self.shards.digest(url) if (verify and cfg.verify_sha256) else None
@@ -275,8 +271,7 @@ class _Slot:
 
     def __init__(self, cfg: LoaderConfig, shards: list[Shards], weights: list[float],
                  state: SlotState):
-        self.cfg, self.shards, self.weights = cfg, shards, weights
-        self.st = state
+        self.cfg, self.shards, self.weights, self.st = cfg, shards, weights, state
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._mix_block: tuple[int, np.ndarray] | None = None
         self.vocabs = [cfg.vocab_size or sh.vocab_size for sh in shards]
@@ -319,13 +314,10 @@ class _Slot:
 
     def _draw(self) -> tuple | None:
         """The next document: ((source, epoch, position, index), tokens, token offset)."""
-        while True:
-            r = self._choose()
-            if r is None:
-                return None
-            d = r.next_doc()
-            if d is not None:
+        while (r := self._choose()) is not None:
+            if (d := r.next_doc()) is not None:
                 return d
+        return None
 
     def _read_one(self, key: tuple) -> np.ndarray:
         s, e, p, idx = key
@@ -453,8 +445,7 @@ class _Ring:
 
     def wait(self, w: int, g: int, ppid: int) -> bool:
         """Block until message g of worker w may be packed; False: the reader has gone."""
-        flags = self.flags.numpy()
-        delay = 1e-5
+        flags, delay = self.flags.numpy(), 1e-5
         while g - flags[w] >= self.depth:
             if flags[-1] or os.getppid() != ppid:
                 return False
@@ -477,9 +468,8 @@ class _SlotDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        nw = len(self.slots)
         w = 0 if info is None else info.id
-        local = (w + self.phase) % nw
+        local = (w + self.phase) % len(self.slots)
         slot = _Slot(self.cfg, self.shards, self.weights, _state_of(self.slots[local]))
         ring, group = self.ring, max(1, self.cfg.batches_per_transfer)
         view, ppid = ring.view(w), os.getppid()
@@ -530,9 +520,8 @@ class Batch:
     widens it and builds labels and reset there (see the package docstring).
 
     ids: (B*S+1,) uint16 (int32 when the vocabulary exceeds 65536 or is unknown), the
-        packed stream; pinned when the loader pins. Row r is ids[r*S : r*S+S+1]
-        (`rows()`, a (B, S+1) view: consecutive rows share one token); its inputs are
-        row[:-1], its labels row[1:].
+        packed stream; pinned when the loader pins. Row r is ids[r*S : r*S+S+1] (`rows()`:
+        consecutive rows share one token).
     starts: (k,) int64, the stream positions where a document begins.
     end: the stream position where padding begins (B*S+1: none).
     shape: (B, S).

@@ -1,22 +1,18 @@
-"""Tokenize raw text into WebDataset tar shards with a manifest (CLI: `--help`).
+"""Tokenize raw text (whatever `data.readers` reads) into shards with a manifest (CLI: `--help`).
 
-Inputs: whatever `data.readers` reads (text, JSONL[.gz|.zst], parquet, WebDataset
-shards of text, local or `pipe:`/http(s), brace-expanded).
-Output: `OUT/shard-000000.tar ...` (training), `OUT/val/shard-000000.tar ...`
-(validation, when --val-fraction > 0), in `data.tarshard`'s format, and
-`OUT/manifest.json` (per shard: samples, tokens, bytes, sha256, xxh3_128; totals;
-the tokenizer's hash; the command).
+Output: `OUT/shard-000000.tar ...` (training), `OUT/val/shard-000000.tar ...` (validation,
+when --val-fraction > 0) in `data.tarshard`'s format, and `OUT/manifest.json` (per shard:
+samples, tokens, bytes, sha256, xxh3_128; totals; the tokenizer's hash; the command).
 
-Determinism: documents get a global index in input order (files sorted, then
-position in file); a document goes to validation when a seeded hash of its index is
-below the fraction; a stream starts a new shard once it holds `shard_tokens` tokens.
-Workers tokenize, results are consumed in order: 1 or N workers, identical shards.
+Determinism: documents get a global index in input order (files sorted, then position
+in file); a document goes to validation when a seeded hash of its index is below the
+fraction; a stream starts a new shard once it holds `shard_tokens` tokens. Workers
+tokenize, results are consumed in order: 1 or N workers give identical shards.
 
-Restart: after each finished shard, `manifest.partial.json` (atomically replaced)
-records it with its sha256 and the last document index it holds. A rerun with the
-same arguments keeps every recorded shard whose file still has that digest (a
-contiguous prefix per stream) and tokenizes only the rest. Shards are written as
-`*.tar.tmp` and renamed when complete: a killed run leaves no half-written shard.
+Restart: after each finished shard, `manifest.partial.json` (atomically replaced) records
+it with its sha256 and the last document index it holds. A rerun with the same arguments
+keeps every recorded shard whose file still has that digest (a prefix per stream) and
+tokenizes only the rest. Shards are written as `*.tar.tmp` and renamed when complete.
 """
 
 from __future__ import annotations
@@ -31,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from multiprocessing import get_context
+from pathlib import Path
 
 import numpy as np
 
@@ -61,8 +58,7 @@ def _init_worker(proto: bytes) -> None:
 
 
 def _encode_batch(texts: list[str]) -> list[np.ndarray]:
-    ids = _WORKER_TOK.encode(texts)
-    return [np.asarray(x, dtype=np.uint32) for x in ids]
+    return [np.asarray(x, dtype=np.uint32) for x in _WORKER_TOK.encode(texts)]
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -139,8 +135,6 @@ def prepare(inputs: list[str] | str, tokenizer: str | Tokenizer, out_dir: str, *
     """
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     paths = expand_inputs(inputs)
-    if not paths:
-        raise ValueError(f"no input files match {inputs!r}")
     ext, _ = token_dtype(tok.vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     val_dir = os.path.join(out_dir, "val")
@@ -156,8 +150,7 @@ def prepare(inputs: list[str] | str, tokenizer: str | Tokenizer, out_dir: str, *
     final_path = os.path.join(out_dir, MANIFEST)
     for path in (partial_path, final_path):  # a killed run, or a finished one
         try:
-            with open(path) as f:
-                old = json.load(f)
+            old = json.loads(Path(path).read_text())
         except (OSError, ValueError):
             continue
         if old.get("fingerprint") == fingerprint:

@@ -54,20 +54,15 @@ def progress_bar(enabled: bool = True, **kw):
                 dynamic_ncols=True, **kw)
 
 
-def _remote(path: str) -> bool:
-    return path.startswith(("pipe:", "http://", "https://"))
-
-
 def expand_inputs(patterns: list[str] | str) -> list[str]:
     """Expand globs (`**` recursive), folders and brace lists into a sorted,
-    de-duplicated list of files and URLs."""
-    from .sources import brace_expand
+    de-duplicated list of files and URLs; ValueError when it is empty."""
+    from .sources import brace_expand, local_path
 
-    if isinstance(patterns, str):
-        patterns = [patterns]
     out: set[str] = set()
-    for pat in (p for spec in patterns for p in brace_expand(spec)):
-        if _remote(pat):
+    specs = [patterns] if isinstance(patterns, str) else patterns
+    for pat in (p for spec in specs for p in brace_expand(spec)):
+        if local_path(pat) is None:  # pipe: or http(s)
             out.add(pat)
         elif os.path.isdir(pat):
             for root, _dirs, files in os.walk(pat):
@@ -76,13 +71,15 @@ def expand_inputs(patterns: list[str] | str) -> list[str]:
             out.update(p for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
         else:
             out.add(pat)  # a missing plain path is reported when it is opened
+    if not out:
+        raise ValueError(f"no input files match {patterns!r}")
     return sorted(out)
 
 
 def _kind(path: str) -> tuple[str, str]:
     """(compression, format) from the file name."""
     name = path.lower()
-    if _remote(path):
+    if path.startswith(("pipe:", "http://", "https://")):
         return "", "wds"
     comp = ""
     for ext, c in ((".gz", "gzip"), (".zst", "zstd"), (".zstd", "zstd")):

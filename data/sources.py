@@ -1,18 +1,18 @@
 """Shard sources: expand a source spec into shard URLs, and open one shard as a byte stream.
 
 A spec is one string, in WebDataset's conventions: a local folder (its `manifest.json`
-lists the shards, else every `*.tar`), a `manifest.json` path, a glob or a brace-expanded
-path (`shards/shard-{000000..000099}.tar`, `{a,b}`; `::` joins several); an http(s) URL,
-brace-expanded, or ending in `.json` to name a manifest whose shards lie beside it;
-`pipe:COMMAND`, brace-expanded into one command per shard (`pipe:aws s3 cp
-s3://b/shard-{0000..0099}.tar -`: its stdout is the shard); any of these + `#val`: the
-validation shards its manifest lists. Brace expansion is `braceexpand` without
-webdataset's `${WDS_...}` substitution, so a `pipe:` command keeps its shell variables.
+lists the shards, else every `*.tar`), a `manifest.json`, a glob or a brace-expanded path
+(`shards/shard-{000000..000099}.tar`, `{a,b}`; `::` joins several); an http(s) URL,
+brace-expanded, or a `.json` manifest with its shards beside it; `pipe:COMMAND`, one
+command per shard (`pipe:aws s3 cp s3://b/shard-{0000..0099}.tar -`); any of these +
+`#val`: the validation shards its manifest lists. Brace expansion is `braceexpand`
+without webdataset's `${WDS_...}` substitution: a `pipe:` keeps its shell variables.
 
-Opening is `webdataset.gopen` (so `WDS_SECURE=1` refuses `pipe:`; a command that exits
-non-zero fails the shard with its status), except http(s): gopen's curl cannot resume a
-body cut off mid-way, ours reopens it at its offset with a Range request. Opening and
-reading retry with doubling backoff (`retries` times), then `SourceError` names the URL.
+Opening is `webdataset.gopen` (`WDS_SECURE=1` refuses `pipe:`; a command that exits
+non-zero fails the shard with its status), except http(s), where gopen's curl cannot
+resume a body cut off mid-way: ours reopens it at its offset with a Range request. Both
+retry with doubling backoff; then opening raises `SourceError` naming the URL, reading
+`ShardError` naming the URL and offset.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import os
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .tarshard import ShardError, have_digest
 
@@ -67,24 +68,17 @@ def _from_manifest(path_or_url: str, text: bytes, val: bool = False) -> Shards:
     m = json.loads(text)
     part = m.get("val", {}) if val else m
     base = path_or_url.rsplit("/", 1)[0] if "/" in path_or_url else "."
-    folder = part.get("folder") if val else None
-    if folder:
-        base = f"{base}/{folder}"
-    urls, sha, xxh = [], {}, {}
-    for e in part.get("shards", []):
-        u = f"{base}/{e['name']}"
-        urls.append(u)
-        sha[u] = e["sha256"]
-        if "xxh3_128" in e:
-            xxh[u] = e["xxh3_128"]
-    vocab = m.get("tokenizer", {}).get("vocab_size")
-    return Shards(urls, sha, vocab, path_or_url, xxh)
+    if val and part.get("folder"):
+        base = f"{base}/{part['folder']}"
+    entries = [(f"{base}/{e['name']}", e) for e in part.get("shards", [])]
+    return Shards([u for u, _e in entries], {u: e["sha256"] for u, e in entries},
+                  m.get("tokenizer", {}).get("vocab_size"), path_or_url,
+                  {u: e["xxh3_128"] for u, e in entries if "xxh3_128" in e})
 
 
 def _val_folder(manifest_path: str) -> str | None:
     try:
-        with open(manifest_path) as f:
-            return json.load(f).get("val", {}).get("folder")
+        return json.loads(Path(manifest_path).read_text()).get("val", {}).get("folder")
     except (OSError, ValueError):
         return None
 
@@ -255,10 +249,8 @@ def missing_local(spec: str) -> str | None:
     """The first local path of source `spec` that does not exist (a glob that matches
     nothing counts), else None. Remote sources (http(s), `pipe:`) are not checked here:
     they may come back, so they are retried when opened."""
-    spec = spec.removesuffix("#val").removeprefix("file://")
-    if spec.startswith("pipe:") or _is_url(spec):
-        return None
-    for part in brace_expand(spec):
+    path = local_path(spec.removesuffix("#val"))  # None: remote
+    for part in [] if path is None else brace_expand(path):
         if not (glob.glob(part) if glob.has_magic(part) else os.path.exists(part)):
             return part
     return None

@@ -1,19 +1,16 @@
 """WebDataset tar shards of token ids: the writer, and the one reader with its checks.
 
-A sample is one document: `<key>.tokens.u16` (or `.u32`), the raw little-endian ids
-(`numpy.frombuffer(data, "<u2")`), and `<key>.source.txt`, where it came from; any tar
-reader reads them. The writer is `webdataset.TarWriter` with fixed metadata (mtime 0,
-uid/gid 0, no user names, mode 0644), so the same samples give byte-identical shards.
+A sample is one document: `<key>.tokens.u16` (or `.u32`), the raw little-endian ids,
+and `<key>.source.txt`, where it came from; any tar reader reads them. The writer is
+`webdataset.TarWriter` with fixed metadata, so the same samples give the same bytes.
 
-One tar parser (`_walk`), over bytes in memory, used two ways: a local file is mapped
-whole (`map_shard`: zero-copy views, random access, the digest checked before any
-sample is used); a stream (HTTP, `pipe:`) is parsed a chunk at a time (`TarStream`:
-memory is one chunk plus the open sample; the digest is checked at its end). It is
-ours, not tarfile's or webdataset's, because every problem must name the shard and
-the byte offset (tests/test_data_tarshard.py holds both uses to a sequential
-reference). A local shard's mapping, index and verified digest are kept per process
-by file identity (device, inode, size, mtime_ns, ctime_ns): a later epoch neither
-maps, parses nor hashes it again; a changed file is checked anew.
+One tar parser (`_walk`), over bytes in memory: a local file is mapped whole
+(`map_shard`), a stream (HTTP, `pipe:`) parsed a chunk at a time (`TarStream`). It is
+ours, not tarfile's or webdataset's, because every problem must name the shard and the
+byte offset (tests/test_data_tarshard.py holds both uses to a sequential reference).
+A local shard's mapping, index and verified digest are kept per process by file
+identity (device, inode, size, mtime_ns, ctime_ns): a later epoch neither maps, parses
+nor hashes it again; a changed file is checked anew.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import sentencepiece as spm
 
@@ -52,9 +53,8 @@ class Tokenizer:
         self.meta = dict(meta or {})
         self.pad_multiple = int(self.meta.get("pad_multiple", 64) if pad_multiple is None
                                 else pad_multiple)
-        for name, want in (("unk_id", self.sp.unk_id()), ("bos_id", self.sp.bos_id()),
-                           ("eos_id", self.sp.eos_id()), ("pad_id", self.sp.pad_id())):
-            if name in self.meta and self.meta[name] != want:
+        for name in ("unk_id", "bos_id", "eos_id", "pad_id"):
+            if name in self.meta and self.meta[name] != (want := getattr(self, name)):
                 raise ValueError(f"tokenizer.json says {name}={self.meta[name]}, model has {want}")
 
     # -- loading and saving -------------------------------------------------
@@ -63,13 +63,8 @@ class Tokenizer:
         """Load from a tokenizer folder (or a `.model` file directly)."""
         model_path = path if path.endswith(".model") else os.path.join(path, MODEL_FILE)
         meta_path = os.path.join(os.path.dirname(model_path), META_FILE)
-        with open(model_path, "rb") as f:
-            proto = f.read()
-        meta = {}
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                meta = json.load(f)
-        return cls(proto, meta, pad_multiple)
+        meta = json.loads(Path(meta_path).read_text()) if os.path.exists(meta_path) else {}
+        return cls(Path(model_path).read_bytes(), meta, pad_multiple)
 
     def save_to(self, out_dir: str) -> str:
         """Write tokenizer.model and tokenizer.json into `out_dir` (atomically); return it."""
@@ -80,12 +75,10 @@ class Tokenizer:
         return out_dir
 
     def describe(self) -> dict:
-        meta = dict(self.meta)
-        meta.update(unk_id=self.unk_id, bos_id=self.bos_id, eos_id=self.eos_id,
-                    pad_id=self.pad_id, vocab_size=self.vocab_size,
-                    pad_multiple=self.pad_multiple, padded_vocab_size=self.padded_vocab_size,
-                    sha256=self.sha256)
-        return meta
+        """tokenizer.json: the training metadata, the special ids, the sizes, the sha256."""
+        return {**self.meta, **{k: getattr(self, k) for k in (
+            "unk_id", "bos_id", "eos_id", "pad_id", "vocab_size", "pad_multiple",
+            "padded_vocab_size", "sha256")}}
 
     # -- properties: model_proto bytes, sha256 a hex str, the rest ints ----------
     model_proto = property(lambda self: self._proto)
@@ -193,12 +186,8 @@ def train_tokenizer(inputs: list[str] | str, out_dir: str, *, vocab_size: int = 
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be bpe or unigram, got {model_type!r}")
     paths = expand_inputs(inputs)
-    if not paths:
-        raise ValueError(f"no input files match {inputs!r}")
-    stats = ReadStats()
     sentences = sample_sentences(paths, max_sentences=max_sentences, seed=seed,
-                                 text_field=text_field, text_mode=text_mode, progress=progress,
-                                 stats=stats)
+                                 text_field=text_field, text_mode=text_mode, progress=progress)
     if not sentences:
         raise ValueError(f"no text in {len(paths)} input files")
     spm.set_random_generator_seed(seed)
