@@ -778,9 +778,8 @@ def _digest(lists: list[list[str]]) -> str:
 
 
 def _sum_stats(slots: list[SlotState]) -> SlotStats:
-    xs = [sl.stats for sl in slots]
-    return SlotStats(*(sum(getattr(x, k) for x in xs) for k in ("batches", "tokens",
-                                                                "skipped_shards", "retries")),
+    xs, counts = [sl.stats for sl in slots], ("batches", "tokens", "skipped_shards", "retries")
+    return SlotStats(*(sum(getattr(x, k) for x in xs) for k in counts),
                      next((x.last_error for x in reversed(xs) if x.last_error), None),
                      [name for x in xs for name in x.skipped])
 
