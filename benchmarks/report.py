@@ -45,8 +45,8 @@ def load_log(results: Path = RESULTS) -> dict:
     return json.loads(log.read_text()) if log.is_file() else {}
 
 
-def run(name: str, command: list[str], stdout: str | None) -> int:
-    """Run `command`, record it under `name` in the log; its exit status."""
+def run(name: str, command: list[str], stdout: str | None, results: Path = RESULTS) -> int:
+    """Run `command`, record it under `name` in `results`/bench-log.json; its exit status."""
     if not command:
         raise SystemExit("run: no command given after --")
     before = os.getloadavg()[0]
@@ -58,12 +58,12 @@ def run(name: str, command: list[str], stdout: str | None) -> int:
     else:
         code = subprocess.run(command, cwd=ROOT).returncode
     wall = time.perf_counter() - t0
-    log = load_log()
+    log = load_log(results)
     log[name] = {"command": " ".join(command), "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
                  "load_before": round(before, 1), "load_after": round(os.getloadavg()[0], 1),
                  "wall_s": round(wall), "exit": code}
-    LOG.parent.mkdir(parents=True, exist_ok=True)
-    LOG.write_text(json.dumps(log, indent=1, sort_keys=True) + "\n")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / LOG.name).write_text(json.dumps(log, indent=1, sort_keys=True) + "\n")
     print(f"[bench] {name}: exit {code}, {wall / 60:.1f} min", flush=True)
     return code
 
@@ -137,16 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run a benchmark command and record it")
     r.add_argument("name", choices=sorted(BENCHMARKS))
     r.add_argument("--stdout", default=None, help="save the command's stdout to this file")
-    r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND...")
+    r.add_argument("command", nargs="*", help="-- COMMAND... (after the --)")
+    r.add_argument("--results", default=str(RESULTS), help=argparse.SUPPRESS)
     w = sub.add_parser("readme", help="write benchmarks/README.md from the result files")
     w.add_argument("--out", default=str(ROOT / "benchmarks" / "README.md"))
     w.add_argument("--results", default=str(RESULTS), help=argparse.SUPPRESS)
     w.add_argument("--strict", action="store_true",
                    help="exit 1 if a benchmark in the log failed (after writing the README)")
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[argv.index("--") + 1:] if "--" in argv else []  # the benchmark's own flags
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if args.what == "run":
-        command = args.command[1:] if args.command[:1] == ["--"] else args.command
-        return run(args.name, command, args.stdout)
+        return run(args.name, command, args.stdout, Path(args.results))
     Path(args.out).write_text(readme(Path(args.results)))
     print(f"wrote {args.out}")
     failed = [name for name, e in load_log(Path(args.results)).items() if e["exit"] != 0]

@@ -114,6 +114,19 @@ def test_readme_inlines_the_newest_results_with_their_command(tmp_path: Path):
     assert "exit status 1: the run failed" in out.read_text()
 
 
+def test_run_records_the_command_with_its_own_flags(tmp_path: Path):
+    """`report.py run NAME --stdout FILE -- COMMAND --flags`: the flags after -- are the
+    command's; its stdout saved, its exit status logged and returned."""
+    r = load("report")
+    out = tmp_path / "out.txt"
+    code = r.main(["run", "mlstm_cpu", "--stdout", str(out), "--results", str(tmp_path), "--",
+                   sys.executable, "-c", "import sys; print(sys.argv[1:]); sys.exit(3)", "--reps", "3"])
+    assert code == 3
+    assert out.read_text() == "['--reps', '3']\n"
+    entry = json.loads((tmp_path / "bench-log.json").read_text())["mlstm_cpu"]
+    assert entry["exit"] == 3 and entry["command"].endswith("--reps 3")
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     import data
