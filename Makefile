@@ -52,7 +52,8 @@ gpu-check:
 # per process where a script runs several: robust to other load), then
 # benchmarks/README.md from the result files. Each run is recorded (command, load, time)
 # in benchmarks/results/bench-log.json; a failed one does not stop the rest, and the
-# target fails at the end if any did.
+# target fails at the end if any did. It rewrites today's result files of the same names
+# (regenerated, not appended): commit hand-annotated results under another name.
 BENCH_DATE = $(shell date -u +%F)
 BENCH = $(PY) benchmarks/report.py run
 bench: $(STAMP)
@@ -62,7 +63,7 @@ bench: $(STAMP)
 	-$(BENCH) quality -- $(PY) benchmarks/quality.py --slow-seeds 1
 	-$(BENCH) mlstm_cpu --stdout benchmarks/results/mlstm_cpu-$(BENCH_DATE)-cpu.txt -- \
 	    $(PY) benchmarks/mlstm_cpu.py --reps 3 --threads 2
-	-$(BENCH) train_throughput -- $(PY) benchmarks/train_throughput.py --steps 2 --rounds 1 \
+	-$(BENCH) train_throughput -- $(PY) benchmarks/train_throughput.py --steps 2 --rounds 1 --runs ours,official,llama \
 	    --seq-len 1024 --out benchmarks/results/train_throughput-$(BENCH_DATE)-cpu.txt
 	-$(BENCH) data_throughput -- env OMP_NUM_THREADS=1 $(PY) benchmarks/data_throughput.py \
 	    --runs 1 --epochs 2 --workers 0,1,2 --out benchmarks/results/data_throughput-$(BENCH_DATE)-cpu.md
