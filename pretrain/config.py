@@ -325,6 +325,27 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise InputError(f"data.tokenizer: {tok} does not exist (expected a tokenizer folder)")
 
 
+class ConfigError(ValueError):
+    """A config that does not load or whose inputs are missing; `str(err)` is the one
+    line every entry point prints before it exits 2 (`config error: ...`)."""
+
+
+def load_checked_config(
+    source: str | Path | dict[str, Any], overrides: list[str] | None = None,
+    world_size: int | None = None, *, inputs: bool = True,
+) -> TrainConfig:
+    """`load_train_config`, then (`inputs`) `check_inputs`: the one check that the trainer,
+    `pretrain.launch`, `slurm.submit` and the batch script run before any process starts.
+    Raises ConfigError with the line to print."""
+    try:
+        cfg = load_train_config(source, overrides, world_size=world_size)
+        if inputs:
+            check_inputs(cfg)
+    except ValueError as err:
+        raise ConfigError(f"config error: {err}") from None
+    return cfg
+
+
 def _notice(line: str) -> None:
     """One warning line on stderr, from rank 0 only (every rank loads the config)."""
     if os.environ.get("RANK", "0") == "0":

@@ -37,7 +37,7 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.run import parse_args, run
 
-from .config import check_inputs, load_train_config
+from .config import ConfigError, load_checked_config
 from .rank import EXIT_ON_PURPOSE, EXIT_RESUMABLE, ON_PURPOSE_WAIT_S
 from .train import parse_args as parse_train_args
 
@@ -72,10 +72,9 @@ def config_error(train_argv: list[str], nnodes: str, nproc_per_node: str) -> str
     targs = parse_train_args(train_argv)  # a usage error exits 2 here, as in a rank
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # warnings: rank 0 prints them
-            cfg = load_train_config(targs.config, targs.overrides, world_size=int(lo) * int(nproc_per_node))
-            check_inputs(cfg)
-    except ValueError as err:
-        return f"config error: {err}"  # the line pretrain.train prints
+            load_checked_config(targs.config, targs.overrides, world_size=int(lo) * int(nproc_per_node))
+    except ConfigError as err:
+        return str(err)  # the line pretrain.train prints
     return None
 
 

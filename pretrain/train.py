@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from .checkpoint import CheckpointError, DiskFullError
-from .config import InputError, check_inputs, load_train_config
+from .config import ConfigError, InputError, load_checked_config
 from .distributed import all_reduce_sum, any_rank, init_distributed
 from .plan import plan_summary_line
 from .trainer import Hooks, NonFiniteError, Trainer
@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     # never modifies in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     try:
-        cfg = load_train_config(args.config, args.overrides)
-        check_inputs(cfg)  # missing local paths fail here, not after retries in every rank
-    except ValueError as err:  # one line, before any process group exists
+        # missing local paths fail here, not after retries in every rank
+        cfg = load_checked_config(args.config, args.overrides)
+    except ConfigError as err:  # one line, before any process group exists
         if os.environ.get("RANK", "0") == "0":
-            print(f"config error: {err}", file=sys.stderr)
+            print(err, file=sys.stderr)
         return 2
     info = init_distributed(cfg.distributed.timeout_s)
     try:

@@ -13,11 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pretrain.config import TrainConfig, load_train_config
-
-
-def resolve(config: str, overrides: list[str], world_size: int) -> TrainConfig:
-    return load_train_config(config, overrides, world_size=world_size)
+from pretrain.config import ConfigError, load_checked_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,9 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     try:
-        cfg = resolve(args.config, args.overrides, args.world_size)
-    except ValueError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        # inputs are the ranks' to check: the batch host may not see the nodes' paths
+        cfg = load_checked_config(args.config, args.overrides, args.world_size, inputs=False)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
         return 2
     print(Path(cfg.run_dir).resolve())
     return 0

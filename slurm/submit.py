@@ -156,14 +156,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     config = config.resolve()
-    from pretrain.config import check_inputs, load_train_config
+    from pretrain.config import ConfigError, load_checked_config
     from pretrain.plan import plan_summary_line
 
     try:
-        cfg = load_train_config(config, args.overrides, world_size=world)
-        check_inputs(cfg)  # a wrong data or tokenizer path fails here, not after the queue
-    except ValueError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        # a wrong data or tokenizer path fails here, not after the queue
+        cfg = load_checked_config(config, args.overrides, world_size=world)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
         return 2
     # the plan on the nodes' GPUs (taken as H100s) with its memory simulation; CPU jobs:
     # instant. On stderr: a dry run's stdout is the sbatch script.
