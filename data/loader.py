@@ -248,7 +248,7 @@ class _SourceReader:
                     if not window:
                         break
                     size = cur.window_size = len(window)
-                    order = window_order(cfg.seed, self.s, cur, k)
+                    order = window_order(cfg.seed, self.s, cur, k, self.slot.version)
                     key = (self.s, cur.epoch, cur.position)
                     first, t = cur.ranges[0][0], cur.token_offset  # a partly-read first sample
                     if cur.emitted < size:
@@ -270,8 +270,9 @@ class _Slot:
     """One reader of the global stream (a rank, or one dataloader worker of a rank)."""
 
     def __init__(self, cfg: LoaderConfig, shards: list[Shards], weights: list[float],
-                 state: SlotState):
+                 state: SlotState, version: int = STATE_VERSION):
         self.cfg, self.shards, self.weights, self.st = cfg, shards, weights, state
+        self.version = version  # of the state it resumed from: names the window order
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._mix_block: tuple[int, np.ndarray] | None = None
         self.vocabs = [cfg.vocab_size or sh.vocab_size for sh in shards]
@@ -461,8 +462,8 @@ class _SlotDataset(torch.utils.data.IterableDataset):
     the ring's slot g % depth."""
 
     def __init__(self, cfg: LoaderConfig, shards, weights, slots: list, phase: int,
-                 ring: _Ring, groups: int):
-        self.cfg, self.shards, self.weights = cfg, shards, weights
+                 ring: _Ring, groups: int, version: int):
+        self.cfg, self.shards, self.weights, self.version = cfg, shards, weights, version
         self.slots, self.phase = slots, phase  # this rank's slot states, by local index
         self.ring, self.groups = ring, groups
 
@@ -470,7 +471,8 @@ class _SlotDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         w = 0 if info is None else info.id
         local = (w + self.phase) % len(self.slots)
-        slot = _Slot(self.cfg, self.shards, self.weights, _state_of(self.slots[local]))
+        slot = _Slot(self.cfg, self.shards, self.weights, _state_of(self.slots[local]),
+                     self.version)
         ring, group = self.ring, max(1, self.cfg.batches_per_transfer)
         view, ppid = ring.view(w), os.getppid()
         out: list = []
@@ -624,6 +626,7 @@ class TokenLoader:
         self._slots: list[SlotState | bytes] = [  # pickled: as the batches carry them
             SlotState.fresh(j, self.n_slots, len(specs)) for j in range(self.n_slots)]
         self._phase = 0
+        self.version = STATE_VERSION  # a resumed state's (its window order): see data.state
 
     # -- iteration ---------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
@@ -634,7 +637,7 @@ class TokenLoader:
         slots = self._slots
         if cfg.num_workers == 0:  # in-process: one slot, no DataLoader in between
             j = mine[0]
-            slot = _Slot(cfg, self.shards, self.weights, _state_of(slots[j]))
+            slot = _Slot(cfg, self.shards, self.weights, _state_of(slots[j]), self.version)
             slots[j] = slot.st  # live: the generator stands still while a batch is used
             tdt, need = _TORCH_DTYPE[dtype], b * s + 1
             alloc = ((lambda: torch.empty(need, dtype=tdt, pin_memory=True)) if pin else
@@ -649,7 +652,7 @@ class TokenLoader:
         ring = _Ring(cfg.num_workers, max(2, cfg.prefetch_factor) + 2, groups * group,
                      b * s + 1, dtype)
         ds = _SlotDataset(cfg, self.shards, self.weights,
-                          [slots[j] for j in mine], self._phase, ring, groups)
+                          [slots[j] for j in mine], self._phase, ring, groups, self.version)
         source = torch.utils.data.DataLoader(
             ds, batch_size=None, num_workers=cfg.num_workers, collate_fn=_collate_none,
             prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
@@ -696,7 +699,7 @@ class TokenLoader:
     # -- state -------------------------------------------------------------------
     def local_state_dict(self) -> dict:
         """This rank's part of the state (its slots); combine ranks with `merge_states`."""
-        return {"kind": STATE_KIND + "/part", "version": STATE_VERSION, "rank": self.cfg.rank,
+        return {"kind": STATE_KIND + "/part", "version": self.version, "rank": self.cfg.rank,
                 **self._header(), "phase": self._phase,
                 "slots": {str(j): dataclasses.asdict(_state_of(self._slots[j]))
                           for j in self.mine}}
@@ -733,6 +736,7 @@ class TokenLoader:
         """Resume from a global state saved at any world size / worker count (a dict of
         state version 1 or 2, or a `LoaderState`)."""
         st = LoaderState.from_dict(state)
+        self.version = st.version
         head = self._header()
         if st.fingerprint != self.fingerprint:
             raise ValueError("data state was saved over other shards "
@@ -787,11 +791,13 @@ def _sum_stats(slots: list[SlotState]) -> SlotStats:
 def merge_states(parts: list[dict]) -> dict:
     """Combine the ranks' `local_state_dict()`s into the global state (as a dict)."""
     parts = sorted(parts, key=lambda p: p["rank"])
-    head = {k: v for k, v in parts[0].items()
-            if k not in ("slots", "rank", "phase", "kind", "version")}
+    head = {k: v for k, v in parts[0].items() if k not in ("slots", "rank", "phase", "kind")}
     if [p["rank"] for p in parts] != list(range(head["world_size"])):
         raise ValueError(f"need one part per rank 0..{head['world_size'] - 1}, "
                          f"got {[p['rank'] for p in parts]}")
+    if len({p["version"] for p in parts}) > 1:
+        raise ValueError(f"ranks resumed from states of other versions: "
+                         f"{[p['version'] for p in parts]}")
     slots = {int(j): s for p in parts for j, s in p["slots"].items()}
     return LoaderState(**head, phases=[p["phase"] for p in parts],
                        slots=[slot_from_dict(slots[j]) for j in range(len(slots))]).to_dict()

@@ -550,24 +550,29 @@ def _batches_sha256(batches) -> str:
 
 
 @pytest.mark.multiprocess
-def test_states_saved_by_the_version_1_loader_still_load(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_states_saved_by_older_loaders_still_load(tmp_path, version):
     """tests/data_state_v1.json: states saved by the loader of commit 69c3dab (untyped
-    one-letter dicts, version 1) over `synthetic_shards`, with what that loader produced
-    after loading them: the next batches at the same shape (bitwise) and the whole rest
-    of the epoch at another shape (bitwise, and which documents)."""
-    fixture = json.load(open(os.path.join(os.path.dirname(__file__), "data_state_v1.json")))
+    one-letter dicts, version 1); data_state_v2.json: by the loader of 717cb88 (typed,
+    version 2, the per-window seeded shuffle). Both over `synthetic_shards`, with what
+    that loader produced after loading them: the next batches at the same shape (bitwise)
+    and the whole rest of the epoch at another shape (bitwise, and which documents).
+    The resumed loader keeps the old window order, so it writes version 2."""
+    fixture = json.load(open(os.path.join(os.path.dirname(__file__),
+                                          f"data_state_v{version}.json")))
     folder = synthetic_shards(str(tmp_path / "s"))
     manifest = json.load(open(os.path.join(folder, "manifest.json")))
     assert [e["sha256"] for e in manifest["shards"]] == fixture["shard_sha256"]
     base = {**fixture["config"], "sources": folder}
     for case in fixture["cases"]:
         state = case["state"]
-        assert state["version"] == 1 and "slots" in state
+        assert state["version"] == version and "slots" in state
         ws, nw = case["world_size"], case["num_workers"]
         again = [build_loader(base, rank=r, world_size=ws, num_workers=nw) for r in range(ws)]
         for ld in again:
             ld.load_state_dict(copy.deepcopy(state))
         assert [_batches_sha256(take(ld, 6)) for ld in again] == case["next_batches_sha256"]
+        assert merge_states([ld.local_state_dict() for ld in again])["version"] == 2
         ows = case["other_world_size"]
         rest = []
         for r in range(ows):
@@ -585,7 +590,7 @@ def test_state_is_typed_and_another_version_is_a_clear_error():
     ld = build_loader(cfg())
     take(ld, 3)
     st = ld.state_dict()
-    assert st["kind"] == "xlstm-data-state" and st["version"] == 2
+    assert st["kind"] == "xlstm-data-state" and st["version"] == 3
     typed = LoaderState.from_dict(st)
     assert typed.to_dict() == st and typed.slots[0].stats.batches == 3
     assert typed.slots[0].sources[0].current.window_size > 0  # a named, open window
@@ -594,9 +599,9 @@ def test_state_is_typed_and_another_version_is_a_clear_error():
     want = take(ld, 2)
     for a, b in zip(take(again, 2), want, strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"])
-    for bad in (3, 0, None):
+    for bad in (4, 0, None, "3", True):
         with pytest.raises(ValueError, match=f"data loader state version {bad!r}: this "
-                                             "loader reads versions 1 and 2"):
+                                             "loader reads versions 1, 2, 3"):
             build_loader(cfg()).load_state_dict({**st, "version": bad})
     with pytest.raises(ValueError, match="not a data loader state"):
         build_loader(cfg()).load_state_dict(ld.local_state_dict())
