@@ -3,6 +3,7 @@ autocast, parameter groups and the schedule."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from model import build_model, load_model_config
 from pretrain.config import ScheduleConfig, load_train_config
 from pretrain.distributed import DistInfo
 from pretrain.engine import TorchEngine, lm_loss
-from pretrain.optim import lr_at, param_groups
+from pretrain.optim import build_optimizer, lr_at, param_groups
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -84,6 +85,31 @@ def test_parameter_groups_leave_norms_biases_embeddings_undecayed():
     assert decay["weight_decay"] == cfg.optimizer.weight_decay and no_decay["weight_decay"] == 0
     total = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert total == sum(p.numel() for p in model.parameters())
+
+
+def test_optimizer_is_fused_on_cpu_and_stays_fused_after_loading_a_foreach_state():
+    """The fused AdamW update matches the foreach one (what older checkpoints were written
+    with) to rounding, and loading such a state keeps the fused kernel."""
+    cfg = config("tiny.yaml")
+    torch.manual_seed(0)
+    model = build_model(load_model_config(cfg.model))
+    twin = build_model(load_model_config(cfg.model))
+    twin.load_state_dict(model.state_dict())
+    opt = build_optimizer(model, cfg.optimizer)
+    ref = torch.optim.AdamW(param_groups(twin, cfg.optimizer), lr=cfg.optimizer.lr,
+                            betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, foreach=True)
+    assert all(g["fused"] for g in opt.param_groups)
+    for step in range(3):
+        for net, o in ((model, opt), (twin, ref)):
+            torch.manual_seed(step)
+            for p in net.parameters():
+                p.grad = torch.randn_like(p)
+            o.step()
+        if step == 1:
+            opt.load_state_dict(copy.deepcopy(ref.state_dict()))  # as read from disk
+            assert all(g["fused"] and not g["foreach"] for g in opt.param_groups)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_schedules():
