@@ -173,16 +173,20 @@ class _SourceReader:
             st.cursor = 0
         return None
 
-    def _samples(self, cur: Unit, verify: bool = True) -> Iterator[tuple[int, np.ndarray]]:
-        """(sample index, tokens) of the unit's included samples from `cur.window_start`:
-        a local shard mapped (`tarshard.map_shard`), any other streamed (`_streamed`)."""
+    def _windows(self, cur: Unit, k: int, verify: bool = True
+                 ) -> Iterator[list[tuple[int, np.ndarray]]]:
+        """The unit's included samples from `cur.window_start`, as lists of up to `k`
+        (sample index, tokens): a local shard mapped (`tarshard.map_shard`), any other
+        streamed (`_streamed`)."""
         cfg = self.cfg
         url = self.url(cur.epoch, cur.position)
         digest = self.shards.digest(url) if (verify and cfg.verify_sha256) else None
         vocab, ranges, skip = self.slot.vocabs[self.s], cur.ranges, cur.window_start
         path = local_path(url)
         if path is None or not os.path.isfile(path):
-            yield from self._streamed(url, vocab, digest, ranges, skip)
+            stream = self._streamed(url, vocab, digest, ranges, skip)
+            while window := list(itertools.islice(stream, k)):
+                yield window
             return
         shard = retry(url, lambda: map_shard(path, url, vocab_size=vocab, digest=digest),
                       cfg.retries, cfg.retry_backoff, self.slot.on_retry)
@@ -194,9 +198,11 @@ class _SourceReader:
             for lo, hi in ranges:
                 keep[max(0, lo):n if hi < 0 else hi] = True
             idxs = np.flatnonzero(keep)[skip:].tolist()
-        tokens = shard.tokens
-        for idx in idxs:
-            yield idx, tokens(idx)
+        views = shard.views
+        for w in range(0, len(idxs), k):
+            part = idxs[w:w + k]
+            yield list(zip(part, views[part[0]:part[-1] + 1] if isinstance(part, range)
+                           else map(views.__getitem__, part)))
         # a cut or corrupt shard fails where a sequential reader would reach the problem
         if shard.error is not None and (digest is not None or
                                         any(hi < 0 or hi > n for _lo, hi in ranges)):
@@ -242,21 +248,18 @@ class _SourceReader:
                 raise RuntimeError(f"source {self.s}: {barren} shards in a row gave no sample "
                                    f"(last error: {self.slot.st.stats.last_error})")
             try:
-                stream = self._samples(cur)
-                while True:
-                    window = list(itertools.islice(stream, k))
-                    if not window:
-                        break
+                for window in self._windows(cur, k):
                     size = cur.window_size = len(window)
                     order = window_order(cfg.seed, self.s, cur, k, self.slot.version)
-                    key = (self.s, cur.epoch, cur.position)
+                    s, e, p = self.s, cur.epoch, cur.position
                     first, t = cur.ranges[0][0], cur.token_offset  # a partly-read first sample
                     if cur.emitted < size:
                         barren = 0
-                    while (m := cur.emitted) < size:
+                    docs = [((s, e, p, i), tokens, t if i == first else 0)
+                            for i, tokens in map(window.__getitem__, order)]
+                    for m in range(cur.emitted, size):
                         cur.emitted = m + 1
-                        idx, tokens = window[order[m]]
-                        yield (*key, idx), tokens, (t if idx == first else 0)
+                        yield docs[m]
                     cur.window_start += size
                     cur.emitted = cur.window_size = 0
             except (ShardError, SourceError, OSError) as e:
@@ -323,12 +326,11 @@ class _Slot:
     def _read_one(self, key: tuple) -> np.ndarray:
         s, e, p, idx = key
         r = self.readers[s]
-        for _i, tokens in r._samples(Unit(e, p, [[idx, idx + 1]]), verify=False):
-            return tokens
+        for window in r._windows(Unit(e, p, [[idx, idx + 1]]), 1, verify=False):
+            return window[0][1]
         raise ShardError(r.url(e, p), None, f"sample {idx} is missing on resume")
 
-    def batches(self, alloc, snapshot: bool = True
-                ) -> Iterator[tuple[tuple | None, SlotState | bytes, int]]:
+    def batches(self, alloc, snapshot: bool = True, make=None) -> Iterator[Any]:
         """Yield (packed batch, state after it, batches so far) until the epochs are read
         (forever with epochs=None), then (None, the final state, batches). The state is
         pickled when `snapshot` (a worker's batches run ahead of the consumer), else the
@@ -337,6 +339,7 @@ class _Slot:
         A packed batch is (ids, starts, end, meta): ids, the (B*S+1,) stream packed into
         the buffer `alloc()` returns (a worker's: shared memory); starts, the positions
         where a document begins; end, where padding begins (B*S+1: none); meta or None.
+        With `make` (in-process), yield `make(*packed batch)` instead, and no final item.
         """
         cfg, st = self.cfg, self.st
         b, s = cfg.micro_batch_size, cfg.seq_len
@@ -356,30 +359,29 @@ class _Slot:
                 self.skipped(e)
         # one source: no mixing draw (an exhausted reader's new generator ends at once)
         draw = self._draw if len(self.readers) > 1 else self.readers[0].next_doc
-        freeze = (lambda x: pickle.dumps(x, pickle.HIGHEST_PROTOCOL)) if snapshot else (
-            lambda x: x)
+        segs: list[tuple] = []  # with meta: (position, key, token offset, tokens taken)
         while not st.done:
             buf = alloc()
-            flat = buf if isinstance(buf, np.ndarray) else buf.numpy()
-            starts, segs, pos = [], [], 0
+            flat = buf if type(buf) is np.ndarray else buf.numpy()
+            starts, pos = [], 0
             from_carry = pending is not None
             while pos < need:
                 if pending is None and (pending := draw()) is None:
                     break
                 key, tokens, off = pending
-                n = len(tokens) + 1  # the document and its EOS
-                take = min(n - off, need - pos)
-                hi = off + take
-                if hi == n:  # the document ends in this batch: its EOS too
-                    flat[pos:pos + take - 1] = tokens[off:]
-                    flat[pos + take - 1] = eos
-                else:
-                    flat[pos:pos + take] = tokens[off:hi]
-                if off == 0:
+                if not off:
                     starts.append(pos)
+                end = pos + len(tokens) - off  # where its EOS would go
+                if end < need:  # the document ends in this batch: its EOS too
+                    flat[pos:end] = tokens[off:] if off else tokens
+                    flat[end] = eos
+                    hi = len(tokens) + 1
+                else:
+                    hi = off + need - pos
+                    flat[pos:need] = tokens[off:hi]
                 if meta:
-                    segs.append((pos, key, off, take))
-                pos += take
+                    segs.append((pos, key, off, hi - off))
+                pos += hi - off
                 # the last token of a batch is also the first of the next (rows overlap by one)
                 pending = (key, tokens, hi - 1) if pos == need else None
             if pos < need:  # the stream has ended (finite epochs)
@@ -392,8 +394,18 @@ class _Slot:
                 st.carry = DocRef(*pending[0], pending[2])
             stats.batches += 1
             stats.tokens += b * s
-            yield (buf, starts, pos, self._meta(segs) if meta else None), freeze(st), stats.batches
-        yield None, freeze(st), stats.batches  # the final state (counters), no batch
+            m = None
+            if meta:
+                m, segs = self._meta(segs), []
+            if make is not None:
+                yield make(buf, starts, pos, m)
+            else:
+                yield ((buf, starts, pos, m),
+                       pickle.dumps(st, pickle.HIGHEST_PROTOCOL) if snapshot else st,
+                       stats.batches)
+        if make is None:  # the final state (counters), no batch
+            yield None, pickle.dumps(st, pickle.HIGHEST_PROTOCOL) if snapshot else st, \
+                stats.batches
 
     def _meta(self, segs: list[tuple]) -> list[list[tuple]]:
         """Per row, the document pieces it holds: (source, epoch, shard url, sample index,
@@ -639,12 +651,21 @@ class TokenLoader:
             j = mine[0]
             slot = _Slot(cfg, self.shards, self.weights, _state_of(slots[j]), self.version)
             slots[j] = slot.st  # live: the generator stands still while a batch is used
-            tdt, need = _TORCH_DTYPE[dtype], b * s + 1
-            alloc = ((lambda: torch.empty(need, dtype=tdt, pin_memory=True)) if pin else
-                     (lambda: np.empty(need, dtype)))  # numpy's: a tenth of torch.empty's cost
-            for batch, _st, _count in slot.batches(alloc, snapshot=False):
-                if batch is not None:
-                    yield _batch(batch, b, s, pack, pin)
+            tdt, need, shape = _TORCH_DTYPE[dtype], b * s + 1, (b, s)
+            from_numpy, i64 = torch.from_numpy, np.int64
+            if pin:
+                def alloc():
+                    return torch.empty(need, dtype=tdt, pin_memory=True)
+
+                def make(ids, starts, end, meta):
+                    return Batch(ids, from_numpy(np.array(starts, i64)), end, shape, pack, meta)
+            else:
+                alloc = functools.partial(np.empty, need, dtype)  # a tenth of torch.empty's
+
+                def make(ids, starts, end, meta):
+                    return Batch(from_numpy(ids), from_numpy(np.array(starts, i64)), end, shape,
+                                 pack, meta)
+            yield from slot.batches(alloc, snapshot=False, make=make)
             return
         group = max(1, cfg.batches_per_transfer)
         groups = max(1, min(_MESSAGE_BATCHES // group,  # groups per message

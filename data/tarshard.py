@@ -138,6 +138,7 @@ def split_key(member: str) -> tuple[str, str]:
 
 
 _ZERO = bytes(BLOCK)
+_REGULAR, _LONG = (ord("0"), 0), (ord("L"), ord("x"), ord("g"))  # tar type flags
 
 
 # -- the parser ----------------------------------------------------------------------
@@ -169,21 +170,23 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 
     listed samples are those it yields before it meets a problem, `error` is that problem
     (or None). The sample open at the problem is listed one past `n` when its ids were
     seen, so the vocabulary check (`_check_ids`) meets it first, as that reader would.
-    Header checksums are checked all at once at the end (cheaper than a Python sum per
-    header); a bad one walks again, stopping at that header.
+
+    One Python step per header (its numbers read by `int`, `_octal` only when that
+    fails); the header checksums are checked all at once at the end (numpy over the
+    header blocks), and a bad one walks again, stopping at that header. The ids' bounds
+    and each sample's largest id are numpy over all samples at once.
 
     `buf` may be a piece of a stream starting with a header at stream offset `base`
     (offsets in errors count from the stream's start). `partial`: more may follow, so
     running out of bytes is no error: the samples complete before the last one begun are
     listed and `stop` is that one's first header (a later member may still belong to it).
     """
-    keys: list[str] = []
-    toks: list[tuple[int, int, bool, int]] = []  # per sample: byte offset of its ids,
-    # their count, <u4 or <u2, and the header offset of its tokens member
-    long_at: set[int] = set()  # samples whose key came from a GNU/pax long name
+    toks: list[tuple[int, int, int, int]] = []  # per sample: byte offset of its ids,
+    # their count, their width (2 or 4 bytes), and the header offset of its tokens member
+    long_keys: dict[int, str] = {}  # keys that came from a GNU/pax long name, by sample
     err: tuple[int | None, str] | None = None
     key: str | None = None  # the open sample, its tokens member, its first header
-    tok: tuple[int, int, bool, int] | None = None
+    tok: tuple[int, int, int, int] | None = None
     at = off = 0
     named_at: int | None = None  # the first of the long-name headers before a member
     long_name: str | None = None
@@ -204,12 +207,18 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 
             if h == _ZERO:
                 ended, stop = True, off + BLOCK
                 break
-            stored.append(_octal(h[148:156], name, base + off))
+            try:  # the usual forms; `_octal` reads (or rejects) the others
+                stored.append(int(h[148:156].rstrip(b"\0 "), 8))
+            except ValueError:
+                stored.append(_octal(h[148:156], name, base + off))
             hdr.append(off)
             if off == bad_header:
                 raise ShardError(name, base + off, "corrupt tar header (checksum mismatch)")
-            msize = _octal(h[124:136], name, base + off)
-            kind = h[156:157]
+            try:
+                msize = int(h[124:136].rstrip(b"\0 "), 8)
+            except ValueError:
+                msize = _octal(h[124:136], name, base + off)
+            kind = h[156]
             data_at = off + BLOCK
             nxt = data_at + msize + (-msize % BLOCK)
             if msize and nxt > size:
@@ -222,29 +231,18 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 
                                      f"truncated: member at {base + off} has no data")
                 raise ShardError(name, base + size, f"truncated: wanted {nxt - data_at} "
                                  f"bytes, stream ends after {size - data_at}")
-            if kind in (b"L", b"x", b"g") and named_at is None:
-                named_at = off
-            if kind == b"L":  # GNU long name for the next member
-                long_name = bytes(buf[data_at:data_at + msize]).rstrip(b"\0").decode(
-                    "utf-8", "replace")
-            elif kind in (b"x", b"g"):  # pax headers: take a path= record, ignore the rest
-                for rec in bytes(buf[data_at:data_at + msize]).split(b"\n"):
-                    if b" path=" in rec:
-                        long_name = rec.split(b" path=", 1)[1].decode("utf-8", "replace")
-            elif kind in (b"0", b"\0"):  # a regular file
-                mname = long_name if long_name is not None else _header_name(h)
-                k, ext = split_key(mname)
+            if kind in _REGULAR:
+                k, ext = split_key(_header_name(h) if long_name is None else long_name)
                 if k != key:
                     if key is not None:
                         if tok is None:
                             raise ShardError(name, base + at,
                                              f"sample {key!r} has no tokens member")
-                        keys.append(key)
                         toks.append(tok)
                     key, tok, at = k, None, off
                     stop = off if named_at is None else named_at
                     if long_name is not None:
-                        long_at.add(len(keys))
+                        long_keys[len(toks)] = k
                 long_name = named_at = None
                 if ext.startswith("tokens."):
                     dt = TOKEN_EXT.get(ext[7:])
@@ -253,7 +251,17 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 
                     if msize % dt.itemsize:
                         raise ShardError(name, base + off, f"corrupt sample {k!r}: {msize} "
                                          f"bytes is not a whole number of {dt.itemsize}-byte ids")
-                    tok = (data_at, msize // dt.itemsize, dt.itemsize == 4, off)
+                    tok = (data_at, msize // dt.itemsize, dt.itemsize, off)
+            elif kind in _LONG:
+                if named_at is None:
+                    named_at = off
+                data = bytes(buf[data_at:data_at + msize])
+                if kind == _LONG[0]:  # GNU long name for the next member
+                    long_name = data.rstrip(b"\0").decode("utf-8", "replace")
+                else:  # pax headers: take a path= record, ignore the rest
+                    for rec in data.split(b"\n"):
+                        if b" path=" in rec:
+                            long_name = rec.split(b" path=", 1)[1].decode("utf-8", "replace")
             off = nxt
         if partial and not ended:  # the open sample waits for more bytes
             if key is None:
@@ -266,29 +274,30 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 
     if hdr and bad_header is None:  # sum of each header with its checksum field as spaces
         blocks = np.frombuffer(buf, dtype=np.uint8, count=hdr[-1] + BLOCK).reshape(-1, BLOCK)
         h = blocks[np.asarray(hdr, dtype=np.int64) // BLOCK]  # headers sit on block bounds
-        got = h.sum(1, dtype=np.int64) - h[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
-        bad = np.flatnonzero(got != np.asarray(stored, dtype=np.int64))
+        got = h.sum(1, dtype=np.int64) - h[:, 148:156].sum(1, dtype=np.int64)
+        bad = np.flatnonzero(got != np.asarray(stored, dtype=np.int64) - 8 * 32)
         if bad.size:
             return _walk(buf, size, name, hdr[int(bad[0])], base, partial)
-    n = len(keys)
+    n = len(toks)
     if key is not None and tok is not None:  # the last sample, or the one open at the error
-        keys.append(key)
         toks.append(tok)
         n += err is None
-    arr = np.array(toks, dtype=np.int64).reshape(-1, 4)
-    start_a, count_a, wide_a, member_a = arr[:, 0], arr[:, 1], arr[:, 2].astype(bool), arr[:, 3]
-    lo_a = np.where(wide_a, start_a // 4, start_a // 2)
+    start_a, count_a, width_a, member_a = np.array(toks, dtype=np.int64).reshape(-1, 4).T
+    lo_a = start_a // width_a
     hi_a = lo_a + count_a
-    peak = np.full(len(keys), -1, dtype=np.int64)
-    for is_wide, dt in ((False, TOKEN_EXT["u16"]), (True, TOKEN_EXT["u32"])):
-        sel = np.flatnonzero((wide_a == is_wide) & (count_a > 0))
+    peak = np.full(len(toks), -1, dtype=np.int64)
+    wide = (width_a == 4) if 4 in width_a else None
+    for dt, sel in ((TOKEN_EXT["u16"], None if wide is None else ~wide),
+                    (TOKEN_EXT["u32"], wide)):
+        if dt.itemsize == 4 and wide is None:
+            break
+        sel = np.flatnonzero(count_a if sel is None else sel & (count_a > 0))
         if sel.size:  # the max of each sample's ids, in one pass over [lo, hi) segments
             cuts = np.stack([lo_a[sel], hi_a[sel]], 1).ravel()
             ids = np.frombuffer(buf, dtype=dt, count=int(cuts[-1]))
             peak[sel] = np.maximum.reduceat(ids, cuts[:-1])[0::2]
-    long_keys = {i: k for i, k in enumerate(keys) if i in long_at}
-    return _Index(n, lo_a, hi_a, wide_a if wide_a.any() else None, member_a, peak, long_keys,
-                  err, size if stop is None else stop, ended or not partial)
+    return _Index(n, lo_a, hi_a, wide, member_a, peak, long_keys, err,
+                  size if stop is None else stop, ended or not partial)
 
 
 def _check_ids(name: str, buf, index: _Index, vocab_size: int | None, base: int = 0
@@ -314,7 +323,8 @@ def _mismatch(name: str, size: int, algo: str) -> ShardError:
 _INDEX: OrderedDict[tuple, _Index] = OrderedDict()  # file identity -> index, LRU
 _INDEX_SAMPLES = [0]  # samples held in _INDEX
 INDEX_CACHE_SAMPLES = 1 << 20  # at most this many samples' entries are kept (~35 MB)
-_MAPS: OrderedDict[tuple, object] = OrderedDict()  # file identity -> its mapping, LRU
+_MAPS: OrderedDict[tuple, tuple] = OrderedDict()  # file identity -> (its mapping, {(name,
+# vocab): its MappedShard when it has no error}), LRU
 MAPS_KEPT = 64  # each holds a file descriptor (Python's mmap keeps one)
 
 
@@ -326,7 +336,8 @@ def clear_cache() -> None:
 
 
 class MappedShard:
-    """A local shard mapped: `tokens(i)` is a zero-copy, read-only view of sample i's ids.
+    """A local shard mapped: `views[i]` (`tokens(i)`) is a zero-copy, read-only (count,)
+    `<u2` or `<u4` view of sample i's ids in the shard's bytes.
 
     `n` samples are usable; `error` (a `ShardError` or None) is what reading past
     them must raise (the shard is cut or corrupt there).
@@ -335,18 +346,18 @@ class MappedShard:
     def __init__(self, name: str, buf, index: _Index, n: int, error: ShardError | None):
         self.name, self.n, self.error = name, n, error
         self._buf, self._index = buf, index
-        self._u2 = np.frombuffer(buf, dtype=TOKEN_EXT["u16"], count=len(buf) // 2)
-        self._u4 = (np.frombuffer(buf, dtype=TOKEN_EXT["u32"], count=len(buf) // 4)
-                    if index.wide is not None else None)
-        self._lo = index.lo[:n].tolist()
-        self._hi = index.hi[:n].tolist()
-        self._wide = index.wide[:n].tolist() if index.wide is not None else None
+        u2 = np.frombuffer(buf, dtype=TOKEN_EXT["u16"], count=len(buf) // 2)
+        lo, hi = index.lo[:n].tolist(), index.hi[:n].tolist()
+        if index.wide is None:
+            self.views = [u2[a:z] for a, z in zip(lo, hi)]
+        else:
+            u4 = np.frombuffer(buf, dtype=TOKEN_EXT["u32"], count=len(buf) // 4)
+            self.views = [(u4 if w else u2)[a:z]
+                          for a, z, w in zip(lo, hi, index.wide[:n].tolist())]
 
     def tokens(self, i: int) -> np.ndarray:
-        """Sample i's ids: a read-only (count,) `<u2` or `<u4` view into the shard's bytes."""
-        if self._wide is not None and self._wide[i]:
-            return self._u4[self._lo[i]:self._hi[i]]
-        return self._u2[self._lo[i]:self._hi[i]]
+        """Sample i's ids (`views[i]`)."""
+        return self.views[i]
 
     def key(self, i: int) -> str:
         """Sample i's key (the member name up to the first dot of its basename)."""
@@ -375,17 +386,18 @@ def map_shard(path: str, name: str | None = None, *, vocab_size: int | None = No
     name = name or path
     st = os.stat(path)
     ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    buf = _MAPS.get(ident)
-    if buf is None:
+    entry = _MAPS.get(ident)
+    if entry is None:
         with open(path, "rb", buffering=0) as f:
             buf = memoryview(mmap.mmap(
                 f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
                 prot=mmap.PROT_READ) if st.st_size else b"")
-        _MAPS[ident] = buf
+        entry = _MAPS[ident] = (buf, {})
         if len(_MAPS) > MAPS_KEPT:
             _MAPS.popitem(last=False)
     else:
         _MAPS.move_to_end(ident)
+    buf, shards = entry
     index = _INDEX.get(ident)
     if index is None:
         index = _INDEX[ident] = _walk(buf, len(buf), name)
@@ -394,14 +406,18 @@ def map_shard(path: str, name: str | None = None, *, vocab_size: int | None = No
             _INDEX_SAMPLES[0] -= _INDEX.popitem(last=False)[1].n
     else:
         _INDEX.move_to_end(ident)
-    n, error = _check_ids(name, buf, index, vocab_size)
+    sh = shards.get((name, vocab_size))
+    if sh is None or sh._index is not index:  # a shard with an error is made anew per use
+        sh = MappedShard(name, buf, index, *_check_ids(name, buf, index, vocab_size))
+        if sh.error is None:
+            shards[name, vocab_size] = sh
     if digest is not None and index.verified != digest:  # kept with the index (same LRU)
         h = hasher(digest[0])
         h.update(buf)
-        if h.hexdigest() != digest[1]:
-            raise error or _mismatch(name, len(buf), digest[0])  # a structural one says where
+        if h.hexdigest() != digest[1]:  # a structural problem says where: raised instead
+            raise sh.error or _mismatch(name, len(buf), digest[0])
         index.verified = digest
-    return MappedShard(name, buf, index, n, error)
+    return sh
 
 
 class TarStream:
