@@ -11,12 +11,16 @@ included).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from ._checks import MLSTMState, compute_dtype
 
 NEG_INF = float("-inf")
+_FLUSH = -60.0  # log weights this far under a row's largest count as zero
+_FLUSH_W = math.exp(_FLUSH) * (1 + 1e-6)  # at or above exp(_FLUSH) in any float rounding
 
 
 def _zero_state(B: int, NH: int, DQK: int, DV: int, dtype: torch.dtype, device: torch.device) -> MLSTMState:
@@ -166,62 +170,289 @@ def mlstm_parallel_torch(
     return h, (C, n, m[:, :, -1])
 
 
-class _ChunkStateScan(torch.autograd.Function):
-    """States at every chunk boundary of S_{c+1} = a_c S_c + b_c (kw_c^T @ va_c), S_0 = S0.
+def _chunked(x: torch.Tensor, NC: int, L: int, width: int, scale: float | None = None) -> torch.Tensor:
+    """x (B, NH, S, D) as a contiguous (B, NH, NC, L, width) tensor (width >= D), zero
+    past S, times `scale` when given. A view when nothing needs copying."""
+    B, NH, S, D = x.shape
+    if width == D and scale is None and NC * L == S and x.is_contiguous():
+        return x.view(B, NH, NC, L, D)
+    out = x.new_empty(B, NH, NC * L, width)
+    if NC * L > S:
+        out[:, :, S:].zero_()
+    dst = out[:, :, :S, :D]
+    if scale is None:
+        dst.copy_(x)
+    else:
+        torch.mul(x, scale, out=dst)
+    return out.view(B, NH, NC, L, width)
 
-    S0: (B, NH, DQK, E); kw: (B, NH, NC, L, DQK); va: (B, NH, NC, L, E); a, b: (B, NH, NC).
-    Returns the state entering each chunk (B, NH, NC, DQK, E) and the last one
-    (B, NH, DQK, E). Autograd through a Python loop would keep every
-    intermediate state twice plus each chunk's kw^T @ va; this keeps only the output
-    and recomputes the rest in a reverse scan (same math, exact gradients).
-    Both scans write each state once into its slot (a state is DQK x E per head, 0.6 MB
-    at DQK = 384): a fresh tensor per chunk and op costs a memory pass on CPU.
+
+class _ChunkwiseMLSTM(torch.autograd.Function):
+    """The whole chunkwise mLSTM as one autograd node (math: docs/design.md).
+
+    Forward: a scalar scan for the chunk-boundary stabilizers, a scan for the
+    chunk-boundary states (C | n as one (DQK, DV + 1) matrix per head), then every
+    chunk's outputs at once. Backward (hand-written, exact): with every stabilizer m
+    held fixed the op is the plain chunkwise algebra, whose gradient is a few batched
+    matmuls and one reverse state scan; the stabilizers themselves matter only through
+    eps (dL/dm_t = -eps (h_t . dh_t) / N_t at every position) and through the returned
+    state (C, n scale as exp(-m)), and those gradients follow the winners of the max
+    chain back to (i, log f, m0), as autograd of the reference would.
     """
 
     @staticmethod
-    def forward(ctx, S0, kw, va, a, b):  # noqa: D102
-        B, NH, NC, _, DQK = kw.shape
-        E = va.shape[-1]
-        n = B * NH
-        # the states stay in the compute dtype under autocast too (the backward runs
-        # without autocast and must see the same dtypes)
-        with torch.autocast(kw.device.type, enabled=False):
-            kwb = kw * b[..., None, None]  # b_c folded into the (small) keys
-            prev = S0.new_empty(B, NH, NC, DQK, E)
-            prev[:, :, 0] = S0
-            last = S0.new_empty(B, NH, DQK, E)
-            for c in range(NC):
-                # S_{c+1} = a_c S_c + (b_c kw_c)^T va_c, written once into its slot
-                dst = prev[:, :, c + 1] if c + 1 < NC else last
-                torch.mul(prev[:, :, c], a[..., c, None, None], out=dst)
-                dst.view(n, DQK, E).baddbmm_(kwb[:, :, c].reshape(n, -1, DQK).transpose(-1, -2),
-                                             va[:, :, c].reshape(n, -1, E))
-        ctx.save_for_backward(prev, kw, va, a, b)
-        return prev, last
+    def forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L, eps):  # noqa: D102
+        with torch.autocast(q.device.type, enabled=False):
+            return _forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L, eps)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gprev, glast):  # noqa: D102
-        prev, kw, va, a, b = ctx.saved_tensors
-        NC = kw.shape[2]
-        # carried[:, :, c]: total gradient of the state after chunk c, written in place
-        carried = torch.empty_like(prev)
-        da = a.new_empty(a.shape)
-        tmp = torch.empty_like(glast)
-        for c in range(NC - 1, -1, -1):
-            dst = carried[:, :, c]
-            if c == NC - 1:
-                dst.copy_(glast)
-            else:
-                torch.mul(carried[:, :, c + 1], a[..., c + 1, None, None], out=dst)
-                dst.add_(gprev[:, :, c + 1])
-            da[..., c] = torch.mul(dst, prev[:, :, c], out=tmp).sum((-1, -2))
-        g0 = torch.addcmul(gprev[:, :, 0], carried[:, :, 0], a[..., 0, None, None])
-        t = kw @ carried  # (B, NH, NC, L, E)
-        db = (t * va).sum((-1, -2))
-        dva = t.mul_(b[..., None, None])
-        dkw = (va * b[..., None, None]) @ carried.transpose(-1, -2)
-        return g0, dkw, dva, da, db
+    def backward(ctx, dh, dC, dn, dm):  # noqa: D102
+        with torch.autocast(dh.device.type if dh is not None else "cpu", enabled=False):
+            return _backward(ctx, dh, dC, dn, dm)
+
+
+def _forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L: int, eps: float):
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    E = DV + 1  # value columns plus the normalizer's column of ones
+    NC = -(-S // L)
+    pad = NC * L - S
+    dev = q.device
+    logf = F.logsigmoid(f)
+    if pad:
+        # padded tail tokens are no-ops: no input (i = -inf), no decay (log f = 0)
+        i = F.pad(i, (0, pad), value=NEG_INF)
+        logf = F.pad(logf, (0, pad), value=0.0)
+        if reset is not None:
+            reset = F.pad(reset, (0, pad), value=False)
+    qc = _chunked(q, NC, L, DQK, DQK**-0.5)  # (B, NH, NC, L, DQK), scaled
+    kc = _chunked(k, NC, L, DQK)
+    va = _chunked(v, NC, L, E)  # (B, NH, NC, L, DV + 1): n = k^T @ 1 rides along
+    va[..., DV] = 1.0
+    ic = i.reshape(B, NH, NC, L)
+    b = logf.view(B, NH, NC, L).cumsum(-1)  # decay from the chunk start, inclusive
+    b_end = b[..., -1]  # (B, NH, NC)
+    tt = torch.arange(L, device=dev)
+    if reset is None:
+        start = carry = keep = None
+        mask = tt[:, None] >= tt[None, :]  # (L, L) causal
+    else:
+        start = _doc_start(reset.view(B, NC, L))[:, None]  # (B, 1, NC, L): local doc start or -1
+        carry = start < 0  # the carried state reaches position t
+        keep = carry[..., -1]  # (B, 1, NC): no reset in the chunk
+        base = torch.gather(b - logf.view(B, NH, NC, L), -1, start.clamp(min=0).expand(B, NH, NC, L))
+        base.masked_fill_(carry, 0.0)  # b - base: decay since the doc start (or chunk start)
+        mask = (tt[:, None] >= tt[None, :]) & (tt >= start[..., None])  # (B, 1, NC, L, L)
+
+    # log weight of key s at its chunk's end: b_end - b_s + i_s (keys after the last doc start)
+    g = (b_end[..., None] - b).add_(ic)
+    if start is not None:
+        g.masked_fill_(tt < start[..., -1:], NEG_INF)
+    g_max, g_arg = g.max(dim=-1)  # (B, NH, NC)
+
+    # stabilizer scan over chunks: m_{c+1} = max(a_end_c, g_max_c), two scalar ops per chunk
+    if keep is None:
+        bk, r = b_end, g_max
+    else:
+        # a reset in the chunk cuts the carried candidate (-inf) and offers the zero state
+        # (m = 0) at the chunk's last doc start instead
+        zst = b_end - base[..., -1]
+        bk = b_end.masked_fill(~keep, NEG_INF)
+        r = torch.maximum(g_max, zst.masked_fill(keep, NEG_INF))
+    mT = b.new_empty(NC + 1, B, NH)
+    mT[0] = m0
+    mu, bku, ru = mT.unbind(0), bk.movedim(-1, 0).unbind(0), r.movedim(-1, 0).unbind(0)
+    for c in range(NC):
+        torch.maximum(bku[c] + mu[c], ru[c], out=mu[c + 1])
+    m_all = mT.movedim(0, -1)  # (B, NH, NC + 1)
+    m_prev, m_next = m_all[..., :-1], m_all[..., 1:]
+    a_end = b_end + m_prev if keep is None else torch.where(keep, b_end + m_prev, zst)
+    aend_win = a_end >= g_max
+    w_old = torch.exp(a_end - m_next)
+    if keep is not None:
+        w_old.masked_fill_(~keep, 0.0)
+    wk = torch.exp(g - m_next[..., None])  # (B, NH, NC, L) key weights under the new stabilizer
+    kw = kc * wk[..., None]
+
+    # chunk-boundary states S_{c+1} = w_old_c S_c + kw_c^T va_c: every chunk's own term in
+    # one batched matmul, then one fused multiply-add per chunk, each state written once
+    n3 = B * NH * NC
+    K = torch.bmm(kw.view(n3, L, DQK).transpose(-1, -2), va.view(n3, L, E)).view(B, NH, NC, DQK, E)
+    prev = qc.new_empty(B, NH, NC, DQK, E)
+    prev[:, :, 0, :, :DV] = C0
+    prev[:, :, 0, :, DV] = n0
+    last = qc.new_empty(B, NH, DQK, E)
+    pu = prev.unbind(2) + (last,)
+    Ku, wu = K.unbind(2), w_old[..., None, None].unbind(2)
+    for c in range(NC):
+        torch.addcmul(Ku[c], pu[c], wu[c], out=pu[c + 1])
+    del K
+
+    # outputs: one stabilizer per position over the carried state and the in-chunk keys
+    mp = m_prev[..., None]
+    a = b + mp if carry is None else (b - base).add_(torch.where(carry, mp, 0.0))
+    # logD[t, s] = b_t - b_s + i_s on the mask, -inf off it (an added (L, L) tile: masked_fill
+    # and where are several times slower than an add on CPU)
+    bi = b - ic
+    logD = torch.sub(b[..., :, None], bi[..., None, :]).add_(
+        torch.zeros(mask.shape, dtype=b.dtype, device=dev).masked_fill_(~mask, NEG_INF))
+    if start is None:
+        # the row max of a causal tile is a running max over the keys (and its argmax)
+        cmax, rarg = torch.neg(bi).cummax(dim=-1)
+        rmax = b + cmax
+    else:
+        rmax, rarg = logD.max(dim=-1)
+    mt = torch.maximum(a, rmax)  # (B, NH, NC, L)
+    a_win = a >= rmax
+    # exp(logD - m_t), 0 off the mask; weights under e^-60 of the row's largest are flushed
+    # to 0: exp of -inf or of an underflowing (denormal) result runs 10-80x slower on CPU
+    Ew = logD.sub_(mt[..., None]).clamp_min_(_FLUSH).exp_().sub_(_FLUSH_W).clamp_min_(0.0)
+    w_inter = torch.exp(a - mt)
+    if carry is not None:
+        w_inter.masked_fill_(~carry, 0.0)
+    P = torch.matmul(qc, kc.transpose(-1, -2)).mul_(Ew)
+    # in-place baddbmm_ on a fresh product: baddbmm would first copy its input
+    qw = qc * w_inter[..., None]
+    out = torch.bmm(qw.view(n3, L, DQK), prev.view(n3, DQK, E))
+    out = out.baddbmm_(P.view(n3, L, L), va.view(n3, L, E)).view(B, NH, NC, L, E)
+    den = out[..., DV]
+    emt = torch.exp(-mt)
+    absden = den.abs()
+    rZ = torch.reciprocal(torch.maximum(absden, emt).add_(eps))
+    # d|den|/d den where |den| is the max (else the max is exp(-m), a stabilizer path)
+    dsgn = torch.where(absden >= emt, torch.sign(den), 0.0)
+    hp = torch.mul(out[..., :DV], rZ[..., None])  # (B, NH, NC, L, DV), contiguous
+    h = hp.view(B, NH, NC * L, DV)[:, :, :S]
+    h = h.contiguous() if pad else h
+
+    ctx.save_for_backward(qc, kc, va, prev, last, P, Ew, hp, rZ, dsgn, w_inter, qw, kw, wk, w_old,
+                          rarg, a_win, g_arg, aend_win, f, start)
+    ctx.meta = (S, L, eps)
+    return h, last[..., :DV].contiguous(), last[..., DV].contiguous(), mT[-1].clone()
+
+
+def _backward(ctx, dh, dC, dn, dm):
+    (qc, kc, va, prev, last, P, Ew, hp, rZ, dsgn, w_inter, qw, kw, wk, w_old,
+     rarg, a_win, g_arg, aend_win, f, start) = ctx.saved_tensors
+    S, L, eps = ctx.meta
+    need_state = any(ctx.needs_input_grad[5:8])
+    B, NH, NC, _, DQK = qc.shape
+    E = va.shape[-1]
+    DV = E - 1
+    SP = NC * L
+    n3 = B * NH * NC
+
+    # output rows: dnum = dh / N, dden = -(dh . h) / N * sign(den) (where |den| won)
+    dout = qc.new_zeros(B, NH, NC, L, E) if (SP > S or dh is None) else qc.new_empty(B, NH, NC, L, E)
+    if dh is not None:
+        dh = dh.to(qc.dtype)
+        dhp = dout.view(B, NH, SP, E)[:, :, :S, :DV]
+        hdh = (dh * hp.view(B, NH, SP, DV)[:, :, :S]).sum(-1)
+        dZ = F.pad(hdh, (0, SP - S)).view(B, NH, NC, L).mul_(rZ).neg_()  # dL/dN
+        torch.mul(dh, rZ.view(B, NH, SP)[:, :, :S, None], out=dhp)
+        torch.mul(dZ, dsgn, out=dout[..., DV])
+        src = dZ.mul_(eps)  # dL/dm_t through the eps of the normalizer
+    else:
+        src = None
+
+    dout3 = dout.view(n3, L, E)
+    # carried-state term: out += w_inter * (qc @ prev)
+    X = torch.bmm(dout3, prev.view(n3, DQK, E).transpose(-1, -2)).view(B, NH, NC, L, DQK)
+    db = (X * qc).sum(-1).mul_(w_inter)  # d a_t = d b_t (a = b + m_prev)
+    gprev = torch.bmm(qw.view(n3, L, DQK).transpose(-1, -2), dout3)
+    gprev = gprev.view(B, NH, NC, DQK, E)
+    # in-chunk term: out += P @ va, P = (qc @ kc^T) * exp(logD - m)
+    dP = torch.bmm(dout3, va.view(n3, L, E).transpose(-1, -2)).view(B, NH, NC, L, L)
+    dQK = dP * Ew
+    dlogD = dP.mul_(P)
+    cs = dlogD.sum(-2)  # the key side: -b_s + i_s
+    db.add_(dlogD.sum(-1)).sub_(cs)
+    di = cs
+    dqc = X.mul_(w_inter[..., None]).view(n3, L, DQK).baddbmm_(dQK.view(n3, L, L), kc.view(n3, L, DQK))
+
+    # reverse scan of the state gradients: carried[c] = dL/d(state after chunk c)
+    carried = torch.empty_like(prev)
+    cu, gu, wu = carried.unbind(2), gprev.unbind(2), w_old[..., None, None].unbind(2)
+    if dC is not None:
+        cu[NC - 1][..., :DV] = dC
+    else:
+        cu[NC - 1][..., :DV].zero_()
+    if dn is not None:
+        cu[NC - 1][..., DV] = dn
+    else:
+        cu[NC - 1][..., DV].zero_()
+    dlast = cu[NC - 1]
+    for c in range(NC - 2, -1, -1):
+        torch.addcmul(gu[c + 1], cu[c + 1], wu[c + 1], out=cu[c])
+    # the decay weights' gradients, then the keys' and values' from the state updates
+    dw_old = (carried * prev).sum((-1, -2))  # (B, NH, NC)
+    dCa0 = torch.addcmul(gu[0], cu[0], wu[0]) if need_state else None
+    c3 = carried.view(n3, DQK, E)
+    dva = torch.bmm(kw.view(n3, L, DQK), c3).baddbmm_(P.view(n3, L, L).transpose(-1, -2), dout3)
+    # dkw = va @ carried^T
+    Y = torch.bmm(va.view(n3, L, E), c3.transpose(-1, -2)).view(B, NH, NC, L, DQK)
+    dg = (Y * kc).sum(-1).mul_(wk)  # g_s = b_end - b_s + i_s
+    dkc = Y.mul_(wk[..., None]).view(n3, L, DQK).baddbmm_(dQK.view(n3, L, L).transpose(-1, -2),
+                                                          qc.view(n3, L, DQK))
+    db.sub_(dg)
+    di.add_(dg)
+    db_end = dg.sum(-1).add_(dw_old.mul_(w_old))  # a_end = b_end + m_prev (w_old = 0 on reset)
+    dlogf_extra = None
+
+    # stabilizer paths: dL/dm_t (eps) and dL/dm_last (the returned state), to the max winners
+    m_last_src = (dm.to(last.dtype) if dm is not None else last.new_zeros(B, NH)) - (dlast * last).sum((-1, -2))
+    D = last.new_zeros(NC + 1, B, NH)  # dL/dm_prev per chunk, then dL/dm_last
+    D[NC] = m_last_src
+    carryv = None if start is None else start < 0
+    if src is not None:
+        srcA = torch.where(a_win, src, 0.0)  # the carried state's candidate won
+        db.add_(src)  # both candidates hold + b_t
+        srcD = src - srcA  # key s* won: -b_s* + i_s*
+        db.scatter_add_(-1, rarg, srcD.neg())
+        di.scatter_add_(-1, rarg, srcD)
+        if carryv is None:
+            D[:NC] = srcA.sum(-1).movedim(-1, 0)
+        else:
+            D[:NC] = torch.where(carryv, srcA, 0.0).sum(-1).movedim(-1, 0)
+            # zero state at a doc start: a_t = b_t - b_start + log f_start
+            z = torch.where(carryv, 0.0, srcA)
+            idx = start.clamp(min=0).expand(B, NH, NC, L)
+            db.scatter_add_(-1, idx, z.neg())
+            dlogf_extra = torch.zeros_like(db).scatter_add_(-1, idx, z)
+    passes = aend_win if start is None else aend_win & (start[..., -1] < 0)
+    passT = passes.movedim(-1, 0).to(D.dtype)
+    for c in range(NC - 1, -1, -1):
+        D[c].addcmul_(passT[c], D[c + 1])
+    Dn = D[1:].movedim(0, -1)  # dL/dm_next per chunk: + b_end on every route
+    db_end.add_(Dn)
+    gD = torch.where(aend_win, 0.0, Dn)[..., None]  # the chunk's key g_arg won
+    db.scatter_add_(-1, g_arg[..., None], gD.neg())
+    di.scatter_add_(-1, g_arg[..., None], gD)
+    if start is not None:
+        zD = torch.where(aend_win & (start[..., -1] >= 0), Dn, 0.0)[..., None]  # zero state won
+        sl = start[..., -1:].clamp(min=0).expand(B, NH, NC, 1)
+        db.scatter_add_(-1, sl, zD.neg())
+        if dlogf_extra is None:
+            dlogf_extra = torch.zeros_like(db)
+        dlogf_extra.scatter_add_(-1, sl, zD)
+    db[..., -1] += db_end
+
+    # b = cumsum(log f) within the chunk: dlogf_s = sum_{t >= s} db_t
+    dlogf = db.flip(-1).cumsum(-1).flip(-1)
+    if dlogf_extra is not None:
+        dlogf.add_(dlogf_extra)
+    dlogf = dlogf.view(B, NH, SP)[:, :, :S]
+    df = dlogf * torch.sigmoid(-f)
+    dq = dqc.view(B, NH, SP, DQK)[:, :, :S].mul_(DQK**-0.5)
+    dk = dkc.view(B, NH, SP, DQK)[:, :, :S]
+    dv = dva.view(B, NH, SP, E)[:, :, :S, :DV]
+    di = di.reshape(B, NH, SP)[:, :, :S]
+    dC0 = dn0 = dm0 = None
+    if need_state:
+        dC0, dn0 = dCa0[..., :DV], dCa0[..., DV]
+        dm0 = D[0] + (dCa0 * prev[:, :, 0]).sum((-1, -2))
+    return dq, dk, dv, di, df, dC0, dn0, dm0, None, None, None
 
 
 def mlstm_chunkwise_torch(
@@ -237,101 +468,19 @@ def mlstm_chunkwise_torch(
 ) -> tuple[torch.Tensor, MLSTMState]:
     """Chunkwise form: a sequential scan over chunk-boundary states, then every
     chunk's outputs in parallel (carried state + causal in-chunk term under one
-    stabilizer per position). Memory O(S * L + S / L * DQK * DV) per head.
+    stabilizer per position), as one autograd node with a hand-written backward.
+
+    q, k: (B, NH, S, DQK); v: (B, NH, S, DV); i, f: (B, NH, S); reset: bool (B, S).
+    Returns h (B, NH, S, DV) and the last state (C (B, NH, DQK, DV), n (B, NH, DQK),
+    m (B, NH)), all in the compute dtype. Memory O(S * L + S / L * DQK * DV) per head.
     """
     cd = compute_dtype(q, k, v, i, f)
     B, NH, S, DQK = q.shape
     DV = v.shape[-1]
-    dev = q.device
     C, n, m = _start_state(initial_state, q, v, cd)
     if S == 0:
         return v.new_zeros(B, NH, 0, DV, dtype=cd), (C, n, m)
     L = max(1, min(chunk_size, S))
-    NC = -(-S // L)
-    pad = NC * L - S
     q, k, v, i, f = (t.to(cd) for t in (q, k, v, i, f))
-    logf = F.logsigmoid(f)
-    if pad:
-        # padded tail tokens are no-ops: no input (i = -inf), no decay (log f = 0)
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        i = F.pad(i, (0, pad), value=NEG_INF)
-        logf = F.pad(logf, (0, pad), value=0.0)
-        if reset is not None:
-            reset = F.pad(reset, (0, pad), value=False)
-    qc = q.view(B, NH, NC, L, DQK) * DQK**-0.5
-    kc = k.view(B, NH, NC, L, DQK)
-    vc = v.view(B, NH, NC, L, DV)
-    ic = i.view(B, NH, NC, L)
-    b = torch.cumsum(logf.view(B, NH, NC, L), dim=-1)  # decay from chunk start, inclusive
-
-    tt = torch.arange(L, device=dev)
-    causal = tt[:, None] >= tt[None, :]
-    if reset is None:
-        carry = None  # the carried state reaches every position
-        base = None
-        start = None
-    else:
-        start = _doc_start(reset.view(B, NC, L))[:, None]  # (B, 1, NC, L) local doc start or -1
-        carry = start < 0
-        bexcl = b - logf.view(B, NH, NC, L)
-        base = torch.gather(bexcl, -1, start.clamp(min=0).expand(B, NH, NC, L))
-        base = torch.where(carry, torch.zeros_like(base), base)
-
-    # --- chunk-boundary states: each chunk's own contribution, stabilized locally
-    g = b[..., -1:] - b + ic  # (B, NH, NC, L) log weight of key s at the chunk end
-    if start is not None:
-        g = torch.where(tt >= start[..., -1:], g, torch.full_like(g, NEG_INF))
-    g_max = g.max(dim=-1).values  # (B, NH, NC)
-    wg = torch.exp(g - g_max[..., None])
-    kw = kc * wg[..., None]
-    # the normalizer state n rides along as one more value column (n = sum of k weights
-    # = k^T @ 1), so one scan and one matmul serve both C and n
-    va = torch.cat([vc, vc.new_ones(B, NH, NC, L, 1)], dim=-1)  # (B, NH, NC, L, DV + 1)
-
-    # stabilizers and the two weights of each chunk's state update: a scan over scalars
-    b_ends, g_maxs = b[..., -1].unbind(-1), g_max.unbind(-1)
-    if carry is not None:
-        keeps = carry[..., -1].unbind(-1)  # (B, 1) each: no reset in that chunk
-        base_ends = base[..., -1].unbind(-1)
-    m_starts, w_olds, w_news = [], [], []
-    for c in range(NC):
-        m_starts.append(m)
-        if carry is None:
-            a_end = b_ends[c] + m
-            m_new = torch.maximum(a_end, g_maxs[c])
-            w_old = torch.exp(a_end - m_new)
-        else:
-            keep = keeps[c]
-            a_end = b_ends[c] - base_ends[c] + torch.where(keep, m, torch.zeros_like(m))
-            m_new = torch.maximum(a_end, g_maxs[c])
-            w_old = torch.where(keep, torch.exp(a_end - m_new), torch.zeros_like(m_new))
-        w_olds.append(w_old)
-        w_news.append(torch.exp(g_maxs[c] - m_new))
-        m = m_new
-    m_prev = torch.stack(m_starts, dim=2)  # (B, NH, NC)
-    Ca0 = torch.cat([C, n[..., None]], dim=-1)  # (B, NH, DQK, DV + 1)
-    Ca_prev, last = _ChunkStateScan.apply(Ca0, kw, va, torch.stack(w_olds, -1),
-                                          torch.stack(w_news, -1))
-
-    # --- outputs of all chunks at once
-    mask = causal if start is None else causal & (tt[None, None, None, None, :] >= start[..., None])
-    # b_t - b_s + i_s on the mask, -inf off it, in two passes over the (L, L) tiles
-    bi = torch.where(mask, b[..., :, None], NEG_INF)
-    logD = bi - (b - ic)[..., None, :]  # (B, NH, NC, L, L)
-    if carry is None:
-        a = b + m_prev[..., None]
-    else:
-        a = b - base + torch.where(carry, m_prev[..., None], torch.zeros_like(b))
-    mt = torch.maximum(a, logD.max(dim=-1).values)  # (B, NH, NC, L)
-    w_inter = torch.exp(a - mt)
-    if carry is not None:
-        w_inter = torch.where(carry, w_inter, torch.zeros_like(w_inter))
-    P = (qc @ kc.transpose(-1, -2)) * torch.exp(logD - mt[..., None])
-    out = torch.baddbmm(
-        (w_inter[..., None] * qc).flatten(0, 2) @ Ca_prev.flatten(0, 2),
-        P.flatten(0, 2),
-        va.flatten(0, 2),
-    ).view(B, NH, NC, L, DV + 1)  # numerator | denominator
-    h = _normalize(out[..., :DV], out[..., DV], mt, eps).reshape(B, NH, NC * L, DV)[:, :, :S]
-    C, n = last[..., :DV].contiguous(), last[..., DV].contiguous()
+    h, C, n, m = _ChunkwiseMLSTM.apply(q, k, v, i, f, C, n, m, reset, L, eps)
     return h, (C, n, m)
