@@ -607,6 +607,24 @@ def test_state_is_typed_and_another_version_is_a_clear_error():
         build_loader(cfg()).load_state_dict(ld.local_state_dict())
 
 
+def test_window_orders_of_each_version():
+    """Version 3's order is a permutation fixed by the window's place (seed, source,
+    epoch, position, window start), another for each; versions 1-2 keep theirs."""
+    from data.state import Unit, window_order
+
+    def order(version, seed=5, **kw):
+        u = Unit(**{"epoch": 1, "position": 3, **kw}, window_size=40)
+        return window_order(seed, 0, u, 64, version)
+
+    v3 = order(3)
+    assert sorted(v3) == list(range(40)) and v3 == order(3) and v3 != list(range(40))
+    others = [order(3, seed=6), order(3, epoch=2), order(3, position=4),
+              order(3, window_start=40), order(2)]
+    assert all(o != v3 and sorted(o) == list(range(40)) for o in others)
+    assert order(2) == order(1) == np.random.default_rng([5, 7, 0, 1, 3, 0]).permutation(
+        40).tolist()
+
+
 def test_spec_lists_follow_webdataset_conventions():
     """Brace ranges keep the zero padding written, `::` joins lists, a pipe: command keeps
     its shell variables (no `${WDS_...}` substitution)."""
