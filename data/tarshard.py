@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import mmap
 import os
+import struct
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -121,13 +122,23 @@ def _octal(field: bytes, name: str, offset: int) -> int:
         raise ShardError(name, offset, f"corrupt tar header (bad number {field!r})") from None
 
 
-def _header_name(h: bytes) -> str:
-    """The member name in a 512-byte tar header (ustar prefix joined)."""
-    mname = h[:100].rstrip(b"\0").decode("utf-8", "replace")
-    prefix = h[345:500].rstrip(b"\0")
-    if h[257:262] == b"ustar" and prefix:
+# the fields of a 512-byte header that the reader uses: name, size, checksum, type flag,
+# magic ("ustar" for a ustar header) and the ustar name prefix
+_HEADER = struct.Struct("100s24x12s12x8sc100x5s83x155s12x")
+_NO_PREFIX = bytes(155)
+
+
+def _member_name(name: bytes, magic: bytes, prefix: bytes) -> str:
+    mname = name.rstrip(b"\0").decode("utf-8", "replace")
+    if magic == b"ustar" and prefix != _NO_PREFIX and (prefix := prefix.rstrip(b"\0")):
         mname = prefix.decode("utf-8", "replace") + "/" + mname
     return mname
+
+
+def _header_name(h: bytes) -> str:
+    """The member name in a 512-byte tar header (ustar prefix joined)."""
+    name, _size, _sum, _kind, magic, prefix = _HEADER.unpack_from(h)
+    return _member_name(name, magic, prefix)
 
 
 def split_key(member: str) -> tuple[str, str]:
@@ -138,7 +149,8 @@ def split_key(member: str) -> tuple[str, str]:
 
 
 _ZERO = bytes(BLOCK)
-_REGULAR, _LONG = (ord("0"), 0), (ord("L"), ord("x"), ord("g"))  # tar type flags
+_NO_SUM = bytes(8)
+_REGULAR, _LONG = (b"0", b"\0"), (b"L", b"x", b"g")  # tar type flags
 
 
 # -- the parser ----------------------------------------------------------------------
@@ -203,22 +215,21 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 
                     raise ShardError(name, base + off, "truncated: no end-of-archive marker")
                 raise ShardError(name, base + size, f"truncated: wanted {BLOCK} bytes, "
                                  f"stream ends after {left}")
-            h = bytes(buf[off:off + BLOCK])
-            if h == _ZERO:
+            mname, fsize, fsum, kind, magic, prefix = _HEADER.unpack_from(buf, off)
+            if fsum == _NO_SUM and buf[off:off + BLOCK] == _ZERO:
                 ended, stop = True, off + BLOCK
                 break
             try:  # the usual forms; `_octal` reads (or rejects) the others
-                stored.append(int(h[148:156].rstrip(b"\0 "), 8))
+                stored.append(int(fsum.rstrip(b"\0 "), 8))
             except ValueError:
-                stored.append(_octal(h[148:156], name, base + off))
+                stored.append(_octal(fsum, name, base + off))
             hdr.append(off)
             if off == bad_header:
                 raise ShardError(name, base + off, "corrupt tar header (checksum mismatch)")
             try:
-                msize = int(h[124:136].rstrip(b"\0 "), 8)
+                msize = int(fsize.rstrip(b"\0 "), 8)
             except ValueError:
-                msize = _octal(h[124:136], name, base + off)
-            kind = h[156]
+                msize = _octal(fsize, name, base + off)
             data_at = off + BLOCK
             nxt = data_at + msize + (-msize % BLOCK)
             if msize and nxt > size:
@@ -232,7 +243,8 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 
                 raise ShardError(name, base + size, f"truncated: wanted {nxt - data_at} "
                                  f"bytes, stream ends after {size - data_at}")
             if kind in _REGULAR:
-                k, ext = split_key(_header_name(h) if long_name is None else long_name)
+                k, ext = split_key(_member_name(mname, magic, prefix) if long_name is None
+                                   else long_name)
                 if k != key:
                     if key is not None:
                         if tok is None:
