@@ -1,6 +1,7 @@
 """CPU speed and memory of the torch mLSTM chunkwise op against its competitors.
 
-Compares, in one run and at the same shapes (B=1, NH=4, DQK=64, DV=128, fp32):
+Compares, in one run and at the same shapes (default B=1, NH=4, DQK=64, DV=128, fp32;
+`--preset 125m`: the 125M training shape NH=4, DQK=DV=384, S=2048, chunks 64 and 128):
   ours      xlstm_kernels.mlstm_chunkwise(backend="torch")
   official  mlstm_kernels "chunkwise--native_autograd"
   parallel  xlstm_kernels.mlstm_parallel (quadratic form)
@@ -10,7 +11,7 @@ a shared machine then hits all alike). Memory: one run per case in a fresh
 subprocess, its peak resident memory above the process's baseline. Never used as a test.
 
     .venv/bin/python benchmarks/mlstm_cpu.py [--seq 512 2048 8192] [--reps 5] [--threads N]
-        [--no-memory]
+        [--no-memory] [--chunk 64 [128 ...]] [--heads 4 --dqk 64 --dv 128] [--preset 125m]
 
 The `ours/off` column is ours' time over the official one (the issue's goal for
 forward+backward: at most 0.5); the header gives the load average before and after
@@ -29,11 +30,16 @@ import time
 IMPLS = ("ours", "official", "parallel")
 
 
+SHAPE = {"heads": 4, "dqk": 64, "dv": 128}  # set from the command line in main()
+PRESETS = {"125m": {"heads": 4, "dqk": 384, "dv": 384, "seq": [2048], "chunk": [64, 128],
+                    "parallel_max_seq": 0}}
+
+
 def make_inputs(S: int):
     import torch
 
     torch.manual_seed(0)
-    B, NH, DQK, DV = 1, 4, 64, 128
+    B, NH, DQK, DV = 1, SHAPE["heads"], SHAPE["dqk"], SHAPE["dv"]
     return (torch.randn(B, NH, S, DQK), torch.randn(B, NH, S, DQK), torch.randn(B, NH, S, DV),
             torch.randn(B, NH, S), torch.randn(B, NH, S) + 3.0)
 
@@ -110,7 +116,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--chunk", type=int, nargs="+", default=[64], help="one row set per chunk size")
+    ap.add_argument("--heads", type=int, default=SHAPE["heads"])
+    ap.add_argument("--dqk", type=int, default=SHAPE["dqk"])
+    ap.add_argument("--dv", type=int, default=SHAPE["dv"])
+    ap.add_argument("--preset", choices=sorted(PRESETS),
+                    help="125m: the 125M training shape (heads, dims, S=2048, chunks 64 and 128, no parallel)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--parallel-max-seq", type=int, default=4096,
                     help="skip the quadratic form above this length (its S x S matrices)")
@@ -118,12 +129,16 @@ def main() -> None:
                     help="skip the peak-memory subprocesses (times only)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for key, val in PRESETS.get(args.preset, {}).items():
+        setattr(args, key, val)
+    SHAPE.update(heads=args.heads, dqk=args.dqk, dv=args.dv)
+    shape_args = ["--heads", str(args.heads), "--dqk", str(args.dqk), "--dv", str(args.dv)]
     if args.case:
         impl, S, mode = args.case.split(",")
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(peak_memory_case(impl, int(S), mode, args.chunk)))
+        print(json.dumps(peak_memory_case(impl, int(S), mode, args.chunk[0])))
         return
 
     import torch
@@ -133,34 +148,35 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS=str(args.threads))
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     rows = []
-    for S in args.seq:
-        impls = [i for i in IMPLS if not (i == "parallel" and S > args.parallel_max_seq)]
-        for mode in ("fwd", "fwd+bwd"):
-            times = best_times(impls, S, mode, args.reps, args.chunk)
-            res = {}
-            for impl in impls:
-                if not args.memory:
-                    res[impl] = {"best_s": times[impl], "peak_mb": float("nan")}
-                    continue
-                out = subprocess.run(
-                    [sys.executable, __file__, "--case", f"{impl},{S},{mode}", "--chunk",
-                     str(args.chunk), "--threads", str(args.threads)],
-                    env=env, capture_output=True, text=True, check=True,
-                )
-                res[impl] = {"best_s": times[impl], **json.loads(out.stdout.strip().splitlines()[-1])}
-            rows.append((S, mode, res))
+    for chunk in args.chunk:
+        for S in args.seq:
+            impls = [i for i in IMPLS if not (i == "parallel" and S > args.parallel_max_seq)]
+            for mode in ("fwd", "fwd+bwd"):
+                times = best_times(impls, S, mode, args.reps, chunk)
+                res = {}
+                for impl in impls:
+                    if not args.memory:
+                        res[impl] = {"best_s": times[impl], "peak_mb": float("nan")}
+                        continue
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--case", f"{impl},{S},{mode}", "--chunk",
+                         str(chunk), "--threads", str(args.threads), *shape_args],
+                        env=env, capture_output=True, text=True, check=True,
+                    )
+                    res[impl] = {"best_s": times[impl], **json.loads(out.stdout.strip().splitlines()[-1])}
+                rows.append((chunk, S, mode, res))
 
-    head = (f"{'S':>6} {'pass':>8} | {'ours ms':>9} {'ours MB':>8} | {'official ms':>11} {'MB':>7} "
+    head = (f"{'L':>4} {'S':>6} {'pass':>8} | {'ours ms':>9} {'ours MB':>8} | {'official ms':>11} {'MB':>7} "
             f"{'off/ours':>8} {'ours/off':>8} | {'parallel ms':>11} {'MB':>7} {'par/ours':>8}")
     load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"mLSTM torch CPU benchmark: B=1 NH=4 DQK=64 DV=128 fp32 chunk={args.chunk} "
-          f"threads={args.threads} reps={args.reps} (best of reps); load average before "
-          f"{load_before}, after {load_after}")
+    print(f"mLSTM torch CPU benchmark: B=1 NH={args.heads} DQK={args.dqk} DV={args.dv} fp32 "
+          f"chunk={' '.join(map(str, args.chunk))} threads={args.threads} reps={args.reps} (best of reps); "
+          f"load average before {load_before}, after {load_after}")
     print(head)
     print("-" * len(head))
-    for S, mode, res in rows:
+    for chunk, S, mode, res in rows:
         o = res["ours"]
-        line = f"{S:>6} {mode:>8} | {o['best_s'] * 1e3:>9.1f} {o['peak_mb']:>8.0f} | "
+        line = f"{chunk:>4} {S:>6} {mode:>8} | {o['best_s'] * 1e3:>9.1f} {o['peak_mb']:>8.0f} | "
         off = res["official"]
         line += (f"{off['best_s'] * 1e3:>11.1f} {off['peak_mb']:>7.0f} {off['best_s'] / o['best_s']:>8.2f} "
                  f"{o['best_s'] / off['best_s']:>8.2f} | ")
