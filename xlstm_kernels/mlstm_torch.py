@@ -226,7 +226,9 @@ def _forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L: int, eps: float):
         logf = F.pad(logf, (0, pad), value=0.0)
         if reset is not None:
             reset = F.pad(reset, (0, pad), value=False)
-    qc = _chunked(q, NC, L, DQK, DQK**-0.5)  # (B, NH, NC, L, DQK), scaled
+    # q stays unscaled: DQK**-0.5 rides on the weights of both terms (w_inter, exp(logD - m))
+    scale = DQK**-0.5
+    qc = _chunked(q, NC, L, DQK)  # (B, NH, NC, L, DQK)
     kc = _chunked(k, NC, L, DQK)
     va = _chunked(v, NC, L, E)  # (B, NH, NC, L, DV + 1): n = k^T @ 1 rides along
     va[..., DV] = 1.0
@@ -275,19 +277,20 @@ def _forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L: int, eps: float):
     wk = torch.exp(g - m_next[..., None])  # (B, NH, NC, L) key weights under the new stabilizer
     kw = kc * wk[..., None]
 
-    # chunk-boundary states S_{c+1} = w_old_c S_c + kw_c^T va_c: every chunk's own term in
-    # one batched matmul, then one fused multiply-add per chunk, each state written once
-    n3 = B * NH * NC
-    K = torch.bmm(kw.view(n3, L, DQK).transpose(-1, -2), va.view(n3, L, E)).view(B, NH, NC, DQK, E)
+    # chunk-boundary states S_{c+1} = w_old_c S_c + kw_c^T va_c, each written once into its
+    # slot and updated there (no state-sized temporaries: at DQK = DV = 384 one state per
+    # head and chunk is 0.6 MB, and a fresh tensor of all of them costs its page faults)
+    n3, n_bh = B * NH * NC, B * NH
     prev = qc.new_empty(B, NH, NC, DQK, E)
     prev[:, :, 0, :, :DV] = C0
     prev[:, :, 0, :, DV] = n0
     last = qc.new_empty(B, NH, DQK, E)
-    pu = prev.unbind(2) + (last,)
-    Ku, wu = K.unbind(2), w_old[..., None, None].unbind(2)
+    pu = prev.view(n_bh, NC, DQK, E).unbind(1) + (last.view(n_bh, DQK, E),)
+    wu = w_old.reshape(n_bh, NC, 1, 1).unbind(1)
+    kwT = kw.view(n_bh, NC, L, DQK).transpose(-1, -2).unbind(1)
+    vau = va.view(n_bh, NC, L, E).unbind(1)
     for c in range(NC):
-        torch.addcmul(Ku[c], pu[c], wu[c], out=pu[c + 1])
-    del K
+        torch.mul(pu[c], wu[c], out=pu[c + 1]).baddbmm_(kwT[c], vau[c])
 
     # outputs: one stabilizer per position over the carried state and the in-chunk keys
     mp = m_prev[..., None]
@@ -305,15 +308,16 @@ def _forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L: int, eps: float):
         rmax, rarg = logD.max(dim=-1)
     mt = torch.maximum(a, rmax)  # (B, NH, NC, L)
     a_win = a >= rmax
-    # exp(logD - m_t), 0 off the mask; weights under e^-60 of the row's largest are flushed
+    # DQK**-0.5 exp(logD - m_t), 0 off the mask; weights under e^-60 of the row's largest are flushed
     # to 0: exp of -inf or of an underflowing (denormal) result runs 10-80x slower on CPU
-    Ew = logD.sub_(mt[..., None]).clamp_min_(_FLUSH).exp_().sub_(_FLUSH_W).clamp_min_(0.0)
-    w_inter = torch.exp(a - mt)
+    Ew = logD.sub_((mt - math.log(scale))[..., None]).clamp_min_(_FLUSH).exp_()
+    Ew.sub_(_FLUSH_W).clamp_min_(0.0)
+    w_inter = torch.exp(a - mt).mul_(scale)  # weight of the carried state for the unscaled q
     if carry is not None:
         w_inter.masked_fill_(~carry, 0.0)
     P = torch.matmul(qc, kc.transpose(-1, -2)).mul_(Ew)
-    # in-place baddbmm_ on a fresh product: baddbmm would first copy its input
     qw = qc * w_inter[..., None]
+    # in-place baddbmm_ on a fresh product: baddbmm would first copy its input
     out = torch.bmm(qw.view(n3, L, DQK), prev.view(n3, DQK, E))
     out = out.baddbmm_(P.view(n3, L, L), va.view(n3, L, E)).view(B, NH, NC, L, E)
     den = out[..., DV]
@@ -359,9 +363,7 @@ def _backward(ctx, dh, dC, dn, dm):
     dout3 = dout.view(n3, L, E)
     # carried-state term: out += w_inter * (qc @ prev)
     X = torch.bmm(dout3, prev.view(n3, DQK, E).transpose(-1, -2)).view(B, NH, NC, L, DQK)
-    db = (X * qc).sum(-1).mul_(w_inter)  # d a_t = d b_t (a = b + m_prev)
-    gprev = torch.bmm(qw.view(n3, L, DQK).transpose(-1, -2), dout3)
-    gprev = gprev.view(B, NH, NC, DQK, E)
+    db = (X * qc).sum(-1).mul_(w_inter)  # d a_t = d b_t (a = b + m_prev); w_inter has the scale
     # in-chunk term: out += P @ va, P = (qc @ kc^T) * exp(logD - m)
     dP = torch.bmm(dout3, va.view(n3, L, E).transpose(-1, -2)).view(B, NH, NC, L, L)
     dQK = dP * Ew
@@ -372,22 +374,35 @@ def _backward(ctx, dh, dC, dn, dm):
     dqc = X.mul_(w_inter[..., None]).view(n3, L, DQK).baddbmm_(dQK.view(n3, L, L), kc.view(n3, L, DQK))
 
     # reverse scan of the state gradients: carried[c] = dL/d(state after chunk c)
+    # = w_old_{c+1} carried[c+1] + qw_{c+1}^T @ dout_{c+1}, updated in place chunk by chunk
+    n_bh = B * NH
     carried = torch.empty_like(prev)
-    cu, gu, wu = carried.unbind(2), gprev.unbind(2), w_old[..., None, None].unbind(2)
+    dlast = carried[:, :, NC - 1]
     if dC is not None:
-        cu[NC - 1][..., :DV] = dC
+        dlast[..., :DV] = dC
     else:
-        cu[NC - 1][..., :DV].zero_()
+        dlast[..., :DV].zero_()
     if dn is not None:
-        cu[NC - 1][..., DV] = dn
+        dlast[..., DV] = dn
     else:
-        cu[NC - 1][..., DV].zero_()
-    dlast = cu[NC - 1]
-    for c in range(NC - 2, -1, -1):
-        torch.addcmul(gu[c + 1], cu[c + 1], wu[c + 1], out=cu[c])
-    # the decay weights' gradients, then the keys' and values' from the state updates
-    dw_old = (carried * prev).sum((-1, -2))  # (B, NH, NC)
-    dCa0 = torch.addcmul(gu[0], cu[0], wu[0]) if need_state else None
+        dlast[..., DV].zero_()
+    cu = carried.view(n_bh, NC, DQK, E).unbind(1)
+    wu = w_old.reshape(n_bh, NC, 1, 1).unbind(1)
+    qwT = qw.view(n_bh, NC, L, DQK).transpose(-1, -2).unbind(1)
+    doutu = dout.view(n_bh, NC, L, E).unbind(1)
+    pu = prev.view(n_bh, NC, DQK, E).unbind(1)
+    # the decay weights' gradients <carried[c], prev[c]> while carried[c] is in cache, through
+    # one small reused buffer (a fresh multi-MB tensor is page-faulted in on every call)
+    dw_old = w_old.new_empty(NC, n_bh)
+    tmp = torch.empty_like(cu[0])
+    for c in range(NC - 1, -1, -1):
+        if c < NC - 1:
+            torch.mul(cu[c + 1], wu[c + 1], out=cu[c]).baddbmm_(qwT[c + 1], doutu[c + 1])
+        torch.sum(torch.mul(cu[c], pu[c], out=tmp), (-1, -2), out=dw_old[c])
+    dw_old = dw_old.t().reshape(B, NH, NC)
+    dCa0 = None
+    if need_state:
+        dCa0 = torch.mul(cu[0], wu[0]).baddbmm_(qwT[0], doutu[0]).view(B, NH, DQK, E)
     c3 = carried.view(n3, DQK, E)
     dva = torch.bmm(kw.view(n3, L, DQK), c3).baddbmm_(P.view(n3, L, L).transpose(-1, -2), dout3)
     # dkw = va @ carried^T
@@ -444,7 +459,7 @@ def _backward(ctx, dh, dC, dn, dm):
         dlogf.add_(dlogf_extra)
     dlogf = dlogf.view(B, NH, SP)[:, :, :S]
     df = dlogf * torch.sigmoid(-f)
-    dq = dqc.view(B, NH, SP, DQK)[:, :, :S].mul_(DQK**-0.5)
+    dq = dqc.view(B, NH, SP, DQK)[:, :, :S]
     dk = dkc.view(B, NH, SP, DQK)[:, :, :S]
     dv = dva.view(B, NH, SP, E)[:, :, :S, :DV]
     di = di.reshape(B, NH, SP)[:, :, :S]
