@@ -404,7 +404,10 @@ def _backward(ctx, dh, dC, dn, dm):
     if need_state:
         dCa0 = torch.mul(cu[0], wu[0]).baddbmm_(qwT[0], doutu[0]).view(B, NH, DQK, E)
     c3 = carried.view(n3, DQK, E)
-    dva = torch.bmm(kw.view(n3, L, DQK), c3).baddbmm_(P.view(n3, L, L).transpose(-1, -2), dout3)
+    # dv only (the ones column needs no gradient): a contiguous (.., DV) result, which the
+    # callers' reshapes and gradient accumulation then take without a copy
+    dv = torch.bmm(kw.view(n3, L, DQK), c3[..., :DV]).baddbmm_(P.view(n3, L, L).transpose(-1, -2),
+                                                              dout3[..., :DV])
     # dkw = va @ carried^T
     Y = torch.bmm(va.view(n3, L, E), c3.transpose(-1, -2)).view(B, NH, NC, L, DQK)
     dg = (Y * kc).sum(-1).mul_(wk)  # g_s = b_end - b_s + i_s
@@ -461,7 +464,7 @@ def _backward(ctx, dh, dC, dn, dm):
     df = dlogf * torch.sigmoid(-f)
     dq = dqc.view(B, NH, SP, DQK)[:, :, :S]
     dk = dkc.view(B, NH, SP, DQK)[:, :, :S]
-    dv = dva.view(B, NH, SP, E)[:, :, :S, :DV]
+    dv = dv.view(B, NH, SP, DV)[:, :, :S]
     di = di.reshape(B, NH, SP)[:, :, :S]
     dC0 = dn0 = dm0 = None
     if need_state:
