@@ -134,6 +134,45 @@ class _GroupedBlockLinear(torch.autograd.Function):
         return gx, gw.permute(0, 3, 1, 2).reshape(G * per, DH, DH).to(dense.dtype), None
 
 
+class _GateLinear(torch.autograd.Function):
+    """y = [q | k | v] W^T + b without the (N, 3 e) concatenation: three skinny matmuls
+    accumulated into one (N, O) output, and a backward that reads each input once.
+    q2, k2, v2: (N, e); weight: (O, 3 e); bias: (O,); one dtype."""
+
+    @staticmethod
+    def forward(ctx, q2, k2, v2, weight, bias):  # noqa: D102
+        e = q2.shape[1]
+        y = torch.addmm(bias, q2, weight[:, :e].t())
+        y.addmm_(k2, weight[:, e:2 * e].t()).addmm_(v2, weight[:, 2 * e:].t())
+        ctx.save_for_backward(q2, k2, v2, weight)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # noqa: D102
+        q2, k2, v2, weight = ctx.saved_tensors
+        e = q2.shape[1]
+        gw = torch.cat([g.t() @ t for t in (q2, k2, v2)], dim=1)
+        gq, gk, gv = (g @ weight[:, j * e:(j + 1) * e] for j in range(3))
+        return gq, gk, gv, gw, g.sum(0)
+
+
+def gate_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor) -> torch.Tensor:
+    """`F.linear(torch.cat([q, k, v], -1), weight, bias)` without the concatenation (the
+    mLSTM's gate pre-activations read all of q, k, v: a 3 e wide copy and its backward split
+    cost more than the skinny matmuls). q, k, v: (..., e); weight: (O, 3 e); bias: (O,)
+    -> (..., O), in the autocast dtype when autocast is on (as `F.linear`), else the
+    promoted dtype."""
+    dev = q.device.type
+    dt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+          else torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.promote_types(v.dtype, weight.dtype)))
+    lead, e = q.shape[:-1], q.shape[-1]
+    with torch.autocast(dev, enabled=False):
+        y = _GateLinear.apply(*(t.reshape(-1, e).to(dt) for t in (q, k, v)), weight.to(dt), bias.to(dt))
+    return y.view(*lead, -1)
+
+
 class HeadwiseLinear(nn.Module):
     """Block-diagonal linear map: the D features split into NH blocks, each
     block mapped by its own (DH x DH) matrix. weight: (NH, DH_out, DH_in)."""

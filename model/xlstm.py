@@ -33,7 +33,15 @@ import xlstm_kernels
 from .config import XLSTMConfig
 from .generate import GenerationMixin
 from .head import LMHead
-from .layers import CausalConv1d, HeadwiseLinear, LayerNorm, MultiHeadNorm, small_init_, wang_init_
+from .layers import (
+    CausalConv1d,
+    HeadwiseLinear,
+    LayerNorm,
+    MultiHeadNorm,
+    gate_linear,
+    small_init_,
+    wang_init_,
+)
 
 BlockState = tuple  # (conv buffer (B, K-1, D'), cell state tuple)
 
@@ -85,8 +93,10 @@ class MLSTMLayer(nn.Module):
         c, conv_state = self.conv(u, conv_state, reset)
         c = F.silu(c)
         q, k, v = self.q_proj(c), self.k_proj(c), self.v_proj(u)
-        qkv = torch.cat([q, k, v], dim=-1)
-        i, f = self.igate(qkv), self.fgate(qkv)  # (B, S, NH)
+        # both gates in one pass over q, k, v (the weights stay two Linears: same state dict)
+        gates = gate_linear(q, k, v, torch.cat([self.igate.weight, self.fgate.weight]),
+                            torch.cat([self.igate.bias, self.fgate.bias]))
+        i, f = gates.split(self.num_heads, dim=-1)  # (B, S, NH) each
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # (B, S, e) -> (B, NH, S, e / NH)
             return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.layers import CausalConv1d, HeadwiseLinear, MultiHeadNorm, RMSNorm
+from model.layers import CausalConv1d, HeadwiseLinear, MultiHeadNorm, RMSNorm, gate_linear
 
 
 def conv(dim: int = 6, k: int = 4) -> CausalConv1d:
@@ -105,3 +105,24 @@ def test_headwise_linear_small_blocks_gradients_match_dense():
     want = torch.autograd.grad(((x @ torch.block_diag(*w).T) * g).sum(), (x, w))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_gate_linear_equals_linear_of_the_concatenation():
+    """The mLSTM's i/f gates without the q|k|v concatenation: values and every gradient
+    against autograd of `F.linear(cat)` in float64; under CPU autocast a bf16 output like
+    F.linear's."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    w = torch.randn(4, 18, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 4, dtype=torch.float64)
+    got = gate_linear(q, k, v, w, b)
+    want = F.linear(torch.cat([q, k, v], -1), w, b)
+    torch.testing.assert_close(got, want)
+    for a, c in zip(torch.autograd.grad((got * g).sum(), (q, k, v, w, b)),
+                    torch.autograd.grad((want * g).sum(), (q, k, v, w, b))):
+        torch.testing.assert_close(a, c)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gate_linear(q.float(), k.float(), v.float(), w.float(), b.float())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), want.detach(), rtol=0.05, atol=0.1)
