@@ -230,8 +230,13 @@ def _forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L: int, eps: float):
     scale = DQK**-0.5
     qc = _chunked(q, NC, L, DQK)  # (B, NH, NC, L, DQK)
     kc = _chunked(k, NC, L, DQK)
-    va = _chunked(v, NC, L, E)  # (B, NH, NC, L, DV + 1): n = k^T @ 1 rides along
-    va[..., DV] = 1.0
+    # RB[c] = [state entering chunk c ; va_c], (DQK + L, E): the outputs of a chunk are then
+    # one matmul [qw | P] @ RB[c], and the backward's dout @ RB[c]^T gives both (X | dP)
+    R = DQK + L
+    RB = q.new_empty(B, NH, NC, R, E)
+    prev, va = RB[..., :DQK, :], RB[..., DQK:, :]
+    va[..., :DV] = (F.pad(v, (0, 0, 0, pad)) if pad else v).view(B, NH, NC, L, DV)
+    va[..., DV] = 1.0  # n = k^T @ 1 rides along as one more value column
     ic = i.reshape(B, NH, NC, L)
     b = logf.view(B, NH, NC, L).cumsum(-1)  # decay from the chunk start, inclusive
     b_end = b[..., -1]  # (B, NH, NC)
@@ -281,14 +286,14 @@ def _forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L: int, eps: float):
     # slot and updated there (no state-sized temporaries: at DQK = DV = 384 one state per
     # head and chunk is 0.6 MB, and a fresh tensor of all of them costs its page faults)
     n3, n_bh = B * NH * NC, B * NH
-    prev = qc.new_empty(B, NH, NC, DQK, E)
     prev[:, :, 0, :, :DV] = C0
     prev[:, :, 0, :, DV] = n0
-    last = qc.new_empty(B, NH, DQK, E)
-    pu = prev.view(n_bh, NC, DQK, E).unbind(1) + (last.view(n_bh, DQK, E),)
+    last = q.new_empty(B, NH, DQK, E)
+    RB4 = RB.view(n_bh, NC, R, E)
+    pu = RB4[:, :, :DQK].unbind(1) + (last.view(n_bh, DQK, E),)
     wu = w_old.reshape(n_bh, NC, 1, 1).unbind(1)
     kwT = kw.view(n_bh, NC, L, DQK).transpose(-1, -2).unbind(1)
-    vau = va.view(n_bh, NC, L, E).unbind(1)
+    vau = RB4[:, :, DQK:].unbind(1)
     for c in range(NC):
         torch.mul(pu[c], wu[c], out=pu[c + 1]).baddbmm_(kwT[c], vau[c])
 
@@ -315,11 +320,11 @@ def _forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L: int, eps: float):
     w_inter = torch.exp(a - mt).mul_(scale)  # weight of the carried state for the unscaled q
     if carry is not None:
         w_inter.masked_fill_(~carry, 0.0)
-    P = torch.matmul(qc, kc.transpose(-1, -2)).mul_(Ew)
-    qw = qc * w_inter[..., None]
-    # in-place baddbmm_ on a fresh product: baddbmm would first copy its input
-    out = torch.bmm(qw.view(n3, L, DQK), prev.view(n3, DQK, E))
-    out = out.baddbmm_(P.view(n3, L, L), va.view(n3, L, E)).view(B, NH, NC, L, E)
+    LB = q.new_empty(B, NH, NC, L, R)  # [qw | P] per chunk
+    qw, P = LB[..., :DQK], LB[..., DQK:]
+    torch.mul(torch.matmul(qc, kc.transpose(-1, -2)), Ew, out=P)
+    torch.mul(qc, w_inter[..., None], out=qw)
+    out = torch.bmm(LB.view(n3, L, R), RB.view(n3, R, E)).view(B, NH, NC, L, E)
     den = out[..., DV]
     emt = torch.exp(-mt)
     absden = den.abs()
@@ -330,19 +335,19 @@ def _forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L: int, eps: float):
     h = hp.view(B, NH, NC * L, DV)[:, :, :S]
     h = h.contiguous() if pad else h
 
-    ctx.save_for_backward(qc, kc, va, prev, last, P, Ew, hp, rZ, dsgn, w_inter, qw, kw, wk, w_old,
+    ctx.save_for_backward(qc, kc, RB, LB, last, Ew, hp, rZ, dsgn, w_inter, kw, wk, w_old,
                           rarg, a_win, g_arg, aend_win, f, start)
     ctx.meta = (S, L, eps)
     return h, last[..., :DV].contiguous(), last[..., DV].contiguous(), mT[-1].clone()
 
 
 def _backward(ctx, dh, dC, dn, dm):
-    (qc, kc, va, prev, last, P, Ew, hp, rZ, dsgn, w_inter, qw, kw, wk, w_old,
+    (qc, kc, RB, LB, last, Ew, hp, rZ, dsgn, w_inter, kw, wk, w_old,
      rarg, a_win, g_arg, aend_win, f, start) = ctx.saved_tensors
     S, L, eps = ctx.meta
     need_state = any(ctx.needs_input_grad[5:8])
     B, NH, NC, _, DQK = qc.shape
-    E = va.shape[-1]
+    R, E = RB.shape[-2:]
     DV = E - 1
     SP = NC * L
     n3 = B * NH * NC
@@ -352,7 +357,8 @@ def _backward(ctx, dh, dC, dn, dm):
     if dh is not None:
         dh = dh.to(qc.dtype)
         dhp = dout.view(B, NH, SP, E)[:, :, :S, :DV]
-        hdh = (dh * hp.view(B, NH, SP, DV)[:, :, :S]).sum(-1)
+        # dh . h through dout's storage (fresh multi-MB temporaries cost their page faults)
+        hdh = torch.mul(dh, hp.view(B, NH, SP, DV)[:, :, :S], out=dhp).sum(-1)
         dZ = F.pad(hdh, (0, SP - S)).view(B, NH, NC, L).mul_(rZ).neg_()  # dL/dN
         torch.mul(dh, rZ.view(B, NH, SP)[:, :, :S, None], out=dhp)
         torch.mul(dZ, dsgn, out=dout[..., DV])
@@ -361,22 +367,26 @@ def _backward(ctx, dh, dC, dn, dm):
         src = None
 
     dout3 = dout.view(n3, L, E)
+    # out = [qw | P] @ [prev ; va]: (X | dP) = dout @ [prev ; va]^T in one matmul
+    XdP = torch.bmm(dout3, RB.view(n3, R, E).transpose(-1, -2)).view(B, NH, NC, L, R)
+    X, dP = XdP[..., :DQK], XdP[..., DQK:]
+    P = LB[..., DQK:]
     # carried-state term: out += w_inter * (qc @ prev)
-    X = torch.bmm(dout3, prev.view(n3, DQK, E).transpose(-1, -2)).view(B, NH, NC, L, DQK)
-    db = (X * qc).sum(-1).mul_(w_inter)  # d a_t = d b_t (a = b + m_prev); w_inter has the scale
+    rowtmp = torch.empty_like(qc)  # scratch of the two row dot products
+    # d a_t = d b_t (a = b + m_prev); w_inter has the scale
+    db = torch.mul(X, qc, out=rowtmp).sum(-1).mul_(w_inter)
     # in-chunk term: out += P @ va, P = (qc @ kc^T) * exp(logD - m)
-    dP = torch.bmm(dout3, va.view(n3, L, E).transpose(-1, -2)).view(B, NH, NC, L, L)
     dQK = dP * Ew
     dlogD = dP.mul_(P)
     cs = dlogD.sum(-2)  # the key side: -b_s + i_s
     db.add_(dlogD.sum(-1)).sub_(cs)
     di = cs
-    dqc = X.mul_(w_inter[..., None]).view(n3, L, DQK).baddbmm_(dQK.view(n3, L, L), kc.view(n3, L, DQK))
+    dqc = torch.mul(X, w_inter[..., None]).view(n3, L, DQK).baddbmm_(dQK.view(n3, L, L), kc.view(n3, L, DQK))
 
     # reverse scan of the state gradients: carried[c] = dL/d(state after chunk c)
     # = w_old_{c+1} carried[c+1] + qw_{c+1}^T @ dout_{c+1}, updated in place chunk by chunk
     n_bh = B * NH
-    carried = torch.empty_like(prev)
+    carried = RB.new_empty(B, NH, NC, DQK, E)
     dlast = carried[:, :, NC - 1]
     if dC is not None:
         dlast[..., :DV] = dC
@@ -388,9 +398,9 @@ def _backward(ctx, dh, dC, dn, dm):
         dlast[..., DV].zero_()
     cu = carried.view(n_bh, NC, DQK, E).unbind(1)
     wu = w_old.reshape(n_bh, NC, 1, 1).unbind(1)
-    qwT = qw.view(n_bh, NC, L, DQK).transpose(-1, -2).unbind(1)
+    qwT = LB.view(n_bh, NC, L, R)[..., :DQK].transpose(-1, -2).unbind(1)
     doutu = dout.view(n_bh, NC, L, E).unbind(1)
-    pu = prev.view(n_bh, NC, DQK, E).unbind(1)
+    pu = RB.view(n_bh, NC, R, E)[:, :, :DQK].unbind(1)
     # the decay weights' gradients <carried[c], prev[c]> while carried[c] is in cache, through
     # one small reused buffer (a fresh multi-MB tensor is page-faulted in on every call)
     dw_old = w_old.new_empty(NC, n_bh)
@@ -406,11 +416,11 @@ def _backward(ctx, dh, dC, dn, dm):
     c3 = carried.view(n3, DQK, E)
     # dv only (the ones column needs no gradient): a contiguous (.., DV) result, which the
     # callers' reshapes and gradient accumulation then take without a copy
-    dv = torch.bmm(kw.view(n3, L, DQK), c3[..., :DV]).baddbmm_(P.view(n3, L, L).transpose(-1, -2),
-                                                              dout3[..., :DV])
+    P3 = LB.view(n3, L, R)[..., DQK:]
+    dv = torch.bmm(kw.view(n3, L, DQK), c3[..., :DV]).baddbmm_(P3.transpose(-1, -2), dout3[..., :DV])
     # dkw = va @ carried^T
-    Y = torch.bmm(va.view(n3, L, E), c3.transpose(-1, -2)).view(B, NH, NC, L, DQK)
-    dg = (Y * kc).sum(-1).mul_(wk)  # g_s = b_end - b_s + i_s
+    Y = torch.bmm(RB.view(n3, R, E)[:, DQK:], c3.transpose(-1, -2)).view(B, NH, NC, L, DQK)
+    dg = torch.mul(Y, kc, out=rowtmp).sum(-1).mul_(wk)  # g_s = b_end - b_s + i_s
     dkc = Y.mul_(wk[..., None]).view(n3, L, DQK).baddbmm_(dQK.view(n3, L, L).transpose(-1, -2),
                                                           qc.view(n3, L, DQK))
     db.sub_(dg)
@@ -469,7 +479,7 @@ def _backward(ctx, dh, dC, dn, dm):
     dC0 = dn0 = dm0 = None
     if need_state:
         dC0, dn0 = dCa0[..., :DV], dCa0[..., DV]
-        dm0 = D[0] + (dCa0 * prev[:, :, 0]).sum((-1, -2))
+        dm0 = D[0] + (dCa0 * RB[:, :, 0, :DQK]).sum((-1, -2))
     return dq, dk, dv, di, df, dC0, dn0, dm0, None, None, None
 
 
