@@ -93,6 +93,62 @@ class MultiHeadNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
 
+class _NormSkipGate(torch.autograd.Function):
+    """out = (LN_heads(h) * w [+ b] + skip * c) * silu(z), computed in `cd` and written in
+    `out_dtype`; a hand-written backward over the saved normalized heads (one pass per
+    product instead of autograd's chain of separate multiplies, adds and casts).
+    h: (B, S, NH, DH); c, z: (B, S, NH * DH); w, b, skip: (NH * DH,)."""
+
+    @staticmethod
+    def forward(ctx, h, c, z, w, b, skip, eps, cd, out_dtype):  # noqa: D102
+        hn, mean, rstd = torch.native_layer_norm(h.to(cd), h.shape[-1:], None, None, eps)
+        y = hn.flatten(-2) * w.to(cd)
+        if b is not None:
+            y += b.to(cd)
+        y.addcmul_(c, skip.to(cd))
+        out = torch.empty(y.shape, dtype=out_dtype, device=y.device)
+        torch.mul(y, F.silu(z.to(cd)), out=out)
+        ctx.save_for_backward(hn, rstd, y, c, z, w, skip)
+        ctx.has_bias, ctx.cd, ctx.h_dtype = b is not None, cd, h.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # noqa: D102
+        hn, rstd, y, c, z, w, skip = ctx.saved_tensors
+        cd, dims = ctx.cd, tuple(range(g.dim() - 1))
+        zf = z.to(cd)
+        gy = g * F.silu(zf)  # (B, S, e) in cd
+        gz = torch.ops.aten.silu_backward(g * y, zf).to(z.dtype)
+        gskip = (gy * c).sum(dims).to(skip.dtype)
+        gc = (gy * skip.to(cd)).to(c.dtype)
+        gw = (gy * hn.flatten(-2)).sum(dims).to(w.dtype)
+        gb = gy.sum(dims).to(w.dtype) if ctx.has_bias else None
+        # LayerNorm backward from the normalized values: rstd (g - mean(g) - hn mean(g hn))
+        ghn = (gy * w.to(cd)).view(hn.shape)
+        gh = ghn - ghn.mean(-1, keepdim=True) - hn * (ghn * hn).mean(-1, keepdim=True)
+        gh = (gh * rstd).to(ctx.h_dtype)
+        return gh, gc, gz, gw, gb, gskip, None, None, None
+
+
+def norm_skip_gate(h: torch.Tensor, c: torch.Tensor, z: torch.Tensor, norm: MultiHeadNorm,
+                   skip: torch.Tensor) -> torch.Tensor:
+    """The mLSTM block's output: `(norm(h) + skip * c) * silu(z)` in one autograd node.
+    h: (B, S, NH, DH) cell output; c (conv output), z (output-gate pre-activation):
+    (B, S, NH * DH); skip: (NH * DH,). Computed in float32 (float64 if any input is);
+    returned in the autocast dtype when autocast is on (the next op is a linear that would
+    cast it), else in the inputs' promoted dtype."""
+    dev = h.device.type
+    cd = torch.float64 if torch.float64 in (h.dtype, c.dtype, z.dtype, skip.dtype) else torch.float32
+    out_dtype = h.dtype
+    for t in (c, z, skip, norm.weight):
+        out_dtype = torch.promote_types(out_dtype, t.dtype)
+    if torch.is_autocast_enabled(dev):
+        out_dtype = torch.get_autocast_dtype(dev)
+    with torch.autocast(dev, enabled=False):
+        return _NormSkipGate.apply(h, c, z, norm.weight, norm.bias, skip, norm.eps, cd, out_dtype)
+
+
 # ----------------------------------------------------------------------------- projections
 
 

@@ -39,6 +39,7 @@ from .layers import (
     LayerNorm,
     MultiHeadNorm,
     gate_linear,
+    norm_skip_gate,
     small_init_,
     wang_init_,
 )
@@ -115,8 +116,7 @@ class MLSTMLayer(nn.Module):
                 return_last_state=True, reset=reset, eps=eps, backend=backend,
                 recompute_states=self.cfg.recompute_states,
             )
-        h = self.outnorm(h.transpose(1, 2))  # (B, S, e)
-        h = (h + self.skip * c) * F.silu(z)
+        h = norm_skip_gate(h.transpose(1, 2), c, z, self.outnorm, self.skip)  # (B, S, e)
         return self.proj_down(h), (conv_state, cell_state)
 
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from model.layers import CausalConv1d, HeadwiseLinear, MultiHeadNorm, RMSNorm, gate_linear
+from model.layers import (
+    CausalConv1d,
+    HeadwiseLinear,
+    MultiHeadNorm,
+    RMSNorm,
+    gate_linear,
+    norm_skip_gate,
+)
 
 
 def conv(dim: int = 6, k: int = 4) -> CausalConv1d:
@@ -126,3 +134,31 @@ def test_gate_linear_equals_linear_of_the_concatenation():
         out = gate_linear(q.float(), k.float(), v.float(), w.float(), b.float())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), want.detach(), rtol=0.05, atol=0.1)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_norm_skip_gate_equals_its_autograd_composition(bias: bool):
+    """The mLSTM block's output node `(norm(h) + skip * c) * silu(z)`: values and every
+    gradient (inputs, norm weight and bias, skip) against autograd of the same chain, in
+    float64 on a non-contiguous h (the cell's heads-first output, transposed)."""
+    torch.manual_seed(0)
+    norm = MultiHeadNorm(3, 4, eps=1e-5, bias=bias).double()
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.add_(torch.randn_like(p))
+    skip = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)  # (B, NH, S, DH)
+    c, z = (torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    g = torch.randn(2, 5, 12, dtype=torch.float64)
+    wrt = (h, c, z, skip, *norm.parameters())
+    got = norm_skip_gate(h.transpose(1, 2), c, z, norm, skip)
+    # MultiHeadNorm reduces in float32 even for float64 inputs: its float64 equivalent
+    normed = F.layer_norm(h.transpose(1, 2), (4,), eps=1e-5).flatten(-2) * norm.weight
+    want = (normed + (norm.bias if bias else 0) + skip * c) * F.silu(z)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad((got * g).sum(), wrt), torch.autograd.grad((want * g).sum(), wrt)):
+        torch.testing.assert_close(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm_skip_gate(h.float().transpose(1, 2), c.float(), z.bfloat16(), norm.float(), skip.float())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), want.detach(), rtol=0.02, atol=0.05)
