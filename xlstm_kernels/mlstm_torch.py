@@ -295,7 +295,9 @@ def _forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L: int, eps: float):
     kwT = kw.view(n_bh, NC, L, DQK).transpose(-1, -2).unbind(1)
     vau = RB4[:, :, DQK:].unbind(1)
     for c in range(NC):
-        torch.mul(pu[c], wu[c], out=pu[c + 1]).baddbmm_(kwT[c], vau[c])
+        # a fresh product, then one fused multiply-add into the slot (an in-place baddbmm_ on
+        # the strided slot falls back to a copy and one gemm per head)
+        torch.addcmul(torch.bmm(kwT[c], vau[c]), pu[c], wu[c], out=pu[c + 1])
 
     # outputs: one stabilizer per position over the carried state and the in-chunk keys
     mp = m_prev[..., None]
@@ -407,12 +409,12 @@ def _backward(ctx, dh, dC, dn, dm):
     tmp = torch.empty_like(cu[0])
     for c in range(NC - 1, -1, -1):
         if c < NC - 1:
-            torch.mul(cu[c + 1], wu[c + 1], out=cu[c]).baddbmm_(qwT[c + 1], doutu[c + 1])
+            torch.addcmul(torch.bmm(qwT[c + 1], doutu[c + 1]), cu[c + 1], wu[c + 1], out=cu[c])
         torch.sum(torch.mul(cu[c], pu[c], out=tmp), (-1, -2), out=dw_old[c])
     dw_old = dw_old.t().reshape(B, NH, NC)
     dCa0 = None
     if need_state:
-        dCa0 = torch.mul(cu[0], wu[0]).baddbmm_(qwT[0], doutu[0]).view(B, NH, DQK, E)
+        dCa0 = torch.addcmul(torch.bmm(qwT[0], doutu[0]), cu[0], wu[0]).view(B, NH, DQK, E)
     c3 = carried.view(n3, DQK, E)
     # dv only (the ones column needs no gradient): a contiguous (.., DV) result, which the
     # callers' reshapes and gradient accumulation then take without a copy
