@@ -255,34 +255,53 @@ class HeadwiseLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def _taps(x: torch.Tensor, state: torch.Tensor, cross: tuple, j: int) -> torch.Tensor:
+    """The inputs that lookback j reads at the positions `cross[j - 1]` (their x[t - j],
+    from the buffer where t < j): (M, D)."""
+    b, t = cross[j - 1]
+    src = t - j
+    K1 = state.shape[1]
+    out = x[b, src.clamp_min(0)]
+    before = src < 0
+    if bool(before.any()):
+        out = torch.where(before[:, None], state[b, (src + K1).clamp(0, K1 - 1)], out)
+    return out
+
+
 class _CausalDepthwiseConv(torch.autograd.Function):
-    """y[t] = bias + sum_j w[:, K-1-j] * x[t-j] * keep_j[t] over lookbacks j = 0..K-1, where
-    x[t-j] for t < j comes from the buffer `state`. x: (B, S, D); state: (B, K-1, D), x's
-    dtype; weight: (D, K); bias: (D,); keeps: None or (K-1, B, S, 1) masks in x's dtype
-    (keeps[j-1][t] = 1 iff token t is at least j tokens after its document's start). As
-    multiply-adds of shifted views with a hand-written backward: no padded copy of x, and
-    none of the depthwise convolution's slow CPU backward (~1.4 s per call at B=1, S=2048,
-    D=1536 on 2 loaded cores, against ~0.1 s for its forward). y: promote(x, weight)."""
+    """y[t] = bias + sum_j w[:, K-1-j] * x[t-j] over lookbacks j = 0..K-1 that stay inside
+    token t's document, where x[t-j] for t < j comes from the buffer `state`. x: (B, S, D);
+    state: (B, K-1, D), x's dtype; weight: (D, K); bias: (D,); cross: None, or for each
+    lookback j = 1..K-1 the (batch, time) indices of the tokens fewer than j tokens after
+    their document's start (a few per document). The taps run over whole shifted views
+    and the crossing terms are then taken back at those few positions (no mask pass over
+    (B, S, D) per tap); a hand-written backward: no padded copy of x, and none of the
+    depthwise convolution's slow CPU backward (~1.4 s per call at B=1, S=2048, D=1536 on
+    2 loaded cores, against ~0.1 s for its forward). y: promote(x, weight)."""
 
     @staticmethod
-    def forward(ctx, x, state, weight, bias, keeps):  # noqa: D102
+    def forward(ctx, x, state, weight, bias, cross):  # noqa: D102
         S, K = x.shape[1], weight.shape[1]
         y = torch.addcmul(bias, x, weight[:, K - 1])  # lookback 0 always counts
         for j in range(1, K):
             w, n = weight[:, K - 1 - j], min(j, S)  # outputs t < n read the buffer
-            kj = None if keeps is None else keeps[j - 1]
-            head = state[:, K - 1 - j:K - 1 - j + n]
-            y[:, :n].addcmul_(head if kj is None else head * kj[:, :n], w)
+            y[:, :n].addcmul_(state[:, K - 1 - j:K - 1 - j + n], w)
             if n < S:
-                tail = x[:, :S - n]
-                y[:, n:].addcmul_(tail if kj is None else tail * kj[:, n:], w)
-        ctx.save_for_backward(x, state, weight, keeps)
+                y[:, n:].addcmul_(x[:, :S - n], w)
+        if cross is not None:
+            for j in range(1, K):
+                b, t = cross[j - 1]
+                if b.numel():
+                    y.index_put_((b, t), -_taps(x, state, cross, j) * weight[:, K - 1 - j], accumulate=True)
+        ctx.save_for_backward(x, state, weight)
+        ctx.cross = cross
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):  # noqa: D102
-        x, state, weight, keeps = ctx.saved_tensors
+        x, state, weight = ctx.saved_tensors
+        cross = ctx.cross
         S, K = x.shape[1], weight.shape[1]
         gx = torch.mul(g, weight[:, K - 1]).to(x.dtype)
         gstate = torch.zeros_like(state)
@@ -290,14 +309,27 @@ class _CausalDepthwiseConv(torch.autograd.Function):
         gw[:, K - 1] = (g * x).sum((0, 1))
         for j in range(1, K):
             w, n = weight[:, K - 1 - j], min(j, S)
-            gj = g if keeps is None else g * keeps[j - 1]
             head = slice(K - 1 - j, K - 1 - j + n)
-            gstate[:, head].addcmul_(gj[:, :n], w)
-            acc = (gj[:, :n] * state[:, head]).sum((0, 1))
+            gstate[:, head].addcmul_(g[:, :n], w)
+            acc = (g[:, :n] * state[:, head]).sum((0, 1))
             if n < S:
-                gx[:, :S - n].addcmul_(gj[:, n:], w)
-                acc = acc + (gj[:, n:] * x[:, :S - n]).sum((0, 1))
+                gx[:, :S - n].addcmul_(g[:, n:], w)
+                acc = acc + (g[:, n:] * x[:, :S - n]).sum((0, 1))
             gw[:, K - 1 - j] = acc
+        if cross is not None:  # take back the crossing terms' gradients
+            K1 = state.shape[1]
+            for j in range(1, K):
+                b, t = cross[j - 1]
+                if not b.numel():
+                    continue
+                w = weight[:, K - 1 - j]
+                gt = g[b, t]  # (M, D)
+                gw[:, K - 1 - j] -= (gt * _taps(x, state, cross, j)).sum(0).to(gw.dtype)
+                src = t - j
+                inside = src >= 0
+                back = (-gt * w).to(x.dtype)
+                gx.index_put_((b[inside], src[inside]), back[inside], accumulate=True)
+                gstate.index_put_((b[~inside], src[~inside] + K1), back[~inside].to(state.dtype), accumulate=True)
         return gx, gstate, gw, g.sum((0, 1)), None
 
 
@@ -336,19 +368,23 @@ class CausalConv1d(nn.Module):
         K = self.kernel_size
         if state is None:
             state = x.new_zeros(B, K - 1, D)
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):  # as nn.Conv1d under autocast
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, weight, bias = x.to(dt), weight.to(dt), bias.to(dt)
         state = state.to(x.dtype)
-        keeps = None
+        cross = None
         if reset is not None:
             # lookback j counts at token t only when t is at least j from its document's start
             pos = torch.arange(S, device=x.device)
             start = torch.where(reset, pos, torch.full_like(pos, -K)).cummax(dim=1).values
             dist = pos - start  # (B, S), >= K when no document starts in this call
-            keeps = torch.stack([(dist >= j) for j in range(1, K)]).to(x.dtype)[..., None]
-        if keeps is None and x.device.type != "cpu":  # cuDNN's depthwise conv is fast on GPUs
+            cross = tuple(torch.nonzero(dist < j, as_tuple=True) for j in range(1, K))
+        if cross is None and x.device.type != "cpu":  # cuDNN's depthwise conv is fast on GPUs
             xs = torch.cat([state, x], dim=1).transpose(1, 2)
-            y = F.conv1d(xs, self.weight[:, None, :], self.bias, groups=D).transpose(1, 2)
+            y = F.conv1d(xs, weight[:, None, :], bias, groups=D).transpose(1, 2)
         else:
-            y = _CausalDepthwiseConv.apply(x, state, self.weight, self.bias, keeps)
+            y = _CausalDepthwiseConv.apply(x, state, weight, bias, cross)
         # the last K - 1 inputs (from the buffer too when S < K - 1)
         new_state = x[:, S - (K - 1):] if S >= K - 1 else torch.cat([state, x], dim=1)[:, S:]
         if reset is not None:  # inputs before the last document start are not its history
