@@ -135,6 +135,29 @@ def test_chunkwise_gradcheck_float64(with_state, with_reset):
         assert rel(a, b) < 1e-10, name
 
 
+def test_chunkwise_decay_gradient_paths_agree(monkeypatch):
+    """The decay-weight gradients are dotted in one product for small states and inside the
+    reverse scan for large ones: both give the same gradients."""
+    import xlstm_kernels.mlstm_torch as mt
+
+    q, k, v, i, f = make_inputs(S=45, seed=8)
+    st = make_state()
+    reset = torch.zeros(2, 45, dtype=torch.bool)
+    reset[1, 20] = True
+
+    def grads():
+        xs = [t.clone().requires_grad_() for t in (q, k, v, i, f, *st)]
+        h, (C, n, m) = xlstm_kernels.mlstm_chunkwise(*xs[:5], chunk_size=8, initial_state=tuple(xs[5:]),
+                                                     reset=reset, return_last_state=True, backend="torch")
+        (h.sum() + C.sum() + n.sum() + m.sum()).backward()
+        return [x.grad for x in xs]
+
+    batched = grads()
+    monkeypatch.setattr(mt, "_DOT_BATCH_BYTES", 0)
+    for a, b in zip(grads(), batched):
+        assert rel(a, b) < 1e-12
+
+
 def test_chunkwise_is_one_autograd_node_and_runs_in_float32_under_autocast():
     """One graph node for the whole op; under CPU bf16 autocast it computes in float32 (the
     same h as without autocast) and its gradients match the float32 ones."""

@@ -21,6 +21,7 @@ from ._checks import MLSTMState, compute_dtype
 NEG_INF = float("-inf")
 _FLUSH = -60.0  # log weights this far under a row's largest count as zero
 _FLUSH_W = math.exp(_FLUSH) * (1 + 1e-6)  # at or above exp(_FLUSH) in any float rounding
+_DOT_BATCH_BYTES = 4 << 20  # states up to this size: decay-gradient dots in one product
 
 
 def _zero_state(B: int, NH: int, DQK: int, DV: int, dtype: torch.dtype, device: torch.device) -> MLSTMState:
@@ -403,15 +404,21 @@ def _backward(ctx, dh, dC, dn, dm):
     qwT = LB.view(n_bh, NC, L, R)[..., :DQK].transpose(-1, -2).unbind(1)
     doutu = dout.view(n_bh, NC, L, E).unbind(1)
     pu = RB.view(n_bh, NC, R, E)[:, :, :DQK].unbind(1)
-    # the decay weights' gradients <carried[c], prev[c]> while carried[c] is in cache, through
-    # one small reused buffer (a fresh multi-MB tensor is page-faulted in on every call)
+    # the decay weights' gradients <carried[c], prev[c]>: small states in one product after
+    # the scan; large ones while carried[c] is in cache, through one small reused buffer (a
+    # fresh multi-MB tensor is page-faulted in on every call)
+    in_loop = carried.numel() * carried.element_size() > _DOT_BATCH_BYTES
     dw_old = w_old.new_empty(NC, n_bh)
-    tmp = torch.empty_like(cu[0])
+    tmp = torch.empty_like(cu[0]) if in_loop else None
     for c in range(NC - 1, -1, -1):
         if c < NC - 1:
             torch.addcmul(torch.bmm(qwT[c + 1], doutu[c + 1]), cu[c + 1], wu[c + 1], out=cu[c])
-        torch.sum(torch.mul(cu[c], pu[c], out=tmp), (-1, -2), out=dw_old[c])
-    dw_old = dw_old.t().reshape(B, NH, NC)
+        if in_loop:
+            torch.sum(torch.mul(cu[c], pu[c], out=tmp), (-1, -2), out=dw_old[c])
+    if in_loop:
+        dw_old = dw_old.t().reshape(B, NH, NC)
+    else:
+        dw_old = (carried * RB[..., :DQK, :]).sum((-1, -2))
     dCa0 = None
     if need_state:
         dCa0 = torch.addcmul(torch.bmm(qwT[0], doutu[0]), cu[0], wu[0]).view(B, NH, DQK, E)
