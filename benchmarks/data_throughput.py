@@ -27,6 +27,9 @@ tokenizer settings), in one run:
   train_throughput-2026-12-02-cpu.md, ours without FSDP on this CPU);
 - the tiny preset's training step (forward + backward + AdamW, batch 4 x seq 128, one
   thread, like one rank of `make demo`), when the `model` package is importable.
+With `--baseline DIR` (a folder holding another `data` package, e.g. `git archive
+dcaf238 data | tar -x -C DIR`): the CPU time per batch at 0 workers of that loader and of
+this one, each in fresh processes, interleaved: before/after in one run.
 Goals from the issues: loader at 0 workers >= 0.8 x the raw read rate; the ring kept only
 if >= 1.3 x the plain DataLoader at 4+ workers; the loader never the bottleneck of a
 step. Ratios are printed; nothing is asserted.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import resource
 import subprocess
@@ -111,13 +115,15 @@ def _breakdown(cfg: dict, runs: int) -> dict[str, float]:
 
     need = cfg["micro_batch_size"] * cfg["seq_len"] + 1
 
-    def docs():
+    def docs():  # as the packer draws them (one source: no mixing draw)
         s = slot()
-        while s._draw() is not None:
+        draw = s._draw if len(s.readers) > 1 else s.readers[0].next_doc
+        while draw() is not None:
             pass
 
     def packed():
-        for _ in slot().batches(lambda: np.empty(need, np.uint16), snapshot=False):
+        for _ in slot().batches(lambda: np.empty(need, np.uint16), snapshot=False,
+                                make=lambda *packed: None):
             pass
 
     def whole(cold=False):
@@ -140,6 +146,28 @@ def _breakdown(cfg: dict, runs: int) -> dict[str, float]:
             "the first epoch's mapping, parsing and hashing (over all epochs)":
                 med["cold"] - med["whole"],
             "total (cold)": med["cold"]}
+
+
+# CPU seconds per batch of the loader at 0 workers in a fresh process (cold caches), after
+# the first batch, with the `data` package found in argv[1]
+_PROBE = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from data.loader import build_loader
+it = iter(build_loader(json.loads(sys.argv[2])))
+next(it)
+n, c = 0, time.process_time()
+for _b in it:
+    n += 1
+print((time.process_time() - c) / n)
+"""
+
+
+def _cpu_per_batch(root: str, cfg: dict) -> float:
+    out = subprocess.run([sys.executable, "-c", _PROBE, root, json.dumps(cfg)], check=True,
+                         capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return float(out.stdout.split()[-1])
 
 
 def _tiny_step_tokens_per_s(batch: int = 4, seq: int = 128, steps: int = 6) -> float | None:
@@ -191,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--step-tokens-per-s", type=float, default=91.8,
                     help="the 125M model's training tokens/s (default: this CPU, 2026-12-02)")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
+    ap.add_argument("--baseline", default=None, help="a folder holding another `data` "
+                    "package: its CPU time per batch at 0 workers against this one's")
     a = ap.parse_args(argv)
 
     work = tempfile.mkdtemp(prefix="data-bench-")
@@ -300,8 +330,15 @@ def main(argv=None) -> int:
     # loader's at 0 workers (the fastest run), and where the loader's goes
     per_batch = a.batch * a.seq_len / tokens
     cat_us, loader_us = min(cat_cpu) * per_batch * 1e6, min(cpu0) * 1e6
-    parts = _breakdown({"sources": shards, "seq_len": a.seq_len, "micro_batch_size": a.batch,
-                        "epochs": a.epochs, "shuffle_buffer": 1024, "seed": 0}, 7)
+    cfg0 = {"sources": shards, "seq_len": a.seq_len, "micro_batch_size": a.batch,
+            "epochs": a.epochs, "shuffle_buffer": 1024, "seed": 0}
+    parts = _breakdown(cfg0, 7)
+    versus = None
+    if a.baseline:  # fresh processes, interleaved: before/after under the same load
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        runs = [(_cpu_per_batch(a.baseline, cfg0), _cpu_per_batch(here, cfg0))
+                for _ in range(a.runs)]
+        versus = [min(r[i] for r in runs) * 1e6 for i in (0, 1)]
 
     tiny = _tiny_step_tokens_per_s()
     if tiny is not None:
@@ -340,6 +377,10 @@ def main(argv=None) -> int:
                  f"batch): {cat_us / loader_us:.2f}x of cat (goal >= 0.8x)")
     lines.append("where the loader's CPU time per batch goes (0 workers, median of 7 runs of "
                  f"{a.epochs} epochs): " + ", ".join(f"{k} {v:.1f} us" for k, v in parts.items()))
+    if versus is not None:
+        lines.append(f"before/after (CPU time per batch at 0 workers, fastest of {a.runs} fresh "
+                     f"processes each, interleaved): {a.baseline} {versus[0]:.1f} us, this "
+                     f"{versus[1]:.1f} us ({versus[0] / versus[1]:.2f}x less)")
     if tiny is not None:
         lines.append(f"best loader / tiny train step: {top / tiny:,.0f}x (goal >= 100x)")
     table = "\n".join(lines)

@@ -359,11 +359,12 @@ class _Slot:
                 self.skipped(e)
         # one source: no mixing draw (an exhausted reader's new generator ends at once)
         draw = self._draw if len(self.readers) > 1 else self.readers[0].next_doc
-        segs: list[tuple] = []  # with meta: (position, key, token offset, tokens taken)
+        freeze = (lambda x: pickle.dumps(x, pickle.HIGHEST_PROTOCOL)) if snapshot else (
+            lambda x: x)
         while not st.done:
             buf = alloc()
             flat = buf if type(buf) is np.ndarray else buf.numpy()
-            starts, pos = [], 0
+            starts, segs, pos = [], [], 0
             from_carry = pending is not None
             while pos < need:
                 if pending is None and (pending := draw()) is None:
@@ -394,18 +395,10 @@ class _Slot:
                 st.carry = DocRef(*pending[0], pending[2])
             stats.batches += 1
             stats.tokens += b * s
-            m = None
-            if meta:
-                m, segs = self._meta(segs), []
-            if make is not None:
-                yield make(buf, starts, pos, m)
-            else:
-                yield ((buf, starts, pos, m),
-                       pickle.dumps(st, pickle.HIGHEST_PROTOCOL) if snapshot else st,
-                       stats.batches)
-        if make is None:  # the final state (counters), no batch
-            yield None, pickle.dumps(st, pickle.HIGHEST_PROTOCOL) if snapshot else st, \
-                stats.batches
+            packed = (buf, starts, pos, self._meta(segs) if meta else None)
+            yield make(*packed) if make else (packed, freeze(st), stats.batches)
+        if make is None:
+            yield None, freeze(st), stats.batches  # the final state (counters), no batch
 
     def _meta(self, segs: list[tuple]) -> list[list[tuple]]:
         """Per row, the document pieces it holds: (source, epoch, shard url, sample index,
@@ -652,19 +645,13 @@ class TokenLoader:
             slot = _Slot(cfg, self.shards, self.weights, _state_of(slots[j]), self.version)
             slots[j] = slot.st  # live: the generator stands still while a batch is used
             tdt, need, shape = _TORCH_DTYPE[dtype], b * s + 1, (b, s)
-            from_numpy, i64 = torch.from_numpy, np.int64
-            if pin:
-                def alloc():
-                    return torch.empty(need, dtype=tdt, pin_memory=True)
+            alloc = ((lambda: torch.empty(need, dtype=tdt, pin_memory=True)) if pin else
+                     functools.partial(np.empty, need, dtype))  # a tenth of torch.empty's cost
 
-                def make(ids, starts, end, meta):
-                    return Batch(ids, from_numpy(np.array(starts, i64)), end, shape, pack, meta)
-            else:
-                alloc = functools.partial(np.empty, need, dtype)  # a tenth of torch.empty's
-
-                def make(ids, starts, end, meta):
-                    return Batch(from_numpy(ids), from_numpy(np.array(starts, i64)), end, shape,
-                                 pack, meta)
+            def make(ids, starts, end, meta, tensor=torch.from_numpy, i64=np.int64):
+                # from numpy: a fifth of torch.tensor(list)'s cost
+                return Batch(ids if pin else tensor(ids), tensor(np.array(starts, i64)), end,
+                             shape, pack, meta)
             yield from slot.batches(alloc, snapshot=False, make=make)
             return
         group = max(1, cfg.batches_per_transfer)

@@ -12,9 +12,9 @@ started.
 Exactly-once resume. Each source's shards are *units*; epoch e visits them in a
 permutation seeded by (seed, source, e). The loader has N = world_size * max(1,
 num_workers) readers ("slots"); slot j reads positions j, j+N, j+2N, ... of every epoch.
-Inside a unit, K = shuffle_buffer consecutive samples are read, then emitted in a
-permutation seeded by (seed, source, epoch, position, window start): the shuffle buffer
-is restorable from two numbers. A slot draws documents (the source chosen by weight with
+Inside a unit, K = shuffle_buffer consecutive samples are read, then emitted in an
+order fixed by (seed, source, epoch, position, window start) (`window_order`): the
+shuffle buffer is restorable from two numbers. A slot draws documents (the source chosen by weight with
 a counter-based RNG), packs them and yields whole batches, each with the slot's state
 after it; the main process keeps the state of the last batch it handed out (prefetched
 ones do not count). Same world size and workers: every slot resumes as it was, bitwise.
@@ -59,7 +59,7 @@ class Unit:
     run: [start, stop, step]: stands for the whole units at positions
         range(start, stop, step) of `epoch` (position, ranges, token_offset unused).
     window_start: samples of `ranges` before the open shuffle window (K samples, emitted
-        in the permutation seeded by (seed, source, epoch, position, window_start)).
+        in the order `window_order` draws from (seed, source, epoch, position, window_start)).
     emitted: samples of the open window already emitted.
     window_size: samples in the open window (0: none open).
     """

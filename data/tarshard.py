@@ -8,9 +8,12 @@ One tar parser (`_walk`), over bytes in memory: a local file is mapped whole
 (`map_shard`), a stream (HTTP, `pipe:`) parsed a chunk at a time (`TarStream`). It is
 ours, not tarfile's or webdataset's, because every problem must name the shard and the
 byte offset (tests/test_data_tarshard.py holds both uses to a sequential reference).
-A local shard's mapping, index and verified digest are kept per process by file
-identity (device, inode, size, mtime_ns, ctime_ns): a later epoch neither maps, parses
-nor hashes it again; a changed file is checked anew.
+It takes one Python step per header (one struct unpack); reading the size field of every
+512-byte block with numpy first measured no faster on shards of ~30 documents (numpy's
+fixed cost over all blocks equals the Python it saves), so only the checksums and the
+ids' bounds are numpy. A local shard's mapping, index, sample views and verified digest
+are kept per process by file identity (device, inode, size, mtime_ns, ctime_ns): a
+later epoch neither maps, parses nor hashes it again; a changed file is checked anew.
 """
 
 from __future__ import annotations
