@@ -334,18 +334,19 @@ def _forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L: int, eps: float):
     rZ = torch.reciprocal(torch.maximum(absden, emt).add_(eps))
     # d|den|/d den where |den| is the max (else the max is exp(-m), a stabilizer path)
     dsgn = torch.where(absden >= emt, torch.sign(den), 0.0)
-    hp = torch.mul(out[..., :DV], rZ[..., None])  # (B, NH, NC, L, DV), contiguous
-    h = hp.view(B, NH, NC * L, DV)[:, :, :S]
-    h = h.contiguous() if pad else h
+    # h = num / N in place: h is returned as a view of out (rows of DV + 1; the callers'
+    # transposes copy it anyway), which the backward keeps
+    out[..., :DV].mul_(rZ[..., None])
+    h = out.view(B, NH, NC * L, E)[:, :, :S, :DV]
 
-    ctx.save_for_backward(qc, kc, RB, LB, last, Ew, hp, rZ, dsgn, w_inter, kw, wk, w_old,
+    ctx.save_for_backward(qc, kc, RB, LB, last, Ew, out, rZ, dsgn, w_inter, kw, wk, w_old,
                           rarg, a_win, g_arg, aend_win, f, start)
     ctx.meta = (S, L, eps)
     return h, last[..., :DV].contiguous(), last[..., DV].contiguous(), mT[-1].clone()
 
 
 def _backward(ctx, dh, dC, dn, dm):
-    (qc, kc, RB, LB, last, Ew, hp, rZ, dsgn, w_inter, kw, wk, w_old,
+    (qc, kc, RB, LB, last, Ew, out, rZ, dsgn, w_inter, kw, wk, w_old,
      rarg, a_win, g_arg, aend_win, f, start) = ctx.saved_tensors
     S, L, eps = ctx.meta
     need_state = any(ctx.needs_input_grad[5:8])
@@ -361,7 +362,7 @@ def _backward(ctx, dh, dC, dn, dm):
         dh = dh.to(qc.dtype)
         dhp = dout.view(B, NH, SP, E)[:, :, :S, :DV]
         # dh . h through dout's storage (fresh multi-MB temporaries cost their page faults)
-        hdh = torch.mul(dh, hp.view(B, NH, SP, DV)[:, :, :S], out=dhp).sum(-1)
+        hdh = torch.mul(dh, out.view(B, NH, SP, E)[:, :, :S, :DV], out=dhp).sum(-1)
         dZ = F.pad(hdh, (0, SP - S)).view(B, NH, NC, L).mul_(rZ).neg_()  # dL/dN
         torch.mul(dh, rZ.view(B, NH, SP)[:, :, :S, None], out=dhp)
         torch.mul(dZ, dsgn, out=dout[..., DV])
