@@ -26,7 +26,8 @@ Resume: `state = loader.state_dict()` (a `data.state.LoaderState` as a JSON-able
 dict; a collective when world_size > 1, identical on all ranks) and
 `loader.load_state_dict(state)` on a fresh loader, at the same or another world size
 / worker count: every remaining sample exactly once (`data.state` says how). States of
-version 1 (checkpoints written before 2026-12) still load; another version is an error.
+versions 1 and 2 (older checkpoints) still load and keep their shuffle order; another
+version is an error.
 
 Faults: a truncated or corrupt shard raises `ShardError` naming the shard and byte
 offset (a digest mismatch: before any sample of a local shard is used, at the end of a
