@@ -29,6 +29,9 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        dev = hidden.device.type
+        # the gradient matmuls' dtype: under autocast cast d logits once, not once per matmul
+        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
         for a in range(0, hidden.shape[0], chunk):
             h, y = hidden[a:a + chunk], labels[a:a + chunk]
             z = (h @ weight.t()).to(acc)  # (T, V)
@@ -41,12 +44,13 @@ class _FusedHeadLoss(torch.autograd.Function):
             total += ((lse - z.gather(1, target)[:, 0]) * valid).sum(dtype=torch.float64)
             if not (want_h or want_w):
                 continue
-            g = torch.softmax(z, dim=-1)  # d loss / d logits, times n
+            # d loss / d logits = (softmax - one_hot) * valid / n, written over z: exp(z - lse)
+            g = z.sub_(lse[:, None]).exp_()
             g.scatter_add_(1, target, -torch.ones_like(target, dtype=g.dtype))
-            g.mul_(valid[:, None]).div_(max(n, 1))
+            g.mul_((valid.to(g.dtype) / max(n, 1))[:, None])
             if cap is not None:
                 g *= 1 - t * t  # through cap * tanh(z / cap)
-            g = g.to(hidden.dtype)
+            g = g.to(mm_dtype)
             if want_h:
                 grad_h[a:a + chunk] = g @ weight
             if want_w:
