@@ -295,10 +295,11 @@ def _forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L: int, eps: float):
     wu = w_old.reshape(n_bh, NC, 1, 1).unbind(1)
     kwT = kw.view(n_bh, NC, L, DQK).transpose(-1, -2).unbind(1)
     vau = RB4[:, :, DQK:].unbind(1)
+    # the chunk's product into one reused buffer, then one fused multiply-add into the slot
+    # (an in-place baddbmm_ on the strided slot falls back to a copy and one gemm per head)
+    kv = last.new_empty(n_bh, DQK, E)
     for c in range(NC):
-        # a fresh product, then one fused multiply-add into the slot (an in-place baddbmm_ on
-        # the strided slot falls back to a copy and one gemm per head)
-        torch.addcmul(torch.bmm(kwT[c], vau[c]), pu[c], wu[c], out=pu[c + 1])
+        torch.addcmul(torch.bmm(kwT[c], vau[c], out=kv), pu[c], wu[c], out=pu[c + 1])
 
     # outputs: one stabilizer per position over the carried state and the in-chunk keys
     mp = m_prev[..., None]
@@ -411,9 +412,10 @@ def _backward(ctx, dh, dC, dn, dm):
     in_loop = carried.numel() * carried.element_size() > _DOT_BATCH_BYTES
     dw_old = w_old.new_empty(NC, n_bh)
     tmp = torch.empty_like(cu[0]) if in_loop else None
+    qd = carried.new_empty(n_bh, DQK, E)  # reused product buffer, as in the forward
     for c in range(NC - 1, -1, -1):
         if c < NC - 1:
-            torch.addcmul(torch.bmm(qwT[c + 1], doutu[c + 1]), cu[c + 1], wu[c + 1], out=cu[c])
+            torch.addcmul(torch.bmm(qwT[c + 1], doutu[c + 1], out=qd), cu[c + 1], wu[c + 1], out=cu[c])
         if in_loop:
             torch.sum(torch.mul(cu[c], pu[c], out=tmp), (-1, -2), out=dw_old[c])
     if in_loop:
@@ -422,7 +424,7 @@ def _backward(ctx, dh, dC, dn, dm):
         dw_old = (carried * RB[..., :DQK, :]).sum((-1, -2))
     dCa0 = None
     if need_state:
-        dCa0 = torch.addcmul(torch.bmm(qwT[0], doutu[0]), cu[0], wu[0]).view(B, NH, DQK, E)
+        dCa0 = torch.addcmul(torch.bmm(qwT[0], doutu[0], out=qd), cu[0], wu[0]).view(B, NH, DQK, E)
     c3 = carried.view(n3, DQK, E)
     # dv only (the ones column needs no gradient): a contiguous (.., DV) result, which the
     # callers' reshapes and gradient accumulation then take without a copy
