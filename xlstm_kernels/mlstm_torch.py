@@ -386,7 +386,9 @@ def _backward(ctx, dh, dC, dn, dm):
     cs = dlogD.sum(-2)  # the key side: -b_s + i_s
     db.add_(dlogD.sum(-1)).sub_(cs)
     di = cs
-    dqc = torch.mul(X, w_inter[..., None]).view(n3, L, DQK).baddbmm_(dQK.view(n3, L, L), kc.view(n3, L, DQK))
+    # a fresh product and one addcmul_ (an in-place baddbmm_ first copies its input)
+    dqc = torch.bmm(dQK.view(n3, L, L), kc.view(n3, L, DQK)).view(B, NH, NC, L, DQK)
+    dqc.addcmul_(X, w_inter[..., None])
 
     # reverse scan of the state gradients: carried[c] = dL/d(state after chunk c)
     # = w_old_{c+1} carried[c+1] + qw_{c+1}^T @ dout_{c+1}, updated in place chunk by chunk
@@ -433,8 +435,8 @@ def _backward(ctx, dh, dC, dn, dm):
     # dkw = va @ carried^T
     Y = torch.bmm(RB.view(n3, R, E)[:, DQK:], c3.transpose(-1, -2)).view(B, NH, NC, L, DQK)
     dg = torch.mul(Y, kc, out=rowtmp).sum(-1).mul_(wk)  # g_s = b_end - b_s + i_s
-    dkc = Y.mul_(wk[..., None]).view(n3, L, DQK).baddbmm_(dQK.view(n3, L, L).transpose(-1, -2),
-                                                          qc.view(n3, L, DQK))
+    dkc = torch.bmm(dQK.view(n3, L, L).transpose(-1, -2), qc.view(n3, L, DQK)).view(B, NH, NC, L, DQK)
+    dkc.addcmul_(Y, wk[..., None])
     db.sub_(dg)
     di.add_(dg)
     db_end = dg.sum(-1).add_(dw_old.mul_(w_old))  # a_end = b_end + m_prev (w_old = 0 on reset)
