@@ -100,15 +100,18 @@ def peak_memory_case(impl: str, S: int, mode: str, chunk: int) -> dict:
 
 def best_times(impls: list[str], S: int, mode: str, reps: int, chunk: int) -> dict[str, float]:
     """Best time of `reps` runs per implementation, interleaved round-robin so that
-    load from other jobs on a shared machine hits every implementation alike."""
+    load from other jobs on a shared machine hits every implementation alike. The order
+    rotates every round: a run right after the quadratic form (large buffers freed, caches
+    cold) is ~1.3 ms slower at S=512, and a fixed order would always charge that to one
+    implementation."""
     inputs = make_inputs(S)
     fns = {impl: make_fn(impl, chunk) for impl in impls}
     for fn in fns.values():  # warm-up
         run_once(fn, inputs, mode)
     best = {impl: float("inf") for impl in impls}
-    for _ in range(reps):
-        for impl, fn in fns.items():
-            best[impl] = min(best[impl], run_once(fn, inputs, mode))
+    for r in range(reps):
+        for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
+            best[impl] = min(best[impl], run_once(fns[impl], inputs, mode))
     return best
 
 
