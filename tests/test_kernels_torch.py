@@ -158,6 +158,25 @@ def test_chunkwise_decay_gradient_paths_agree(monkeypatch):
         assert rel(a, b) < 1e-12
 
 
+@pytest.mark.parametrize("S", [32, 37])
+def test_chunkwise_strided_inputs_equal_contiguous(S):
+    """Inputs as the blocks pass them (views of (B, S, NH, D) tensors): same h and gradients."""
+    g = torch.Generator().manual_seed(10)
+    base = [torch.randn(2, S, 3, d, generator=g, dtype=F64) for d in (5, 5, 7)]
+    base += [torch.randn(2, S, 3, generator=g, dtype=F64), torch.randn(2, S, 3, generator=g, dtype=F64) + 2]
+
+    def run(contiguous):
+        xs = [t.clone().requires_grad_() for t in base]
+        ins = [x.transpose(1, 2) for x in xs]
+        ins = [x.contiguous() for x in ins] if contiguous else ins
+        h = xlstm_kernels.mlstm_chunkwise(*ins, chunk_size=8, backend="torch")
+        h.square().sum().backward()
+        return [h] + [x.grad for x in xs]
+
+    for a, b in zip(run(False), run(True)):
+        assert rel(a, b) < 1e-13
+
+
 def test_chunkwise_is_one_autograd_node_and_runs_in_float32_under_autocast():
     """One graph node for the whole op; under CPU bf16 autocast it computes in float32 (the
     same h as without autocast) and its gradients match the float32 ones."""
