@@ -82,7 +82,7 @@ def peak_memory_case(impl: str, S: int, mode: str, chunk: int) -> dict:
 
     inputs = make_inputs(S)
     fn = make_fn(impl, chunk)
-    run_once(fn, make_inputs(min(S, 64)), mode)  # lazy imports and allocator warm-up
+    run_once(fn, make_inputs(min(S, max(64, chunk))), mode)  # lazy imports, allocator warm-up
     before, peak, done = _rss_bytes(), [0], threading.Event()
 
     def sample() -> None:
