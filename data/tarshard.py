@@ -359,11 +359,12 @@ def _peaks(buf, index: _Index) -> np.ndarray:
 # Per sample the header offset of its tokens member, named `<key>.tokens.u16` (or .u32)
 # by `ShardWriter`, with one key length and one width per shard. Of each header
 # `_from_sample_index` reads the name's last 11 bytes and its NUL, the size field's NUL,
-# type, magic, and the size field (11 octal digits):
+# type, magic, and the size field (11 octal digits), each between these bounds:
 _REST = np.r_[135, 156, 257:262, 124:135]
-_EXPECT = {ext: np.frombuffer(f".tokens.{ext}".encode() + b"\0\0" + b"0ustar", np.uint8)
-           for ext in TOKEN_EXT}
+_LOW, _SPAN = ({ext: np.frombuffer(f".tokens.{ext}\0\0" "0ustar".encode() + b"0" * 11, np.uint8)
+                for ext in TOKEN_EXT}, np.r_[np.zeros(19, np.uint8), np.full(11, 7, np.uint8)])
 _POW8 = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+_COLS: dict[int, np.ndarray] = {}  # name length -> the columns read
 
 
 def encode_sample_index(index: _Index) -> str:
@@ -397,23 +398,23 @@ def _from_sample_index(buf, name: str, entry: dict) -> _Index:
     nlen = bytes(buf[at[0]:at[0] + 100]).find(b"\0") if n else 12  # the first name's length
     if nlen < 12:  # shorter than a key and ".tokens.u16", or 100 bytes with no end
         raise bad("no tokens member's header here", int(at[0]))
-    g = np.frombuffer(buf, np.uint8)[at[:, None] + np.r_[nlen - 11:nlen + 1, _REST]]
-    fixed = g[:, :19]  # (n, 19)
-    ext = "u32" if n and fixed[0, 9] == ord("3") else "u16"
-    digits = g[:, 19:] - np.uint8(48)  # wraps below "0": > 7 too
-    msize = digits.astype(np.int64) @ _POW8
+    cols = _COLS.get(nlen)
+    if cols is None:
+        cols = _COLS[nlen] = np.r_[nlen - 11:nlen + 1, _REST]
+    g = np.frombuffer(buf, np.uint8)[at[:, None] + cols]  # (n, 30)
+    ext = "u32" if n and g[0, 9] == ord("3") else "u16"
     width = TOKEN_EXT[ext].itemsize
-    ends = at + BLOCK + msize
-    if n and not ((fixed == _EXPECT[ext]).all() and (digits <= 7).all()
-                  and not (msize & (width - 1)).any() and (ends[:-1] <= at[1:]).all()
-                  and ends[-1] <= size):
-        ok = ((fixed == _EXPECT[ext]).all(1) & (digits <= 7).all(1)
-              & (msize % width == 0) & (ends <= np.r_[at[1:], size]))
+    g -= _LOW[ext]  # 0 where a byte is as expected; size digits 0-7; else more (wrapped)
+    msize = g[:, 19:] @ _POW8
+    start = at + BLOCK
+    ends = start + msize
+    if n and not ((g <= _SPAN).all() and (ends[:-1] <= at[1:]).all() and ends[-1] <= size
+                  and not (msize & (width - 1)).any()):
+        ok = (g <= _SPAN).all(1) & (msize % width == 0) & (ends <= np.r_[at[1:], size])
         raise bad(f"no {ext} tokens member's header here", int(at[np.argmin(ok)]))
-    lo = (at + BLOCK) // width
-    hi = lo + msize // width
-    if int(hi.sum() - lo.sum()) != entry["tokens"]:
-        raise bad(f"{int(hi.sum() - lo.sum())} tokens for {entry['tokens']}")
+    if int(msize.sum()) != entry["tokens"] * width:
+        raise bad(f"{int(msize.sum()) // width} tokens for {entry['tokens']}")
+    lo, hi = start // width, ends // width
     return _Index(n, lo, hi, None if width == 2 else np.ones(n, bool), at, None, {}, None,
                   size, True, top=int(entry["max_id"]))
 
