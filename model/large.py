@@ -79,8 +79,10 @@ class MLSTMLayer(nn.Module):
             return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        i = soft_cap(self.igate(x), cap).transpose(1, 2)  # (B, NH, S)
-        f = soft_cap(self.fgate(x), cap).transpose(1, 2)
+        # both skinny gate projections as one matmul (the weights stay two Linears)
+        gates = F.linear(x, torch.cat([self.igate.weight, self.fgate.weight]),
+                         torch.cat([self.igate.bias, self.fgate.bias]))
+        i, f = soft_cap(gates, cap).transpose(1, 2).split(self.num_heads, dim=1)  # (B, NH, S) each
         if step:
             h, state = xlstm_kernels.mlstm_step(
                 q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state,
