@@ -178,9 +178,6 @@ def split_key(member: str) -> tuple[str, str]:
 
 
 _ZERO = bytes(BLOCK)
-_USTAR = np.frombuffer(b"ustar", np.uint8)
-_TOKENS_U = np.frombuffer(b".tokens.u", np.uint8)  # a tokens member's name ends in this
-_U16, _U32 = 256 * ord("1") + ord("6"), 256 * ord("3") + ord("2")  # and "16" or "32"
 _NO_SUM = bytes(8)
 _REGULAR, _LONG = (b"0", b"\0"), (b"L", b"x", b"g")  # tar type flags
 
@@ -380,20 +377,23 @@ def _from_sample_index(buf, name: str, entry: dict) -> _Index:
     index that does not fit the bytes is a `ShardError` naming the shard, never wrong ids.
     Checked: the counts, offsets on block bounds inside the file, each one a ustar header
     of a regular member named `<key>.tokens.u16` (or all `.u32`) with an octal size whose
-    data ends before the next indexed header. A few whole-array tests, ~25 us a shard."""
+    data ends before the next indexed header (so offsets increase). A few whole-array
+    tests: 20-80 us for a shard of 30 samples, against ~180 us for its walk."""
     def bad(what: str, offset: int | None = None) -> ShardError:
         return ShardError(name, offset, f"the manifest's sample index does not fit the "
                           f"shard ({what})")
 
     kind, _, text = str(entry["sample_index"]).partition(":")
     try:
+        if kind not in ("u4", "u8"):
+            raise ValueError(f"kind {kind!r}")
         at = np.frombuffer(base64.b64decode(text, validate=True), f"<{kind}").astype(np.int64)
-    except (ValueError, TypeError) as e:
+    except ValueError as e:
         raise bad(f"not base64 of u4 or u8 offsets: {e}") from None
     size, n = len(buf), at.size
     if n != entry["samples"]:
         raise bad(f"{n} offsets for {entry['samples']} samples")
-    if n and (int(at[-1]) + BLOCK > size or (at & (BLOCK - 1)).any()):
+    if n and (at[0] < 0 or int(at[-1]) + BLOCK > size or (at & (BLOCK - 1)).any()):
         raise bad("offsets off the block bounds of the file")
     nlen = bytes(buf[at[0]:at[0] + 100]).find(b"\0") if n else 12  # the first name's length
     if nlen < 12:  # shorter than a key and ".tokens.u16", or 100 bytes with no end
