@@ -178,10 +178,12 @@ def test_launch_options_deterministic_under_the_interpreter(monkeypatch):
     assert len(calls) == len(triton_ops.TUNE_SPACE["wide"]) > 1
 
 
-@pytest.mark.parametrize("DQK,DV", [(256, 20), (40, 136)])
+@pytest.mark.parametrize("DQK,DV", [(256, 20), (384, 20), (40, 136)])
 def test_chunkwise_head_dims(DQK, DV):
-    """The widest DQK (256), a DQK that is not a power of two, and a DV above one block
-    at the default block sizes (2 programs forward, 3 backward)."""
+    """DQK 256 (the large presets), 384 (the 125M NeurIPS presets: 3 dk / dq blocks of 128,
+    6 state-pass and output-pass blocks of 64, not a power of two), a DQK below one block
+    (masked), and a DV above one block at the default block sizes (2 programs forward, 3
+    backward); with resets and an initial state."""
     check_chunkwise(1, 1, 19, DQK, DV, 16, True, True)
 
 
@@ -376,9 +378,12 @@ def test_triton_errors_name_the_argument():
         xlstm_kernels.mlstm_chunkwise(q, k, v, i, f, initial_state=tuple(st), backend="triton")
     with pytest.raises(ValueError, match=r"one dtype"):
         xlstm_kernels.mlstm_chunkwise(q, k.half(), v, i, f, backend="triton")
-    big = torch.randn(1, 1, 8, 512)
-    with pytest.raises(ValueError, match=r"^q: got DQK=512; .*DQK <= 256"):
+    big = torch.randn(1, 1, 8, triton_ops.MAX_DQK + 16)
+    with pytest.raises(ValueError, match=rf"^q: got DQK={triton_ops.MAX_DQK + 16}; .*DQK <= 1024"):
         xlstm_kernels.mlstm_chunkwise(big, big, v, i, f, backend="triton")
+    with pytest.raises(ValueError, match=r"^q: got DQK=1040; .*DQK <= 1024"):
+        xlstm_kernels.mlstm_step(big[:, :, 0], big[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
+                                 None, backend="triton")
     with pytest.raises(ValueError, match=r"^q: .*float64"):
         xlstm_kernels.mlstm_step(q[:, :, 0].double(), k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
                            None, backend="triton")
@@ -389,10 +394,16 @@ def test_triton_errors_name_the_argument():
 # ----------------------------------------------------------------------------------------
 
 
-def test_step_equals_recurrent_token_by_token():
+@pytest.mark.parametrize("B,S,DQK,block_k", [(2, 9, 16, None), (1, 3, 384, None),
+                                             (1, 2, 384, 256)])
+def test_step_equals_recurrent_token_by_token(B, S, DQK, block_k, monkeypatch):
     """Generation: a chain of fused steps (with resets done by zeroing the state, as the
-    recurrent form does) equals xlstm_kernels.mlstm_recurrent, forward and gradients."""
-    B, NH, S, DQK, DV = 2, 2, 9, 16, 40
+    recurrent form does) equals xlstm_kernels.mlstm_recurrent, forward and gradients.
+    DQK 384 (the 125M NeurIPS heads) streams C in 3 blocks of 128, or in 2 of 256 (the
+    second half masked); DV 40 is 2 programs (one masked)."""
+    if block_k is not None:
+        monkeypatch.setattr(triton_ops, "STEP_BLOCK_K", block_k)
+    NH, DV = 2, 40
     ins = mlstm_inputs(B, NH, S, DQK, DV, seed=5, i_scale=3.0) + mlstm_state(B, NH, DQK, DV)
     x_tr = [t.clone().requires_grad_() for t in ins]
     x_64 = [t.detach().double().requires_grad_() for t in ins]

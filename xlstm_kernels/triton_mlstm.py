@@ -782,42 +782,48 @@ def mlstm_step_fwd_kernel(
     q_ptr, k_ptr, v_ptr, ig_ptr, lf_ptr, c_ptr, n_ptr, m_ptr,
     h_ptr, co_ptr, no_ptr, mo_ptr, den_ptr,
     scale, eps, DQK, DV,
-    BD: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
 ):
     """One token for one (batch, head) and one DV block: C, n, m updated and h produced.
-    Grid (BH, cdiv(DV, BV)). co/no/mo are fresh buffers (n is read by every DV block)."""
+    The (DQK, BV) slice of C is streamed in (BK, BV) blocks (no DQK-wide tile: any DQK).
+    Grid (BH, cdiv(DV, BV)). co/no/mo are fresh buffers (n is read by every DV block,
+    written by block 0)."""
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1)
-    offs_d = tl.arange(0, BD)
     offs_v = pid_v * BV + tl.arange(0, BV)
-    md = offs_d < DQK
     mv = offs_v < DV
-    mdv = md[:, None] & mv[None, :]
-    dv_off = offs_d[:, None] * DV + offs_v[None, :]
-    q = tl.load(q_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + pid_bh * DV + offs_v, mask=mv, other=0.0).to(tl.float32)
     ig = tl.load(ig_ptr + pid_bh)
     lf = tl.load(lf_ptr + pid_bh)
     if HAS_STATE:
-        C = tl.load(c_ptr + pid_bh * DQK * DV + dv_off, mask=mdv, other=0.0)
-        n = tl.load(n_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0)
         m = tl.load(m_ptr + pid_bh)
     else:
-        C = tl.full((BD, BV), 0.0, tl.float32)
-        n = tl.full((BD,), 0.0, tl.float32)
         m = lf * 0.0
     m_new = tl.maximum(lf + m, ig)
     fg = tl.exp(lf + m - m_new)
     ip = tl.exp(ig - m_new)
-    C = fg * C + ip * (k[:, None] * v[None, :])
-    n = fg * n + ip * k
-    num = _sum(q[:, None] * C, 0) * scale
-    den = _sum(q * n, 0) * scale
+    num = tl.full((BV,), 0.0, tl.float32)
+    den = lf * 0.0
+    for k0 in range(0, DQK, BK):
+        offs_d = k0 + tl.arange(0, BK)
+        md = offs_d < DQK
+        mdv = md[:, None] & mv[None, :]
+        dv_off = offs_d[:, None] * DV + offs_v[None, :]
+        q = tl.load(q_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0).to(tl.float32)
+        C = ip * (k[:, None] * v[None, :])
+        n = ip * k
+        if HAS_STATE:
+            C += fg * tl.load(c_ptr + pid_bh * DQK * DV + dv_off, mask=mdv, other=0.0)
+            n += fg * tl.load(n_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0)
+        num += _sum(q[:, None] * C, 0)
+        den += _sum(q * n, 0)
+        tl.store(co_ptr + pid_bh * DQK * DV + dv_off, C, mask=mdv)
+        tl.store(no_ptr + pid_bh * DQK + offs_d, n, mask=md & (offs_d * 0 + pid_v == 0))
+    num = num * scale
+    den = den * scale
     h = num / (tl.maximum(tl.abs(den), tl.exp(-m_new)) + eps)
     tl.store(h_ptr + pid_bh * DV + offs_v, h, mask=mv)
-    tl.store(co_ptr + pid_bh * DQK * DV + dv_off, C, mask=mdv)
-    tl.store(no_ptr + pid_bh * DQK + offs_d, n, mask=md & (offs_d * 0 + pid_v == 0))
     if pid_v == 0:
         tl.store(mo_ptr + pid_bh, m_new)
         tl.store(den_ptr + pid_bh, den)
@@ -829,55 +835,63 @@ def mlstm_step_bwd_kernel(
     dh_ptr, dco_ptr, dno_ptr,
     dq_ptr, dk_ptr, dv_ptr, dc_ptr, dn_ptr, sc_ptr,
     scale, DQK, DV, BH,
-    BD: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_STATE: tl.constexpr,
 ):
     """Backward of one step with the new stabilizer held fixed (the wrapper routes its
     own path). dq, dk and the two gate scalars (d log f', d log i') are partial over DV
-    blocks: (NVB, BH, ...). Grid (BH, cdiv(DV, BV))."""
+    blocks: (NVB, BH, ...). C and its gradients are streamed in (BK, BV) blocks (any DQK);
+    dv and the gate scalars accumulate over them. Grid (BH, cdiv(DV, BV))."""
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1)
-    offs_d = tl.arange(0, BD)
     offs_v = pid_v * BV + tl.arange(0, BV)
-    md = offs_d < DQK
     mv = offs_v < DV
-    mdv = md[:, None] & mv[None, :]
-    dv_off = offs_d[:, None] * DV + offs_v[None, :]
-    first = offs_d * 0 + pid_v == 0
-    q = tl.load(q_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + pid_bh * DV + offs_v, mask=mv, other=0.0).to(tl.float32)
     ig = tl.load(ig_ptr + pid_bh)
     lf = tl.load(lf_ptr + pid_bh)
     if HAS_STATE:
-        C = tl.load(c_ptr + pid_bh * DQK * DV + dv_off, mask=mdv, other=0.0)
-        n = tl.load(n_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0)
         m = tl.load(m_ptr + pid_bh)
     else:
-        C = tl.full((BD, BV), 0.0, tl.float32)
-        n = tl.full((BD,), 0.0, tl.float32)
         m = lf * 0.0
     m_new = tl.load(mo_ptr + pid_bh)
     fg = tl.exp(lf + m - m_new)
     ip = tl.exp(ig - m_new)
-    C1 = fg * C + ip * (k[:, None] * v[None, :])
-    n1 = fg * n + ip * k
     nrm = tl.load(nrm_ptr + pid_bh)
-    dd = tl.where(first, tl.load(dden_ptr + pid_bh), 0.0)  # (BD,), only in block 0
+    dd = tl.where(pid_v == 0, tl.load(dden_ptr + pid_bh), 0.0)  # only in DV block 0
     dnum = tl.load(dh_ptr + pid_bh * DV + offs_v, mask=mv, other=0.0) / nrm
-    dC1 = tl.load(dco_ptr + pid_bh * DQK * DV + dv_off, mask=mdv, other=0.0)
-    dC1 += scale * q[:, None] * dnum[None, :]
-    dn1 = tl.load(dno_ptr + pid_bh * DQK + offs_d, mask=md & first, other=0.0)
-    dn1 += scale * dd * q
-    dq = scale * (_sum(C1 * dnum[None, :], 1) + dd * n1)
-    dk = ip * (_sum(dC1 * v[None, :], 1) + dn1)
-    dv = ip * _sum(dC1 * k[:, None], 0)
-    dlf = fg * (_sum(_sum(dC1 * C, 1), 0) + _sum(dn1 * n, 0))
-    dli = ip * (_sum(_sum(dC1 * k[:, None] * v[None, :], 1), 0) + _sum(dn1 * k, 0))
     row = pid_v.to(tl.int64) * BH + pid_bh
-    tl.store(dq_ptr + row * DQK + offs_d, dq, mask=md)
-    tl.store(dk_ptr + row * DQK + offs_d, dk, mask=md)
+    dv = tl.full((BV,), 0.0, tl.float32)
+    dlf = lf * 0.0
+    dli = lf * 0.0
+    for k0 in range(0, DQK, BK):
+        offs_d = k0 + tl.arange(0, BK)
+        md = offs_d < DQK
+        mdv = md[:, None] & mv[None, :]
+        dv_off = offs_d[:, None] * DV + offs_v[None, :]
+        first = offs_d * 0 + pid_v == 0
+        q = tl.load(q_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0).to(tl.float32)
+        kv = k[:, None] * v[None, :]
+        C1 = ip * kv
+        n1 = ip * k
+        if HAS_STATE:
+            C = tl.load(c_ptr + pid_bh * DQK * DV + dv_off, mask=mdv, other=0.0)
+            n = tl.load(n_ptr + pid_bh * DQK + offs_d, mask=md, other=0.0)
+            C1 += fg * C
+            n1 += fg * n
+        dC1 = tl.load(dco_ptr + pid_bh * DQK * DV + dv_off, mask=mdv, other=0.0)
+        dC1 += scale * q[:, None] * dnum[None, :]
+        dn1 = tl.load(dno_ptr + pid_bh * DQK + offs_d, mask=md & first, other=0.0)
+        dn1 += scale * dd * q
+        dq = scale * (_sum(C1 * dnum[None, :], 1) + dd * n1)
+        dk = ip * (_sum(dC1 * v[None, :], 1) + dn1)
+        dv += ip * _sum(dC1 * k[:, None], 0)
+        if HAS_STATE:
+            dlf += fg * (_sum(_sum(dC1 * C, 1), 0) + _sum(dn1 * n, 0))
+        dli += ip * (_sum(_sum(dC1 * kv, 1), 0) + _sum(dn1 * k, 0))
+        tl.store(dq_ptr + row * DQK + offs_d, dq, mask=md)
+        tl.store(dk_ptr + row * DQK + offs_d, dk, mask=md)
+        tl.store(dc_ptr + pid_bh * DQK * DV + dv_off, fg * dC1, mask=mdv)
+        tl.store(dn_ptr + pid_bh * DQK + offs_d, fg * dn1, mask=md & first)
     tl.store(dv_ptr + pid_bh * DV + offs_v, dv, mask=mv)
-    tl.store(dc_ptr + pid_bh * DQK * DV + dv_off, fg * dC1, mask=mdv)
-    tl.store(dn_ptr + pid_bh * DQK + offs_d, fg * dn1, mask=md & first)
     tl.store(sc_ptr + row * 2, dlf)
     tl.store(sc_ptr + row * 2 + 1, dli)

@@ -3,7 +3,9 @@
 this module lazily; callers use `xlstm_kernels.mlstm_chunkwise(..., backend="triton")`.
 
 Supported: q, k, v in float32, bfloat16 or float16 (one dtype for the three), gates in
-any of those, DQK <= 256, any DV (split across programs), any S, any chunk size >= 1.
+any of those, DQK <= MAX_DQK (1024; every kernel loops over DQK in blocks, so the bound
+is what is compiled and tested, not a tile size), any DV (split across programs), any S,
+any chunk size >= 1.
 Accumulators and stabilizers are float32; what is stored at full size (h, the chunk
 states, dh is read as it comes, dq, dk, dv, the chunk-state gradients) is in the input
 dtype, written by the kernels. float64 is refused (ValueError naming the argument):
@@ -45,7 +47,7 @@ import triton
 from . import triton_mlstm as tm
 from . import triton_slstm as ts
 
-MAX_DQK = 256
+MAX_DQK = 1024  # the widest head checked (compile check, tests): the 1.3B NeurIPS presets
 BLOCK_T_MAX = 64  # query/key tile inside a chunk (a chunk of 128 runs as 2 x 2 tiles)
 BLOCK_T_BWD_MAX = 64  # the same for the backward's dk/dv and dq passes
 BLOCK_V_MAX = 128  # DV block per program; larger DV is split across programs
@@ -64,6 +66,8 @@ GATE_ROWS_BLOCK = 32  # positions per block of the gates kernel (its (32, 32) ga
 GATE_WARPS = 8  # (4 warps: ptxas spilled 8 B at 32 registers for one variant)
 GATE_CHAIN_BLOCK = 128  # chunks per step of the gates' reverse chain (a scan)
 STEP_BLOCK_V = 32  # DV block of the step kernels (a (DQK, 32) slice of C per program)
+STEP_BLOCK_K = 128  # DQK block of the step kernels' loop over that slice (the state is
+# streamed: no (DQK, BV) tile, so four warps at any DQK)
 POISON = False  # tests: fill every output buffer with NaN / a bad index before a launch
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -487,7 +491,7 @@ class _MLSTMStepFn(torch.autograd.Function):
         BH = B * NH
         dev = q.device
         f32 = torch.float32
-        BD = _pow2(DQK)
+        BK = min(STEP_BLOCK_K, _pow2(DQK))
         BV = min(STEP_BLOCK_V, _pow2(DV))
         NVB = triton.cdiv(DV, BV)
         has_state = C is not None
@@ -507,10 +511,10 @@ class _MLSTMStepFn(torch.autograd.Function):
         den = _empty((BH,), f32, dev)
         tm.mlstm_step_fwd_kernel[(BH, NVB)](
             qc, kc, vc, igc, lfc, Cc, nc, mc, h, co, no, mo, den,
-            DQK**-0.5, eps, DQK, DV, BD=BD, BV=BV, HAS_STATE=has_state,
+            DQK**-0.5, eps, DQK, DV, BK=BK, BV=BV, HAS_STATE=has_state,
         )
         ctx.save_for_backward(qc, kc, vc, igc, lfc, Cc, nc, mc, h, co, no, mo, den)
-        ctx.meta = (B, NH, DQK, DV, BD, BV, NVB, eps, has_state, q.dtype, k.dtype, v.dtype,
+        ctx.meta = (B, NH, DQK, DV, BK, BV, NVB, eps, has_state, q.dtype, k.dtype, v.dtype,
                     None if C is None else (C.dtype, n.dtype, m.dtype))
         return (h.view(B, NH, DV), co.view(B, NH, DQK, DV), no.view(B, NH, DQK),
                 mo.view(B, NH))
@@ -518,7 +522,7 @@ class _MLSTMStepFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh, dC1, dn1, dm1):
         qc, kc, vc, igc, lfc, Cc, nc, mc, h, co, no, mo, den = ctx.saved_tensors
-        B, NH, DQK, DV, BD, BV, NVB, eps, has_state, qdt, kdt, vdt, sdt = ctx.meta
+        B, NH, DQK, DV, BK, BV, NVB, eps, has_state, qdt, kdt, vdt, sdt = ctx.meta
         BH = B * NH
         dev = qc.device
         f32 = torch.float32
@@ -540,8 +544,7 @@ class _MLSTMStepFn(torch.autograd.Function):
         tm.mlstm_step_bwd_kernel[(BH, NVB)](
             qc, kc, vc, igc, lfc, Cc, nc, mc, mo, nrm.contiguous(), dden.contiguous(),
             dh, dco, dno, dq_p, dk_p, dv, dC, dn, sc,
-            DQK**-0.5, DQK, DV, BH, BD=BD, BV=BV, HAS_STATE=has_state,
-            num_warps=8 if BD >= 256 else 4,  # 4 warps at DQK 256: 231-254 registers
+            DQK**-0.5, DQK, DV, BH, BK=BK, BV=BV, HAS_STATE=has_state,
         )
         sc = sc.sum(0)
         dlf, di = sc[:, 0].clone(), sc[:, 1].clone()
