@@ -347,6 +347,11 @@ def main(argv=None) -> int:
     shapes = [(d, v, s) for d, v in ((256, 512), (128, 128)) for s in seqlens]
     text = (f"# mLSTM kernel work model, {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d} "
             "(benchmarks/kernels_traffic.py)\n\n" + report(shapes, args.tokens, NH, True))
+    # the NeurIPS presets' mLSTM heads (configs/xlstm10-*, xlstm71-*: 4 heads, proj factor 2,
+    # context 2048): 125M DQK = DV = 384, 1.3B 1024 (FlashAttention stops at head dim 256:
+    # its row is the FLOP-matched model only)
+    text += ("\n## NeurIPS presets (125M, 1.3B): NH 4, S 2048\n\n"
+             + report([(384, 384, 2048), (1024, 1024, 2048)], args.tokens, 4, False))
     if args.compile != "none":
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         cmd = [sys.executable, "-W", "ignore", "-m", "xlstm_kernels.triton_compile_check"]

@@ -553,6 +553,7 @@ def test_traffic_model_runs_and_counts_the_dispatchers_tiles(tmp_path):
     assert kt.main(["--seqlens", "2048", "--out", str(out)]) == 0
     text = out.read_text()
     assert "| 256 | 512 | 2048 | TFLA xl_chunk chunk=128 |" in text
+    assert "| 1024 | 1024 | 2048 | ours chunk=64 |" in text  # the NeurIPS 1.3B heads
     B, NH, S, D, L = 1, 2, 256, 64, 64  # one 64-row tile per chunk: q C + causal QK^T, AV
     fwd, _bwd, _ = kt.ours(B, NH, S, D, D, L)
     out_pass = next(k for k in fwd if k.name.startswith("output pass"))
