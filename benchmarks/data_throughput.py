@@ -16,7 +16,7 @@ tokenizer settings), in one run:
 - the loader (pack, seq 2048 x batch 8, shuffle window 1024, digest checked) with each
   of `--workers` (0,1,2,4) over several epochs: steady rate after the first batch, the
   time to the first batch, and the rate with start-up included. Each run starts with the
-  loader's per-process caches cleared, so it indexes and verifies every shard again (in
+  loader's per-process caches cleared, so it maps, walks and verifies every shard again (in
   its first epoch, in each process that reads it); the run with the best steady rate of
   `--runs` (5; a busy machine slows some runs a lot, as it does some cat runs). With
   workers, the loader's shared-memory ring against a plain DataLoader over the same
@@ -152,7 +152,7 @@ def _breakdown(cfg: dict, runs: int) -> dict[str, float]:
 # the `data` package found in argv[1]: argv[3] "amortized": over all epochs after the
 # first batch; "epochs": after one epoch that warms the process (imports, first calls),
 # the fastest of 5 rounds of `clear_cache()`, one epoch cold (its first batch included:
-# the shards are mapped, indexed and hashed anew), one epoch warm (a second loader)
+# the shards are mapped, walked and hashed anew), one epoch warm (a second loader)
 _PROBE = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -257,8 +257,6 @@ def main(argv=None) -> int:
                      in_bytes / dt / 1e6, f"{len(files)} files, {in_bytes / 1e6:.1f} MB text"))
         shards = out
     tars = sorted(glob.glob(os.path.join(shards, "*.tar")))
-    with open(os.path.join(shards, "manifest.json")) as f:
-        indexed = sum("sample_index" in e for e in json.load(f)["shards"])
     shard_bytes = sum(os.path.getsize(p) for p in tars)
 
     cat_cpu = []  # CPU seconds (user + system) of each cat process: steadier than wall time
@@ -310,7 +308,7 @@ def main(argv=None) -> int:
             cfg = {"sources": shards, "seq_len": a.seq_len, "micro_batch_size": a.batch,
                    "num_workers": nw, "epochs": a.epochs, "shuffle_buffer": 1024, "seed": 0}
             for kind in ("ring", "plain") if nw else ("ring",):
-                clear_cache()  # each run verifies and indexes every shard anew (cold)
+                clear_cache()  # each run walks and verifies every shard anew (cold)
                 t0 = time.perf_counter()
                 it = iter(build_loader(cfg) if kind == "ring" else _plain_loader(cfg))
                 n = a.batch * a.seq_len
@@ -368,8 +366,7 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {tps:,.0f} | {'' if mbs is None else f'{mbs:,.1f}'} | {note} |")
     top = max(loader_tps.values())
     lines.append("")
-    lines.append(f"tokenizer training (vocab 512, 20k sentences cap): {t_tok:.1f} s; shards "
-                 f"prepared in this run, {indexed} of {len(tars)} with a sample index")
+    lines.append(f"tokenizer training (vocab 512, 20k sentences cap): {t_tok:.1f} s")
     lines.append("loader / raw read rate: " + ", ".join(
         f"{nw} workers {loader_tps[nw] / raw_tps:.2f}x" for nw in loader_tps)
         + " (goal at 0 workers >= 0.8x); with start-up: " + ", ".join(

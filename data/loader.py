@@ -188,9 +188,7 @@ class _SourceReader:
             while window := list(itertools.islice(stream, k)):
                 yield window
             return
-        index = self.shards.index.get(url) if digest is not None else None
-        shard = retry(url, lambda: map_shard(path, url, vocab_size=vocab, digest=digest,
-                                             sample_index=index),
+        shard = retry(url, lambda: map_shard(path, url, vocab_size=vocab, digest=digest),
                       cfg.retries, cfg.retry_backoff, self.slot.on_retry)
         n = shard.n
         if len(ranges) == 1 and ranges[0][1] < 0:

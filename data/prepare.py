@@ -2,9 +2,7 @@
 
 Output: `OUT/shard-000000.tar ...` (training), `OUT/val/shard-000000.tar ...` (validation,
 when --val-fraction > 0) in `data.tarshard`'s format, and `OUT/manifest.json` (per shard:
-samples, tokens, bytes, sha256, xxh3_128, sample_index (where each sample's ids lie, so
-the loader need not walk the tar: `tarshard.encode_sample_index`); totals; the
-tokenizer's hash; the command).
+samples, tokens, bytes, sha256, xxh3_128; totals; the tokenizer's hash; the command).
 
 Determinism: documents get a global index in input order (files sorted, then position
 in file); a document goes to validation when a seeded hash of its index is below the
@@ -39,7 +37,7 @@ from .tokenizer import Tokenizer, _atomic_write
 
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
-FORMAT = "xlstm-token-shards/2"  # 2: entries carry "sample_index"; /1 reads as ever (walked)
+FORMAT = "xlstm-token-shards/1"
 
 
 def _is_val(index: int, fraction: float, seed: int) -> bool:

@@ -55,8 +55,6 @@ class Shards:
     vocab_size: int | None = None
     manifest: str | None = None
     xxh3: dict[str, str] = field(default_factory=dict)  # url -> xxh3-128 from the manifest
-    index: dict[str, dict] = field(default_factory=dict)  # url -> its manifest entry, when it
-    # has a "sample_index" (for `tarshard.map_shard`: shards of data.prepare)
 
     def digest(self, url: str) -> tuple[str, str] | None:
         """(algorithm, hex digest) to check a shard against: the manifest's xxh3-128 when
@@ -75,8 +73,7 @@ def _from_manifest(path_or_url: str, text: bytes, val: bool = False) -> Shards:
     entries = [(f"{base}/{e['name']}", e) for e in part.get("shards", [])]
     return Shards([u for u, _e in entries], {u: e["sha256"] for u, e in entries},
                   m.get("tokenizer", {}).get("vocab_size"), path_or_url,
-                  {u: e["xxh3_128"] for u, e in entries if "xxh3_128" in e},
-                  {u: e for u, e in entries if "sample_index" in e})
+                  {u: e["xxh3_128"] for u, e in entries if "xxh3_128" in e})
 
 
 def _val_folder(manifest_path: str) -> str | None:
@@ -123,8 +120,7 @@ def expand_source(spec: str, *, retries: int = 3, backoff: float = 0.5,
             mpath = os.path.join(folders.pop(), "manifest.json")
             if os.path.exists(mpath):
                 m = manifest(mpath)
-                for mine, theirs in ((out.sha256, m.sha256), (out.xxh3, m.xxh3),
-                                     (out.index, m.index)):
+                for mine, theirs in ((out.sha256, m.sha256), (out.xxh3, m.xxh3)):
                     by_name = {os.path.basename(u): d for u, d in theirs.items()}
                     mine.update({p: by_name[os.path.basename(p)] for p in paths
                                  if os.path.basename(p) in by_name})

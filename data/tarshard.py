@@ -14,21 +14,10 @@ fixed cost over all blocks equals the Python it saves), so only the checksums an
 ids' bounds are numpy. A local shard's mapping, index, sample views and verified digest
 are kept per process by file identity (device, inode, size, mtime_ns, ctime_ns): a
 later epoch neither maps, parses nor hashes it again; a changed file is checked anew.
-
-The sample index: `ShardWriter` records in the manifest entry where each sample's ids
-lie ("sample_index": its tokens header offsets; "max_id"), from a walk of the written
-file. It replaces the walk in one place only: a local shard whose digest the loader
-checks (`map_shard(..., digest=, sample_index=)`), after the digest matched (it binds
-the index to the bytes); its headers are checked in bulk (`_from_sample_index`), so an
-index that does not fit is an error naming the shard. The walk stays the parser of
-shards without an index (other writers, manifests of format 1), of any shard read
-without a digest check, of streams (HTTP, `pipe:`), of a shard whose digest does not
-match (it says where the damage is), and of foreign WebDataset shards (`data.readers`).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import importlib.util
 import mmap
@@ -88,7 +77,6 @@ class ShardWriter:
         self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
         self._h = {a: hasher(a) for a in DIGESTS if have_digest(a)}
         self.samples = self.tokens = self.bytes = 0
-        self.max_id = -1
         self._tar = TarWriter(self, user="", group="", mode=0o644, mtime=0, encoder=False)
 
     def write(self, data: bytes) -> int:
@@ -106,8 +94,6 @@ class ShardWriter:
                          "source.txt": source.encode("utf-8", errors="replace")})
         self.samples += 1
         self.tokens += int(arr.size)
-        if arr.size:
-            self.max_id = max(self.max_id, int(arr.max()))
 
     def close(self) -> dict:
         """Finish the archive, fsync, rename into place; return its manifest entry."""
@@ -116,21 +102,9 @@ class ShardWriter:
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp, self.path)
-        entry = {"name": os.path.basename(self.path), "samples": self.samples,
-                 "tokens": self.tokens, "bytes": self.bytes,
-                 **{a: h.hexdigest() for a, h in self._h.items()}}
-        with open(self.path, "rb") as f:  # in the page cache: walked once here, not per run
-            buf = f.read()
-        index = _walk(buf, len(buf), self.path)
-        if index.error is None and index.n == self.samples:
-            with_index = {**entry, "max_id": self.max_id,
-                          "sample_index": encode_sample_index(index)}
-            try:  # recorded only when the loader's check accepts it (tarfile's header forms)
-                _from_sample_index(buf, self.path, with_index)
-                entry = with_index
-            except ShardError:
-                pass
-        return entry
+        return {"name": os.path.basename(self.path), "samples": self.samples,
+                "tokens": self.tokens, "bytes": self.bytes,
+                **{a: h.hexdigest() for a, h in self._h.items()}}
 
     def abort(self) -> None:
         self._f.close()
@@ -197,14 +171,12 @@ class _Index:
     hi: np.ndarray  # int64 (n,)
     wide: np.ndarray | None  # bool (n,); None when every sample is <u2
     member: np.ndarray  # int64 (n,): header offset of each sample's tokens member
-    peak: np.ndarray | None  # int64 (n,): the largest id of each sample (-1 when empty);
-    # None until needed when `top` came from the manifest
+    peak: np.ndarray  # int64 (n,): the largest id of each sample (-1 when empty)
     long_keys: dict[int, str]  # keys that came from a GNU/pax long name, by sample
     error: tuple[int | None, str] | None  # (offset, message) of the problem after sample n-1
     stop: int = 0  # partial walks: where the next walk starts (the open sample's first header)
     ended: bool = True  # the end-of-archive marker was read (partial walks)
     verified: tuple[str, str] | None = None  # (algorithm, digest) the file was checked against
-    top: int = -1  # the largest id of the listed samples (-1: none)
 
 
 def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 0,
@@ -328,95 +300,20 @@ def _walk(buf, size: int, name: str, bad_header: int | None = None, base: int = 
         n += err is None
     start_a, count_a, width_a, member_a = np.array(toks, dtype=np.int64).reshape(-1, 4).T
     lo_a = start_a // width_a
-    index = _Index(n, lo_a, lo_a + count_a, (width_a == 4) if 4 in width_a else None,
-                   member_a, None, long_keys, err, size if stop is None else stop,
-                   ended or not partial)
-    index.peak = _peaks(buf, index)
-    index.top = int(index.peak.max(initial=-1))
-    return index
-
-
-def _peaks(buf, index: _Index) -> np.ndarray:
-    """The largest id of each listed sample (-1 when empty), int64."""
-    lo_a, hi_a, wide = index.lo, index.hi, index.wide
-    peak = np.full(lo_a.size, -1, dtype=np.int64)
+    hi_a = lo_a + count_a
+    peak = np.full(len(toks), -1, dtype=np.int64)
+    wide = (width_a == 4) if 4 in width_a else None
     for dt, sel in ((TOKEN_EXT["u16"], None if wide is None else ~wide),
                     (TOKEN_EXT["u32"], wide)):
         if dt.itemsize == 4 and wide is None:
             break
-        sel = np.flatnonzero(hi_a > lo_a if sel is None else sel & (hi_a > lo_a))
+        sel = np.flatnonzero(count_a if sel is None else sel & (count_a > 0))
         if sel.size:  # the max of each sample's ids, in one pass over [lo, hi) segments
             cuts = np.stack([lo_a[sel], hi_a[sel]], 1).ravel()
             ids = np.frombuffer(buf, dtype=dt, count=int(cuts[-1]))
             peak[sel] = np.maximum.reduceat(ids, cuts[:-1])[0::2]
-    return peak
-
-
-# -- the sample index of a shard data.prepare wrote ----------------------------------
-# Per sample the header offset of its tokens member, named `<key>.tokens.u16` (or .u32)
-# by `ShardWriter`, with one key length and one width per shard. Of each header
-# `_from_sample_index` reads the name's last 11 bytes and its NUL, the size field's NUL,
-# type, magic, and the size field (11 octal digits), each between these bounds:
-_REST = np.r_[135, 156, 257:262, 124:135]
-_LOW, _SPAN = ({ext: np.frombuffer(f".tokens.{ext}\0\0" "0ustar".encode() + b"0" * 11, np.uint8)
-                for ext in TOKEN_EXT}, np.r_[np.zeros(19, np.uint8), np.full(11, 7, np.uint8)])
-_POW8 = 8 ** np.arange(10, -1, -1, dtype=np.int64)
-_COLS: dict[int, np.ndarray] = {}  # name length -> the columns read
-
-
-def encode_sample_index(index: _Index) -> str:
-    """A shard's sample index for its manifest entry: "u4:" (or "u8:" past 4 GiB) and the
-    base64 of the little-endian header offsets of each sample's tokens member."""
-    kind = "u4" if index.n == 0 or int(index.member[index.n - 1]) < 1 << 32 else "u8"
-    return f"{kind}:" + base64.b64encode(index.member[:index.n].astype(f"<{kind}")).decode()
-
-
-def _from_sample_index(buf, name: str, entry: dict) -> _Index:
-    """The `_Index` of a shard from its manifest `entry` ("sample_index", "samples",
-    "tokens", "max_id"), no walk: the indexed headers are checked at once (numpy), so an
-    index that does not fit the bytes is a `ShardError` naming the shard, never wrong ids.
-    Checked: the counts, offsets on block bounds inside the file, each one a ustar header
-    of a regular member named `<key>.tokens.u16` (or all `.u32`) with an octal size whose
-    data ends before the next indexed header (so offsets increase). A few whole-array
-    tests: 20-80 us for a shard of 30 samples, against ~180 us for its walk."""
-    def bad(what: str, offset: int | None = None) -> ShardError:
-        return ShardError(name, offset, f"the manifest's sample index does not fit the "
-                          f"shard ({what})")
-
-    kind, _, text = str(entry["sample_index"]).partition(":")
-    try:
-        if kind not in ("u4", "u8"):
-            raise ValueError(f"kind {kind!r}")
-        at = np.frombuffer(base64.b64decode(text, validate=True), f"<{kind}").astype(np.int64)
-    except ValueError as e:
-        raise bad(f"not base64 of u4 or u8 offsets: {e}") from None
-    size, n = len(buf), at.size
-    if n != entry["samples"]:
-        raise bad(f"{n} offsets for {entry['samples']} samples")
-    if n and (at[0] < 0 or int(at[-1]) + BLOCK > size or (at & (BLOCK - 1)).any()):
-        raise bad("offsets off the block bounds of the file")
-    nlen = bytes(buf[at[0]:at[0] + 100]).find(b"\0") if n else 12  # the first name's length
-    if nlen < 12:  # shorter than a key and ".tokens.u16", or 100 bytes with no end
-        raise bad("no tokens member's header here", int(at[0]))
-    cols = _COLS.get(nlen)
-    if cols is None:
-        cols = _COLS[nlen] = np.r_[nlen - 11:nlen + 1, _REST]
-    g = np.frombuffer(buf, np.uint8)[at[:, None] + cols]  # (n, 30)
-    ext = "u32" if n and g[0, 9] == ord("3") else "u16"
-    width = TOKEN_EXT[ext].itemsize
-    g -= _LOW[ext]  # 0 where a byte is as expected; size digits 0-7; else more (wrapped)
-    msize = g[:, 19:] @ _POW8
-    start = at + BLOCK
-    ends = start + msize
-    if n and not ((g <= _SPAN).all() and (ends[:-1] <= at[1:]).all() and ends[-1] <= size
-                  and not (msize & (width - 1)).any()):
-        ok = (g <= _SPAN).all(1) & (msize % width == 0) & (ends <= np.r_[at[1:], size])
-        raise bad(f"no {ext} tokens member's header here", int(at[np.argmin(ok)]))
-    if int(msize.sum()) != entry["tokens"] * width:
-        raise bad(f"{int(msize.sum()) // width} tokens for {entry['tokens']}")
-    lo, hi = start // width, ends // width
-    return _Index(n, lo, hi, None if width == 2 else np.ones(n, bool), at, None, {}, None,
-                  size, True, top=int(entry["max_id"]))
+    return _Index(n, lo_a, hi_a, wide, member_a, peak, long_keys, err,
+                  size if stop is None else stop, ended or not partial)
 
 
 def _check_ids(name: str, buf, index: _Index, vocab_size: int | None, base: int = 0
@@ -424,9 +321,7 @@ def _check_ids(name: str, buf, index: _Index, vocab_size: int | None, base: int 
     """(usable samples, the error after them): the walk's, or the first id out of range."""
     n = index.n
     error = None if index.error is None else ShardError(name, *index.error)
-    if vocab_size is not None and index.top >= vocab_size:
-        if index.peak is None:
-            index.peak = _peaks(buf, index)
+    if vocab_size is not None and index.peak.size and int(index.peak.max()) >= vocab_size:
         i = int(np.argmax(index.peak >= vocab_size))  # == n: the sample open at the error
         n = min(n, i)
         error = ShardError(name, base + int(index.member[i]),
@@ -493,8 +388,7 @@ def _key_of(buf, index: _Index, i: int) -> str:
 
 
 def map_shard(path: str, name: str | None = None, *, vocab_size: int | None = None,
-              digest: tuple[str, str] | None = None,
-              sample_index: dict | None = None) -> MappedShard:
+              digest: tuple[str, str] | None = None) -> MappedShard:
     """Open a local shard for random access: mapped (read-only, pages populated up front),
     indexed and checked once per process while the file's identity is unchanged (the
     last `MAPS_KEPT` mappings are kept too, so a later epoch maps nothing anew).
@@ -504,8 +398,6 @@ def map_shard(path: str, name: str | None = None, *, vocab_size: int | None = No
     the same shard is raised instead: it says where). Problems that only cut the shard
     short come back as `.error`, to be raised after the `.n` good samples. Shards are
     replaced by renaming (`data.prepare` does), never rewritten in place under a reader.
-    `sample_index` (the manifest entry, with "sample_index", "samples", "tokens", "max_id")
-    replaces the walk when `digest` is given and matches (see `_from_sample_index`).
     """
     name = name or path
     st = os.stat(path)
@@ -524,12 +416,7 @@ def map_shard(path: str, name: str | None = None, *, vocab_size: int | None = No
     buf, shards = entry
     index = _INDEX.get(ident)
     if index is None:
-        if sample_index is not None and digest is not None and _matches(buf, digest):
-            index = _from_sample_index(buf, name, sample_index)
-            index.verified = digest  # the digest binds the index to these bytes
-        else:  # a mismatch walks: a structural problem is raised, saying where
-            index = _walk(buf, len(buf), name)
-        _INDEX[ident] = index
+        index = _INDEX[ident] = _walk(buf, len(buf), name)
         _INDEX_SAMPLES[0] += index.n
         while _INDEX_SAMPLES[0] > INDEX_CACHE_SAMPLES and len(_INDEX) > 1:
             _INDEX_SAMPLES[0] -= _INDEX.popitem(last=False)[1].n
@@ -541,16 +428,12 @@ def map_shard(path: str, name: str | None = None, *, vocab_size: int | None = No
         if sh.error is None:
             shards[name, vocab_size] = sh
     if digest is not None and index.verified != digest:  # kept with the index (same LRU)
-        if not _matches(buf, digest):  # a structural problem says where: raised instead
+        h = hasher(digest[0])
+        h.update(buf)
+        if h.hexdigest() != digest[1]:  # a structural problem says where: raised instead
             raise sh.error or _mismatch(name, len(buf), digest[0])
         index.verified = digest
     return sh
-
-
-def _matches(buf, digest: tuple[str, str]) -> bool:
-    h = hasher(digest[0])
-    h.update(buf)
-    return h.hexdigest() == digest[1]
 
 
 class TarStream:

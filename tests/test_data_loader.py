@@ -6,7 +6,6 @@ HTTP server on 127.0.0.1 and real `pipe:cat` commands.
 
 from __future__ import annotations
 
-import base64
 import collections
 import copy
 import hashlib
@@ -436,86 +435,6 @@ def test_corrupt_shard_skipped_and_counted(tmp_path, how):
     got_other = {(k[0], k[1]): v for k, v in got.items() if k[0] != os.path.basename(victim)}
     assert got_other == others
     assert ld.state_dict()["slots"][0]["stats"]["skipped_shards"] == 1
-
-
-def _manifest_copy(tmp_path, name: str, edit) -> str:
-    """A copy of `shards_dir()` whose manifest `edit(manifest)` changed."""
-    folder = str(tmp_path / name)
-    shutil.copytree(shards_dir(), folder)
-    path = os.path.join(folder, "manifest.json")
-    m = json.load(open(path))
-    edit(m)
-    json.dump(m, open(path, "w"))
-    return folder
-
-
-def _format_1(m: dict) -> None:  # the manifest data.prepare wrote before sample indexes
-    m["format"] = "xlstm-token-shards/1"
-    for e in m["shards"]:
-        del e["sample_index"], e["max_id"]
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sample_index_gives_the_batches_of_the_walk(tmp_path, workers):
-    """Prepared shards carry a sample index (manifest format 2), read instead of the tar
-    walk where the digest is checked; the same shards under a format-1 manifest (walked)
-    give bitwise the same batches, in-process and with 2 workers."""
-    from data import tarshard
-
-    indexed = _manifest_copy(tmp_path, "indexed", lambda m: None)
-    walked = _manifest_copy(tmp_path, "walked", _format_1)
-    assert json.load(open(os.path.join(indexed, "manifest.json")))["format"].endswith("/2")
-    tarshard.clear_cache()
-    got = [list(build_loader(cfg(sources=f, epochs=1, num_workers=workers)))
-           for f in (indexed, walked)]
-    assert len(got[0]) > 10 and _batches_sha256(got[0]) == _batches_sha256(got[1])
-    if workers == 0:  # which path each read: the walk finds every sample's largest id
-        for folder, by_index in ((indexed, True), (walked, False)):
-            for p in shard_paths(folder):
-                st = os.stat(p)
-                index = tarshard._INDEX[(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                         st.st_ctime_ns)]
-                assert (index.peak is None) == by_index and index.verified is not None
-
-
-@pytest.mark.parametrize("how,match", [
-    ("source", "no u16 tokens member's header here"),  # an offset at a source.txt header
-    ("data", "no u16 tokens member's header here"),  # inside the ids
-    ("samples", "offsets for"), ("tokens", "tokens for"), ("text", "not base64")])
-def test_an_index_that_does_not_fit_its_shard_is_named(tmp_path, how, match):
-    """A hand-edited index (the digest binds the bytes, not the manifest) is an error naming
-    the shard, never other ids; without the digest check the index is not used."""
-    def edit(m: dict) -> None:
-        e = m["shards"][5]
-        at = np.frombuffer(base64.b64decode(e["sample_index"][3:]), "<u4").copy()
-        if how in ("source", "data"):  # the sample before the last: its source.txt header
-            # lies just before its tokens member's (sorted names), its ids just after
-            at[-2] = at[-2] + 512 if how == "data" else _source_header(m, at)
-        elif how == "samples":
-            e["samples"] += 1
-        elif how == "tokens":
-            at, e["samples"] = at[:-1], e["samples"] - 1
-        e["sample_index"] = "u4:" + base64.b64encode(at.tobytes()).decode() + (
-            "!" if how == "text" else "")
-
-    folder = _manifest_copy(tmp_path, how, edit)
-    victim = shard_paths(folder)[5]
-    with pytest.raises(ShardError, match=match) as ei:
-        list(build_loader(cfg(sources=folder, epochs=1)))
-    assert ei.value.shard.endswith(os.path.basename(victim)) and "sample index" in str(ei.value)
-    plain = list(build_loader(cfg(sources=folder, epochs=1, verify_sha256=False)))
-    assert _batches_sha256(plain) == _batches_sha256(build_loader(cfg(epochs=1)))
-
-
-def _source_header(m: dict, at: np.ndarray) -> int:
-    """Where the source.txt header of the sample before the last lies in shard 5 (the
-    block after the previous sample's ids)."""
-    from data.tarshard import map_shard
-
-    sh = map_shard(shard_paths(shards_dir())[5])
-    i = len(at) - 3
-    end = int(sh._index.hi[i]) * 2  # u16 ids: byte offset of their end
-    return end + (-end % 512)
 
 
 def test_unreachable_url_is_retried_then_named():

@@ -368,44 +368,6 @@ def test_writer_and_reader_agree_on_u32(tmp_path):
         assert sh.tokens(i).dtype == np.dtype("<u4") and np.array_equal(sh.tokens(i), d)
 
 
-@pytest.mark.parametrize("ext", ["u16", "u32"])
-def test_sample_index_reads_what_the_walk_reads(tmp_path, ext):
-    """The writer records each sample's tokens header offset ("sample_index", "max_id"):
-    with the digest checked, `map_shard` reads the shard from it, no walk, to the same ids
-    and keys; a vocabulary below "max_id" still names the sample; keys of two lengths in a
-    shard get no index (one key length per shard), and read as ever."""
-    rng = np.random.default_rng(1)
-    docs = [rng.integers(0, 300 if ext == "u16" else 70000, size=int(rng.integers(0, 900)))
-            for _ in range(25)]
-    path = str(tmp_path / "a.tar")
-    w = ShardWriter(path, ext)
-    for i, d in enumerate(docs):
-        w.add(f"{i:06d}", d, "x" * i)  # sources of every length: headers at odd blocks
-    e = w.close()
-    assert e["max_id"] == max(int(d.max(initial=-1)) for d in docs)
-    clear_cache()
-    walked = map_shard(path)
-    clear_cache()
-    indexed = map_shard(path, digest=("sha256", e["sha256"]), sample_index=e)
-    assert indexed._index.peak is None  # read from the index: no walk, no per-sample max
-    assert indexed.n == walked.n == len(docs)
-    assert np.array_equal(indexed._index.member, walked._index.member)
-    for i, d in enumerate(docs):
-        assert indexed.tokens(i).dtype == TOKEN_EXT[ext] and np.array_equal(indexed.tokens(i), d)
-        assert indexed.key(i) == walked.key(i) == f"{i:06d}"
-    low = e["max_id"]  # an id equal to the vocabulary size: named as the walk names it
-    cut = []
-    for index in (e, None):
-        clear_cache()
-        sh = map_shard(path, digest=("sha256", e["sha256"]), sample_index=index, vocab_size=low)
-        cut.append((sh.n, str(sh.error)))
-    assert cut[0] == cut[1] and f">= vocab size {low}" in cut[0][1] and cut[0][0] < len(docs)
-    w = ShardWriter(str(tmp_path / "b.tar"), ext)
-    for key in ("7", "0008"):
-        w.add(key, docs[1], "src")
-    assert "sample_index" not in w.close()
-
-
 @pytest.mark.multiprocess
 def test_workers_waiting_on_a_full_ring_give_the_same_stream(monkeypatch, tmp_path):
     """Ring slots fewer than the DataLoader keeps in flight: workers must wait for the main
