@@ -399,7 +399,7 @@ def test_triton_errors_name_the_argument():
 def test_step_equals_recurrent_token_by_token(B, S, DQK, block_k, monkeypatch):
     """Generation: a chain of fused steps (with resets done by zeroing the state, as the
     recurrent form does) equals xlstm_kernels.mlstm_recurrent, forward and gradients.
-    DQK 384 (the 125M NeurIPS heads) streams C in 3 blocks of 128, or in 2 of 256 (the
+    DQK 384 (the 125M NeurIPS heads) streams C in 6 blocks of 64, or in 2 of 256 (the
     second half masked); DV 40 is 2 programs (one masked)."""
     if block_k is not None:
         monkeypatch.setattr(triton_ops, "STEP_BLOCK_K", block_k)

@@ -36,7 +36,11 @@ from dataclasses import dataclass, field
 
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 100: 227 * 1024}  # opt-in smem per block
 SM_COUNT = {90: 132, 80: 108, 100: 148}  # H100/H200 SXM, A100, B200: the state-pass split
-MLSTM_SHAPES = [(64, 256, 512), (128, 256, 512), (64, 128, 128), (128, 128, 128)]  # L, DQK, DV
+# L, DQK, DV: the benchmark shapes, then the NeurIPS presets' heads (xlstm10/71-125m: 384,
+# -1.3b: 1024, chunk 64); the kernels loop over DQK at run time, so a wider head compiles to
+# the same kernel where the launch's specialisation is the same (the per-shape table says)
+MLSTM_SHAPES = [(64, 256, 512), (128, 256, 512), (64, 128, 128), (128, 128, 128),
+                (64, 384, 384), (64, 1024, 1024)]
 BENCH_S, BENCH_NH, BENCH_TOKENS = 8192, 8, 65536
 SLSTM_DH = (192, 512)  # head dims of the 125M and 1.3B sLSTM presets (4 heads)
 
@@ -160,8 +164,12 @@ def _drive(arch: int, quick: bool, rows: dict, context: dict, only: str | None =
         flags = ",".join(f"{k}" for k in sorted(kwargs) if kwargs[k] is True)
         blocks = ",".join(f"{k}={kwargs[k]}" for k in sorted(kwargs)
                           if k in names and not isinstance(kwargs[k], bool) and k != "UPCAST")
+        # integer arguments are specialised on == 1 and divisibility by 16 (as the JIT does):
+        # a head width that changes either is a different kernel, one that does not is not
+        spec = tuple(n for n, a in bound.items() if isinstance(a, int)
+                     and not isinstance(a, bool) and n not in kwargs and (a == 1 or a % 16 == 0))
         key = (self.__name__, dt, flags, blocks, kwargs.get("num_warps", 4),
-               kwargs.get("num_stages", 3))
+               kwargs.get("num_stages", 3), spec)
         if key in rows:
             rows[key].notes.append(context["now"])
             return None
@@ -273,6 +281,30 @@ def table(rows: list[Row], arch: int, limit: int, version: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def shape_table(rows: list[Row], limit: int) -> str:
+    """Per shape, per kernel and dtype: what that shape's launches compiled to (every flag
+    combination and launch candidate), the same kernels shared with other shapes included."""
+    groups: dict = {}
+    for r in rows:
+        first = r.shape.split(" @ ", 1)[-1]
+        for ctx in dict.fromkeys([first, *r.notes]):
+            groups.setdefault((ctx, r.kernel, r.dtype), []).append(r)
+    out = ["| shape | kernel | dtype | variants | warps | regs/thread (min-max) "
+           "| spill st/ld B (max) | shared B (max) | ok |", "|---|---|---|---|---|---|---|---|---|"]
+    for (ctx, kernel, dtype), rs in groups.items():
+        good = [r for r in rs if not r.error]
+        if not good:
+            out.append(f"| {ctx} | {kernel} | {dtype} | {len(rs)} | - | - | - | - | FAIL |")
+            continue
+        warps = ",".join(str(w) for w in sorted({r.warps for r in good}))
+        regs = f"{min(r.regs for r in good)}-{max(r.regs for r in good)}"
+        sp = f"{max(r.spill_st for r in good)}/{max(r.spill_ld for r in good)}"
+        ok = "ok" if all(_ok(r, limit) for r in rs) else "FAIL"
+        out.append(f"| {ctx} | {kernel} | {dtype} | {len(rs)} | {warps} | {regs} | {sp} "
+                   f"| {max(r.shared for r in good)} | {ok} |")
+    return "\n".join(out) + "\n"
+
+
 STRICT_FP32 = False  # --strict-fp32
 
 
@@ -322,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):
             driver.reset_active()
     text = table(list(rows.values()), args.arch, limit, triton.__version__)
+    text += "\nPer shape (the kernels each shape's launches compiled to):\n\n"
+    text += shape_table(list(rows.values()), limit)
     failures = sum(not _ok(r, limit) for r in rows.values())
     print(text)
     print(f"triton {triton.__version__}, sm_{args.arch}: {len(rows)} kernels, "

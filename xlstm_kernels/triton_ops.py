@@ -66,8 +66,9 @@ GATE_ROWS_BLOCK = 32  # positions per block of the gates kernel (its (32, 32) ga
 GATE_WARPS = 8  # (4 warps: ptxas spilled 8 B at 32 registers for one variant)
 GATE_CHAIN_BLOCK = 128  # chunks per step of the gates' reverse chain (a scan)
 STEP_BLOCK_V = 32  # DV block of the step kernels (a (DQK, 32) slice of C per program)
-STEP_BLOCK_K = 128  # DQK block of the step kernels' loop over that slice (the state is
-# streamed: no (DQK, BV) tile, so four warps at any DQK)
+STEP_BLOCK_K = 64  # DQK block of the step kernels' loop over that slice (the state is
+# streamed: no (DQK, BV) tile, four warps at any DQK; at 128 the backward needs 238
+# registers with a state and spills without one)
 POISON = False  # tests: fill every output buffer with NaN / a bad index before a launch
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
