@@ -3,7 +3,7 @@
 In one run, for the 125M-class preset (default xlstm10-125m) at context 2048:
   ours, backend none   `python -m pretrain.train` in one process (all threads)
   ours, FSDP x 2       `torchrun --nproc_per_node=2`, one thread per process
-  official             a plain training loop (AdamW, same batch) around the official
+  official             a plain training loop (fused AdamW as the trainer's, same batch) around the official
                        `xlstm` package's model of the same configuration
   llama                the same plain loop around a Hugging Face `LlamaForCausalLM` (SDPA,
                        12 layers of the preset's width, intermediate size chosen so that
@@ -155,7 +155,7 @@ def official_worker(cfg, steps: int, seq: int, which: str = "official", bf16: bo
     import torch
 
     net, loss_of = plain_model(which, cfg, seq)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)  # as the trainer's
     ids = torch.randint(0, cfg.vocab_size, (1, seq + 1))
     times = []
     for _ in range(steps):
@@ -176,7 +176,7 @@ def profile_step(cfg, seq: int, top: int, bf16: bool) -> str:
     out = []
     for which in ("ours", "llama"):
         net, loss_of = plain_model(which, cfg, seq)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)  # as the trainer's
         ids = torch.randint(0, cfg.vocab_size, (1, seq + 1), generator=torch.Generator().manual_seed(1))
 
         train_step(loss_of, ids, opt, bf16)  # untimed: allocator, lazy init
