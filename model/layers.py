@@ -273,34 +273,38 @@ class _CausalDepthwiseConv(torch.autograd.Function):
     token t's document, where x[t-j] for t < j comes from the buffer `state`. x: (B, S, D);
     state: (B, K-1, D), x's dtype; weight: (D, K); bias: (D,); cross: None, or for each
     lookback j = 1..K-1 the (batch, time) indices of the tokens fewer than j tokens after
-    their document's start (a few per document). The taps run over whole shifted views
-    and the crossing terms are then taken back at those few positions (no mask pass over
-    (B, S, D) per tap); a hand-written backward: no padded copy of x, and none of the
+    their document's start (a few per document; CPU), or those as (K-1, B, S, 1) keep
+    masks in x's dtype (GPU: finding the indices would wait for the device). With indices
+    the taps run over whole shifted views and the crossing terms are then taken back at
+    those few positions (no mask pass over (B, S, D) per tap); a hand-written backward: no padded copy of x, and none of the
     depthwise convolution's slow CPU backward (~1.4 s per call at B=1, S=2048, D=1536 on
     2 loaded cores, against ~0.1 s for its forward). y: promote(x, weight)."""
 
     @staticmethod
     def forward(ctx, x, state, weight, bias, cross):  # noqa: D102
         S, K = x.shape[1], weight.shape[1]
+        keeps = cross if isinstance(cross, torch.Tensor) else None
         y = torch.addcmul(bias, x, weight[:, K - 1])  # lookback 0 always counts
         for j in range(1, K):
             w, n = weight[:, K - 1 - j], min(j, S)  # outputs t < n read the buffer
-            y[:, :n].addcmul_(state[:, K - 1 - j:K - 1 - j + n], w)
+            kj = None if keeps is None else keeps[j - 1]
+            head = state[:, K - 1 - j:K - 1 - j + n]
+            y[:, :n].addcmul_(head if kj is None else head * kj[:, :n], w)
             if n < S:
-                y[:, n:].addcmul_(x[:, :S - n], w)
-        if cross is not None:
+                y[:, n:].addcmul_(x[:, :S - n] if kj is None else x[:, :S - n] * kj[:, n:], w)
+        if keeps is None and cross is not None:
             for j in range(1, K):
                 b, t = cross[j - 1]
                 if b.numel():
                     y.index_put_((b, t), -_taps(x, state, cross, j) * weight[:, K - 1 - j], accumulate=True)
-        ctx.save_for_backward(x, state, weight)
-        ctx.cross = cross
+        ctx.save_for_backward(x, state, weight, keeps)
+        ctx.cross = None if keeps is not None else cross
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):  # noqa: D102
-        x, state, weight = ctx.saved_tensors
+        x, state, weight, keeps = ctx.saved_tensors
         cross = ctx.cross
         S, K = x.shape[1], weight.shape[1]
         gx = torch.mul(g, weight[:, K - 1]).to(x.dtype)
@@ -309,12 +313,13 @@ class _CausalDepthwiseConv(torch.autograd.Function):
         gw[:, K - 1] = (g * x).sum((0, 1))
         for j in range(1, K):
             w, n = weight[:, K - 1 - j], min(j, S)
+            gj = g if keeps is None else g * keeps[j - 1]
             head = slice(K - 1 - j, K - 1 - j + n)
-            gstate[:, head].addcmul_(g[:, :n], w)
-            acc = (g[:, :n] * state[:, head]).sum((0, 1))
+            gstate[:, head].addcmul_(gj[:, :n], w)
+            acc = (gj[:, :n] * state[:, head]).sum((0, 1))
             if n < S:
-                gx[:, :S - n].addcmul_(g[:, n:], w)
-                acc = acc + (g[:, n:] * x[:, :S - n]).sum((0, 1))
+                gx[:, :S - n].addcmul_(gj[:, n:], w)
+                acc = acc + (gj[:, n:] * x[:, :S - n]).sum((0, 1))
             gw[:, K - 1 - j] = acc
         if cross is not None:  # take back the crossing terms' gradients
             K1 = state.shape[1]
@@ -379,7 +384,10 @@ class CausalConv1d(nn.Module):
             pos = torch.arange(S, device=x.device)
             start = torch.where(reset, pos, torch.full_like(pos, -K)).cummax(dim=1).values
             dist = pos - start  # (B, S), >= K when no document starts in this call
-            cross = tuple(torch.nonzero(dist < j, as_tuple=True) for j in range(1, K))
+            if x.device.type == "cpu":  # a few indices: cheaper than a mask pass per tap
+                cross = tuple(torch.nonzero(dist < j, as_tuple=True) for j in range(1, K))
+            else:  # masks: nonzero would make the host wait for the device in every block
+                cross = torch.stack([(dist >= j) for j in range(1, K)]).to(x.dtype)[..., None]
         if cross is None and x.device.type != "cpu":  # cuDNN's depthwise conv is fast on GPUs
             xs = torch.cat([state, x], dim=1).transpose(1, 2)
             y = F.conv1d(xs, weight[:, None, :], bias, groups=D).transpose(1, 2)

@@ -100,6 +100,33 @@ def test_conv_gradients_match_autograd_of_the_padded_conv1d():
     assert torch.autograd.gradcheck(lambda x, b, w, bias: c(x, b, reset)[0], (x, buf, c.weight, c.bias))
 
 
+def test_conv_reset_masks_equal_crossing_indices():
+    """The GPU form of the document resets (keep masks: no host wait for indices) gives
+    the CPU form's outputs and gradients (crossing indices), in float64, with a reset
+    inside the buffer's reach and one later."""
+    from model.layers import _CausalDepthwiseConv
+
+    torch.manual_seed(0)
+    K, S = 4, 10
+    reset = torch.zeros(2, S, dtype=torch.bool)
+    reset[0, [1, 6]] = True
+    reset[1, 9] = True
+    pos = torch.arange(S)
+    dist = pos - torch.where(reset, pos, torch.full_like(pos, -K)).cummax(dim=1).values
+    cross = tuple(torch.nonzero(dist < j, as_tuple=True) for j in range(1, K))
+    keeps = torch.stack([(dist >= j) for j in range(1, K)]).double()[..., None]
+    args = [torch.randn(2, S, 5), torch.randn(2, K - 1, 5), torch.randn(5, K), torch.randn(5)]
+    args = [a.double().requires_grad_() for a in args]
+    g = torch.randn(2, S, 5, dtype=torch.float64)
+    outs = []
+    for form in (cross, keeps):
+        y = _CausalDepthwiseConv.apply(*args, form)
+        outs.append((y, *torch.autograd.grad((y * g).sum(), args)))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(outs[0][0], _CausalDepthwiseConv.apply(*args, None))  # resets matter here
+
+
 def test_headwise_linear_small_blocks_gradients_match_dense():
     """Blocks of 4 (the mLSTM's q/k/v) take the grouped path: its hand-written
     backward against autograd of the dense block-diagonal matrix, in float64."""
