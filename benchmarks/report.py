@@ -37,7 +37,9 @@ BENCHMARKS = {
     "train_throughput": "tokens/s and MFU of a 125M training step on CPU against the official xlstm package",
     "data_throughput": "the data pipeline: tokenizing, reading, packing, against a training step's appetite",
 }
-STEM = re.compile(r"^(?P<name>[a-z0-9_]+)-(?P<date>\d{4}-\d{2}-\d{2})-cpu\.(?P<ext>md|txt|png)$")
+# a letter after the date (2026-12-07b): a later hand-run result of that day, newer than
+# `make bench`'s of the same date; it states its own command
+STEM = re.compile(r"^(?P<name>[a-z0-9_]+)-(?P<date>\d{4}-\d{2}-\d{2}[a-z]?)-cpu\.(?P<ext>md|txt|png)$")
 
 
 def load_log(results: Path = RESULTS) -> dict:
@@ -108,12 +110,12 @@ def readme(results: Path = RESULTS) -> str:
     shown = set()
     for name, what in BENCHMARKS.items():
         lines += [f"## {name}", "", f"{what}. Script: `benchmarks/{name}.py`.", ""]
+        parts = latest.get(name, [])
         entry = log.get(name)
-        if entry:
+        if entry and parts and entry["date"][:10] == STEM.match(parts[0].name)["date"]:
             lines += [f"Made by `{entry['command']}` ({entry['date']}, {entry['wall_s'] / 60:.1f} min, "
                       f"load average {entry['load_before']} before, {entry['load_after']} after"
                       + ("" if entry["exit"] == 0 else f"; exit status {entry['exit']}: the run failed") + ").", ""]
-        parts = latest.get(name, [])
         if not parts:
             lines += ["No result yet.", ""]
         # a markdown result that embeds its own plot keeps it; other PNGs are shown after it
