@@ -104,9 +104,8 @@ def test_every_preset_runs_on_the_triton_kernels(preset: str):
     """On a GPU backend auto picks Triton: a preset whose head dims the kernels refuse
     would stop at its first step (the NeurIPS presets' DQK is 384 to 1024)."""
     pytest.importorskip("triton")  # the CI installs it; XLSTM_STRICT makes this a failure
-    from xlstm_kernels.triton_ops import MAX_DQK
-
     from model.config import load_model_config
+    from xlstm_kernels.triton_ops import MAX_DQK
 
     model_cfg = load_model_config({"model": yaml.safe_load((CONFIGS / preset).read_text())["model"]})
     dqk, dv = mlstm_head_dims(model_cfg)
