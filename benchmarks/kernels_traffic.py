@@ -134,9 +134,9 @@ def ours(B, NH, S, DQK, DV, L, E=2, recompute=False, blk=None):
         NT, NKB, NVB = cdiv(L, BT), cdiv(DQK, BK), cdiv(DV, BV)
         req = fl = 0
         for js in range(NT):
-            r = 3 * BT * F32 + NKB * (BT * BK * E + BK * BV * E) + BT * BV * E
-            r += (NT - js) * (4 * BT * F32 + NKB * 2 * BT * BK * E + BT * BV * E + BT * F32
-                              + BT * F32)  # rows (+ dden), q k^T, dh; the ys row
+            r = 3 * BT * F32 + NKB * (BT * BK * E + BK * BV * E)
+            r += (NT - js) * (4 * BT * F32 + NKB * 2 * BT * BK * E + 2 * BT * BV * E + BT * F32
+                              + BT * F32)  # rows (+ dden), q k^T, dh and v; the ys row
             r += BT * BV * E + BT * F32
             req += r * NVB
             fl += NVB * (2 * BT * DQK * BV

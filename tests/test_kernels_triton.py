@@ -609,6 +609,11 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
                  "mlstm_bwd_dq_kernel", "slstm_fwd_kernel", "slstm_bwd_kernel"):
         assert f"| {name} | bfloat16 |" in text, name
     assert "| -1 |" not in text  # every kernel has a register count from ptxas
+    # chunk 128 (two query tiles per chunk) is compiled too, and the hot tile kernels
+    # launch under the register cap
+    assert "@ L=128 DQK=256 DV=512" in text
+    row = next(r for r in text.splitlines() if r.startswith("| mlstm_bwd_dv_kernel |"))
+    assert "(cap 168)" in row, row
     # the launch's specialisation (16-byte aligned pointers, strides divisible by 16)
     # gives 16-byte loads; without the hints the compiler emits scalar ones
     row = next(r for r in text.splitlines() if r.startswith("| mlstm_fwd_out_kernel |"))
@@ -627,7 +632,17 @@ def test_compile_check_fails_on_shared_memory_and_spills(tmp_path):
     row = cc.Row("k", "bfloat16", "-", "", 8, 2, shared=1024, regs=255, spill_st=16, spill_ld=12)
     assert not cc._ok(row, 4096)
     row.spill_st = row.spill_ld = 0
+    assert not cc._ok(row, 4096)  # 255 registers: over the 16-bit launches' budget
+    row.dtype = "float32"  # the exact path: reported, not failed
+    assert cc._ok(row, 4096)
+    row.dtype, row.regs = "bfloat16", cc.REG_BUDGET
     assert cc._ok(row, 4096) and not cc._ok(row, 1000)
+    row.regs = cc.REG_BUDGET + 1
+    assert not cc._ok(row, 4096)
+    # the hot kernels' register budget (two 8-warp blocks per SM), as the launches cap it
+    from xlstm_kernels import triton_ops
+
+    assert cc.REG_BUDGET == triton_ops.REG_BUDGET == 168
 
 
 def test_interpreter_works_when_triton_was_imported_first():

@@ -17,8 +17,11 @@ dtype (bf16, fp32), initial state, resets, a gradient of the last state, recompu
 Per distinct compiled kernel it reports shared memory (Triton's dynamic allocation, the
 number that must fit the device), registers per thread, and spill stores/loads from the
 `ptxas -v` log of the compile (Triton's wheel ships ptxas). It fails (exit 1) on a compile
-error, shared memory over the device limit, or any spill in a 16-bit launch (float32
-launches, the exact path with FMA dots, are reported; --strict-fp32 fails them too).
+error, shared memory over the device limit, any spill in a 16-bit launch, or a 16-bit launch
+over the register budget (triton_ops.REG_BUDGET, 168: two 8-warp blocks per SM; the hot
+tile kernels reach it under a ptxas cap, shown as "8 (cap 168)" in the warps column).
+float32 launches, the exact path with FMA dots, are reported; --strict-fp32 fails their
+spills too.
 Run without TRITON_INTERPRET.
 """
 
@@ -53,6 +56,7 @@ class Row:
     shape: str
     warps: int
     stages: int
+    maxnreg: int = 0  # the launch's register cap (ptxas .maxnreg); 0: none
     shared: int = -1
     regs: int = -1
     spill_st: int = -1
@@ -169,12 +173,13 @@ def _drive(arch: int, quick: bool, rows: dict, context: dict, only: str | None =
         spec = tuple(n for n, a in bound.items() if isinstance(a, int)
                      and not isinstance(a, bool) and n not in kwargs and (a == 1 or a % 16 == 0))
         key = (self.__name__, dt, flags, blocks, kwargs.get("num_warps", 4),
-               kwargs.get("num_stages", 3), spec)
+               kwargs.get("num_stages", 3), kwargs.get("maxnreg"), spec)
         if key in rows:
             rows[key].notes.append(context["now"])
             return None
         row = Row(self.__name__, dt, flags or "-", f"{blocks} @ {context['now']}",
-                  kwargs.get("num_warps", 4), kwargs.get("num_stages", 3))
+                  kwargs.get("num_warps", 4), kwargs.get("num_stages", 3),
+                  kwargs.get("maxnreg") or 0)
         rows[key] = row
         try:
             kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
@@ -198,7 +203,8 @@ def _drive(arch: int, quick: bool, rows: dict, context: dict, only: str | None =
         dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32)
         if only:
             dtypes = (getattr(torch, only),)
-        shapes = MLSTM_SHAPES[:1] if quick else MLSTM_SHAPES
+        # quick: the widest benchmark head at chunk 64 and 128 (two query tiles per chunk)
+        shapes = MLSTM_SHAPES[:2] if quick else MLSTM_SHAPES
         S, NH = BENCH_S, BENCH_NH
         B = max(1, BENCH_TOKENS // S)
         for dt in dtypes:
@@ -269,16 +275,20 @@ def table(rows: list[Row], arch: int, limit: int, version: str) -> str:
     for r in rows:
         ok = _ok(r, limit)
         if r.error:
-            out.append(f"| {r.kernel} | {r.dtype} | {r.flags} | {r.shape} | {r.warps} | "
+            out.append(f"| {r.kernel} | {r.dtype} | {r.flags} | {r.shape} | {_warps(r)} | "
                        f"{r.stages} | - | - | - | - | FAIL: {r.error[:120]} |")
             continue
         mark = "ok" if ok else "FAIL"
         if ok and (r.spill_st or r.spill_ld):
             mark = "ok (fp32 spill)"
-        out.append(f"| {r.kernel} | {r.dtype} | {r.flags} | {r.shape} | {r.warps} | {r.stages} "
+        out.append(f"| {r.kernel} | {r.dtype} | {r.flags} | {r.shape} | {_warps(r)} | {r.stages} "
                    f"| {r.regs} | {r.spill_st}/{r.spill_ld} | {r.shared} | {r.vec16} | "
                    f"{mark} |")
     return "\n".join(out) + "\n"
+
+
+def _warps(r: Row) -> str:
+    return f"{r.warps} (cap {r.maxnreg})" if r.maxnreg else str(r.warps)
 
 
 def shape_table(rows: list[Row], limit: int) -> str:
@@ -296,7 +306,7 @@ def shape_table(rows: list[Row], limit: int) -> str:
         if not good:
             out.append(f"| {ctx} | {kernel} | {dtype} | {len(rs)} | - | - | - | - | FAIL |")
             continue
-        warps = ",".join(str(w) for w in sorted({r.warps for r in good}))
+        warps = ",".join(sorted({_warps(r) for r in good}))
         regs = f"{min(r.regs for r in good)}-{max(r.regs for r in good)}"
         sp = f"{max(r.spill_st for r in good)}/{max(r.spill_ld for r in good)}"
         ok = "ok" if all(_ok(r, limit) for r in rs) else "FAIL"
@@ -306,16 +316,19 @@ def shape_table(rows: list[Row], limit: int) -> str:
 
 
 STRICT_FP32 = False  # --strict-fp32
+REG_BUDGET = 168  # = triton_ops.REG_BUDGET (not imported here: torch loads only in _drive)
 
 
 def _ok(r: Row, limit: int) -> bool:
-    """No compile error, shared memory within the limit, no spill. float32 launches (IEEE
-    tl.dot: FMA with register operands, the exact path, not the training one) may spill a
-    few bytes: reported, and only failed with --strict-fp32."""
+    """No compile error, shared memory within the limit, no spill, and a 16-bit launch
+    within the register budget. float32 launches (IEEE tl.dot: FMA with register operands,
+    the exact path, not the training one) may spill a few bytes and exceed the budget:
+    reported, and their spills only failed with --strict-fp32."""
     spills = r.spill_st != 0 or r.spill_ld != 0
     if spills and r.dtype == "float32" and not STRICT_FP32:
         spills = False
-    return not r.error and 0 <= r.shared <= limit and not spills
+    over = r.dtype != "float32" and r.regs > REG_BUDGET
+    return not r.error and 0 <= r.shared <= limit and not spills and not over
 
 
 def main(argv: list[str] | None = None) -> int:

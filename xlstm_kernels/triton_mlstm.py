@@ -523,8 +523,6 @@ def mlstm_bwd_dv_kernel(
                       + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         dv += _mm(kt, dCn, DT, UPCAST)
     dv = dv * G[:, None]
-    vt = tl.load(v_ptr + pid_bh * S * DV + pos_s[:, None] * DV + offs_v[None, :],
-                 mask=valid_s[:, None] & mv[None, :], other=0.0)
     xs = tl.full((BT,), 0.0, tl.float32)
     g_base = pid_bh * SP
     for jt in range(js, NT):
@@ -543,8 +541,14 @@ def mlstm_bwd_dv_kernel(
         dht = tl.load(dh_ptr + pid_bh * S * DV + pos_t[:, None] * DV + offs_v[None, :],
                       mask=valid_t[:, None] & mv[None, :], other=0.0)
         a = a * scale * p  # A^T[s, t]
-        dhn = dht / nr[:, None]
+        # dh / N rounded to the input dtype at once (both dots round it anyway): a 16-bit
+        # (BT, BV) tile, half the registers of a float32 one
+        dhn = (dht / nr[:, None]).to(DT)
         dv += _mm(a, dhn, DT, UPCAST)
+        # v re-read per query tile (from L2) rather than held across the loop: a (BT, BV)
+        # tile fewer live beside the dv accumulator (chunk 128: two query tiles)
+        vt = tl.load(v_ptr + pid_bh * S * DV + pos_s[:, None] * DV + offs_v[None, :],
+                     mask=valid_s[:, None] & mv[None, :], other=0.0)
         da = _mm(vt, tl.trans(dhn), DT, UPCAST)  # this DV block's dA^T[s, t]
         if pid_v == 0:
             da += tl.load(dden_ptr + g_base + pos_t, mask=inl_t, other=0.0)[None, :]

@@ -102,10 +102,18 @@ def _state_opts(BK: int, BV: int) -> dict:
 # first call of each (kernel, shape, dtype, flags) times the candidates (triton's do_bench)
 # and keeps the fastest for the process; otherwise, and always under the interpreter,
 # the default: a deterministic choice.
+REG_BUDGET = 168  # registers per thread of the hot kernels: two 8-warp blocks per SM
 TUNE_SPACE = {
     # BD >= 128: eight warps only (with four, these kernels need 216-248 registers per
-    # thread, over the budget of 168; triton_compile_check)
-    "wide": ({"num_warps": 8, "num_stages": 2}, {"num_warps": 8, "num_stages": 3}),
+    # thread, over the budget of 168; triton_compile_check). The cap (ptxas
+    # .maxnreg): at chunk 128 (two query tiles, a loop the compiler cannot unroll) ptxas
+    # takes 165-180 registers for the output pass, dk and dq and 206-231 for dv when
+    # free to; capped at 168 it fits all of them without a spill on Triton 3.6 and 3.9
+    # (dv only with its v tile re-read per query tile and dh / N kept 16-bit; the compile
+    # check fails a 16-bit launch that spills or exceeds the budget). Chunk 64 takes
+    # 140-164 capped (160-166 free)
+    "wide": ({"num_warps": 8, "num_stages": 2, "maxnreg": REG_BUDGET},
+             {"num_warps": 8, "num_stages": 3, "maxnreg": REG_BUDGET}),
     "narrow": ({"num_warps": 4, "num_stages": 3}, {"num_warps": 4, "num_stages": 2},
                {"num_warps": 8, "num_stages": 3}),
     # float32 inputs at BD >= 128 (the exact path: IEEE dots on FMA, 32-wide tiles): ptxas
