@@ -345,6 +345,10 @@ class CausalConv1d(nn.Module):
     the one K - 1 steps back. State: the last K - 1 inputs, (B, K - 1, D).
     """
 
+    index_resets_on: tuple[str, ...] = ("cpu",)
+    """Device types where document resets become crossing indices (nonzero: the host
+    waits for the device, and fake tensors cannot say how many); elsewhere keep masks."""
+
     def __init__(self, dim: int, kernel_size: int):
         super().__init__()
         self.kernel_size = kernel_size
@@ -384,7 +388,7 @@ class CausalConv1d(nn.Module):
             pos = torch.arange(S, device=x.device)
             start = torch.where(reset, pos, torch.full_like(pos, -K)).cummax(dim=1).values
             dist = pos - start  # (B, S), >= K when no document starts in this call
-            if x.device.type == "cpu":  # a few indices: cheaper than a mask pass per tap
+            if x.device.type in self.index_resets_on:  # a few indices: cheaper than a mask pass per tap
                 cross = tuple(torch.nonzero(dist < j, as_tuple=True) for j in range(1, K))
             else:  # masks: nonzero would make the host wait for the device in every block
                 cross = torch.stack([(dist >= j) for j in range(1, K)]).to(x.dtype)[..., None]

@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_flatten
 
 import model.head as head
 from model import ModelConfig, build_model, flops_per_token
+from model.layers import CausalConv1d
 
 from .config import TrainConfig, load_train_config
 from .engine.common import enable_activation_checkpointing
@@ -96,12 +97,14 @@ class _Timeline(TorchDispatchMode):
     """Records every new tensor storage an op creates (+bytes) and its release (-bytes),
     in order: the live bytes of a step at every point. Runs on fake tensors."""
 
-    def __init__(self, params: set[int] | None = None) -> None:
+    def __init__(self, params: list[torch.Tensor] = ()) -> None:
         super().__init__()
         self.events: list[tuple[int, int]] = []  # (serial, +bytes or -bytes)
         self.alive: dict[int, int] = {}  # id(storage) -> serial, while it lives
         self.serial = 0
-        self.params = params or set()
+        self.params = {id(p) for p in params}
+        # views of the weights (F.linear's transpose, kept for the backward) are no new memory
+        self.before = {id(p.untyped_storage()) for p in params}
         self.weight_casts: set[int] = set()
         """Serials of casts of parameters (autocast's bf16 weights)."""
 
@@ -113,7 +116,7 @@ class _Timeline(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
-                if id(storage) not in self.alive:  # views and in-place results share one
+                if id(storage) not in self.alive and id(storage) not in self.before:  # views share one
                     self.serial += 1
                     n = storage.nbytes()
                     self.alive[id(storage)] = self.serial
@@ -233,6 +236,18 @@ def _fused_head():
 
 
 @contextlib.contextmanager
+def _conv_reset_masks():
+    """The causal conv's document resets as keep masks (as on a GPU): the CPU's crossing
+    indices come from nonzero, whose size fake tensors cannot know."""
+    orig = CausalConv1d.index_resets_on
+    CausalConv1d.index_resets_on = ()
+    try:
+        yield
+    finally:
+        CausalConv1d.index_resets_on = orig
+
+
+@contextlib.contextmanager
 def _triton_cells(recompute: bool):
     """Swap the cell ops the model calls for the Triton stand-ins above."""
     import xlstm_kernels
@@ -299,7 +314,7 @@ def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, t
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(), (_triton_cells(mcfg.recompute_states) if triton else contextlib.nullcontext()), \
-            _fused_head():
+            _fused_head(), _conv_reset_masks():
         model = build_model(mcfg, device="cpu")
         if precision == "bf16_pure":
             model.to(torch.bfloat16)
@@ -308,7 +323,7 @@ def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, t
         params = [p for p in model.parameters() if p.requires_grad]
         idx = torch.zeros(batch, seq_len, dtype=torch.long)
         reset = torch.zeros(batch, seq_len, dtype=torch.bool)
-        tl = _Timeline({id(p) for p in params})
+        tl = _Timeline(params)
         with tl:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = model(idx, reset=reset, labels=idx)  # the trainer's fused head and loss
@@ -465,7 +480,9 @@ def peak_memory(cfg: TrainConfig, mcfg: ModelConfig, params: int, block_params: 
                 world: int, micro_batch: int, checkpointing: bool, triton: bool) -> MemoryPlan:
     """Predicted peak bytes on one rank: weights + optimizer state + the larger of the
     backward's peak (simulated, with this layout's share of the gradients) and the
-    optimizer step (gradients + one moment-sized temporary of foreach AdamW)."""
+    optimizer step (gradients, plus one moment-sized temporary where AdamW runs foreach:
+    FSDP2's DTensor shards; plain tensors take the fused update, which makes none, see
+    pretrain/optim.py)."""
     precision = cfg.distributed.precision
     states = states_per_rank(params, block_params, layout, precision, world)
     sim = step_memory(mcfg, micro_batch, cfg.data.seq_len, precision, triton, checkpointing,
@@ -478,7 +495,7 @@ def peak_memory(cfg: TrainConfig, mcfg: ModelConfig, params: int, block_params: 
     else:
         backward = sim.sharded_peak - sim.sharded_grads_at_peak + share * sim.sharded_grads_at_peak
         saved, above = sim.sharded_saved, sim.sharded_peak - sim.sharded_grads_at_peak - sim.sharded_saved
-    step = states["grads"] + states["optimizer"] / 2
+    step = states["grads"] + (states["optimizer"] / 2 if layout.backend == "fsdp" else 0.0)
     peak = states["weights"] + states["optimizer"] + max(backward, step)
     return MemoryPlan(states, saved, above, float(peak))
 
