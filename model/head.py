@@ -23,7 +23,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 cap: float | None, chunk: int) -> torch.Tensor:
-        n = int((labels != IGNORE).sum())
+        n = (labels != IGNORE).sum().clamp_min(1)  # a tensor: int() would make the host wait for the device
         acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax and sums: >= fp32
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if want_h else None
@@ -47,7 +47,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             # d loss / d logits = (softmax - one_hot) * valid / n, written over z: exp(z - lse)
             g = z.sub_(lse[:, None]).exp_()
             g.scatter_add_(1, target, -torch.ones_like(target, dtype=g.dtype))
-            g.mul_((valid.to(g.dtype) / max(n, 1))[:, None])
+            g.mul_((valid.to(g.dtype) / n)[:, None])
             if cap is not None:
                 g *= 1 - t * t  # through cap * tanh(z / cap)
             g = g.to(mm_dtype)
@@ -57,7 +57,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                 grad_w += (g.t() @ h).to(acc)
         ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
         ctx.weight_dtype = weight.dtype
-        return (total / max(n, 1)).to(acc)
+        return (total / n).to(acc)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
