@@ -239,8 +239,7 @@ def _forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L: int, eps: float):
     b_end = b[..., -1]  # (B, NH, NC)
     tt = torch.arange(L, device=dev)
     if reset is None:
-        start = carry = keep = None
-        mask = tt[:, None] >= tt[None, :]  # (L, L) causal
+        start = carry = keep = None  # the causal mask is a tril_ of the weights
     else:
         start = _doc_start(reset.view(B, NC, L))[:, None]  # (B, 1, NC, L): local doc start or -1
         carry = start < 0  # the carried state reaches position t
@@ -300,23 +299,28 @@ def _forward(ctx, q, k, v, i, f, C0, n0, m0, reset, L: int, eps: float):
     # outputs: one stabilizer per position over the carried state and the in-chunk keys
     mp = m_prev[..., None]
     a = b + mp if carry is None else (b - base).add_(torch.where(carry, mp, 0.0))
-    # logD[t, s] = b_t - b_s + i_s on the mask, -inf off it (an added (L, L) tile: masked_fill
-    # and where are several times slower than an add on CPU)
+    # logD[t, s] = b_t - b_s + i_s on the mask. The weights DQK**-0.5 exp(logD - m_t), 0 off the
+    # mask; weights under e^-60 of the row's largest are flushed to 0: exp of -inf or of an
+    # underflowing (denormal) result runs 10-80x slower on CPU, so exp only sees [-60, 0]
     bi = b - ic
-    logD = torch.sub(b[..., :, None], bi[..., None, :]).add_(
-        torch.zeros(mask.shape, dtype=b.dtype, device=dev).masked_fill_(~mask, NEG_INF))
     if start is None:
-        # the row max of a causal tile is a running max over the keys (and its argmax)
+        # the row max of a causal tile is a running max over the keys (and its argmax), so m_t
+        # is known before the tile: one pass builds logD - m_t, and tril_ masks it after exp
         cmax, rarg = torch.neg(bi).cummax(dim=-1)
         rmax = b + cmax
+        mt = torch.maximum(a, rmax)  # (B, NH, NC, L)
+        Ew = torch.sub((b - mt).add_(math.log(scale))[..., :, None], bi[..., None, :])
+        Ew.clamp_(_FLUSH, 0.0).exp_().tril_()
     else:
+        # off the mask -inf (an added (L, L) tile: masked_fill and where are several times
+        # slower than an add on CPU)
+        logD = torch.sub(b[..., :, None], bi[..., None, :]).add_(
+            torch.zeros(mask.shape, dtype=b.dtype, device=dev).masked_fill_(~mask, NEG_INF))
         rmax, rarg = logD.max(dim=-1)
-    mt = torch.maximum(a, rmax)  # (B, NH, NC, L)
+        mt = torch.maximum(a, rmax)
+        Ew = logD.sub_((mt - math.log(scale))[..., None]).clamp_min_(_FLUSH).exp_()
     a_win = a >= rmax
-    # DQK**-0.5 exp(logD - m_t), 0 off the mask; weights under e^-60 of the row's largest are flushed
-    # to 0: exp of -inf or of an underflowing (denormal) result runs 10-80x slower on CPU
-    Ew = logD.sub_((mt - math.log(scale))[..., None]).clamp_min_(_FLUSH).exp_()
-    Ew.sub_(_FLUSH_W).clamp_min_(0.0)
+    F.threshold_(Ew, _FLUSH_W, 0.0)  # the flush (and the clamped -inf entries) to exact zeros
     w_inter = torch.exp(a - mt).mul_(scale)  # weight of the carried state for the unscaled q
     if carry is not None:
         w_inter.masked_fill_(~carry, 0.0)
@@ -360,7 +364,7 @@ def _backward(ctx, dh, dC, dn, dm):
         dhp = dout.view(B, NH, SP, E)[:, :, :S, :DV]
         # dh . h through dout's storage (fresh multi-MB temporaries cost their page faults)
         hdh = torch.mul(dh, out.view(B, NH, SP, E)[:, :, :S, :DV], out=dhp).sum(-1)
-        dZ = F.pad(hdh, (0, SP - S)).view(B, NH, NC, L).mul_(rZ).neg_()  # dL/dN
+        dZ = (F.pad(hdh, (0, SP - S)) if SP > S else hdh).view(B, NH, NC, L).mul_(rZ).neg_()  # dL/dN
         torch.mul(dh, rZ.view(B, NH, SP)[:, :, :S, None], out=dhp)
         torch.mul(dZ, dsgn, out=dout[..., DV])
         src = dZ.mul_(eps)  # dL/dm_t through the eps of the normalizer
