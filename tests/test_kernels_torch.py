@@ -136,8 +136,9 @@ def test_chunkwise_gradcheck_float64(with_state, with_reset):
 
 
 def test_chunkwise_decay_gradient_paths_agree(monkeypatch):
-    """The decay-weight gradients are dotted in one product for small states and inside the
-    reverse scan for large ones: both give the same gradients."""
+    """Small states keep every chunk's state gradient and use them in batched products after
+    the reverse scan; large ones stream them through two buffers inside the scan (decay dots,
+    dv, dkw): both give the same gradients."""
     import xlstm_kernels.mlstm_torch as mt
 
     q, k, v, i, f = make_inputs(S=45, seed=8)

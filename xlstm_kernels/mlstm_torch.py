@@ -23,7 +23,7 @@ from ._checks import MLSTMState, compute_dtype
 NEG_INF = float("-inf")
 _FLUSH = -60.0  # log weights this far under a row's largest count as zero
 _FLUSH_W = math.exp(_FLUSH) * (1 + 1e-6)  # at or above exp(_FLUSH) in any float rounding
-_DOT_BATCH_BYTES = 4 << 20  # states up to this size: decay-gradient dots in one product
+_DOT_BATCH_BYTES = 4 << 20  # the backward keeps all chunks' state gradients up to this size
 
 
 def _zero_state(B: int, NH: int, DQK: int, DV: int, dtype: torch.dtype, device: torch.device) -> MLSTMState:
@@ -391,10 +391,15 @@ def _backward(ctx, dh, dC, dn, dm):
     dqc.addcmul_(X, w_inter[..., None])
 
     # reverse scan of the state gradients: carried[c] = dL/d(state after chunk c)
-    # = w_old_{c+1} carried[c+1] + qw_{c+1}^T @ dout_{c+1}, updated in place chunk by chunk
+    # = w_old_{c+1} carried[c+1] + qw_{c+1}^T @ dout_{c+1}, chunk by chunk
     n_bh = B * NH
-    carried = RB.new_empty(B, NH, NC, DQK, E)
-    dlast = carried[:, :, NC - 1]
+    # small states: every carried[c] kept, then its consumers as batched products after the
+    # scan. Large ones (the 125M heads: 75 MB per call at S 2048): carried[c] lives in two
+    # reused buffers and its consumers (the decay dot, dv's kw term, Y = va carried^T) run
+    # while it is in cache: no (NC, DQK, E) tensor to page-fault in on every call
+    streamed = B * NH * NC * DQK * E * RB.element_size() > _DOT_BATCH_BYTES
+    carried = None if streamed else RB.new_empty(B, NH, NC, DQK, E)
+    dlast = RB.new_empty(B, NH, DQK, E) if streamed else carried[:, :, NC - 1]
     if dC is not None:
         dlast[..., :DV] = dC
     else:
@@ -403,37 +408,47 @@ def _backward(ctx, dh, dC, dn, dm):
         dlast[..., DV] = dn
     else:
         dlast[..., DV].zero_()
-    cu = carried.view(n_bh, NC, DQK, E).unbind(1)
     wu = w_old.reshape(n_bh, NC, 1, 1).unbind(1)
     qwT = LB.view(n_bh, NC, L, R)[..., :DQK].transpose(-1, -2).unbind(1)
     doutu = dout.view(n_bh, NC, L, E).unbind(1)
-    pu = RB.view(n_bh, NC, R, E)[:, :, :DQK].unbind(1)
-    # the decay weights' gradients <carried[c], prev[c]>: small states in one product after
-    # the scan; large ones while carried[c] is in cache, through one small reused buffer (a
-    # fresh multi-MB tensor is page-faulted in on every call)
-    in_loop = carried.numel() * carried.element_size() > _DOT_BATCH_BYTES
-    dw_old = w_old.new_empty(NC, n_bh)
-    tmp = torch.empty_like(cu[0]) if in_loop else None
-    qd = carried.new_empty(n_bh, DQK, E)  # reused product buffer, as in the forward
-    for c in range(NC - 1, -1, -1):
-        if c < NC - 1:
-            torch.addcmul(torch.bmm(qwT[c + 1], doutu[c + 1], out=qd), cu[c + 1], wu[c + 1], out=cu[c])
-        if in_loop:
-            torch.sum(torch.mul(cu[c], pu[c], out=tmp), (-1, -2), out=dw_old[c])
-    if in_loop:
+    qd = RB.new_empty(n_bh, DQK, E)  # reused product buffer, as in the forward
+    P3 = LB.view(n3, L, R)[..., DQK:]
+    # dv only (the ones column needs no gradient): a contiguous (.., DV) result, which the
+    # callers' reshapes and gradient accumulation then take without a copy; dkw = va @ carried^T
+    if streamed:
+        pu = RB.view(n_bh, NC, R, E)[:, :, :DQK].unbind(1)
+        vau = RB.view(n_bh, NC, R, E)[:, :, DQK:].unbind(1)
+        kwu = kw.view(n_bh, NC, L, DQK).unbind(1)
+        dv = qc.new_empty(n_bh, NC, L, DV)
+        Y = qc.new_empty(B, NH, NC, L, DQK)
+        dvu, Yu = dv.unbind(1), Y.view(n_bh, NC, L, DQK).unbind(1)
+        dw_old = w_old.new_empty(NC, n_bh)
+        bufs = RB.new_empty(2, n_bh, DQK, E)
+        tmp = torch.empty_like(qd)
+        cur = dlast.view(n_bh, DQK, E)
+        for c in range(NC - 1, -1, -1):
+            if c < NC - 1:
+                nxt = bufs[c % 2]
+                torch.addcmul(torch.bmm(qwT[c + 1], doutu[c + 1], out=qd), cur, wu[c + 1], out=nxt)
+                cur = nxt
+            torch.sum(torch.mul(cur, pu[c], out=tmp), (-1, -2), out=dw_old[c])
+            torch.bmm(kwu[c], cur[..., :DV], out=dvu[c])
+            torch.bmm(vau[c], cur.transpose(-1, -2), out=Yu[c])
         dw_old = dw_old.t().reshape(B, NH, NC)
+        dv = dv.view(n3, L, DV).baddbmm_(P3.transpose(-1, -2), dout3[..., :DV])
+        c0 = cur
     else:
+        cu = carried.view(n_bh, NC, DQK, E).unbind(1)
+        for c in range(NC - 2, -1, -1):
+            torch.addcmul(torch.bmm(qwT[c + 1], doutu[c + 1], out=qd), cu[c + 1], wu[c + 1], out=cu[c])
         dw_old = (carried * RB[..., :DQK, :]).sum((-1, -2))
+        c3 = carried.view(n3, DQK, E)
+        dv = torch.bmm(kw.view(n3, L, DQK), c3[..., :DV]).baddbmm_(P3.transpose(-1, -2), dout3[..., :DV])
+        Y = torch.bmm(RB.view(n3, R, E)[:, DQK:], c3.transpose(-1, -2)).view(B, NH, NC, L, DQK)
+        c0 = cu[0]
     dCa0 = None
     if need_state:
-        dCa0 = torch.addcmul(torch.bmm(qwT[0], doutu[0], out=qd), cu[0], wu[0]).view(B, NH, DQK, E)
-    c3 = carried.view(n3, DQK, E)
-    # dv only (the ones column needs no gradient): a contiguous (.., DV) result, which the
-    # callers' reshapes and gradient accumulation then take without a copy
-    P3 = LB.view(n3, L, R)[..., DQK:]
-    dv = torch.bmm(kw.view(n3, L, DQK), c3[..., :DV]).baddbmm_(P3.transpose(-1, -2), dout3[..., :DV])
-    # dkw = va @ carried^T
-    Y = torch.bmm(RB.view(n3, R, E)[:, DQK:], c3.transpose(-1, -2)).view(B, NH, NC, L, DQK)
+        dCa0 = torch.addcmul(torch.bmm(qwT[0], doutu[0], out=qd), c0, wu[0]).view(B, NH, DQK, E)
     dg = torch.mul(Y, kc, out=rowtmp).sum(-1).mul_(wk)  # g_s = b_end - b_s + i_s
     dkc = torch.bmm(dQK.view(n3, L, L).transpose(-1, -2), qc.view(n3, L, DQK)).view(B, NH, NC, L, DQK)
     dkc.addcmul_(Y, wk[..., None])
