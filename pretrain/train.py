@@ -18,6 +18,7 @@ plain torchrun would report each non-zero one as a crash of its own (exit 1).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 import time
@@ -90,8 +91,26 @@ def fit(tr: Trainer) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
-    """The CLI; `hooks`: fault injection for tests (pretrain.trainer.Hooks)."""
+def keep_freed_memory() -> bool:
+    """glibc only: keep freed memory in the process for the next step instead of handing it back
+    to the kernel (no mmap'd blocks, no heap trimming). The mLSTM cell's per-call buffers are
+    tens of MB (88 MB of chunk states per block at the 125M preset, S 2048), which glibc maps
+    fresh and unmaps on free: every step then page-faults them in again (~1M minor faults per
+    step, 0.62x the HF Llama's tokens/s on 2 CPU cores against 0.99x with the memory kept,
+    benchmarks/results/train_throughput-2026-12-07c-cpu.md). Returns whether it took effect."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, ...): its allocator as it is
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+    return all(mallopt(param, value) == 1 for param, value in
+               ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 256 << 20)))
+
+
+def main(argv: list[str] | None = None, hooks: Hooks | None = None, keep_memory: bool = False) -> int:
+    """The CLI; `hooks`: fault injection for tests (pretrain.trainer.Hooks); `keep_memory`:
+    `keep_freed_memory()` when training on CPU (set by `python -m pretrain.train`, which every
+    launch runs; off for in-process callers, whose allocator it would change for good)."""
     args = parse_args(argv)
     # FSDP2 warns that blocks return views: those are recurrent states the trainer
     # never modifies in place
@@ -104,6 +123,8 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
             print(err, file=sys.stderr)
         return 2
     info = init_distributed(cfg.distributed.timeout_s)
+    if keep_memory and info.device.type == "cpu":  # the host allocator serves the step's tensors
+        keep_freed_memory()
     try:
         trainer = Trainer(cfg, args, info, hooks)  # checks its inputs first, on every rank alike
         if info.is_main:  # the plan of this run (pretrain/plan.py); its memory part simulates a step
@@ -135,4 +156,4 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(keep_memory=True))
