@@ -225,34 +225,22 @@ class _FusedHeadLossSaves(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def _fused_head():
-    """The model's fused head and loss (model/head.py) replaced by the stand-in."""
-    orig = head._FusedHeadLoss
-    head._FusedHeadLoss = _FusedHeadLossSaves
+def _swapped(obj: Any, **attrs: Any):
+    """`obj`'s attributes set to `attrs` while the block runs, then restored."""
+    orig = {name: getattr(obj, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(obj, name, value)
     try:
         yield
     finally:
-        head._FusedHeadLoss = orig
-
-
-@contextlib.contextmanager
-def _conv_reset_masks():
-    """The causal conv's document resets as keep masks (as on a GPU): the CPU's crossing
-    indices come from nonzero, whose size fake tensors cannot know."""
-    orig = CausalConv1d.index_resets_on
-    CausalConv1d.index_resets_on = ()
-    try:
-        yield
-    finally:
-        CausalConv1d.index_resets_on = orig
+        for name, value in orig.items():
+            setattr(obj, name, value)
 
 
 @contextlib.contextmanager
 def _triton_cells(recompute: bool):
     """Swap the cell ops the model calls for the Triton stand-ins above."""
     import xlstm_kernels
-
-    orig = xlstm_kernels.mlstm_chunkwise, xlstm_kernels.slstm_sequence
 
     def mlstm(q, k, v, i, f, *, chunk_size, return_last_state=False, **_: Any):  # noqa: ANN001
         S = q.shape[2]
@@ -274,11 +262,8 @@ def _triton_cells(recompute: bool):
         state = tuple(x.new_zeros(B, NH, DH, dtype=torch.float32) for _ in range(4))
         return (h, state) if return_last_state else h
 
-    xlstm_kernels.mlstm_chunkwise, xlstm_kernels.slstm_sequence = mlstm, slstm
-    try:
+    with _swapped(xlstm_kernels, mlstm_chunkwise=mlstm, slstm_sequence=slstm):
         yield
-    finally:
-        xlstm_kernels.mlstm_chunkwise, xlstm_kernels.slstm_sequence = orig
 
 
 @dataclass(frozen=True)
@@ -313,8 +298,11 @@ def simulate_step(mcfg: ModelConfig, batch: int, seq_len: int, precision: str, t
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    # the trainer's fused head and loss as a stand-in of its allocations; the conv's document
+    # resets as keep masks, as on a GPU (the CPU's crossing indices come from nonzero, whose
+    # size fake tensors cannot know)
     with FakeTensorMode(), (_triton_cells(mcfg.recompute_states) if triton else contextlib.nullcontext()), \
-            _fused_head(), _conv_reset_masks():
+            _swapped(head, _FusedHeadLoss=_FusedHeadLossSaves), _swapped(CausalConv1d, index_resets_on=()):
         model = build_model(mcfg, device="cpu")
         if precision == "bf16_pure":
             model.to(torch.bfloat16)
