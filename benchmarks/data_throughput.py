@@ -26,7 +26,13 @@ tokenizer settings), in one run:
   step's time (`--step-tokens-per-s`, default: benchmarks/results/
   train_throughput-2026-12-02-cpu.md, ours without FSDP on this CPU);
 - the tiny preset's training step (forward + backward + AdamW, batch 4 x seq 128, one
-  thread, like one rank of `make demo`), when the `model` package is importable.
+  thread, like one rank of `make demo`), when the `model` package is importable;
+- the tar header walk alone (`data.tarshard._walk`, CPU us per header, fastest of 7): the
+  sequential Python walk against the bulk numpy one, on shards of 30, 300 and 3000
+  documents of about `--doc-tokens` tokens (700 when not given), written by `ShardWriter`.
+With `--doc-tokens N`: the corpus is the same text cut into documents of about N tokens
+(one JSONL file; at the tokenizer's mean characters per token), as web pages are, instead
+of one document per file (~5k tokens).
 With `--baseline DIR` (a folder holding another `data` package, e.g. `git archive
 dcaf238 data | tar -x -C DIR`): the CPU time per batch at 0 workers of that loader and of
 this one, each in fresh processes, interleaved: before/after in one run, over all epochs
@@ -58,6 +64,66 @@ from data.loader import build_loader  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 from data.tarshard import clear_cache, hasher  # noqa: E402
 from data.tokenizer import train_tokenizer  # noqa: E402
+
+
+def _short_documents(files: list[str], tok_dir: str, doc_tokens: int, out: str) -> str:
+    """One JSONL file of the text of `files` cut into documents of about `doc_tokens`
+    tokens (at the tokenizer's mean characters per token on the first 200k characters)."""
+    from data.tokenizer import Tokenizer
+
+    text = "".join(open(f, encoding="utf-8", errors="replace").read() for f in files)
+    sample = text[:200_000]
+    per = max(1, round(doc_tokens * len(sample) / len(Tokenizer.load(tok_dir).encode(sample))))
+    path = os.path.join(out, "docs.jsonl")
+    with open(path, "w") as f:
+        for i in range(0, len(text), per):
+            f.write(json.dumps({"text": text[i:i + per]}) + "\n")
+    return path
+
+
+def _walk_per_header(doc_tokens: int, out: str, baseline: str | None
+                     ) -> list[tuple]:
+    """(documents, headers, then CPU us per header of: the sequential walk, the bulk one,
+    and the baseline's `_walk` when given) of the tar walk alone, on shards of 30/300/3000
+    documents of random ids, 0.5-1.5x `doc_tokens` long (the fastest of 7 rounds of
+    enough walks for ~20 ms)."""
+    import importlib.util
+
+    from data import tarshard
+
+    walks = [lambda b, n: tarshard._walk(b, n, "s", bulk=False),
+             lambda b, n: tarshard._walk(b, n, "s")]
+    if baseline:  # its tarshard alone (it imports only numpy and the standard library)
+        spec = importlib.util.spec_from_file_location(
+            "baseline_tarshard", os.path.join(baseline, "data", "tarshard.py"))
+        old = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        walks.append(lambda b, n: old._walk(b, n, "s"))
+    rng = np.random.default_rng(0)
+    rows = []
+    for docs in (30, 300, 3000):
+        path = os.path.join(out, f"walk-{docs}.tar")
+        w = tarshard.ShardWriter(path)
+        for i in range(docs):
+            n = int(rng.integers(doc_tokens // 2, doc_tokens * 3 // 2 + 1))
+            w.add(f"{i:09d}", rng.integers(0, 512, n), f"docs.jsonl:{i}")
+        w.close()
+        with open(path, "rb") as f:
+            buf = f.read()
+        headers = 2 * docs
+        reps = max(1, 20_000 // (2 * headers))
+        us = []
+        for walk in walks:
+            assert walk(buf, len(buf)).n == docs
+            best = float("inf")
+            for _ in range(7):
+                c0 = time.process_time()
+                for _ in range(reps):
+                    walk(buf, len(buf))
+                best = min(best, (time.process_time() - c0) / reps)
+            us.append(best / headers * 1e6)
+        rows.append((docs, headers, *us))
+    return rows
 
 
 def _best(fn, repeat: int) -> float:
@@ -233,6 +299,9 @@ def main(argv=None) -> int:
     ap.add_argument("--step-tokens-per-s", type=float, default=91.8,
                     help="the 125M model's training tokens/s (default: this CPU, 2026-12-02)")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
+    ap.add_argument("--doc-tokens", type=int, default=None,
+                    help="cut the corpus into documents of about this many tokens (web pages "
+                    "are ~500-1000); default: one document per file")
     ap.add_argument("--baseline", default=None, help="a folder holding another `data` "
                     "package: its CPU time per batch at 0 workers against this one's")
     a = ap.parse_args(argv)
@@ -244,6 +313,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     train_tokenizer(files, tok_dir, vocab_size=512, max_sentences=20_000, progress=False)
     t_tok = time.perf_counter() - t0
+    docs_note = f"{len(files)} files, {in_bytes / 1e6:.1f} MB text"
+    if a.doc_tokens:
+        files = [_short_documents(files, tok_dir, a.doc_tokens, work)]
+        docs_note += f", cut into documents of ~{a.doc_tokens} tokens"
 
     rows = []
     shards = None
@@ -254,10 +327,11 @@ def main(argv=None) -> int:
         dt = time.perf_counter() - t0
         tokens = m["totals"]["tokens"]
         rows.append((f"data.prepare, {w} worker{'s' if w > 1 else ''}", tokens / dt,
-                     in_bytes / dt / 1e6, f"{len(files)} files, {in_bytes / 1e6:.1f} MB text"))
+                     in_bytes / dt / 1e6, docs_note))
         shards = out
     tars = sorted(glob.glob(os.path.join(shards, "*.tar")))
     shard_bytes = sum(os.path.getsize(p) for p in tars)
+    n_docs = m["totals"]["samples"]
 
     cat_cpu = []  # CPU seconds (user + system) of each cat process: steadier than wall time
 
@@ -356,6 +430,7 @@ def main(argv=None) -> int:
         versus = [[min(r[2 * i][0] for r in runs) * 1e6,
                    *(min(r[2 * i + 1][j] for r in runs) * 1e6 for j in (0, 1))] for i in (0, 1)]
 
+    walks = _walk_per_header(a.doc_tokens or 700, work, a.baseline)
     tiny = _tiny_step_tokens_per_s()
     if tiny is not None:
         rows.append(("tiny preset train step (fwd+bwd+AdamW, 4x128, 1 thread)", tiny, None,
@@ -405,6 +480,12 @@ def main(argv=None) -> int:
                      f"{cat_us / t_first:.2f}x in the first epoch, {cat_us / t_later:.2f}x "
                      f"later (baseline {cat_us / b_all:.2f}x, {cat_us / b_first:.2f}x, "
                      f"{cat_us / b_later:.2f}x)")
+    lines.append(f"corpus: {n_docs} documents in {len(tars)} shards ({docs_note})")
+    lines.append("tar header walk alone (CPU per header, fastest of 7; documents of "
+                 f"~{a.doc_tokens or 700} tokens): " + "; ".join(
+                     f"{d} documents ({h} headers): sequential {s:.2f} us, bulk {b:.2f} us"
+                     + ("" if not old else f", {a.baseline} {old[0]:.2f} us ({old[0] / b:.1f}x"
+                        " the bulk)") for d, h, s, b, *old in walks))
     if tiny is not None:
         lines.append(f"best loader / tiny train step: {top / tiny:,.0f}x (goal >= 100x)")
     table = "\n".join(lines)

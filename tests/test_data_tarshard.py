@@ -30,7 +30,7 @@ from data.tarshard import (
     TOKEN_EXT,
     ShardWriter,
     TarStream,
-    _header_name,
+    _member_name,
     _octal,
     clear_cache,
     iter_samples,
@@ -133,7 +133,7 @@ def _ref_members(raw, name: str, *, expect_sha256: str | None = None
         if long_name is not None:
             mname, long_name = long_name, None
         else:
-            mname = _header_name(h)
+            mname = _member_name(h[:100], h[257:262], h[345:500])
         yield mname, data, off
     if expect_sha256 is not None and s.sha.hexdigest() != expect_sha256:
         raise ShardError(name, None, f"sha256 mismatch after {s.offset} bytes "
@@ -443,3 +443,110 @@ def test_a_remote_shard_larger_than_the_read_buffer_streams_a_sample_at_a_time()
     assert got == [(sh.key(i), sh.tokens(i).tobytes()) for i in range(sh.n)]
     assert size > 20 * chunk and len(got) > 10
     assert chunk < stream.held <= chunk + max(members.values()) + BLOCK
+
+
+# -- the bulk walk (`_bulk`): the sequential walk's index, or no answer ---------------
+def _index_fields(ix) -> list:
+    return [ix.n, *(None if a is None else (a.dtype.str, a.tolist())
+                    for a in (ix.lo, ix.hi, ix.wide, ix.member, ix.peak)),
+            ix.long_keys, ix.error, ix.stop, ix.ended]
+
+
+def _walks(data: bytes, partial: bool = False) -> tuple[bool, list]:
+    """(whether `_walk` took the bulk path, its index); asserts it is the sequential one's."""
+    before = tarshard.BULK_WALKS[0]
+    got = _index_fields(tarshard._walk(data, len(data), "s", partial=partial))
+    bulk = tarshard.BULK_WALKS[0] - before
+    assert bulk == (tarshard._bulk(data, len(data), partial) is not None)
+    assert got == _index_fields(tarshard._walk(data, len(data), "s", partial=partial,
+                                               bulk=False))
+    return bool(bulk), got
+
+
+def _short_docs(path: str, docs: int, ext: str, seed: int, folders: bool = False) -> list:
+    rng = np.random.default_rng(seed)
+    w = ShardWriter(path, ext=ext)
+    out = []
+    for i in range(docs):  # empty documents too; u32 ids beyond 16 bits
+        ids = rng.integers(0, 70000 if ext == "u32" else 512, size=int(rng.integers(0, 40)))
+        key = f"part{i % 3}.x/{i:07d}" if folders else f"{i:07d}"
+        w.add(key, ids, f"doc {i}")
+        out.append((key, ids))
+    w.close()
+    return out
+
+
+def _refit(data: bytearray, off: int) -> None:
+    """The checksum of the header at `off`, made right after a field was changed."""
+    h = data[off:off + BLOCK]
+    data[off + 148:off + 156] = b"%06o\0 " % (sum(h[:148]) + 8 * 32 + sum(h[156:]))
+
+
+def test_bulk_walk_takes_plain_shards_and_gives_the_sequential_index(tmp_path):
+    for p in shard_paths(shards_dir()):  # data.prepare's shards
+        assert _walks(open(p, "rb").read())[0], p
+    for docs, ext, folders in ((1, "u16", False), (3000, "u16", False), (700, "u32", False),
+                               (300, "u16", True), (50, "u32", True)):
+        path = str(tmp_path / f"{docs}-{ext}.tar")
+        want = _short_docs(path, docs, ext, docs, folders)
+        data = open(path, "rb").read()
+        bulk, got = _walks(data)
+        assert bulk
+        # a stream's pieces: each starts at a header (a sample's first) and ends anywhere
+        offsets = [o for _n, _d, o in _ref_members(io.BytesIO(data), "s")]
+        taken = [_walks(data[at:at + size], partial=True)[0]
+                 for at in (0, offsets[min(6, len(offsets) - 2)])
+                 for size in [*range(0, len(data), 5 + len(data) // 60), len(data)]]
+        assert sum(taken) > 0.8 * len(taken)
+        sh = (clear_cache(), map_shard(path))[1]
+        assert [(sh.key(i), sh.tokens(i).tolist()) for i in range(sh.n)] == [
+            (k, d.tolist()) for k, d in want]
+
+
+def test_bulk_walk_leaves_every_other_tar_to_the_sequential_walk(tmp_path):
+    path = str(tmp_path / "plain.tar")
+    _short_docs(path, 40, "u16", 1)
+    plain = open(path, "rb").read()
+    offsets = [o for _n, _d, o in _ref_members(io.BytesIO(plain), "s")]
+    cases = {}
+    # a member's data holding a copy of a header at a block bound: a false candidate
+    cases["header in data"] = plain[:offsets[5] + BLOCK] + plain[:BLOCK] + plain[
+        offsets[5] + 2 * BLOCK:]
+    for what, at, value in (("size without zeros", 124, b"12\0\0\0\0\0\0\0\0\0\0"),
+                            ("size with spaces", 124, b"     000012 "),
+                            ("ustar prefix", 345, b"dir"), ("directory", 156, b"5"),
+                            ("utf-8 name", 7, "é".encode()), ("NUL in the name", 3, b"\0"),
+                            ("unknown token type", 8, b"tokens.u64"),
+                            ("odd id bytes", 124, b"00000000003\0"),
+                            ("leading slash", 0, b"/0000001.tokens.u16")):
+        data = bytearray(plain)
+        off = offsets[3]  # the tokens member of sample 1
+        data[off + at:off + at + len(value)] = value
+        _refit(data, off)
+        cases[what] = bytes(data)
+    data = bytearray(plain)
+    data[offsets[3] + 300] ^= 1  # a bad checksum
+    cases["bad checksum"] = bytes(data)
+    data = bytearray(plain)  # a sample without its tokens member: renamed to source2
+    data[offsets[3] + 8:offsets[3] + 18] = b"source2.tx"
+    _refit(data, offsets[3])
+    cases["no tokens member"] = bytes(data)
+    end = _walks(plain)[1][8] - BLOCK  # the end-of-archive block
+    for cut in (0, 100, BLOCK, offsets[7] + 3, end, end + 100):
+        cases[f"cut at {cut}"] = plain[:cut]
+    _odd_shard(str(tmp_path / "odd"))
+    for fmt in ("gnu", "pax"):  # long names
+        cases[fmt] = open(tmp_path / f"odd-{fmt}.tar", "rb").read()
+    with tarfile.open(tmp_path / "two.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name in ("a.tokens.u16", "a.tokens.u16", "b.tokens.u16"):  # one sample, 2 ids
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tf.addfile(info, io.BytesIO(b"\1\0"))
+    cases["two tokens members"] = open(tmp_path / "two.tar", "rb").read()
+    errors = 0
+    for what, data in cases.items():
+        bulk, got = _walks(data)
+        assert not bulk, what
+        errors += got[7] is not None
+    assert _walks(plain)[0]  # and the plain shard itself is taken
+    assert errors >= 10
