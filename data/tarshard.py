@@ -8,16 +8,14 @@ One tar parser (`_walk`), over bytes in memory: a local file is mapped whole
 (`map_shard`), a stream (HTTP, `pipe:`) parsed a chunk at a time (`TarStream`). It is
 ours, not tarfile's or webdataset's, because every problem must name the shard and the
 byte offset (tests/test_data_tarshard.py holds both uses to a sequential reference).
-It has two ways to one answer. `_bulk` reads a plain, intact tar (what data.prepare
-writes, or a stream's piece of one) with numpy over all its headers at once, and answers
-only where that is provably the sequential walk's answer; anything else (long names,
-damage, truncation) gets one Python step per header, which names the problem. The bulk
-way is earned on shards of many short documents, as real corpora have: 0.5-0.7 us per
-header against 1.5-1.7 us for the Python steps it replaced (300 and 3000 documents of
-~700 tokens); at 30 documents a shard both cost ~2.4 us (benchmarks/results/
-data_throughput-2026-12-07d-cpu.md). A local shard's mapping, index, sample views and
-verified digest are kept per process by file identity (device, inode, size, mtime_ns,
-ctime_ns): a later epoch neither maps, parses nor hashes it again.
+Two ways, one answer: `_bulk` reads a plain, intact tar (as data.prepare writes, or a
+stream's piece of one) with numpy over all its headers at once, and answers only where
+that is provably the sequential walk's answer; anything else (long names, damage) takes
+one Python step per header, which names the problem. The bulk way pays on shards of many
+short documents: 0.55-0.65 us per header against the replaced Python walk's 1.5-1.7 us
+(300-3000 documents of ~700 tokens), and ties it at 30 (~2 us; benchmarks/results/
+data_throughput-2026-12-07d-cpu.md). Mappings, indexes, views and verified digests are
+kept per process by file identity (device, inode, size, mtime_ns, ctime_ns).
 """
 
 from __future__ import annotations
@@ -55,11 +53,7 @@ def token_dtype(vocab_size: int) -> tuple[str, np.dtype]:
 
 def hasher(algo: str):
     """A new hashlib-like object: "sha256", or "xxh3_128" (needs the `xxhash` package)."""
-    if algo == "xxh3_128":
-        import xxhash
-
-        return xxhash.xxh3_128()
-    return hashlib.new(algo)
+    return importlib.import_module("xxhash").xxh3_128() if algo == "xxh3_128" else hashlib.new(algo)
 
 
 def have_digest(algo: str) -> bool:
@@ -74,8 +68,7 @@ class ShardWriter:
     def __init__(self, path: str, ext: str = "u16"):
         from webdataset import TarWriter
 
-        self.path, self.ext, self.dtype = path, ext, TOKEN_EXT[ext]
-        self.tmp = path + ".tmp"
+        self.path, self.ext, self.dtype, self.tmp = path, ext, TOKEN_EXT[ext], path + ".tmp"
         self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
         self._h = {a: hasher(a) for a in DIGESTS if have_digest(a)}
         self.samples = self.tokens = self.bytes = 0
@@ -120,9 +113,8 @@ def file_sha256(path: str) -> str:
 
 
 def _octal(field: bytes, name: str, offset: int) -> int:
-    s = field.rstrip(b"\0 ").lstrip(b" ")
     try:
-        return int(s or b"0", 8)
+        return int(field.rstrip(b"\0 ").lstrip(b" ") or b"0", 8)
     except ValueError:
         raise ShardError(name, offset, f"corrupt tar header (bad number {field!r})") from None
 
@@ -147,7 +139,6 @@ def split_key(member: str) -> tuple[str, str]:
 
 
 _ZERO = bytes(BLOCK)
-_NO_SUM = bytes(8)
 _REGULAR, _LONG = (b"0", b"\0"), (b"L", b"x", b"g")  # tar type flags
 
 
@@ -182,17 +173,15 @@ _FIELD[32, :49:48] = True  # and the type flag NUL or "0"
 
 def _bulk(buf, size: int, partial: bool) -> tuple | None:
     """`_walk` of a plain, intact tar (or a stream's piece of one) by numpy over all its
-    headers at once: the arrays `_indexed` takes, `stop` and `ended`; else None.
-
-    The headers are taken to be the blocks with "ustar" at byte 257, and there is an
-    answer only when the walk would read exactly those: the first at 0, each member's data
-    ending at the next one, the last's at a zero block (a piece: at or past its end); each
-    a regular file with canonical octal numbers, a good checksum, no ustar prefix, an
-    ASCII name without NULs; every sample (a run of one key) one `tokens.u16`/`.u32`
-    member of whole ids and no other `tokens.*` member."""
+    headers at once: the arrays `_indexed` takes, `stop` and `ended`; else None. The
+    headers are taken to be the blocks with "ustar" at byte 257, and there is an answer
+    only when the walk would read exactly those: the first at 0, each member's data ending
+    at the next, the last's at a zero block (a piece: at or past its end); each a regular
+    file with canonical octal numbers, a good checksum, no ustar prefix, an ASCII name
+    without NULs; every sample (a run of one key) one `tokens.u16`/`.u32` member of whole
+    ids and no other `tokens.*` member."""
     nb = size // BLOCK
-    words = np.frombuffer(buf, dtype="<u8", count=nb * BLOCK // 8)[32::BLOCK // 8]
-    at = np.flatnonzero(words & 0xFFFFFFFFFF00 == _USTAR)
+    at = np.flatnonzero(np.frombuffer(buf, "<u8", nb * 64)[32::64] & 0xFFFFFFFFFF00 == _USTAR)
     if not at.size or at[0]:
         return None
     h = np.frombuffer(buf, dtype=np.uint8, count=nb * BLOCK).reshape(nb, BLOCK)[at]
@@ -201,27 +190,24 @@ def _bulk(buf, size: int, partial: bool) -> tuple | None:
     nxt = (msize + 2 * BLOCK - 1) // BLOCK + at
     end = int(nxt[-1])
     read = at.size - (end > nb)  # the headers the walk reads: not one whose data is cut
-    raw = np.ascontiguousarray(h[:, :100])
-    used = np.bitwise_or.reduce(raw, 0)  # a column no name uses is left out below
-    raw = np.ascontiguousarray(raw[:, :np.flatnonzero(used)[-1] + 1 if used.any() else 1])
+    used = np.bitwise_or.reduce(h[:, :100], 0)  # a column no name uses is left out
+    raw = np.ascontiguousarray(h[:, :np.flatnonzero(used)[-1] + 1 if used.any() else 1])
     names = raw.view(f"S{raw.shape[1]}")[:, 0]  # numpy drops trailing NULs, as the walk
+    length = S.str_len(names)
     if (not read or not (end < nb or partial) or (nxt[:-1] != at[1:]).any()
             or not _FIELD[np.arange(33), g].all()
             or h.view(np.uint64)[:, 43:63].any()  # bytes 344-503: no ustar prefix
             or (h.sum(1, dtype=np.uint32) + (8 * 32 + 48 * 37449) != g[:, 24:32] @ _SUM).any()
-            or used.max() > 127 or np.count_nonzero(raw) != S.str_len(names).sum()
+            or used.max() > 127 or np.count_nonzero(raw) != length.sum()
             or end < nb and np.frombuffer(buf, np.uint8, BLOCK, end * BLOCK).any()):
         return None
-    start = S.rfind(names, b"/") + 1  # a key ends at the first dot of the basename
-    length = S.str_len(names)
-    cut = S.find(names, b".", start)
-    cut = np.where(cut < 0, length, cut)
+    start = S.rfind(names, b"/") + 1  # a key ends at the first dot of the basename,
+    cut = S.find(S.add(names, b"."), b".", start)  # or at the name's end
     keys = (raw * (np.arange(raw.shape[1]) < cut[:, None])).view(names.dtype)[:, 0]
-    new = np.concatenate(([True], keys[1:] != keys[:-1]))  # a sample's first member
     whole = length == cut + 11
     u32 = (S.startswith(names, b".tokens.u32", cut) & whole)[:read]
     tok = (S.startswith(names, b".tokens.u16", cut) & whole)[:read] | u32
-    sample = (np.cumsum(new) - 1)[:read]
+    sample = np.cumsum(np.concatenate(([0], keys[1:] != keys[:-1])))[:read]  # per header
     n = int(sample[-1]) + (end < nb)  # the samples listed: not one still open
     width = 2 + 2 * u32
     if ((start == 1).any()  # `split_key` drops a lone leading "/": the walk reads those
@@ -241,14 +227,12 @@ def _walk(buf, size: int, name: str, base: int = 0, partial: bool = False,
     """Parse the headers of a tar held in memory, as a sequential reader would: the listed
     samples are those it yields before it meets a problem, `error` is that problem (or
     None); the sample open at the problem is listed one past `n` when its ids were seen,
-    so the vocabulary check (`_check_ids`) meets it first, as that reader would. `_bulk`
-    answers when it can (never with `bulk=False`), else one Python step per header does.
-
-    `buf` may be a piece of a stream starting with a header at stream offset `base`
-    (errors count from the stream's start). `partial`: more may follow, so running out
-    of bytes is no error: the samples complete before the last one begun are listed and
-    `stop` is that one's first header (a later member may still belong to it).
-    """
+    so the vocabulary check (`_check_ids`) meets it first. `_bulk` answers when it can (not
+    with `bulk=False`), else one Python step per header (~4 us, its checksum included).
+    `buf` may be a stream's piece starting with a header at stream offset `base` (errors
+    count from the stream's start); `partial`: more may follow, so running out of bytes is
+    no error: the samples complete before the last one begun are listed and `stop` is
+    that one's first header (a later member may still belong to it)."""
     if bulk and (found := _bulk(buf, size, partial)) is not None:
         BULK_WALKS[0] += 1
         return _indexed(buf, *found[:4], len(found[0]), {}, None, *found[4:])
@@ -264,8 +248,7 @@ def _walk(buf, size: int, name: str, base: int = 0, partial: bool = False,
     ended, stop = False, None
     try:
         while True:
-            left = size - off
-            if left < BLOCK:
+            if (left := size - off) < BLOCK:
                 if partial:
                     break
                 if left == 0:
@@ -273,7 +256,7 @@ def _walk(buf, size: int, name: str, base: int = 0, partial: bool = False,
                 raise ShardError(name, base + size, f"truncated: wanted {BLOCK} bytes, "
                                  f"stream ends after {left}")
             mname, fsize, fsum, kind, magic, prefix = _HEADER.unpack_from(buf, off)
-            if fsum == _NO_SUM and buf[off:off + BLOCK] == _ZERO:
+            if buf[off:off + BLOCK] == _ZERO:
                 ended, stop = True, off + BLOCK
                 break
             if _octal(fsum, name, base + off) != sum(buf[off:off + BLOCK]) - sum(fsum) + 256:
@@ -304,8 +287,7 @@ def _walk(buf, size: int, name: str, base: int = 0, partial: bool = False,
                         long_keys[len(toks)] = k
                 long_name = named_at = None
                 if ext.startswith("tokens."):
-                    dt = TOKEN_EXT.get(ext[7:])
-                    if dt is None:
+                    if (dt := TOKEN_EXT.get(ext[7:])) is None:
                         raise ShardError(name, base + off, f"unknown token type {ext!r}")
                     if msize % dt.itemsize:
                         raise ShardError(name, base + off, f"corrupt sample {k!r}: {msize} "
@@ -341,10 +323,8 @@ def _walk(buf, size: int, name: str, base: int = 0, partial: bool = False,
 def _indexed(buf, start_a: np.ndarray, count_a: np.ndarray, width_a: np.ndarray,
              member_a: np.ndarray, n: int, long_keys: dict[int, str],
              err: tuple[int | None, str] | None, stop: int, ended: bool) -> _Index:
-    """The `_Index` of samples whose tokens members are at `member_a` (header offsets;
-    int64 (m,) each): their ids at byte `start_a`, `count_a` of them, `width_a` bytes each."""
-    lo_a = start_a // width_a
-    hi_a = lo_a + count_a
+    """The `_Index` of tokens members at `member_a`, ids at byte `start_a` (int64 (m,))."""
+    hi_a = (lo_a := start_a // width_a) + count_a
     peak = np.full(len(start_a), -1, dtype=np.int64)
     for w in (2, 4):
         sel = np.flatnonzero((width_a == w) & (count_a > 0))
@@ -397,8 +377,7 @@ class MappedShard:
     `error` (a `ShardError` or None) is what reading past them must raise."""
 
     def __init__(self, name: str, buf, index: _Index, n: int, error: ShardError | None):
-        self.name, self.n, self.error = name, n, error
-        self._buf, self._index = buf, index
+        self.name, self.n, self.error, self._buf, self._index = name, n, error, buf, index
         u2 = np.frombuffer(buf, dtype=TOKEN_EXT["u16"], count=len(buf) // 2)
         lo, hi = index.lo[:n].tolist(), index.hi[:n].tolist()
         if index.wide is None:
