@@ -165,10 +165,6 @@ BULK_WALKS = [0]  # shards `_bulk` indexed (tests/test_data_tarshard.py: it is n
 _USTAR = int.from_bytes(b"\0ustar\0\0", "little")  # bytes 256-263 of a header, 257-261 kept
 _OCTAL = 8 ** np.arange(10, -1, -1, dtype=np.int64)  # weights of an 11-digit octal number
 _SUM = np.r_[_OCTAL[5:] + 1, 1, 1]  # checksum field @ _SUM: its number + its bytes' sum
-_FIELD = np.zeros((33, 256), dtype=bool)  # the bytes allowed at 124-156 of a header:
-_FIELD[np.r_[:11, 24:30], 48:56] = True  # the size's 11 octal digits, the checksum's 6,
-_FIELD[[11, 30, 31], :33:32] = _FIELD[12:24] = True  # NUL or space after each, any mtime,
-_FIELD[32, :49:48] = True  # and the type flag NUL or "0"
 
 
 def _bulk(buf, size: int, partial: bool) -> tuple | None:
@@ -195,7 +191,9 @@ def _bulk(buf, size: int, partial: bool) -> tuple | None:
     names = raw.view(f"S{raw.shape[1]}")[:, 0]  # numpy drops trailing NULs, as the walk
     length = S.str_len(names)
     if (not read or not (end < nb or partial) or (nxt[:-1] != at[1:]).any()
-            or not _FIELD[np.arange(33), g].all()
+            or max((g[:, :11] - np.uint8(48)).max(), (g[:, 24:30] - np.uint8(48)).max()) > 7
+            or ((g[:, (11, 30, 31)] | 32) != 32).any()  # octal digits, then NUL or space
+            or ((g[:, 32] != 48) & (g[:, 32] != 0)).any()  # type flag "0" or NUL
             or h.view(np.uint64)[:, 43:63].any()  # bytes 344-503: no ustar prefix
             or (h.sum(1, dtype=np.uint32) + (8 * 32 + 48 * 37449) != g[:, 24:32] @ _SUM).any()
             or used.max() > 127 or np.count_nonzero(raw) != length.sum()
