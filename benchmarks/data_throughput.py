@@ -32,7 +32,7 @@ tokenizer settings), in one run:
   documents of about `--doc-tokens` tokens (700 when not given), written by `ShardWriter`.
 With `--doc-tokens N`: the corpus is the same text cut into documents of about N tokens
 (one JSONL file; at the tokenizer's mean characters per token), as web pages are, instead
-of one document per file (~5k tokens).
+of one document per file (~10k tokens).
 With `--baseline DIR` (a folder holding another `data` package, e.g. `git archive
 dcaf238 data | tar -x -C DIR`): the CPU time per batch at 0 workers of that loader and of
 this one, each in fresh processes, interleaved: before/after in one run, over all epochs

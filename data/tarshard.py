@@ -12,10 +12,10 @@ Two ways, one answer: `_bulk` reads a plain, intact tar (as data.prepare writes,
 stream's piece of one) with numpy over all its headers at once, and answers only where
 that is provably the sequential walk's answer; anything else (long names, damage) takes
 one Python step per header, which names the problem. The bulk way pays on shards of many
-short documents: 0.55-0.65 us per header against the replaced Python walk's 1.5-1.7 us
-(300-3000 documents of ~700 tokens), and ties it at 30 (~2 us; benchmarks/results/
-data_throughput-2026-12-07d-cpu.md). Mappings, indexes, views and verified digests are
-kept per process by file identity (device, inode, size, mtime_ns, ctime_ns).
+short documents: 0.5-0.7 us per header against 1.6-1.9 us for the Python walk it replaced
+(300-3000 documents of ~700 tokens; such a corpus's first epoch: 1.6x less CPU), and ties
+it at 30 documents (~2 us; benchmarks/results/data_throughput-2026-12-07d-cpu.md).
+Mappings, indexes, views and verified digests are kept per process by file identity.
 """
 
 from __future__ import annotations
