@@ -149,7 +149,8 @@ def train_step(loss_of, ids, opt, bf16: bool) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = loss_of(ids)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0,
+                                   foreach=True)  # as pretrain/engine/torch_engine.py
     opt.step()
     opt.zero_grad(set_to_none=True)
 
