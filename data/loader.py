@@ -430,7 +430,7 @@ class _Ring:
     """Shared memory through which workers hand packed ids to the main process: the bulk
     of the data stays out of the worker -> main pipe, which costs more than the packing.
     Against a plain DataLoader moving a tensor per group of batches it measured 2.8-10x
-    at 1-4 workers on 2 cores (benchmarks/results/data_throughput-2026-12-07-cpu.md).
+    at 1-4 workers on 2 cores (benchmarks/results/data_throughput-2026-12-07a-cpu.md).
 
     Worker w owns `depth` slots of `per` batches: its g-th message is packed in place into
     slot g % depth and carries only document starts and states. The main process copies
