@@ -2,11 +2,11 @@
 
 The contract: the package docstring; the state and its redistribution: `data.state`.
 Here: slots that read, shuffle, mix and pack (`_Slot`), the workers' shared-memory ring
-(`_Ring`), the `Batch` handed out, and `TokenLoader`.
-"""
+(`_Ring`), the `Batch` handed out, and `TokenLoader`."""
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import functools
@@ -60,7 +60,6 @@ class SourceSpec:
 @dataclass
 class LoaderConfig:
     """Everything that defines the stream. Build with `LoaderConfig.from_dict(d)` or directly.
-
     sources: a spec string, a list of them, or dicts/`SourceSpec` with `url`,
         `weight` (relative mixing weight) and `name`.
     seq_len, micro_batch_size: each batch is (micro_batch_size, seq_len).
@@ -77,8 +76,7 @@ class LoaderConfig:
     prefetch_factor, batches_per_transfer: each worker sends groups of this many
         micro-batches (fewer messages), and keeps prefetch_factor groups in flight.
     pin_memory: batches' ids in pinned memory when CUDA is available (None or True;
-        False: never), so `Batch.to(cuda)` copies asynchronously.
-    """
+        False: never), so `Batch.to(cuda)` copies asynchronously."""
 
     sources: Any
     seq_len: int
@@ -144,8 +142,8 @@ class _SourceReader:
         self.slot, self.s, self.cfg, self.st = slot, s, slot.cfg, slot.st.sources[s]
         self.shards: Shards = slot.shards[s]
         self.units = len(self.shards.urls)
-        # the next document, or None (then `exhausted` is set, so a resume draws the same)
-        self.next_doc = functools.partial(next, self._docs(), None)
+        # the next `_Run`, or None (then `exhausted` is set, so a resume draws the same)
+        self.next_doc = functools.partial(next, self._runs(len(slot.shards) > 1), None)
 
     def url(self, e: int, p: int) -> str:
         """The unit (url) at position p of epoch e."""
@@ -173,10 +171,9 @@ class _SourceReader:
             st.cursor = 0
         return None
 
-    def _windows(self, cur: Unit, k: int, verify: bool = True
-                 ) -> Iterator[list[tuple[int, np.ndarray]]]:
-        """The unit's included samples from `cur.window_start`, as lists of up to `k`
-        (sample index, tokens): a local shard mapped (`tarshard.map_shard`), any other
+    def _windows(self, cur: Unit, k: int, verify: bool = True) -> Iterator[tuple[list, list]]:
+        """The unit's included samples from `cur.window_start`, up to `k` at a time: (their
+        indices, their tokens); a local shard mapped (`tarshard.map_shard`), any other
         streamed (`_streamed`)."""
         cfg = self.cfg
         url = self.url(cur.epoch, cur.position)
@@ -186,23 +183,17 @@ class _SourceReader:
         if path is None or not os.path.isfile(path):
             stream = self._streamed(url, vocab, digest, ranges, skip)
             while window := list(itertools.islice(stream, k)):
-                yield window
+                yield [i for i, _ in window], [ids for _, ids in window]
             return
         shard = retry(url, lambda: map_shard(path, url, vocab_size=vocab, digest=digest),
                       cfg.retries, cfg.retry_backoff, self.slot.on_retry)
-        n = shard.n
-        if len(ranges) == 1 and ranges[0][1] < 0:
-            idxs: Any = range(max(0, ranges[0][0]) + skip, n)
-        else:
-            keep = np.zeros(n, dtype=bool)
-            for lo, hi in ranges:
-                keep[max(0, lo):n if hi < 0 else hi] = True
-            idxs = np.flatnonzero(keep)[skip:].tolist()
-        views = shard.views
+        n, keep = shard.n, np.zeros(shard.n, dtype=bool)
+        for lo, hi in ranges:
+            keep[max(0, lo):n if hi < 0 else hi] = True
+        idxs = np.flatnonzero(keep)[skip:].tolist()
         for w in range(0, len(idxs), k):
             part = idxs[w:w + k]
-            yield list(zip(part, views[part[0]:part[-1] + 1] if isinstance(part, range)
-                           else map(views.__getitem__, part)))
+            yield part, list(map(shard.views.__getitem__, part))
         # a cut or corrupt shard fails where a sequential reader would reach the problem
         if shard.error is not None and (digest is not None or
                                         any(hi < 0 or hi > n for _lo, hi in ranges)):
@@ -232,7 +223,9 @@ class _SourceReader:
         finally:
             f.close()
 
-    def _docs(self) -> Iterator[tuple[tuple, np.ndarray, int]]:
+    def _runs(self, per_doc: bool) -> Iterator[_Run]:
+        """Per shuffle window, its documents not emitted yet as one `_Run` (`per_doc`: one
+        document at a time, as sources are mixed: the same run, open up to it)."""
         st, cfg = self.st, self.cfg
         k = max(1, int(cfg.shuffle_buffer))
         barren = 0  # units in a row that gave nothing (empty, or skipped after errors)
@@ -248,18 +241,18 @@ class _SourceReader:
                 raise RuntimeError(f"source {self.s}: {barren} shards in a row gave no sample "
                                    f"(last error: {self.slot.st.stats.last_error})")
             try:
-                for window in self._windows(cur, k):
-                    size = cur.window_size = len(window)
-                    order = window_order(cfg.seed, self.s, cur, k, self.slot.version)
-                    s, e, p = self.s, cur.epoch, cur.position
-                    first, t = cur.ranges[0][0], cur.token_offset  # a partly-read first sample
+                for idxs, views in self._windows(cur, k):
+                    size = cur.window_size = len(idxs)
                     if cur.emitted < size:
                         barren = 0
-                    docs = [((s, e, p, i), tokens, t if i == first else 0)
-                            for i, tokens in map(window.__getitem__, order)]
-                    for m in range(cur.emitted, size):
-                        cur.emitted = m + 1
-                        yield docs[m]
+                        order = window_order(cfg.seed, self.s, cur, k, self.slot.version)
+                        order = order[cur.emitted:]  # a partly-read first sample: from token t
+                        run = _Run((self.s, cur.epoch, cur.position), cur, [idxs[o] for o in order],
+                                   [views[o] for o in order], self.slot.eos1, cur.ranges[0][0],
+                                   cur.token_offset)
+                        for m in range(0 if per_doc else len(order) - 1, len(order)):
+                            run.stop, cur.emitted = run.bounds[2 * m + 2], run.first + m + 1
+                            yield run
                     cur.window_start += size
                     cur.emitted = cur.window_size = 0
             except (ShardError, SourceError, OSError) as e:
@@ -267,6 +260,28 @@ class _SourceReader:
                     raise
                 self.slot.skipped(e)
             st.current = None
+
+
+class _Run:
+    """Documents of one unit as one stream (each followed by EOS) that the packer copies in
+    slices: a shuffle window's rest, or the document a batch cut. pieces: their tokens and
+    EOS, alternating; bounds: where pieces begin, and the end; starts: where documents
+    begin (not sample `cut`, read from token t on); base[j]: where document j's token 0
+    would be; unit.emitted: first + documents begun; q: where packing goes on, to stop."""
+
+    def __init__(self, key: tuple, unit: Unit, samples: list, views: list, eos1, cut=-1, t=0):
+        j = samples.index(cut) if t and cut in samples else -1
+        if j >= 0:
+            views[j] = views[j][t:]
+        self.pieces = [eos1] * (2 * len(views))
+        self.pieces[::2] = views
+        self.bounds = [0, *itertools.accumulate(map(len, self.pieces))]  # lists: bisect is fast
+        self.starts, self.base = self.bounds[:-1:2], self.bounds[:-1:2]
+        if j >= 0:
+            del self.starts[j]
+            self.base[j] -= t
+        self.key, self.unit, self.samples, self.first = key, unit, samples, unit.emitted
+        self.q, self.stop = 0, self.bounds[-1]
 
 
 class _Slot:
@@ -279,6 +294,7 @@ class _Slot:
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._mix_block: tuple[int, np.ndarray] | None = None
         self.vocabs = [cfg.vocab_size or sh.vocab_size for sh in shards]
+        self.eos1 = np.array([cfg.eos_id], np.uint16 if cfg.eos_id < 1 << 16 else np.uint32)
         self.readers = [_SourceReader(self, s) for s in range(len(shards))]
 
     def perm(self, s: int, e: int) -> np.ndarray:
@@ -316,85 +332,79 @@ class _Slot:
         w = np.cumsum([self.weights[r.s] for r in alive])
         return alive[int(np.searchsorted(w, u * w[-1], side="right"))]
 
-    def _draw(self) -> tuple | None:
-        """The next document: ((source, epoch, position, index), tokens, token offset)."""
+    def _draw(self) -> _Run | None:
+        """The next document, its source drawn by weight: the run it is in, open up to it."""
         while (r := self._choose()) is not None:
             if (d := r.next_doc()) is not None:
                 return d
         return None
-
-    def _read_one(self, key: tuple) -> np.ndarray:
-        s, e, p, idx = key
-        r = self.readers[s]
-        for window in r._windows(Unit(e, p, [[idx, idx + 1]]), 1, verify=False):
-            return window[0][1]
-        raise ShardError(r.url(e, p), None, f"sample {idx} is missing on resume")
 
     def batches(self, alloc, snapshot: bool = True, make=None) -> Iterator[Any]:
         """Yield (packed batch, state after it, batches so far) until the epochs are read
         (forever with epochs=None), then (None, the final state, batches). The state is
         pickled when `snapshot` (a worker's batches run ahead of the consumer), else the
         live object (in-process: the generator stands still while its batch is used).
-
         A packed batch is (ids, starts, end, meta): ids, the (B*S+1,) stream packed into
         the buffer `alloc()` returns (a worker's: shared memory); starts, the positions
         where a document begins; end, where padding begins (B*S+1: none); meta or None.
-        With `make` (in-process), yield `make(*packed batch)` instead, and no final item.
-        """
-        cfg, st = self.cfg, self.st
-        b, s = cfg.micro_batch_size, cfg.seq_len
+        With `make` (in-process), yield `make(*packed batch)` instead, and no final item."""
+        cfg, st, stats = self.cfg, self.st, self.st.stats
+        b, s, meta = cfg.micro_batch_size, cfg.seq_len, cfg.return_meta
         need = b * s + 1
-        eos, pad = cfg.eos_id, cfg.pad_id
-        meta = cfg.return_meta
-        stats = st.stats
-        pending = None  # (key, tokens, offset) carried into the next batch
-        if st.carry is not None:
-            c = st.carry
-            key = (c.source, c.epoch, c.position, c.sample)
+        run = None  # the run being packed: the next batch starts at its `q`
+        if (c := st.carry) is not None:  # the document the last batch cut, from its token
             try:
-                pending = (key, self._read_one(key), c.token_offset)
+                r, key = self.readers[c.source], (c.source, c.epoch, c.position)
+                unit = Unit(c.epoch, c.position, [[c.sample, c.sample + 1]])
+                _, views = next(r._windows(unit, 1, verify=False), (None, None))
+                if not views:
+                    raise ShardError(r.url(*key[1:]), None, f"sample {c.sample} missing on resume")
+                run = _Run(key, unit, [c.sample], views, self.eos1, c.sample, c.token_offset)
             except (ShardError, SourceError, OSError) as e:
                 if cfg.on_error != "skip":
                     raise
                 self.skipped(e)
-        # one source: no mixing draw (an exhausted reader's new generator ends at once)
-        draw = self._draw if len(self.readers) > 1 else self.readers[0].next_doc
+        # one source: whole windows, no mixing draw (an exhausted reader's generator ends)
+        draw, eos1 = self._draw if len(self.readers) > 1 else self.readers[0].next_doc, self.eos1
         freeze = (lambda x: pickle.dumps(x, pickle.HIGHEST_PROTOCOL)) if snapshot else (
             lambda x: x)
         while not st.done:
             buf = alloc()
             flat = buf if type(buf) is np.ndarray else buf.numpy()
             starts, segs, pos = [], [], 0
-            from_carry = pending is not None
+            from_carry = run is not None
             while pos < need:
-                if pending is None and (pending := draw()) is None:
+                if (run is None or run.q == run.stop) and (run := draw()) is None:
                     break
-                key, tokens, off = pending
-                if not off:
-                    starts.append(pos)
-                end = pos + len(tokens) - off  # where its EOS would go
-                if end < need:  # the document ends in this batch: its EOS too
-                    flat[pos:end] = tokens[off:] if off else tokens
-                    flat[end] = eos
-                    hi = len(tokens) + 1
+                q, bounds, z = run.q, run.bounds, min(run.stop, run.q + need - pos)
+                # the pieces that hold stream positions q and z - 1, cut to [q, z)
+                i, e = bisect.bisect_right(bounds, q) - 1, bisect.bisect_right(bounds, z - 1) - 1
+                pieces = run.pieces[i:e + 1]
+                pieces[-1] = pieces[-1][:z - bounds[e]]
+                pieces[0] = pieces[0][q - bounds[i]:]
+                # many (short documents) joined: a copy more, a fourth of np.concatenate's cost
+                raw = b"".join(pieces) if len(pieces) > 16 else b""
+                if len(raw) == (z - q) * eos1.itemsize:
+                    flat[pos:pos + z - q] = np.frombuffer(raw, eos1.dtype)
                 else:
-                    hi = off + need - pos
-                    flat[pos:need] = tokens[off:hi]
-                if meta:
-                    segs.append((pos, key, off, hi - off))
-                pos += hi - off
-                # the last token of a batch is also the first of the next (rows overlap by one)
-                pending = (key, tokens, hi - 1) if pos == need else None
+                    np.concatenate(pieces, out=flat[pos:pos + z - q])
+                lo, hi = bisect.bisect_left(run.starts, q), bisect.bisect_left(run.starts, z)
+                starts += map((pos - q).__add__, run.starts[lo:hi])
+                if meta:  # per document piece: (position, key, token offset, length)
+                    segs += [(pos + a - q, (*run.key, run.samples[j]), a - run.base[j],
+                              min(z, bounds[2 * j + 2]) - a)
+                             for j in range(i // 2, e // 2 + 1) for a in [max(q, bounds[2 * j])]]
+                pos, run.q = pos + z - q, z
             if pos < need:  # the stream has ended (finite epochs)
-                st.done = True
-                st.carry = None
+                st.done, st.carry = True, None
                 if pos == 0 or (pos == 1 and from_carry):
                     break  # nothing new: that token was already the last target
-                flat[pos:] = pad
-            else:
-                st.carry = DocRef(*pending[0], pending[2])
-            stats.batches += 1
-            stats.tokens += b * s
+                flat[pos:] = cfg.pad_id
+            else:  # the last token of a batch is also the first of the next (rows overlap)
+                run.q, j = z - 1, e // 2  # the document it is in
+                st.carry = DocRef(*run.key, run.samples[j], z - 1 - run.base[j])
+                run.unit.emitted = run.first + j + 1
+            stats.batches, stats.tokens = stats.batches + 1, stats.tokens + b * s
             packed = (buf, starts, pos, self._meta(segs) if meta else None)
             yield make(*packed) if make else (packed, freeze(st), stats.batches)
         if make is None:
@@ -431,12 +441,10 @@ class _Ring:
     of the data stays out of the worker -> main pipe, which costs more than the packing.
     Against a plain DataLoader moving a tensor per group of batches it measured 2.8-10x
     at 1-4 workers on 2 cores (benchmarks/results/data_throughput-2026-12-07a-cpu.md).
-
     Worker w owns `depth` slots of `per` batches: its g-th message is packed in place into
     slot g % depth and carries only document starts and states. The main process copies
     each batch out and then counts the message consumed; a worker waits before reusing
-    a slot not consumed yet (the DataLoader's prefetch limit normally prevents it).
-    """
+    a slot not consumed yet (the DataLoader's prefetch limit normally prevents it)."""
 
     def __init__(self, workers: int, depth: int, per: int, need: int, dtype: np.dtype):
         self.depth, self.dtype = depth, np.dtype(dtype)
@@ -525,7 +533,6 @@ class Batch:
     """One micro-batch as the loader hands it out: the packed ids in the width the shards
     store, and what the reset mask and the ignored labels are made from. `to(device)`
     widens it and builds labels and reset there (see the package docstring).
-
     ids: (B*S+1,) uint16 (int32 when the vocabulary exceeds 65536 or is unknown), the
         packed stream; pinned when the loader pins. Row r is ids[r*S : r*S+S+1] (`rows()`:
         consecutive rows share one token).
@@ -534,8 +541,7 @@ class Batch:
     shape: (B, S).
     pack: packing == "pack" (reset at document starts and row starts; no target across
         a document boundary); False: concat (no reset, no ignored target but padding).
-    meta: with `return_meta`, per row the document pieces it holds; else None.
-    """
+    meta: with `return_meta`, per row the document pieces it holds; else None."""
 
     ids: torch.Tensor
     starts: torch.Tensor
@@ -600,9 +606,7 @@ def _collate_none(x):
 
 class TokenLoader:
     """Iterable of packed batches for one rank; `state_dict()` is the global position.
-
-    Iterating again continues where the last batch handed out left off.
-    """
+    Iterating again continues where the last batch handed out left off."""
 
     def __init__(self, config: LoaderConfig | dict):
         self.cfg = cfg = LoaderConfig.from_dict(config)
@@ -720,10 +724,8 @@ class TokenLoader:
     def state_dict(self, gather=None) -> dict:
         """The global data position (`data.state.LoaderState` as a dict): identical on
         every rank, JSON-able, small.
-
         With world_size > 1 this is a collective: it all-gathers the ranks' parts
-        with `gather(obj) -> list` (default: torch.distributed.all_gather_object).
-        """
+        with `gather(obj) -> list` (default: torch.distributed.all_gather_object)."""
         part = self.local_state_dict()
         if self.cfg.world_size == 1:
             return merge_states([part])
