@@ -107,14 +107,15 @@ class _SLSTM(torch.autograd.Function):
         S, NH, B, _ = G.shape
         DH = H.shape[-1]
         cd = G.dtype
-        dhs = dhs.to(cd).permute(2, 1, 0, 3)  # (S, NH, B, DH)
+        dhs = dhs.to(cd).permute(2, 1, 0, 3).unbind(0)  # S of (NH, B, DH)
         # Y[t]: the step's gate gradients (di, df, dz, do), then (dh, dc, dn, dm) carried to
         # the step before; v: those carried into the step being undone, (NH, B, 4, DH)
         Y = G.new_empty(S, NH, B, 8, DH)
-        Ys, Vs, DHs = Y.unbind(0), Y[:, :, :, 4:].unbind(0), Y[:, :, :, 4].unbind(0)
+        Ys, Vs, DHs = Y.unbind(0), Y[:, :, :, 4:, None].unbind(0), Y[:, :, :, 4].unbind(0)
         Ds = Y[:, :, :, :4].reshape(S, NH, B, 4 * DH).unbind(0)  # views: the matmul's left side
         v = torch.stack([t.to(cd).transpose(0, 1) for t in (dhl, dcl, dnl, dml)], 2)
         v[:, :, 0] += dhs[-1]
+        v = v[:, :, :, None]  # (NH, B, 4, 1, DH): times coef's (NH, B, 4, 8, DH)
         RmT = Rm.transpose(1, 2)
         keeps = None if keep is None else keep.t()[:, None, :, None]
         init = tuple(t.to(cd).transpose(0, 1)[None] for t in (c0, n0, m0))
@@ -134,7 +135,7 @@ class _SLSTM(torch.autograd.Function):
                                None if keeps is None else keeps[t0:t1])
             coefs = coef.unbind(0)
             for t in range(t1 - 1, t0 - 1, -1):
-                torch.sum(torch.mul(coefs[t - t0], v[:, :, :, None], out=prod), 2, out=Ys[t])
+                torch.sum(torch.mul(coefs[t - t0], v, out=prod), 2, out=Ys[t])
                 if t == 0:
                     dh = torch.bmm(Ds[t], RmT)
                 elif keeps is not None and ctx.any_reset[t]:
@@ -143,6 +144,7 @@ class _SLSTM(torch.autograd.Function):
                     dh = torch.baddbmm(dhs[t - 1], Ds[t], RmT)
                 DHs[t].copy_(dh)
                 v = Vs[t]
+        v = v[:, :, :, 0]
         if keeps is not None:  # a reset at step 0 cuts the gradient of the initial state
             v = v * keeps[0][..., None]
         dx = Y[:, :, :, :4].permute(2, 1, 0, 3, 4)  # (B, NH, S, 4, DH)
