@@ -6,7 +6,6 @@ Here: slots that read, shuffle, mix and pack (`_Slot`), the workers' shared-memo
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import functools
@@ -17,6 +16,7 @@ import os
 import pickle
 import time
 import warnings
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -192,8 +192,9 @@ class _SourceReader:
             keep[max(0, lo):n if hi < 0 else hi] = True
         idxs = np.flatnonzero(keep)[skip:].tolist()
         for w in range(0, len(idxs), k):
-            part = idxs[w:w + k]
-            yield part, list(map(shard.views.__getitem__, part))
+            a, part = idxs[w], idxs[w:w + k]  # consecutive indices: a slice of the views
+            yield part, (shard.views[a:a + len(part)] if part[-1] - a < len(part)
+                         else list(map(shard.views.__getitem__, part)))
         # a cut or corrupt shard fails where a sequential reader would reach the problem
         if shard.error is not None and (digest is not None or
                                         any(hi < 0 or hi > n for _lo, hi in ranges)):
@@ -224,8 +225,7 @@ class _SourceReader:
             f.close()
 
     def _runs(self, per_doc: bool) -> Iterator[_Run]:
-        """Per shuffle window, its documents not emitted yet as one `_Run` (`per_doc`: one
-        document at a time, as sources are mixed: the same run, open up to it)."""
+        """Each shuffle window's unemitted documents as one `_Run` (`per_doc`: one at a time)."""
         st, cfg = self.st, self.cfg
         k = max(1, int(cfg.shuffle_buffer))
         barren = 0  # units in a row that gave nothing (empty, or skipped after errors)
@@ -378,7 +378,7 @@ class _Slot:
                     break
                 q, bounds, z = run.q, run.bounds, min(run.stop, run.q + need - pos)
                 # the pieces that hold stream positions q and z - 1, cut to [q, z)
-                i, e = bisect.bisect_right(bounds, q) - 1, bisect.bisect_right(bounds, z - 1) - 1
+                i, e = bisect_right(bounds, q) - 1, bisect_right(bounds, z - 1) - 1
                 pieces = run.pieces[i:e + 1]
                 pieces[-1] = pieces[-1][:z - bounds[e]]
                 pieces[0] = pieces[0][q - bounds[i]:]
@@ -388,7 +388,7 @@ class _Slot:
                     flat[pos:pos + z - q] = np.frombuffer(raw, eos1.dtype)
                 else:
                     np.concatenate(pieces, out=flat[pos:pos + z - q])
-                lo, hi = bisect.bisect_left(run.starts, q), bisect.bisect_left(run.starts, z)
+                lo, hi = bisect_left(run.starts, q), bisect_left(run.starts, z)
                 starts += map((pos - q).__add__, run.starts[lo:hi])
                 if meta:  # per document piece: (position, key, token offset, length)
                     segs += [(pos + a - q, (*run.key, run.samples[j]), a - run.base[j],
