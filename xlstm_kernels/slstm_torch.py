@@ -33,8 +33,34 @@ def slstm_step_torch(x: torch.Tensor, R: torch.Tensor, state: SLSTMState | None)
     path; R: (NH, 4, DH, DH). Returns h (B, NH, DH) and state (h, c, n, m), all in
     the compute dtype (float32, or float64 for float64 inputs).
     """
-    h, state = slstm_sequence_torch(x[:, :, None], R, state)
-    return h[:, :, 0], state
+    cd = compute_dtype(x, R)
+    B, NH, _, DH = x.shape
+    if state is None:
+        state = tuple(torch.zeros(B, NH, DH, dtype=cd, device=x.device) for _ in range(4))
+    h, c, n, m = (t.to(cd).transpose(0, 1) for t in state)
+    g = torch.baddbmm(x.to(cd).transpose(0, 1).reshape(NH, B, 4 * DH), h, _recurrent_matrix(R, cd))
+    state = tuple(t.transpose(0, 1).contiguous() for t in _cell(*g.view(NH, B, 4, DH).unbind(2), c, n, m))
+    return state[0], state
+
+
+def _recurrent_matrix(R: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """R (NH, 4, DH, DH) as one (NH, DH, 4 DH) matrix per head: h @ it gives all four gates."""
+    NH, _, DH, _ = R.shape
+    return R.to(cd).permute(0, 2, 1, 3).reshape(NH, DH, 4 * DH)
+
+
+def _cell(i: torch.Tensor, f: torch.Tensor, z: torch.Tensor, o: torch.Tensor, c: torch.Tensor,
+          n: torch.Tensor, m: torch.Tensor, out: tuple | None = None) -> tuple[torch.Tensor, ...]:
+    """One step after the gates' pre-activations: (h, c, n, m) from the gates i, f, z, o and
+    the state before, each (NH, B, DH); `out` (h, c, n, m) receives them."""
+    oh, oc, on, om = out or (None,) * 4
+    a = F.logsigmoid(f).add_(m)  # log f + m_prev
+    m = torch.maximum(a, i, out=om)
+    ig = torch.sub(i, m).exp_()
+    fg = a.sub_(m).exp_()
+    c = torch.mul(c, fg, out=oc).addcmul_(ig, torch.tanh(z))
+    n = torch.mul(n, fg, out=on).add_(ig)
+    return torch.mul(torch.sigmoid(o), c, out=oh).div_(n), c, n, m
 
 
 def _steps_with_reset(reset: torch.Tensor) -> list[bool]:
@@ -75,7 +101,7 @@ class _SLSTM(torch.autograd.Function):
         B, NH, S, _, DH = x.shape
         # G: the gate pre-activations (i, f, z, o) of each step, x plus the recurrent term
         G = x.to(cd).permute(2, 1, 0, 3, 4).reshape(S, NH, B, 4 * DH).clone()
-        Rm = R.to(cd).permute(0, 2, 1, 3).reshape(NH, DH, 4 * DH)  # h @ Rm: all four gates
+        Rm = _recurrent_matrix(R, cd)
         H, C, N, M = (G.new_empty(S, NH, B, DH) for _ in range(4))
         # the views the loop reads and writes, made up front: no indexing op per step
         Gs, Hs, Cs, Ns, Ms = (t.unbind(0) for t in (G, H, C, N, M))
@@ -87,14 +113,7 @@ class _SLSTM(torch.autograd.Function):
                 k = keeps[t]
                 h, c, n, m = h * k, c * k, n * k, m * k
             Gs[t].baddbmm_(h, Rm)
-            i = Is[t]
-            a = F.logsigmoid(Fs[t]).add_(m)  # log f + m_prev
-            m = torch.maximum(a, i, out=Ms[t])
-            ig = torch.sub(i, m).exp_()
-            fg = a.sub_(m).exp_()
-            c = torch.mul(c, fg, out=Cs[t]).addcmul_(ig, torch.tanh(Zs[t]))
-            n = torch.mul(n, fg, out=Ns[t]).add_(ig)
-            h = torch.mul(torch.sigmoid(Os[t]), c, out=Hs[t]).div_(n)
+            h, c, n, m = _cell(Is[t], Fs[t], Zs[t], Os[t], c, n, m, (Hs[t], Cs[t], Ns[t], Ms[t]))
         ctx.save_for_backward(G, Rm, H, C, N, M, keep, h0, c0, n0, m0)
         ctx.any_reset = any_reset
         ctx.dtypes = (x.dtype, R.dtype)
