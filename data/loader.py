@@ -143,7 +143,7 @@ class _SourceReader:
         self.shards: Shards = slot.shards[s]
         self.units = len(self.shards.urls)
         # the next `_Run`, or None (then `exhausted` is set, so a resume draws the same)
-        self.next_doc = functools.partial(next, self._runs(len(slot.shards) > 1), None)
+        self.next_doc, self.run = functools.partial(next, self._runs(), None), None
 
     def url(self, e: int, p: int) -> str:
         """The unit (url) at position p of epoch e."""
@@ -224,8 +224,8 @@ class _SourceReader:
         finally:
             f.close()
 
-    def _runs(self, per_doc: bool) -> Iterator[_Run]:
-        """Each shuffle window's unemitted documents as one `_Run` (`per_doc`: one at a time)."""
+    def _runs(self) -> Iterator[_Run]:
+        """Each shuffle window's documents not emitted yet, as one `_Run` (see `_Slot._draw`)."""
         st, cfg = self.st, self.cfg
         k = max(1, int(cfg.shuffle_buffer))
         barren = 0  # units in a row that gave nothing (empty, or skipped after errors)
@@ -247,12 +247,9 @@ class _SourceReader:
                         barren = 0
                         order = window_order(cfg.seed, self.s, cur, k, self.slot.version)
                         order = order[cur.emitted:]  # a partly-read first sample: from token t
-                        run = _Run((self.s, cur.epoch, cur.position), cur, [idxs[o] for o in order],
+                        yield _Run((self.s, cur.epoch, cur.position), cur, [idxs[o] for o in order],
                                    [views[o] for o in order], self.slot.eos1, cur.ranges[0][0],
                                    cur.token_offset)
-                        for m in range(0 if per_doc else len(order) - 1, len(order)):
-                            run.stop, cur.emitted = run.bounds[2 * m + 2], run.first + m + 1
-                            yield run
                     cur.window_start += size
                     cur.emitted = cur.window_size = 0
             except (ShardError, SourceError, OSError) as e:
@@ -263,11 +260,10 @@ class _SourceReader:
 
 
 class _Run:
-    """Documents of one unit as one stream (each followed by EOS) that the packer copies in
-    slices: a shuffle window's rest, or the document a batch cut. pieces: their tokens and
-    EOS, alternating; bounds: where pieces begin, and the end; starts: where documents
-    begin (not sample `cut`, read from token t on); base[j]: where document j's token 0
-    would be; unit.emitted: first + documents begun; q: where packing goes on, to stop."""
+    """A unit's documents as one stream, each with its EOS, packed in slices: a window's rest,
+    or the carry. pieces: tokens and EOS, alternating; bounds: where pieces begin, and the
+    end; starts: where documents begin (not sample `cut`, read from token t on); base[j]:
+    where document j's token 0 would be; emitted: first + begun; packing: from q to stop."""
 
     def __init__(self, key: tuple, unit: Unit, samples: list, views: list, eos1, cut=-1, t=0):
         j = samples.index(cut) if t and cut in samples else -1
@@ -292,7 +288,7 @@ class _Slot:
         self.cfg, self.shards, self.weights, self.st = cfg, shards, weights, state
         self.version = version  # of the state it resumed from: names the window order
         self._perms: dict[tuple[int, int], np.ndarray] = {}
-        self._mix_block: tuple[int, np.ndarray] | None = None
+        self._mix_block: tuple[tuple, list[int]] | None = None
         self.vocabs = [cfg.vocab_size or sh.vocab_size for sh in shards]
         self.eos1 = np.array([cfg.eos_id], np.uint16 if cfg.eos_id < 1 << 16 else np.uint32)
         self.readers = [_SourceReader(self, s) for s in range(len(shards))]
@@ -318,25 +314,33 @@ class _Slot:
         stats.skipped = (stats.skipped + [name])[-16:]  # the last 16 names
         warnings.warn(f"data: skipping shard: {err}", RuntimeWarning, stacklevel=2)
 
-    def _choose(self) -> _SourceReader | None:
-        alive = [r for r in self.readers if not r.st.exhausted]
-        if len(alive) <= 1:
-            return alive[0] if alive else None
-        k = self.st.mix_draws
-        b = k // _MIX_BLOCK
-        if self._mix_block is None or self._mix_block[0] != b:
-            self._mix_block = (b, rng(self.cfg.seed, 5, self.st.generation, self.st.index, b)
-                               .random(_MIX_BLOCK))
-        u = self._mix_block[1][k % _MIX_BLOCK]
-        self.st.mix_draws = k + 1
-        w = np.cumsum([self.weights[r.s] for r in alive])
-        return alive[int(np.searchsorted(w, u * w[-1], side="right"))]
-
-    def _draw(self) -> _Run | None:
-        """The next document, its source drawn by weight: the run it is in, open up to it."""
-        while (r := self._choose()) is not None:
-            if (d := r.next_doc()) is not None:
-                return d
+    def _draw(self, room: int = 1) -> _Run | None:
+        """The next documents: the run of the first, open to the end of the last of those in
+        a row from its source that begin in `room` (a counter-based draw of the source for
+        each; its whole window when it is the only source left), or None."""
+        st = self.st
+        while alive := [r for r in self.readers if not r.st.exhausted]:
+            k, picks = st.mix_draws, None
+            if len(alive) > 1:  # which of `alive` each draw of k's block picks, by weight
+                key = (k // _MIX_BLOCK, [r.s for r in alive])
+                if self._mix_block is None or self._mix_block[0] != key:
+                    u = rng(self.cfg.seed, 5, st.generation, st.index, key[0]).random(_MIX_BLOCK)
+                    w = np.cumsum([self.weights[r.s] for r in alive])
+                    self._mix_block = (key, np.searchsorted(w, u * w[-1], side="right").tolist())
+                picks = self._mix_block[1]
+            r = alive[0] if picks is None else alive[picks[k % _MIX_BLOCK]]
+            st.mix_draws += picks is not None  # counted even when its reader has ended
+            if (d := r.run) is None or d.stop == d.bounds[-1]:
+                if (d := r.next_doc()) is None:
+                    continue
+                r.run, d.stop = d, 0
+            m = len(d.samples) - 1 if picks is None else bisect_left(d.bounds, d.stop) // 2
+            while True:
+                d.stop, d.unit.emitted, m = d.bounds[2 * m + 2], d.first + m + 1, m + 1
+                if m == len(d.samples) or d.bounds[2 * m] >= d.q + room or (
+                        (k := st.mix_draws % _MIX_BLOCK) == 0 or alive[picks[k]] is not r):
+                    return d
+                st.mix_draws += 1
         return None
 
     def batches(self, alloc, snapshot: bool = True, make=None) -> Iterator[Any]:
@@ -364,28 +368,24 @@ class _Slot:
                 if cfg.on_error != "skip":
                     raise
                 self.skipped(e)
-        # one source: whole windows, no mixing draw (an exhausted reader's generator ends)
-        draw, eos1 = self._draw if len(self.readers) > 1 else self.readers[0].next_doc, self.eos1
-        freeze = (lambda x: pickle.dumps(x, pickle.HIGHEST_PROTOCOL)) if snapshot else (
-            lambda x: x)
+        freeze = functools.partial(pickle.dumps, protocol=-1) if snapshot else (lambda x: x)
         while not st.done:
             buf = alloc()
             flat = buf if type(buf) is np.ndarray else buf.numpy()
             starts, segs, pos = [], [], 0
             from_carry = run is not None
             while pos < need:
-                if (run is None or run.q == run.stop) and (run := draw()) is None:
+                if (run is None or run.q == run.stop) and (run := self._draw(need - pos)) is None:
                     break
                 q, bounds, z = run.q, run.bounds, min(run.stop, run.q + need - pos)
-                # the pieces that hold stream positions q and z - 1, cut to [q, z)
                 i, e = bisect_right(bounds, q) - 1, bisect_right(bounds, z - 1) - 1
-                pieces = run.pieces[i:e + 1]
+                pieces = run.pieces[i:e + 1]  # those that hold [q, z), cut to it:
                 pieces[-1] = pieces[-1][:z - bounds[e]]
                 pieces[0] = pieces[0][q - bounds[i]:]
                 # many (short documents) joined: a copy more, a fourth of np.concatenate's cost
                 raw = b"".join(pieces) if len(pieces) > 16 else b""
-                if len(raw) == (z - q) * eos1.itemsize:
-                    flat[pos:pos + z - q] = np.frombuffer(raw, eos1.dtype)
+                if len(raw) == (z - q) * self.eos1.itemsize:
+                    flat[pos:pos + z - q] = np.frombuffer(raw, self.eos1.dtype)
                 else:
                     np.concatenate(pieces, out=flat[pos:pos + z - q])
                 lo, hi = bisect_left(run.starts, q), bisect_left(run.starts, z)

@@ -697,16 +697,28 @@ def _ref_docs(reader):
 def _ref_batches(slot, alloc):
     """The per-document packer the window packer replaced: (ids, starts, end, meta) per
     batch, the slot's live state advanced after each."""
+    from data import loader as L
     from data.loader import DocRef, Unit
+    from data.state import rng
 
     c, st = slot.cfg, slot.st
     need = c.micro_batch_size * c.seq_len + 1
     nexts = [functools.partial(next, _ref_docs(r), None) for r in slot.readers]
 
+    def choose():  # one counter-based draw by weight among the sources not ended
+        alive = [r for r in slot.readers if not r.st.exhausted]
+        if len(alive) <= 1:
+            return alive[0] if alive else None
+        k, block = st.mix_draws, L._MIX_BLOCK
+        u = rng(c.seed, 5, st.generation, st.index, k // block).random(block)[k % block]
+        st.mix_draws = k + 1
+        w = np.cumsum([slot.weights[r.s] for r in alive])
+        return alive[int(np.searchsorted(w, u * w[-1], side="right"))]
+
     def draw():
         if len(nexts) == 1:
             return nexts[0]()
-        while (r := slot._choose()) is not None:
+        while (r := choose()) is not None:
             if (d := nexts[r.s]()) is not None:
                 return d
         return None
@@ -846,6 +858,9 @@ def test_window_packer_matches_the_per_document_reference(tmp_path, seq_len, bat
     mixed = {**base, "sources": [{"url": folder, "weight": 0.7},
                                  {"url": synthetic_shards(str(tmp_path / "s")), "weight": 0.3}]}
     assert _same_as_reference(mixed) > 5
+    with pytest.MonkeyPatch.context() as mp:  # blocks of mixing draws end inside batches
+        mp.setattr("data.loader._MIX_BLOCK", 3)
+        _same_as_reference(mixed)
     ld = build_loader(mixed)
     take(ld, 4)
     _same_as_reference(mixed, ld.state_dict())
