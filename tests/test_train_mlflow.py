@@ -4,6 +4,9 @@ continues the same MLflow run."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 
 import pytest
@@ -13,6 +16,18 @@ from trainrun import ROOT, command, env, overrides, run
 from pretrain.demo import wait_for_step
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@contextlib.contextmanager
+def paused(proc: subprocess.Popen):
+    """The trainer stopped (SIGSTOP) while the server goes or comes: the outage then falls
+    mid-run however fast the steps are (a run that ended while the server was starting
+    keeps its metrics in the pending file, for the next tracker of the run)."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
 
 
 def test_server_outage_and_resume_keep_one_run(tmp_path, corpus):
@@ -27,9 +42,11 @@ def test_server_outage_and_resume_keep_one_run(tmp_path, corpus):
         proc = subprocess.Popen(command(0, args), env=env(MLFLOW_TRACKING_URI=server.uri), cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_for_step(run_dir / "metrics.jsonl", 8, proc)
-        server.stop()  # the server goes away mid-run
+        with paused(proc):
+            server.stop()  # the server goes away mid-run
         wait_for_step(run_dir / "metrics.jsonl", 16, proc)  # training goes on
-        server.start()
+        with paused(proc):
+            server.start()
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out[-3000:]
 
