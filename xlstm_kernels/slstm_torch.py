@@ -28,6 +28,10 @@ _CHUNK_ELEMENTS = 1 << 15  # (step, head, batch, channel) elements of one block 
 # coefficients: its elementwise passes stay in cache (128 KiB each)
 
 
+def _zero_state(B: int, NH: int, DH: int, dtype: torch.dtype, device: torch.device) -> SLSTMState:
+    return tuple(torch.zeros(B, NH, DH, dtype=dtype, device=device) for _ in range(4))  # type: ignore[return-value]
+
+
 def slstm_step_torch(x: torch.Tensor, R: torch.Tensor, state: SLSTMState | None) -> tuple[torch.Tensor, SLSTMState]:
     """One token. x: (B, NH, 4, DH) gate pre-activations (i, f, z, o) from the input
     path; R: (NH, 4, DH, DH). Returns h (B, NH, DH) and state (h, c, n, m), all in
@@ -36,7 +40,7 @@ def slstm_step_torch(x: torch.Tensor, R: torch.Tensor, state: SLSTMState | None)
     cd = compute_dtype(x, R)
     B, NH, _, DH = x.shape
     if state is None:
-        state = tuple(torch.zeros(B, NH, DH, dtype=cd, device=x.device) for _ in range(4))
+        state = _zero_state(B, NH, DH, cd, x.device)
     h, c, n, m = (t.to(cd).transpose(0, 1) for t in state)
     g = torch.baddbmm(x.to(cd).transpose(0, 1).reshape(NH, B, 4 * DH), h, _recurrent_matrix(R, cd))
     state = tuple(t.transpose(0, 1).contiguous() for t in _cell(*g.view(NH, B, 4, DH).unbind(2), c, n, m))
@@ -83,7 +87,7 @@ def slstm_sequence_torch(
     cd = compute_dtype(x, R)
     B, NH, S, _, DH = x.shape
     if initial_state is None:
-        initial_state = tuple(torch.zeros(B, NH, DH, dtype=cd, device=x.device) for _ in range(4))
+        initial_state = _zero_state(B, NH, DH, cd, x.device)
     if S == 0:
         return x.new_zeros(B, NH, 0, DH, dtype=cd), tuple(t.to(cd) for t in initial_state)
     keep, any_reset = None, None
