@@ -365,7 +365,8 @@ def autograd_slstm(x, R, state, reset):
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 15, 60])  # one coefficient block; many
-def test_slstm_backward_matches_autograd_with_resets_and_states(monkeypatch, chunk_elements):
+@pytest.mark.parametrize("empty_row", [False, True])
+def test_slstm_backward_matches_autograd_with_resets_and_states(monkeypatch, chunk_elements, empty_row):
     from xlstm_kernels import slstm_torch
 
     monkeypatch.setattr(slstm_torch, "_CHUNK_ELEMENTS", chunk_elements)
@@ -374,31 +375,45 @@ def test_slstm_backward_matches_autograd_with_resets_and_states(monkeypatch, chu
     g = torch.Generator().manual_seed(4)
     state = [torch.randn(B, NH, DH, generator=g, dtype=F64) for _ in range(4)]
     state[2] = state[2].abs() + 0.5  # n > 0, as a real state
+    if empty_row:  # n = 0 (the empty memory; the torch path's r = c / n has no value there)
+        state[2][1] = 0.0
     reset = torch.zeros(B, S, dtype=torch.bool)
     reset[0, [0, 17]] = True
     reset[2, 31] = True
     weights = [torch.randn(B, NH, S, DH, generator=g, dtype=F64)] + [
         torch.randn(B, NH, DH, generator=g, dtype=F64) for _ in range(4)]
 
-    def loss(fn):
+    def loss(fn, x, reset):
         xs, Rs = x.clone().requires_grad_(), R.clone().requires_grad_()
         ss = [s.clone().requires_grad_() for s in state]
-        h, last = fn(xs, Rs, ss)
-        total = (h * weights[0]).sum() + sum((s * w).sum() for s, w in zip(last, weights[1:]))
+        h, last = fn(xs, Rs, ss, reset)
+        total = (h * weights[0][:, :, :x.shape[2]]).sum() + sum(
+            (s * w).sum() for s, w in zip(last, weights[1:]))
         total.backward()
         return [h, *last], [xs.grad, Rs.grad, *(s.grad for s in ss)]
 
-    ours = loss(lambda a, b, s: xlstm_kernels.slstm_sequence(
-        a, b, initial_state=tuple(s), reset=reset, return_last_state=True))
-    ref = loss(lambda a, b, s: autograd_slstm(a, b, s, reset))
-    for got, want in zip(ours[0] + ours[1], ref[0] + ref[1]):
-        assert rel(got, want) < 1e-12
-    assert ours[1][0][0, :, 17].abs().sum() > 0  # a reset step's gates still get gradients
+    def ours_and_reference(x, reset):
+        ours = loss(lambda a, b, s, r: xlstm_kernels.slstm_sequence(
+            a, b, initial_state=tuple(s), reset=r, return_last_state=True), x, reset)
+        ref = loss(lambda a, b, s, r: autograd_slstm(a, b, s, r), x, reset)
+        for got, want in zip(ours[0] + ours[1], ref[0] + ref[1]):
+            assert rel(got, want) < 1e-12
+        return ours[1]
+
+    grads = ours_and_reference(x, reset)
+    assert grads[0][0, :, 17].abs().sum() > 0  # a reset step's gates still get gradients
+    # input gates far below the forget path: the last m's gradient reaches the initial m
+    # (not in the empty row: from n = 0 that makes h ~ e^30 c, ill-conditioned either way)
+    x_forget = x[:, :, :6].clone()
+    x_forget[[0, 2], :, :, 0] -= 30
+    grads = ours_and_reference(x_forget, reset[:, :6] & False)
+    assert grads[-1][[0, 2]].abs().min() > 0
+    rows = [0, 2]  # n > 0: finite differences would step the empty row's n below zero
     assert torch.autograd.gradcheck(
         lambda a, b, *s: xlstm_kernels.slstm_sequence(
-            a, b, initial_state=s, reset=reset[:2, :7], return_last_state=True)[0],
-        (x[:2, :, :7].clone().requires_grad_(), R.clone().requires_grad_(),
-         *(s[:2].clone().requires_grad_() for s in state)))
+            a, b, initial_state=s, reset=reset[rows, :7], return_last_state=True)[0],
+        (x[rows, :, :7].clone().requires_grad_(), R.clone().requires_grad_(),
+         *(s[rows].clone().requires_grad_() for s in state)))
 
 
 # ---------------------------------------------------------------- errors
