@@ -65,6 +65,8 @@ bench: $(STAMP)
 	# parallel region (a 3-row index of a 12 MB tensor: 6.3 ms, against 6.7 us at one thread)
 	-$(BENCH) mlstm_cpu --stdout benchmarks/results/mlstm_cpu-$(BENCH_DATE)-cpu.txt -- \
 	    $(PY) benchmarks/mlstm_cpu.py --reps 10 --threads 1
+	-$(BENCH) slstm_cpu --stdout benchmarks/results/slstm_cpu-$(BENCH_DATE)-cpu.md -- \
+	    $(PY) benchmarks/slstm_cpu.py --reps 3 --threads 1
 	# --steps 3: a process's second step still page-faults its heap in; the third is steady
 	-$(BENCH) train_throughput -- $(PY) benchmarks/train_throughput.py --steps 3 --rounds 1 --runs ours,official,llama \
 	    --seq-len 1024 --out benchmarks/results/train_throughput-$(BENCH_DATE)-cpu.txt

@@ -34,6 +34,7 @@ BENCHMARKS = {
     "generation": "per-token latency and memory against position in generation (item 2)",
     "quality": "validation loss at equal parameters and tokens, length extrapolation, init of the large arch (item 3)",
     "mlstm_cpu": "the torch chunkwise mLSTM op against mlstm_kernels' native one and the quadratic form",
+    "slstm_cpu": "the torch sLSTM op per time step against the official xlstm package's vanilla sLSTM",
     "train_throughput": "tokens/s and MFU of a 125M training step on CPU against the official xlstm package",
     "data_throughput": "the data pipeline: tokenizing, reading, packing, against a training step's appetite",
 }
