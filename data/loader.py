@@ -44,6 +44,7 @@ from .tarshard import ShardError, TarStream, map_shard
 PACKING = ("pack", "concat")
 IGNORE_INDEX = -100
 _MIX_BLOCK = 4096
+_SHORT = 2048  # documents of fewer tokens on average are packed from a copy of their run
 # the state's shape: the same resumes bitwise, another redistributes the remaining work
 _SHAPE = ("world_size", "num_workers", "seq_len", "micro_batch_size", "packing", "shuffle_buffer")
 
@@ -261,23 +262,25 @@ class _SourceReader:
 
 class _Run:
     """A unit's documents as one stream, each with its EOS, packed in slices: a window's rest,
-    or the carry. pieces: tokens and EOS, alternating; bounds: where pieces begin, and the
-    end; starts: where documents begin (not sample `cut`, read from token t on); base[j]:
-    where document j's token 0 would be; emitted: first + begun; packing: from q to stop."""
+    or the carry. ends[j]: where document j's EOS ends (lists: bisect is fast); starts: where
+    documents begin (not sample `cut`, read from token t on); base[j]: where document j's
+    token 0 would be; emitted: first + begun; packing: from q to stop; stream: the run
+    copied once when its documents are short (then a slice per batch), else None."""
 
     def __init__(self, key: tuple, unit: Unit, samples: list, views: list, eos1, cut=-1, t=0):
         j = samples.index(cut) if t and cut in samples else -1
         if j >= 0:
             views[j] = views[j][t:]
-        self.pieces = [eos1] * (2 * len(views))
-        self.pieces[::2] = views
-        self.bounds = [0, *itertools.accumulate(map(len, self.pieces))]  # lists: bisect is fast
-        self.starts, self.base = self.bounds[:-1:2], self.bounds[:-1:2]
-        if j >= 0:
-            del self.starts[j]
-            self.base[j] -= t
+        self.ends = np.cumsum(np.fromiter(map(len, views), np.int64, len(views)) + 1).tolist()
+        self.base = [0, *self.ends[:-1]]
+        self.starts = self.base if j < 0 else self.base[:j] + self.base[j + 1:]
+        self.base[j] -= t * (j >= 0)  # (j = -1: no sample cut)
         self.key, self.unit, self.samples, self.first = key, unit, samples, unit.emitted
-        self.q, self.stop = 0, self.bounds[-1]
+        self.views, self.q, self.stop, self.stream = views, 0, self.ends[-1], None
+        # short documents: a copy per token more, a copy per document and batch fewer
+        raw = eos1.tobytes().join((*views, b"")) if self.stop < _SHORT * len(views) else b""
+        if len(raw) == self.stop * eos1.itemsize:  # (and views of EOS's dtype)
+            self.stream = np.frombuffer(raw, eos1.dtype)
 
 
 class _Slot:
@@ -330,14 +333,14 @@ class _Slot:
                 picks = self._mix_block[1]
             r = alive[0] if picks is None else alive[picks[k % _MIX_BLOCK]]
             st.mix_draws += picks is not None  # counted even when its reader has ended
-            if (d := r.run) is None or d.stop == d.bounds[-1]:
+            if (d := r.run) is None or d.stop == d.ends[-1]:
                 if (d := r.next_doc()) is None:
                     continue
                 r.run, d.stop = d, 0
-            m = len(d.samples) - 1 if picks is None else bisect_left(d.bounds, d.stop) // 2
+            m = len(d.samples) - 1 if picks is None else bisect_right(d.ends, d.stop)
             while True:
-                d.stop, d.unit.emitted, m = d.bounds[2 * m + 2], d.first + m + 1, m + 1
-                if m == len(d.samples) or d.bounds[2 * m] >= d.q + room or (
+                d.stop, d.unit.emitted, m = d.ends[m], d.first + m + 1, m + 1
+                if m == len(d.samples) or d.ends[m - 1] >= d.q + room or (
                         (k := st.mix_draws % _MIX_BLOCK) == 0 or alive[picks[k]] is not r):
                     return d
                 st.mix_draws += 1
@@ -353,8 +356,7 @@ class _Slot:
         where a document begins; end, where padding begins (B*S+1: none); meta or None.
         With `make` (in-process), yield `make(*packed batch)` instead, and no final item."""
         cfg, st, stats = self.cfg, self.st, self.st.stats
-        b, s, meta = cfg.micro_batch_size, cfg.seq_len, cfg.return_meta
-        need = b * s + 1
+        meta, eos, need = cfg.return_meta, cfg.eos_id, cfg.micro_batch_size * cfg.seq_len + 1
         run = None  # the run being packed: the next batch starts at its `q`
         if (c := st.carry) is not None:  # the document the last batch cut, from its token
             try:
@@ -370,30 +372,29 @@ class _Slot:
                 self.skipped(e)
         freeze = functools.partial(pickle.dumps, protocol=-1) if snapshot else (lambda x: x)
         while not st.done:
-            buf = alloc()
-            flat = buf if type(buf) is np.ndarray else buf.numpy()
-            starts, segs, pos = [], [], 0
-            from_carry = run is not None
+            flat = buf if type(buf := alloc()) is np.ndarray else buf.numpy()
+            starts, segs, pos, from_carry = [], [], 0, run is not None
             while pos < need:
                 if (run is None or run.q == run.stop) and (run := self._draw(need - pos)) is None:
                     break
-                q, bounds, z = run.q, run.bounds, min(run.stop, run.q + need - pos)
-                i, e = bisect_right(bounds, q) - 1, bisect_right(bounds, z - 1) - 1
-                pieces = run.pieces[i:e + 1]  # those that hold [q, z), cut to it:
-                pieces[-1] = pieces[-1][:z - bounds[e]]
-                pieces[0] = pieces[0][q - bounds[i]:]
-                # many (short documents) joined: a copy more, a fourth of np.concatenate's cost
-                raw = b"".join(pieces) if len(pieces) > 16 else b""
-                if len(raw) == (z - q) * self.eos1.itemsize:
-                    flat[pos:pos + z - q] = np.frombuffer(raw, self.eos1.dtype)
-                else:
-                    np.concatenate(pieces, out=flat[pos:pos + z - q])
+                q, ends, z = run.q, run.ends, min(run.stop, run.q + need - pos)
+                i, e = bisect_right(ends, q), bisect_right(ends, z - 1)  # documents of q, z - 1
+                if run.stream is not None:
+                    flat[pos:pos + z - q] = run.stream[q:z]
+                else:  # long documents, a few per batch: from their views
+                    v, p, at = run.views[i][q - (ends[i - 1] if i else 0):], q, pos
+                    for j in range(i, e + 1):  # v: document j from stream position p on
+                        if (y := ends[j] - 1) >= z:  # its EOS (at y) in a later batch
+                            flat[at:at + z - p] = v[:z - p]
+                            break
+                        flat[at:at + y - p], flat[at + y - p] = v, eos
+                        at, v, p = at + y + 1 - p, run.views[j + 1] if j < e else v, y + 1
                 lo, hi = bisect_left(run.starts, q), bisect_left(run.starts, z)
                 starts += map((pos - q).__add__, run.starts[lo:hi])
                 if meta:  # per document piece: (position, key, token offset, length)
                     segs += [(pos + a - q, (*run.key, run.samples[j]), a - run.base[j],
-                              min(z, bounds[2 * j + 2]) - a)
-                             for j in range(i // 2, e // 2 + 1) for a in [max(q, bounds[2 * j])]]
+                              min(z, ends[j]) - a)
+                             for j in range(i, e + 1) for a in [max(q, ends[j - 1] if j else 0)]]
                 pos, run.q = pos + z - q, z
             if pos < need:  # the stream has ended (finite epochs)
                 st.done, st.carry = True, None
@@ -401,10 +402,9 @@ class _Slot:
                     break  # nothing new: that token was already the last target
                 flat[pos:] = cfg.pad_id
             else:  # the last token of a batch is also the first of the next (rows overlap)
-                run.q, j = z - 1, e // 2  # the document it is in
-                st.carry = DocRef(*run.key, run.samples[j], z - 1 - run.base[j])
-                run.unit.emitted = run.first + j + 1
-            stats.batches, stats.tokens = stats.batches + 1, stats.tokens + b * s
+                run.q, run.unit.emitted = z - 1, run.first + e + 1  # z - 1: in document e
+                st.carry = DocRef(*run.key, run.samples[e], z - 1 - run.base[e])
+            stats.batches, stats.tokens = stats.batches + 1, stats.tokens + need - 1
             packed = (buf, starts, pos, self._meta(segs) if meta else None)
             yield make(*packed) if make else (packed, freeze(st), stats.batches)
         if make is None:

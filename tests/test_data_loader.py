@@ -837,12 +837,16 @@ def _same_as_reference(config: dict, state: dict | None = None, checks: int = 3)
     return n
 
 
+@pytest.mark.parametrize("copied", [True, False])
 @pytest.mark.parametrize("seq_len,batch,shuffle", [(16, 2, 1), (16, 2, 7), (64, 4, 16),
                                                    (8, 1, 1000), (300, 3, 5)])
-def test_window_packer_matches_the_per_document_reference(tmp_path, seq_len, batch, shuffle):
+def test_window_packer_matches_the_per_document_reference(tmp_path, monkeypatch, seq_len,
+                                                          batch, shuffle, copied):
     """Documents shorter and longer than a batch (empty ones too), shuffle windows of 1
     and more (over whole units), two epochs, then resumed mid-window at another world
-    size (token-offset carries, partial units) and a mixed second source."""
+    size (token-offset carries, partial units) and a mixed second source. Each run packed
+    from its copy (`copied`, as short documents are) or from the documents' views."""
+    monkeypatch.setattr("data.loader._SHORT", 1 << 40 if copied else 0)
     folder = _edge_shards(str(tmp_path / "e"))
     base = {"sources": folder, "seq_len": seq_len, "micro_batch_size": batch, "seed": 3,
             "shuffle_buffer": shuffle, "epochs": 2}
