@@ -271,9 +271,10 @@ class _Run:
         j = samples.index(cut) if t and cut in samples else -1
         if j >= 0:
             views[j] = views[j][t:]
-        self.ends = np.cumsum(np.fromiter(map(len, views), np.int64, len(views)) + 1).tolist()
-        self.base = [0, *self.ends[:-1]]
-        self.starts = self.base if j < 0 else self.base[:j] + self.base[j + 1:]
+        ends = np.cumsum(lens := np.fromiter(map(len, views), np.int64, len(views)) + 1)
+        self.ends, self.base = ends.tolist(), (begins := ends - lens).tolist()
+        self.begins = begins if j < 0 else np.delete(begins, j)  # starts, for slices
+        self.starts = self.base if j < 0 else self.begins.tolist()
         self.base[j] -= t * (j >= 0)  # (j = -1: no sample cut)
         self.key, self.unit, self.samples, self.first = key, unit, samples, unit.emitted
         self.views, self.q, self.stop, self.stream = views, 0, self.ends[-1], None
@@ -352,8 +353,8 @@ class _Slot:
         pickled when `snapshot` (a worker's batches run ahead of the consumer), else the
         live object (in-process: the generator stands still while its batch is used).
         A packed batch is (ids, starts, end, meta): ids, the (B*S+1,) stream packed into
-        the buffer `alloc()` returns (a worker's: shared memory); starts, the positions
-        where a document begins; end, where padding begins (B*S+1: none); meta or None.
+        the buffer `alloc()` returns (a worker's: shared memory); starts, where documents begin
+        (an int64 array); end, where padding begins (B*S+1: none); meta or None.
         With `make` (in-process), yield `make(*packed batch)` instead, and no final item."""
         cfg, st, stats = self.cfg, self.st, self.st.stats
         meta, eos, need = cfg.return_meta, cfg.eos_id, cfg.micro_batch_size * cfg.seq_len + 1
@@ -390,7 +391,7 @@ class _Slot:
                         flat[at:at + y - p], flat[at + y - p] = v, eos
                         at, v, p = at + y + 1 - p, run.views[j + 1] if j < e else v, y + 1
                 lo, hi = bisect_left(run.starts, q), bisect_left(run.starts, z)
-                starts += map((pos - q).__add__, run.starts[lo:hi])
+                starts.append(run.begins[lo:hi] + (pos - q))
                 if meta:  # per document piece: (position, key, token offset, length)
                     segs += [(pos + a - q, (*run.key, run.samples[j]), a - run.base[j],
                               min(z, ends[j]) - a)
@@ -405,6 +406,7 @@ class _Slot:
                 run.q, run.unit.emitted = z - 1, run.first + e + 1  # z - 1: in document e
                 st.carry = DocRef(*run.key, run.samples[e], z - 1 - run.base[e])
             stats.batches, stats.tokens = stats.batches + 1, stats.tokens + need - 1
+            starts = starts[0] if len(starts) == 1 else np.concatenate(starts)
             packed = (buf, starts, pos, self._meta(segs) if meta else None)
             yield make(*packed) if make else (packed, freeze(st), stats.batches)
         if make is None:
@@ -642,8 +644,7 @@ class TokenLoader:
         mine, cfg = self.mine, self.cfg
         b, s, pack = cfg.micro_batch_size, cfg.seq_len, cfg.packing == "pack"
         pin = cfg.pin_memory is not False and torch.cuda.is_available()
-        dtype = _compact_dtype(cfg, self.shards)
-        slots = self._slots
+        dtype, slots = _compact_dtype(cfg, self.shards), self._slots
         if cfg.num_workers == 0:  # in-process: one slot, no DataLoader in between
             j = mine[0]
             slot = _Slot(cfg, self.shards, self.weights, _state_of(slots[j]), self.version)
@@ -652,10 +653,9 @@ class TokenLoader:
             alloc = ((lambda: torch.empty(need, dtype=tdt, pin_memory=True)) if pin else
                      functools.partial(np.empty, need, dtype))  # a tenth of torch.empty's cost
 
-            def make(ids, starts, end, meta, tensor=torch.from_numpy, i64=np.int64):
-                # from numpy: a fifth of torch.tensor(list)'s cost
-                return Batch(ids if pin else tensor(ids), tensor(np.array(starts, i64)), end,
-                             shape, pack, meta)
+            def make(ids, starts, end, meta, tensor=torch.from_numpy):
+                # starts: a fresh int64 array; from numpy: a fifth of torch.tensor(list)'s cost
+                return Batch(ids if pin else tensor(ids), tensor(starts), end, shape, pack, meta)
             yield from slot.batches(alloc, snapshot=False, make=make)
             return
         group = max(1, cfg.batches_per_transfer)
