@@ -3,8 +3,6 @@ state passing, resets, stability, and clear errors on bad input."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -416,66 +414,6 @@ def test_slstm_backward_matches_autograd_with_resets_and_states(monkeypatch, chu
             a, b, initial_state=s, reset=reset[rows, :7], return_last_state=True)[0],
         (x[rows, :, :7].clone().requires_grad_(), R.clone().requires_grad_(),
          *(s[rows].clone().requires_grad_() for s in state)))
-
-
-@pytest.mark.slow
-def test_slstm_compiled_blocks_match_the_eager_loop(monkeypatch):
-    """XLSTM_SLSTM_COMPILE=1: blocks of the forward and backward loops compiled by inductor
-    (two compiles, ~1 min on 2 cores) give the eager loop's values, resets and state included."""
-    from xlstm_kernels import slstm_torch
-
-    monkeypatch.setattr(slstm_torch, "_MIN_STEPS", 0)
-    monkeypatch.setattr(slstm_torch, "_COMPILED", {})
-    B, NH, DH = 2, 2, 8
-    S = 2 * slstm_torch._BLOCK + 9  # two compiled blocks and eager steps around them
-    x, R = (t.float() for t in slstm_inputs(B=B, NH=NH, S=S, DH=DH, seed=5))
-    g = torch.Generator().manual_seed(6)
-    state = [torch.randn(B, NH, DH, generator=g) for _ in range(4)]
-    state[2] = state[2].abs() + 0.5
-    reset = torch.zeros(B, S, dtype=torch.bool)
-    reset[0, [0, 40]] = True
-    weights = [torch.randn(B, NH, S, DH, generator=g), torch.randn(B, NH, DH, generator=g)]
-
-    def run(mode):
-        monkeypatch.setenv("XLSTM_SLSTM_COMPILE", mode)
-        xs, Rs = x.clone().requires_grad_(), R.clone().requires_grad_()
-        h, last = xlstm_kernels.slstm_sequence(xs, Rs, initial_state=tuple(state), reset=reset,
-                                               return_last_state=True, backend="torch")
-        ((h * weights[0]).sum() + (last[0] * weights[1]).sum()).backward()
-        return [h, *last, xs.grad, Rs.grad]
-
-    eager = run("0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # a failed compile falls back with a warning
-        compiled = run("1")
-    assert slstm_torch._COMPILED["forward"] is not None and slstm_torch._COMPILED["backward"] is not None
-    for got, want in zip(compiled, eager):
-        assert rel(got, want) < 1e-5
-
-
-def test_slstm_compile_failure_falls_back_to_the_eager_loop(monkeypatch):
-    from xlstm_kernels import slstm_torch
-
-    def no_compiler(fn, **_):
-        def fail(*args):
-            raise RuntimeError("no C++ compiler")
-        return fail
-
-    monkeypatch.setattr(slstm_torch, "_MIN_STEPS", 0)
-    monkeypatch.setattr(slstm_torch, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", no_compiler)
-    x, R = slstm_inputs(S=2 * slstm_torch._BLOCK + 3)
-    xs = x.clone().requires_grad_()
-    want = xlstm_kernels.slstm_sequence(x, R)
-    monkeypatch.setenv("XLSTM_SLSTM_COMPILE", "1")
-    with pytest.warns(RuntimeWarning, match="compiled forward block failed.*no C.. compiler"):
-        got = xlstm_kernels.slstm_sequence(xs, R)
-    assert rel(got, want) == 0 and slstm_torch._COMPILED["forward"] is None
-    with pytest.warns(RuntimeWarning, match="compiled backward block failed"):
-        got.sum().backward()
-    monkeypatch.setenv("XLSTM_SLSTM_COMPILE", "yes")
-    with pytest.raises(ValueError, match="XLSTM_SLSTM_COMPILE: got 'yes', expected 0 or 1"):
-        xlstm_kernels.slstm_sequence(x, R)
 
 
 # ---------------------------------------------------------------- errors

@@ -13,16 +13,11 @@ not their size (a step of one sequence at width 128 is 512 gate values). Hence:
   backward is linear in the three gradients it receives (dh, dr, dl); its coefficients,
   a (3, 7) matrix per element, are computed for blocks of steps at once, and the loop
   is left with one multiply, one sum and one matmul per step.
-- XLSTM_SLSTM_COMPILE=1: blocks of `_BLOCK` steps of both loops compiled by inductor, for
-  sequences of `_MIN_STEPS` and more (the per-op cost goes, a compile per shape comes).
 Layout inside: time first, then head, then batch: (S, NH, B, ...), so that a step's
 recurrent matmul is one bmm over heads on contiguous rows.
 """
 
 from __future__ import annotations
-
-import os
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -76,10 +71,10 @@ def _first_step(i: torch.Tensor, f: torch.Tensor, z: torch.Tensor, o: torch.Tens
 
 
 def _step(i: torch.Tensor, f: torch.Tensor, z: torch.Tensor, o: torch.Tensor, r: torch.Tensor,
-          l: torch.Tensor, m: torch.Tensor, out: tuple | None = None) -> tuple[torch.Tensor, ...]:
+          l: torch.Tensor, m: torch.Tensor, out: tuple) -> tuple[torch.Tensor, ...]:
     """A step in the normalized form: (h, r, l, m) from the gates' pre-activations and
-    the state before (r, l, m), each (NH, B, DH); `out` receives them."""
-    oh, or_, ol, om = out or (None,) * 4
+    the state before (r, l, m), each (NH, B, DH), written into `out`."""
+    oh, or_, ol, om = out
     lf = F.logsigmoid(f)
     m = torch.maximum(lf + m, i, out=om)  # only the returned state needs the stabilizer
     l = torch.logaddexp(lf.add_(l), i, out=ol)
@@ -134,24 +129,12 @@ class _SLSTM(torch.autograd.Function):
         h, c, n, m = _initial(h0, c0, n0, m0, cd, keeps)
         Gs[0].baddbmm_(h, Rm)
         h, r, l, m = _first_step(Is[0], Fs[0], Zs[0], Os[0], c, n, m, (Hs[0], Rs[0], Ls[0], Ms[0]))
-        t, block = 1, _compiled("forward", _forward_block, S)
-        while t < S:
-            if block is not None and t + _BLOCK <= S:
-                ks = (keeps[t:t + _BLOCK], logkeeps[t:t + _BLOCK]) if keeps is not None else (None, None)
-                outs = _run_compiled("forward", block, G[t:t + _BLOCK], *ks, Rm, h, r, l, m)
-                if outs is not None:
-                    for buf, o in zip((G, H, Rn, L, M), outs):
-                        buf[t:t + _BLOCK] = o
-                    t += _BLOCK
-                    h, r, l, m = Hs[t - 1], Rs[t - 1], Ls[t - 1], Ms[t - 1]
-                    continue
-                block = None
+        for t in range(1, S):
             if keeps is not None and any_reset[t]:  # the empty memory: r = 0, l = -inf
                 k = keeps[t]
                 h, r, l, m = h * k, r * k, l + logkeeps[t], m * k
             Gs[t].baddbmm_(h, Rm)
             h, r, l, m = _step(Is[t], Fs[t], Zs[t], Os[t], r, l, m, (Hs[t], Rs[t], Ls[t], Ms[t]))
-            t += 1
         ctx.save_for_backward(G, Rm, H, Rn, L, M, keep, h0, c0, n0, m0)
         ctx.any_reset = any_reset
         ctx.dtypes = (x.dtype, R.dtype)
@@ -165,8 +148,7 @@ class _SLSTM(torch.autograd.Function):
         S, NH, B, _ = G.shape
         DH = H.shape[-1]
         cd = G.dtype
-        dh_out = dhs.to(cd).permute(2, 1, 0, 3)  # (S, NH, B, DH)
-        dhs = dh_out.unbind(0)
+        dhs = dhs.to(cd).permute(2, 1, 0, 3).unbind(0)  # S of (NH, B, DH)
         dhl, dcl, dnl, dml = (t.to(cd).transpose(0, 1) for t in (dhl, dcl, dnl, dml))
         keeps, logkeeps = _keeps(keep)
         # the returned c = r n and n = exp(l - m) pass their gradients to r, l and m
@@ -180,10 +162,7 @@ class _SLSTM(torch.autograd.Function):
         v = torch.stack([dhl + dhs[-1], dcl * n, dl], 2)[:, :, :, None]
         to_gates, to_m0 = _stabilizer_gradient(dml - dl, G, M, m0.to(cd).transpose(0, 1), keeps)
         RmT = Rm.transpose(1, 2)
-        block = _compiled("backward", _backward_block, S) if to_gates is None else None
         T = max(1, min(S - 1, _CHUNK_ELEMENTS // (NH * B * DH)))
-        if block is not None:  # whole compiled blocks in each block of coefficients
-            T = max(_BLOCK, T // _BLOCK * _BLOCK)
         # reused buffers: no allocation in the loop (a large temporary per step would be
         # mapped and unmapped by malloc each time); coef's zero entries are never written
         coef = G.new_zeros(T, NH, B, 3, 7, DH)
@@ -195,15 +174,6 @@ class _SLSTM(torch.autograd.Function):
                 rp, lp = rp * keeps[t0:t1], lp + logkeeps[t0:t1]
             _step_coefficients(coef[:t1 - t0], G[t0:t1], Rn[t0:t1], L[t0:t1], rp, lp)
             coefs = coef.unbind(0)
-            while block is not None and t1 - _BLOCK >= t0:
-                s0 = t1 - _BLOCK
-                outs = _run_compiled("backward", block, coef[s0 - t0:t1 - t0], v, dh_out[s0 - 1:t1 - 1],
-                                     None if keeps is None else keeps[s0:t1], RmT)
-                if outs is None:
-                    block = None
-                    break
-                Y[s0:t1] = outs[0]
-                v, t1 = Vs[s0], s0
             for t in range(t1 - 1, t0 - 1, -1):
                 torch.sum(torch.mul(coefs[t - t0], v, out=prod), 2, out=Ys[t])
                 if to_gates is not None:
@@ -244,68 +214,6 @@ def _keeps(keep: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor
         return None, None
     keeps = keep.t()[:, None, :, None]
     return keeps, keeps.log()
-
-
-_BLOCK = 32  # time steps per compiled block (per step: 9.8 us at 32, 12.3 at 16, 9.6 at 64 on CPU)
-_MIN_STEPS = 1024  # shorter sequences stay eager: a compile per shape costs ~15-30 s
-_COMPILED: dict = {}
-
-
-def _compiled(name: str, fn, S: int):
-    """`fn` compiled by inductor (once per process), or None: XLSTM_SLSTM_COMPILE=1
-    turns it on for sequences of `_MIN_STEPS` and more; 0 (default) keeps the loop eager,
-    and so does a caller that is itself being compiled."""
-    mode = os.environ.get("XLSTM_SLSTM_COMPILE", "0").strip()
-    if mode not in ("0", "1"):
-        raise ValueError(f"XLSTM_SLSTM_COMPILE: got {mode!r}, expected 0 or 1")
-    if mode == "0" or S < _MIN_STEPS or torch.compiler.is_compiling() or _COMPILED.get(name, 0) is None:
-        return None
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, fullgraph=True, dynamic=False)
-    return _COMPILED[name]
-
-
-def _run_compiled(name: str, fn, *args):
-    """fn(*args), or None (and the eager loop from then on) where inductor cannot compile."""
-    try:
-        return fn(*args)
-    except Exception as exc:  # no C++ compiler, an unsupported op: the eager loop is exact too
-        warnings.warn(f"sLSTM: the compiled {name} block failed ({type(exc).__name__}: {exc}); "
-                      "running the eager loop", RuntimeWarning, stacklevel=2)
-        _COMPILED[name] = None
-        return None
-
-
-def _forward_block(G, keep, logkeep, Rm, h, r, l, m):  # noqa: ANN001, ANN202
-    """`_BLOCK` steps of the forward loop, for torch.compile: G (K, NH, B, 4 DH) the gates'
-    input pre-activations, keep and logkeep (K, 1, B, 1) or None, the state before.
-    Returns the stacked full pre-activations, h, r, l and m of each step."""
-    K, NH, B, _ = G.shape
-    outs = []
-    for t in range(K):
-        if keep is not None:
-            h, r, l, m = h * keep[t], r * keep[t], l + logkeep[t], m * keep[t]
-        g = torch.baddbmm(G[t], h, Rm)
-        h, r, l, m = _step(*g.view(NH, B, 4, -1).unbind(2), r, l, m)
-        outs.append((g, h, r, l, m))
-    return tuple(torch.stack(x) for x in zip(*outs))
-
-
-def _backward_block(coef, v, dh_out, keep, RmT):  # noqa: ANN001, ANN202
-    """Steps K-1 .. 0 of a block of the backward loop, for torch.compile: coef (K, NH, B,
-    3, 7, DH) their coefficients, v (NH, B, 3, 1, DH) what the last one receives, dh_out
-    (K, NH, B, DH) the output gradient of each step's predecessor, keep (K, 1, B, 1) or
-    None. Returns the block's rows of Y, and what the step before the block receives."""
-    K, NH, B, _, _, DH = coef.shape
-    ys = []
-    for t in range(K - 1, -1, -1):
-        y = (coef[t] * v).sum(2)
-        dh = torch.bmm(y[:, :, :4].reshape(NH, B, 4 * DH), RmT)
-        dh = (dh if keep is None else dh * keep[t]) + dh_out[t]
-        y = torch.cat([y[:, :, :4], dh[:, :, None], y[:, :, 5:]], 2)
-        ys.append(y)
-        v = y[:, :, 4:, None]
-    return torch.stack(ys[::-1]), v
 
 
 def _initial(h0: torch.Tensor, c0: torch.Tensor, n0: torch.Tensor, m0: torch.Tensor, cd: torch.dtype,
