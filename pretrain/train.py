@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import signal
 import sys
 import time
 import traceback
@@ -155,5 +156,16 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None, keep_memory:
             torch.distributed.destroy_process_group()
 
 
+def ignore_stop_signals() -> None:
+    """The run is over: a stop signal now (Slurm's time-limit warning, a resend) has nothing
+    to stop. Ignored, it cannot kill the process while Python shuts down, which resets the
+    handlers it installed to the default action (termination: a finished job would end
+    FAILED); and pretrain.rank, which forwards only to a process that catches it, holds it."""
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 if __name__ == "__main__":
-    sys.exit(main(keep_memory=True))
+    code = main(keep_memory=True)
+    ignore_stop_signals()
+    sys.exit(code)

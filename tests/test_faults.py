@@ -404,3 +404,29 @@ def test_mlflow_server_killed_and_restarted_while_the_run_goes(tmp_path, corpus)
         if proc is not None and proc.poll() is None:
             proc.kill()
         server.stop()
+
+
+def test_a_finished_trainer_ignores_stop_signals_until_it_exits():
+    """A stop signal that comes while a finished run's Python shuts down must not kill it
+    (Python resets the handlers it set to the default, termination): `python -m
+    pretrain.train` ignores USR1/USR2 once main() has returned, so pretrain.rank (which
+    forwards only to a process that catches the signal) holds it, and one sent anyway is
+    ignored."""
+    code = (
+        "import os, signal, sys\n"
+        "from pretrain.trainer import StopSignal\n"
+        "from pretrain.train import ignore_stop_signals\n"
+        "from pretrain.rank import _catches\n"
+        "StopSignal()\n"
+        "assert _catches(os.getpid(), signal.SIGUSR2)\n"
+        "ignore_stop_signals()\n"
+        "assert not _catches(os.getpid(), signal.SIGUSR2)\n"
+        "os.kill(os.getpid(), signal.SIGUSR2)\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "print('alive')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "alive", out.stderr
+    source = (ROOT / "pretrain" / "train.py").read_text()
+    assert "code = main(keep_memory=True)\n    ignore_stop_signals()\n    sys.exit(code)" in source
