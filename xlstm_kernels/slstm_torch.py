@@ -152,15 +152,16 @@ class _SLSTM(torch.autograd.Function):
         dhl, dcl, dnl, dml = (t.to(cd).transpose(0, 1) for t in (dhl, dcl, dnl, dml))
         keeps, logkeeps = _keeps(keep)
         # the returned c = r n and n = exp(l - m) pass their gradients to r, l and m
-        n = torch.sub(L[-1], M[-1]).exp_()
-        dl = (dcl * Rn[-1] + dnl) * n
+        n_last = torch.sub(L[-1], M[-1]).exp_()
+        dl = (dcl * Rn[-1] + dnl) * n_last
         # Y[t]: the step's gate gradients (di, df, dz, do), then (dh, dr, dl) carried to
         # the step before; v: those carried into the step being undone, (NH, B, 3, 1, DH)
         Y = G.new_empty(S, NH, B, 7, DH)
         Ys, Vs, DHs = Y.unbind(0), Y[:, :, :, 4:, None].unbind(0), Y[:, :, :, 4].unbind(0)
         Ds = Y[:, :, :, :4].reshape(S, NH, B, 4 * DH).unbind(0)  # views: the matmul's left side
-        v = torch.stack([dhl + dhs[-1], dcl * n, dl], 2)[:, :, :, None]
-        to_gates, to_m0 = _stabilizer_gradient(dml - dl, G, M, m0.to(cd).transpose(0, 1), keeps)
+        v = torch.stack([dhl + dhs[-1], dcl * n_last, dl], 2)[:, :, :, None]
+        h, c, n, m = _initial(h0, c0, n0, m0, cd, keeps)  # the state step 0 started from
+        to_gates, to_m0 = _stabilizer_gradient(dml - dl, G, M, m, keeps)
         RmT = Rm.transpose(1, 2)
         T = max(1, min(S - 1, _CHUNK_ELEMENTS // (NH * B * DH)))
         # reused buffers: no allocation in the loop (a large temporary per step would be
@@ -184,7 +185,6 @@ class _SLSTM(torch.autograd.Function):
                     dh = torch.baddbmm(dhs[t - 1], Ds[t], RmT)
                 DHs[t].copy_(dh)
                 v = Vs[t]
-        h, c, n, m = _initial(h0, c0, n0, m0, cd, keeps)
         dc, dn, dm = _first_step_backward(Ys[0], v[:, :, :, 0], G[0], Rn[0], L[0], c, n, m)
         if to_gates is not None:
             Ys[0][:, :, :2].add_(to_gates[0])
